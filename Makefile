@@ -1,0 +1,65 @@
+# echosearch: `make demo` and `make test` do all set-up themselves.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# On this machine torch/torchvision come from local disk; elsewhere override, e.g.
+#   make setup TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEPS_HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-16)
+CACHE_DIR ?= $(HOME)/.cache/echosearch/venv-$(DEPS_HASH)
+STAMP := $(VENV)/.setup-$(DEPS_HASH)
+DEMO_DIR ?= indexes/demo
+export ECHOSEARCH_LOG_LEVEL ?= WARNING
+
+.PHONY: setup demo test bench app lint typecheck clean-demo demo-model
+
+setup: $(STAMP)
+
+# The ~6.8 GB environment is built once per dependency spec (cached under ~/.cache/echosearch) and
+# linked as .venv; the project itself is installed editable into it (fast).
+$(STAMP): pyproject.toml
+	@set -e; \
+	if [ -d "$(VENV)" ] && [ ! -L "$(VENV)" ]; then \
+	  echo "updating the existing $(VENV) in place"; \
+	  "$(BIN)/pip" install -q -e ".[dev]"; \
+	else \
+	  if [ ! -f "$(CACHE_DIR)/.complete" ]; then \
+	    echo "building environment in $(CACHE_DIR) (once per dependency spec, several minutes)"; \
+	    rm -rf "$(CACHE_DIR)"; mkdir -p "$$(dirname $(CACHE_DIR))"; \
+	    $(PY) -m venv "$(CACHE_DIR)"; \
+	    "$(CACHE_DIR)/bin/pip" install -q --upgrade pip setuptools wheel; \
+	    "$(CACHE_DIR)/bin/pip" install -q $(TORCH_SPEC); \
+	    "$(CACHE_DIR)/bin/pip" install -q -e ".[dev]"; \
+	    touch "$(CACHE_DIR)/.complete"; \
+	  fi; \
+	  ln -sfn "$(CACHE_DIR)" "$(VENV)"; \
+	  "$(BIN)/pip" install -q --no-deps --no-build-isolation -e . ; \
+	fi; \
+	rm -f $(VENV)/.setup-*; touch "$(STAMP)"
+
+demo: setup
+	$(BIN)/python -m echosearch.demo --out $(DEMO_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/encode.py
+	$(BIN)/python bench/search.py
+
+app: setup
+	@test -f $(DEMO_DIR)/index/catalog.duckdb || $(MAKE) demo
+	$(BIN)/echosearch serve --index $(DEMO_DIR)/index
+
+lint: setup
+	$(BIN)/ruff check echosearch app tests bench
+	$(BIN)/mypy
+
+# Retrain the shipped demo model (documented seed and cohort; ~15-25 min on 2 CPU cores).
+demo-model: setup
+	$(BIN)/python -m echosearch.demo_model --out echosearch/data/echosearch-demo
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,5 @@
+import sys
+
+from echosearch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,647 @@
+"""The catalog (``catalog.duckdb``): single source of truth for files, studies, patients and embeddings.
+
+Written by one process at a time, in transactions. The schema is a versioned list of migrations; the
+embedding tables are created when a model is bound to the index, because their width (``FLOAT[d]``)
+is the model's embedding dimension. ``docs/catalog.md`` documents every table (a test checks it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from echosearch.errors import CatalogError, IndexNotFoundError, ModelMismatchError
+
+CATALOG_FILE = "catalog.duckdb"
+SCHEMA_VERSION = 1
+EMBEDDING_LEVELS = ("video", "study", "report")
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "core tables",
+        """
+        CREATE SEQUENCE IF NOT EXISTS patient_key_seq START 1;
+        CREATE SEQUENCE IF NOT EXISTS study_key_seq START 1;
+        CREATE SEQUENCE IF NOT EXISTS video_key_seq START 1;
+        CREATE SEQUENCE IF NOT EXISTS error_id_seq START 1;
+        CREATE SEQUENCE IF NOT EXISTS run_id_seq START 1;
+        CREATE TABLE manifest (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+        CREATE TABLE patients (
+            patient_key BIGINT PRIMARY KEY DEFAULT nextval('patient_key_seq'),
+            patient_pseudonym VARCHAR NOT NULL UNIQUE,
+            patient_id_raw VARCHAR,
+            patient_name VARCHAR,
+            birth_date DATE
+        );
+        CREATE TABLE studies (
+            study_key BIGINT PRIMARY KEY DEFAULT nextval('study_key_seq'),
+            study_uid VARCHAR NOT NULL UNIQUE,
+            patient_key BIGINT NOT NULL,
+            accession_pseudonym VARCHAR,
+            study_date DATE
+        );
+        CREATE TABLE videos (
+            video_key BIGINT PRIMARY KEY DEFAULT nextval('video_key_seq'),
+            sha256 VARCHAR NOT NULL UNIQUE,
+            path VARCHAR NOT NULL,
+            size_bytes BIGINT NOT NULL,
+            kind VARCHAR NOT NULL,
+            study_key BIGINT NOT NULL,
+            series_uid VARCHAR,
+            sop_uid VARCHAR,
+            view VARCHAR,
+            n_frames INTEGER,
+            height INTEGER,
+            width INTEGER,
+            fps DOUBLE,
+            manufacturer VARCHAR,
+            manufacturer_model VARCHAR,
+            photometric VARCHAR,
+            transfer_syntax VARCHAR,
+            sector_bbox INTEGER[],
+            sector_source VARCHAR,
+            scanned_at TIMESTAMP NOT NULL,
+            encoded_at TIMESTAMP
+        );
+        CREATE TABLE reports (
+            study_key BIGINT PRIMARY KEY,
+            text VARCHAR NOT NULL,
+            source VARCHAR NOT NULL
+        );
+        CREATE TABLE labels (
+            level VARCHAR NOT NULL,
+            key BIGINT NOT NULL,
+            name VARCHAR NOT NULL,
+            value DOUBLE,
+            text_value VARCHAR,
+            source VARCHAR NOT NULL,
+            PRIMARY KEY (level, key, name)
+        );
+        CREATE TABLE predictions (
+            level VARCHAR NOT NULL,
+            key BIGINT NOT NULL,
+            task VARCHAR NOT NULL,
+            value DOUBLE NOT NULL,
+            model VARCHAR NOT NULL,
+            PRIMARY KEY (level, key, task)
+        );
+        CREATE TABLE ingest_errors (
+            error_id BIGINT PRIMARY KEY DEFAULT nextval('error_id_seq'),
+            path VARCHAR NOT NULL,
+            sha256 VARCHAR,
+            stage VARCHAR NOT NULL,
+            reason VARCHAR NOT NULL,
+            occurred_at TIMESTAMP NOT NULL
+        );
+        CREATE TABLE runs (
+            run_id BIGINT PRIMARY KEY,
+            kind VARCHAR NOT NULL,
+            started_at TIMESTAMP NOT NULL,
+            params VARCHAR NOT NULL
+        );
+        CREATE TABLE calibrations (
+            name VARCHAR PRIMARY KEY,
+            created_at TIMESTAMP NOT NULL,
+            n_positive BIGINT NOT NULL,
+            n_negative BIGINT NOT NULL,
+            auc DOUBLE,
+            threshold DOUBLE,
+            params VARCHAR NOT NULL
+        );
+        CREATE TABLE identity_audit (
+            run_id BIGINT NOT NULL,
+            study_key BIGINT NOT NULL,
+            recorded_patient_key BIGINT NOT NULL,
+            own_score DOUBLE,
+            best_other_patient_key BIGINT,
+            best_other_score DOUBLE,
+            margin DOUBLE,
+            p_same DOUBLE,
+            suspect BOOLEAN NOT NULL,
+            rank INTEGER,
+            evidence VARCHAR NOT NULL,
+            PRIMARY KEY (run_id, study_key)
+        );
+        CREATE TABLE audit_decisions (
+            study_key BIGINT NOT NULL,
+            decision VARCHAR NOT NULL,
+            reviewer VARCHAR NOT NULL,
+            occurred_at TIMESTAMP NOT NULL,
+            note VARCHAR
+        );
+        CREATE TABLE changes (
+            run_id BIGINT NOT NULL,
+            patient_key BIGINT NOT NULL,
+            study_key BIGINT NOT NULL,
+            prev_study_key BIGINT,
+            baseline_study_key BIGINT,
+            score_prev DOUBLE,
+            score_baseline DOUBLE,
+            z_prev DOUBLE,
+            z_baseline DOUBLE,
+            flagged BOOLEAN NOT NULL,
+            explanation VARCHAR NOT NULL,
+            PRIMARY KEY (run_id, study_key)
+        );
+        CREATE TABLE access_log (
+            occurred_at TIMESTAMP NOT NULL,
+            actor VARCHAR NOT NULL,
+            action VARCHAR NOT NULL,
+            detail VARCHAR NOT NULL
+        );
+        """,
+    ),
+]
+
+
+def embedding_table_sql(dim: int) -> str:
+    """DDL of the embedding tables for a model of width ``dim`` (created when a model is bound)."""
+    return f"""
+    CREATE TABLE IF NOT EXISTS video_embeddings (
+        video_key BIGINT PRIMARY KEY, embedding FLOAT[{dim}] NOT NULL, n_frames_used INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS study_embeddings (
+        study_key BIGINT PRIMARY KEY, embedding FLOAT[{dim}] NOT NULL, n_videos INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS report_embeddings (
+        study_key BIGINT PRIMARY KEY, embedding FLOAT[{dim}] NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS frame_embeddings (
+        video_key BIGINT NOT NULL, frame_index INTEGER NOT NULL, embedding FLOAT[{dim}] NOT NULL,
+        PRIMARY KEY (video_key, frame_index)
+    );
+    """
+
+
+@dataclass
+class VideoRecord:
+    """Everything ``scan`` learns about one readable video file (identifiers already pseudonymised)."""
+
+    sha256: str
+    path: str
+    size_bytes: int
+    kind: str
+    patient_pseudonym: str
+    study_uid: str
+    accession_pseudonym: str | None = None
+    study_date: date | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    view: str | None = None
+    n_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    fps: float | None = None
+    manufacturer: str | None = None
+    manufacturer_model: str | None = None
+    photometric: str | None = None
+    transfer_syntax: str | None = None
+    sector_bbox: list[int] | None = None
+    sector_source: str | None = None
+    patient_id_raw: str | None = None
+    patient_name: str | None = None
+    birth_date: date | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Catalog:
+    """A connection to one index's catalog. Use :meth:`open`; close it (or use ``with``)."""
+
+    def __init__(self, index_dir: Path, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
+        self.index_dir = index_dir
+        self.con = con
+        self.read_only = read_only
+        self._in_tx = False
+
+    # ---- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, index_dir: Path | str, create: bool = False, read_only: bool = False) -> Catalog:
+        """Open (or with ``create`` make) the catalog of ``index_dir``; migrate it when writable."""
+        index_dir = Path(index_dir)
+        path = index_dir / CATALOG_FILE
+        if not path.exists():
+            if not create or read_only:
+                raise IndexNotFoundError(f"no index at {index_dir} (missing {CATALOG_FILE}); run `echosearch scan` or `index` first")
+            index_dir.mkdir(parents=True, exist_ok=True)
+            (index_dir / "vectors").mkdir(exist_ok=True)
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            raise CatalogError(f"cannot open {path}: {exc} (is another process writing this index?)") from exc
+        except duckdb.Error as exc:
+            raise CatalogError(f"cannot open {path}: {exc}") from exc
+        cat = cls(index_dir, con, read_only)
+        version = cat.schema_version()
+        if version > SCHEMA_VERSION:
+            con.close()
+            raise CatalogError(f"{path} has schema version {version}; this echosearch supports {SCHEMA_VERSION}: upgrade echosearch")
+        if version < SCHEMA_VERSION:
+            if read_only:
+                con.close()
+                raise CatalogError(f"{path} has schema version {version}; open it read-write once to migrate")
+            cat._migrate(version)
+        return cat
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _one(self, sql: str, params: list[Any] | None = None) -> tuple[Any, ...] | None:
+        """First row of a query, with the result fully consumed (DuckDB 2.0 forbids dangling results)."""
+        rows = self.con.execute(sql, params or []).fetchall()
+        return rows[0] if rows else None
+
+    def schema_version(self) -> int:
+        exists = self._one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
+        )
+        if not exists or exists[0] == 0:
+            return 0
+        row = self._one("SELECT max(version) FROM schema_migrations")
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def _migrate(self, current: int) -> None:
+        with self.transaction():
+            self.con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, description VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)"
+            )
+            for version, description, sql in MIGRATIONS:
+                if version <= current:
+                    continue
+                self.con.execute(sql)
+                self.con.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", [version, description, _now()])
+            self._set_manifest_raw("schema_version", str(SCHEMA_VERSION))
+            if self.get_manifest("generation") is None:
+                self._set_manifest_raw("generation", "0")
+                self._set_manifest_raw("created_at", _now().isoformat(timespec="seconds"))
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One atomic unit of work; nested use joins the outer transaction."""
+        if self._in_tx:
+            yield self.con
+            return
+        self.con.execute("BEGIN TRANSACTION")
+        self._in_tx = True
+        try:
+            yield self.con
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        else:
+            self.con.execute("COMMIT")
+        finally:
+            self._in_tx = False
+
+    # ---- manifest ------------------------------------------------------------------------------
+    def _set_manifest_raw(self, key: str, value: str) -> None:
+        self.con.execute(
+            "INSERT INTO manifest VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", [key, value]
+        )
+
+    def set_manifest(self, key: str, value: Any) -> None:
+        """Store a JSON-serialisable value under ``key``."""
+        with self.transaction():
+            self._set_manifest_raw(key, json.dumps(value, sort_keys=True, default=str))
+
+    def get_manifest(self, key: str, default: Any = None) -> Any:
+        row = self._one("SELECT value FROM manifest WHERE key = ?", [key])
+        if row is None:
+            return default
+        try:
+            return json.loads(row[0])
+        except json.JSONDecodeError:
+            return row[0]
+
+    def manifest(self) -> dict[str, Any]:
+        rows = self.con.sql("SELECT key, value FROM manifest ORDER BY key").fetchall()
+        out: dict[str, Any] = {}
+        for key, value in rows:
+            try:
+                out[key] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key] = value
+        return out
+
+    def generation(self) -> int:
+        """Monotone counter bumped whenever embeddings change; vector indexes record the one they saw."""
+        return int(self.get_manifest("generation", 0))
+
+    def bump_generation(self) -> int:
+        with self.transaction():
+            gen = self.generation() + 1
+            self._set_manifest_raw("generation", str(gen))
+        return gen
+
+    def check_pseudonym_key(self, fingerprint: str) -> None:
+        """Refuse to mix pseudonyms made with different secrets in one catalog."""
+        stored = self.get_manifest("secret_fingerprint")
+        if stored is None:
+            self.set_manifest("secret_fingerprint", fingerprint)
+        elif stored != fingerprint:
+            from echosearch.errors import ConfigError
+
+            raise ConfigError(
+                "this index was built with another pseudonymisation secret; set the same ECHOSEARCH_SECRET"
+            )
+
+    # ---- model binding -------------------------------------------------------------------------
+    def bind_model(self, identity: dict[str, Any]) -> None:
+        """Record the model/preprocessing identity, or refuse when the index was built with another."""
+        stored = self.get_manifest("model")
+        if stored is not None:
+            keys = ("name", "weights_sha256", "embed_dim", "preprocessing")
+            if any(stored.get(k) != identity.get(k) for k in keys):
+                raise ModelMismatchError(
+                    f"index {self.index_dir} was built with model {stored.get('name')} "
+                    f"(weights {str(stored.get('weights_sha256'))[:12]}, preprocessing {stored.get('preprocessing')}); "
+                    f"refusing {identity.get('name')} (weights {str(identity.get('weights_sha256'))[:12]}, "
+                    f"preprocessing {identity.get('preprocessing')}): use a new index folder"
+                )
+            return
+        with self.transaction():
+            self.con.execute(embedding_table_sql(int(identity["embed_dim"])))
+            self._set_manifest_raw("model", json.dumps(identity, sort_keys=True, default=str))
+            self._set_manifest_raw("embed_dim", str(int(identity["embed_dim"])))
+            self._set_manifest_raw("metric", json.dumps("inner_product_on_l2_normalised"))
+
+    def embed_dim(self) -> int | None:
+        dim = self.get_manifest("embed_dim")
+        return int(dim) if dim is not None else None
+
+    def has_table(self, name: str) -> bool:
+        row = self._one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]
+        )
+        return bool(row and row[0])
+
+    # ---- ingest ----------------------------------------------------------------------------------
+    def known_hashes(self) -> set[str]:
+        """Content hashes already in the catalog (videos and recorded failures/report objects)."""
+        rows = self.con.sql("SELECT sha256 FROM videos").fetchall()
+        return {r[0] for r in rows}
+
+    def _patient_key(self, rec: VideoRecord) -> int:
+        row = self._one(
+            "SELECT patient_key FROM patients WHERE patient_pseudonym = ?", [rec.patient_pseudonym]
+        )
+        if row:
+            return int(row[0])
+        row = self._one(
+            "INSERT INTO patients (patient_pseudonym, patient_id_raw, patient_name, birth_date) "
+            "VALUES (?, ?, ?, ?) RETURNING patient_key",
+            [rec.patient_pseudonym, rec.patient_id_raw, rec.patient_name, rec.birth_date],
+        )
+        assert row is not None
+        return int(row[0])
+
+    def _study_key(self, study_uid: str, patient_key: int, accession: str | None, study_date: date | None) -> int:
+        row = self._one("SELECT study_key FROM studies WHERE study_uid = ?", [study_uid])
+        if row:
+            return int(row[0])
+        row = self._one(
+            "INSERT INTO studies (study_uid, patient_key, accession_pseudonym, study_date) VALUES (?, ?, ?, ?) "
+            "RETURNING study_key",
+            [study_uid, patient_key, accession, study_date],
+        )
+        assert row is not None
+        return int(row[0])
+
+    def record_video(self, rec: VideoRecord) -> int:
+        """Upsert patient, study and video in one transaction; returns the video key (= FAISS id)."""
+        with self.transaction():
+            existing = self._one("SELECT video_key FROM videos WHERE sha256 = ?", [rec.sha256])
+            if existing:
+                return int(existing[0])
+            patient_key = self._patient_key(rec)
+            study_key = self._study_key(rec.study_uid, patient_key, rec.accession_pseudonym, rec.study_date)
+            row = self._one(
+                """INSERT INTO videos (sha256, path, size_bytes, kind, study_key, series_uid, sop_uid, view,
+                   n_frames, height, width, fps, manufacturer, manufacturer_model, photometric,
+                   transfer_syntax, sector_bbox, sector_source, scanned_at)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING video_key""",
+                [
+                    rec.sha256, rec.path, rec.size_bytes, rec.kind, study_key, rec.series_uid, rec.sop_uid,
+                    rec.view, rec.n_frames, rec.height, rec.width, rec.fps, rec.manufacturer,
+                    rec.manufacturer_model, rec.photometric, rec.transfer_syntax, rec.sector_bbox,
+                    rec.sector_source, _now(),
+                ],
+            )
+            assert row is not None
+            return int(row[0])
+
+    def record_error(self, path: str, sha256: str | None, stage: str, reason: str) -> None:
+        """One row per failed input; never raises for a duplicate (a re-run records it again with a new time)."""
+        with self.transaction():
+            self.con.execute(
+                "DELETE FROM ingest_errors WHERE path = ? AND coalesce(sha256, '') = coalesce(?, '') AND stage = ?",
+                [path, sha256, stage],
+            )
+            self.con.execute(
+                "INSERT INTO ingest_errors (path, sha256, stage, reason, occurred_at) VALUES (?, ?, ?, ?, ?)",
+                [path, sha256, stage, reason, _now()],
+            )
+
+    def clear_error(self, path: str) -> None:
+        """Forget earlier failures of ``path`` once it has been ingested successfully."""
+        self.con.execute("DELETE FROM ingest_errors WHERE path = ? AND stage <> 'report-object'", [path])
+
+    def study_key(self, study_uid: str) -> int | None:
+        row = self._one("SELECT study_key FROM studies WHERE study_uid = ?", [study_uid])
+        return int(row[0]) if row else None
+
+    def record_report(self, study_uid: str, text: str, source: str) -> bool:
+        """Attach report text to a known study; returns False when the study is not in the catalog."""
+        key = self.study_key(study_uid)
+        if key is None:
+            return False
+        with self.transaction():
+            self.con.execute(
+                "INSERT INTO reports VALUES (?, ?, ?) ON CONFLICT (study_key) DO UPDATE SET text = excluded.text, "
+                "source = excluded.source",
+                [key, text, source],
+            )
+        return True
+
+    def record_label(self, level: str, key: int, name: str, value: float | str, source: str) -> None:
+        """A ground-truth or user label (kept apart from model predictions)."""
+        num = float(value) if isinstance(value, (int, float, np.floating, np.integer)) else None
+        txt = None if num is not None else str(value)
+        with self.transaction():
+            self.con.execute(
+                "INSERT INTO labels VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (level, key, name) DO UPDATE SET "
+                "value = excluded.value, text_value = excluded.text_value, source = excluded.source",
+                [level, key, name, num, txt, source],
+            )
+
+    # ---- embeddings ------------------------------------------------------------------------------
+    def _require_embeddings(self) -> int:
+        dim = self.embed_dim()
+        if dim is None or not self.has_table("video_embeddings"):
+            raise CatalogError(f"index {self.index_dir} has no embeddings yet: run `echosearch index` first")
+        return dim
+
+    def store_video_embeddings(
+        self, keys: list[int], vectors: np.ndarray, n_frames: list[int], frame_vectors: list[np.ndarray] | None = None
+    ) -> None:
+        """Insert video vectors (and optionally frame vectors) and mark the videos encoded, atomically."""
+        dim = self._require_embeddings()
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vecs.shape != (len(keys), dim):
+            raise CatalogError(f"expected vectors of shape ({len(keys)}, {dim}), got {vecs.shape}")
+        table = pl.DataFrame(
+            {"video_key": keys, "embedding": vecs, "n_frames_used": n_frames},
+            schema={"video_key": pl.Int64, "embedding": pl.Array(pl.Float32, dim), "n_frames_used": pl.Int32},
+        ).to_arrow()
+        with self.transaction():
+            self.con.register("_new_video_emb", table)
+            self.con.execute("INSERT OR REPLACE INTO video_embeddings SELECT * FROM _new_video_emb")
+            self.con.unregister("_new_video_emb")
+            if frame_vectors is not None:
+                rows_k, rows_i, rows_v = [], [], []
+                for key, fv in zip(keys, frame_vectors, strict=True):
+                    for i, v in enumerate(np.asarray(fv, dtype=np.float32)):
+                        rows_k.append(key)
+                        rows_i.append(i)
+                        rows_v.append(v)
+                ft = pl.DataFrame(
+                    {"video_key": rows_k, "frame_index": rows_i, "embedding": np.stack(rows_v) if rows_v else np.zeros((0, dim), np.float32)},
+                    schema={"video_key": pl.Int64, "frame_index": pl.Int32, "embedding": pl.Array(pl.Float32, dim)},
+                ).to_arrow()
+                self.con.register("_new_frame_emb", ft)
+                self.con.execute("INSERT OR REPLACE INTO frame_embeddings SELECT * FROM _new_frame_emb")
+                self.con.unregister("_new_frame_emb")
+            self.con.execute(
+                "UPDATE videos SET encoded_at = ? WHERE video_key IN (SELECT unnest(?::BIGINT[]))", [_now(), keys]
+            )
+            gen = self.generation() + 1
+            self._set_manifest_raw("generation", str(gen))
+
+    def store_level_embeddings(self, level: str, keys: list[int], vectors: np.ndarray, counts: list[int] | None = None) -> None:
+        """Replace study or report vectors for ``keys`` (study keys)."""
+        if level not in ("study", "report"):
+            raise ValueError(level)
+        dim = self._require_embeddings()
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(keys), dim)
+        data: dict[str, Any] = {"study_key": keys, "embedding": vecs}
+        schema: dict[str, Any] = {"study_key": pl.Int64, "embedding": pl.Array(pl.Float32, dim)}
+        if level == "study":
+            data["n_videos"] = counts if counts is not None else [1] * len(keys)
+            schema["n_videos"] = pl.Int32
+        table = pl.DataFrame(data, schema=schema).to_arrow()
+        with self.transaction():
+            self.con.register("_new_level_emb", table)
+            self.con.execute(f"INSERT OR REPLACE INTO {level}_embeddings SELECT * FROM _new_level_emb")
+            self.con.unregister("_new_level_emb")
+            gen = self.generation() + 1
+            self._set_manifest_raw("generation", str(gen))
+
+    def embeddings(self, level: str, keys: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64, vectors float32) of a level, ordered by id; optionally only ``keys``."""
+        dim = self._require_embeddings()
+        table = {"video": ("video_embeddings", "video_key"), "study": ("study_embeddings", "study_key"),
+                 "report": ("report_embeddings", "study_key")}[level]
+        sql = f"SELECT {table[1]} AS id, embedding FROM {table[0]}"
+        params: list[Any] = []
+        if keys is not None:
+            sql += f" WHERE {table[1]} IN (SELECT unnest(?::BIGINT[]))"
+            params.append([int(k) for k in keys])
+        sql += " ORDER BY id"
+        arrow = self.con.execute(sql, params).to_arrow_table() if params else self.con.sql(sql).to_arrow_table()
+        ids = arrow.column("id").to_numpy().astype(np.int64)
+        if len(ids) == 0:
+            return ids, np.zeros((0, dim), dtype=np.float32)
+        flat = arrow.column("embedding").combine_chunks().flatten().to_numpy()
+        return ids, np.ascontiguousarray(flat.reshape(len(ids), dim), dtype=np.float32)
+
+    def unencoded_videos(self) -> pl.DataFrame:
+        return self.con.sql(
+            "SELECT video_key, path, kind, sha256 FROM videos WHERE encoded_at IS NULL ORDER BY video_key"
+        ).pl()
+
+    # ---- runs and results ----------------------------------------------------------------------
+    def new_run(self, kind: str, params: dict[str, Any]) -> int:
+        with self.transaction():
+            row = self._one("SELECT nextval('run_id_seq')")
+            assert row is not None
+            run_id = int(row[0])
+            self.con.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?)", [run_id, kind, _now(), json.dumps(params, default=str)]
+            )
+        return run_id
+
+    def latest_run(self, kind: str) -> int | None:
+        row = self._one("SELECT max(run_id) FROM runs WHERE kind = ?", [kind])
+        return int(row[0]) if row and row[0] is not None else None
+
+    def save_calibration(self, name: str, n_pos: int, n_neg: int, auc: float | None, threshold: float | None,
+                         params: dict[str, Any]) -> None:
+        with self.transaction():
+            self.con.execute(
+                "INSERT OR REPLACE INTO calibrations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [name, _now(), n_pos, n_neg, auc, threshold, json.dumps(params, default=str)],
+            )
+
+    def load_calibration(self, name: str) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM calibrations WHERE name = ?", [name])
+        if row is None:
+            return None
+        return {"name": row[0], "created_at": row[1], "n_positive": row[2], "n_negative": row[3], "auc": row[4],
+                "threshold": row[5], "params": json.loads(row[6])}
+
+    def log_access(self, actor: str, action: str, detail: dict[str, Any]) -> None:
+        """Append to the access log (who searched or viewed what); never raw identifiers."""
+        with self.transaction():
+            self.con.execute("INSERT INTO access_log VALUES (?, ?, ?, ?)",
+                             [_now(), actor, action, json.dumps(detail, default=str)])
+
+    # ---- summaries -----------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """Row counts of the main tables (embedding tables count 0 before a model is bound)."""
+        tables = ["patients", "studies", "videos", "reports", "labels", "predictions", "ingest_errors",
+                  "identity_audit", "changes"] + [f"{lvl}_embeddings" for lvl in EMBEDDING_LEVELS]
+        out: dict[str, int] = {}
+        for t in tables:
+            if self.has_table(t):
+                row = self._one(f"SELECT count(*) FROM {t}")
+                out[t] = int(row[0]) if row else 0
+            else:
+                out[t] = 0
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """Manifest, counts and vector-index manifests: what ``echosearch info`` prints."""
+        vec_dir = self.index_dir / "vectors"
+        vector_indexes = {}
+        if vec_dir.is_dir():
+            for f in sorted(vec_dir.glob("*.json")):
+                try:
+                    vector_indexes[f.stem] = json.loads(f.read_text())
+                except (OSError, json.JSONDecodeError):
+                    vector_indexes[f.stem] = {"error": "unreadable manifest"}
+        return {"index": str(self.index_dir), "manifest": self.manifest(), "counts": self.counts(),
+                "vector_indexes": vector_indexes}
+
+
+def as_dict(rec: VideoRecord) -> dict[str, Any]:
+    return asdict(rec)

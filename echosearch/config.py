@@ -1,0 +1,78 @@
+"""One settings object for the whole tool: environment variables ``ECHOSEARCH_*`` and an optional TOML file.
+
+Precedence: explicit keyword arguments > environment > TOML file (``ECHOSEARCH_CONFIG`` or
+``./echosearch.toml``) > defaults. The pseudonymisation secret has no usable default outside demo mode.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from echosearch.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "echosearch.toml"
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Every field can be set as ``ECHOSEARCH_<FIELD>`` (upper case)."""
+
+    model_config = SettingsConfigDict(env_prefix="ECHOSEARCH_", extra="ignore")
+
+    index: Path = Field(Path("indexes/default"), description="Index folder (catalog + vectors).")
+    model: str = Field("echosearch-demo", description="Model name, local-dir:DIR, or weights file.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    batch_size: int = Field(64, ge=1, description="Frames per model forward pass.")
+    frame_policy: Literal["sector", "echoclip"] = Field("sector", description="Frame preparation policy.")
+    frames_per_video: int = Field(16, ge=1, le=512, description="Frames sampled per video.")
+    workers: int = Field(max(1, min(4, (os.cpu_count() or 2) - 1)), ge=0, description="Decode processes.")
+    secret: SecretStr | None = Field(None, description="Key for pseudonymising patient/accession IDs.")
+    mode: Literal["production", "demo"] = Field("production", description="demo allows a generated secret.")
+    store_raw_identifiers: bool = Field(False, description="Opt in to storing raw IDs, names, birth dates.")
+    keep_frame_embeddings: bool = Field(False, description="Store per-frame vectors in the catalog.")
+    audit_log: Path | None = Field(None, description="Append-only audit log of the app (default: catalog).")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get("ECHOSEARCH_CONFIG", DEFAULT_CONFIG_FILE))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    def require_secret(self) -> bytes:
+        """The pseudonymisation key. Production refuses to run without one; demo mode generates one."""
+        if self.secret is not None and self.secret.get_secret_value():
+            value = self.secret.get_secret_value()
+            if len(value) < 16:
+                raise ConfigError("ECHOSEARCH_SECRET must be at least 16 characters")
+            return value.encode()
+        if self.mode == "demo":
+            generated = secrets.token_hex(32)
+            self.secret = SecretStr(generated)
+            return generated.encode()
+        raise ConfigError(
+            "no pseudonymisation secret: set ECHOSEARCH_SECRET (>= 16 characters) or `secret` in "
+            "echosearch.toml; use ECHOSEARCH_MODE=demo only for synthetic data"
+        )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment/TOML, with explicit overrides (``None`` values ignored)."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)
+    except ValueError as exc:  # pydantic ValidationError is a ValueError
+        raise ConfigError(f"invalid configuration: {exc}") from exc

@@ -1,0 +1,193 @@
+"""Discover stage: folders, single files and manifest CSVs -> file records (path, size, sha256, kind).
+
+The content hash is a file's identity (a re-run skips hashes already in the catalog, and a file seen twice
+in one run is processed once). The kind comes from the content, never the extension: DICOM by its
+``DICM`` magic (or a plausible headerless data set), AVI by its RIFF header, MP4/MOV by its ``ftyp`` box.
+Sidecar files (csv/parquet/txt/json/md), hidden files and DICOMDIR are skipped silently; symlinks are
+followed only when their target lies inside the source tree.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import struct
+from collections.abc import Container, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+FileKind = Literal["dicom", "avi", "mp4", "unknown"]
+SIDECAR_SUFFIXES = frozenset({".csv", ".parquet", ".txt", ".json", ".md", ".tsv", ".xlsx", ".log", ".yaml", ".yml",
+                              ".toml", ".png", ".html", ".pdf"})
+SKIP_NAMES = frozenset({"DICOMDIR", "Thumbs.db", "desktop.ini"})
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One candidate input file. ``kind`` "unknown" means the content matched no supported format."""
+
+    path: Path
+    size: int
+    sha256: str
+    kind: FileKind
+
+
+@dataclass(frozen=True)
+class DiscoverFailure:
+    """A path that could not be read or listed (stage "discover"); the batch goes on."""
+
+    path: Path
+    reason: str
+    sha256: str | None = None
+    stage: str = "discover"
+
+
+def sniff_kind(head: bytes) -> FileKind:
+    """File kind from its first bytes (>= 132 needed for the DICOM preamble check)."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    if len(head) >= 8 and head[4:8] == b"ftyp":
+        return "mp4"
+    if _headerless_dicom(head):
+        return "dicom"
+    return "unknown"
+
+
+def _headerless_dicom(head: bytes) -> bool:
+    """A DICOM data set written without preamble: first tag in group 0002/0008, explicit VR or sane length."""
+    if len(head) < 8:
+        return False
+    group, element = struct.unpack("<HH", head[:4])
+    if group not in (0x0002, 0x0008) or element > 0x0100:
+        return False
+    vr = head[4:6]
+    if vr.isalpha() and vr.isupper():
+        return True
+    (length,) = struct.unpack("<I", head[4:8])
+    return 0 < length < 1024
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size) of a file, streamed in 1 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def inspect_file(path: Path) -> FileRecord:
+    """Hash and sniff one file (raises OSError when unreadable)."""
+    with path.open("rb") as f:
+        head = f.read(512)
+    digest, size = hash_file(path)
+    return FileRecord(path=path, size=size, sha256=digest, kind=sniff_kind(head))
+
+
+def discover(sources: Sequence[Path], known_hashes: Container[str] = frozenset()) -> Iterator[FileRecord | DiscoverFailure]:
+    """Yield a record (or failure) for every candidate file under ``sources``, in a deterministic order."""
+    seen: set[str] = set()
+    for source in sources:
+        source = Path(source)
+        for item in _candidates(source):
+            if isinstance(item, DiscoverFailure):
+                yield item
+                continue
+            try:
+                rec = inspect_file(item)
+            except FileNotFoundError:
+                yield DiscoverFailure(item, "file vanished before it could be read")
+                continue
+            except OSError as exc:
+                yield DiscoverFailure(item, f"unreadable file: {exc.strerror or exc}")
+                continue
+            if rec.sha256 in seen or rec.sha256 in known_hashes:
+                continue
+            seen.add(rec.sha256)
+            yield rec
+
+
+def is_manifest(path: Path) -> bool:
+    """True for an EchoNet-style CSV manifest (a ``FileName`` column)."""
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return False
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError):
+        return False
+    return "FileName" in header
+
+
+def _candidates(source: Path) -> Iterator[Path | DiscoverFailure]:
+    if not source.exists():
+        yield DiscoverFailure(source, "source does not exist (check the path)")
+    elif source.is_dir():
+        yield from _walk(source)
+    elif is_manifest(source):
+        yield from _manifest_paths(source)
+    else:
+        yield source
+
+
+def _walk(root: Path) -> Iterator[Path | DiscoverFailure]:
+    """Sorted recursive walk; symlinks (dirs and files) followed only when they resolve inside ``root``."""
+    real_root = root.resolve()
+    visited: set[Path] = set()
+
+    def inside(p: Path) -> bool:
+        try:
+            return p.resolve().is_relative_to(real_root)
+        except (OSError, RuntimeError):
+            return False
+
+    def walk(folder: Path) -> Iterator[Path | DiscoverFailure]:
+        real = folder.resolve()
+        if real in visited:
+            return
+        visited.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            yield DiscoverFailure(folder, f"cannot list folder: {exc.strerror or exc}")
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith(".") or entry.name in SKIP_NAMES:
+                continue
+            if entry.is_symlink() and not inside(path):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                yield from walk(path)
+            elif path.suffix.lower() not in SIDECAR_SUFFIXES and entry.is_file():
+                yield path
+
+    yield from walk(root)
+
+
+def _manifest_paths(manifest: Path) -> Iterator[Path | DiscoverFailure]:
+    """EchoNet-Dynamic FileList.csv: ``FileName`` (extension optional) -> ``Videos/<FileName>.avi``."""
+    base = manifest.parent
+    with manifest.open(newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            name = (row.get("FileName") or "").strip()
+            if not name:
+                continue
+            candidates = [base / "Videos" / name, base / name] if Path(name).suffix else [
+                base / "Videos" / f"{name}.avi", base / f"{name}.avi", base / "Videos" / name]
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None:
+                yield DiscoverFailure(candidates[0], f"listed in {manifest.name} but missing")
+            else:
+                yield found

@@ -1,0 +1,130 @@
+"""Catalog schema, migrations, documentation drift, and CLI error handling."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from echosearch.catalog import SCHEMA_VERSION, Catalog, VideoRecord
+from echosearch.cli import main
+from echosearch.errors import CatalogError, IndexNotFoundError, ModelMismatchError
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "catalog.md"
+IDENTITY = {"name": "m", "weights_sha256": "abc", "embed_dim": 8, "preprocessing": {"policy": "sector"}}
+
+
+def _doc_schema() -> dict[str, set[str]]:
+    tables: dict[str, set[str]] = {}
+    current = None
+    for line in DOC.read_text().splitlines():
+        m = re.match(r"^## (\w+)\s*$", line)
+        if m:
+            current = m.group(1)
+            tables[current] = set()
+            continue
+        m = re.match(r"^- `(\w+)`:", line)
+        if m and current:
+            tables[current].add(m.group(1))
+    return tables
+
+
+def _live_schema(cat: Catalog) -> dict[str, set[str]]:
+    rows = cat.con.sql(
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main'"
+    ).fetchall()
+    out: dict[str, set[str]] = {}
+    for t, c in rows:
+        out.setdefault(t, set()).add(c)
+    return out
+
+
+def test_schema_matches_documentation(tmp_path: Path) -> None:
+    with Catalog.open(tmp_path / "idx", create=True) as cat:
+        cat.bind_model(IDENTITY)
+        live = _live_schema(cat)
+    doc = _doc_schema()
+    assert live == doc, f"docs/catalog.md drifted from the schema: live-only={ {k: live[k] - doc.get(k, set()) for k in live} }"
+
+
+def test_new_catalog_is_versioned_and_empty(tmp_path: Path) -> None:
+    with Catalog.open(tmp_path / "idx", create=True) as cat:
+        assert cat.schema_version() == SCHEMA_VERSION
+        assert all(v == 0 for v in cat.counts().values())
+        assert cat.generation() == 0
+
+
+def test_missing_index_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(IndexNotFoundError):
+        Catalog.open(tmp_path / "nothing")
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    with Catalog.open(tmp_path / "idx", create=True) as cat:
+        cat.con.execute("INSERT INTO schema_migrations VALUES (999, 'future', now())")
+    with pytest.raises(CatalogError, match="schema version 999"):
+        Catalog.open(tmp_path / "idx")
+
+
+def _record(i: int, patient: str = "P-1", study: str = "1.2.3") -> VideoRecord:
+    return VideoRecord(sha256=f"h{i}", path=f"/x/{i}.dcm", size_bytes=10, kind="dicom", patient_pseudonym=patient,
+                       study_uid=study, study_date=date(2020, 1, 1), view="A4C")
+
+
+def test_record_video_is_idempotent_and_keys_are_explicit(tmp_path: Path) -> None:
+    with Catalog.open(tmp_path / "idx", create=True) as cat:
+        k1 = cat.record_video(_record(1))
+        k2 = cat.record_video(_record(2))
+        assert cat.record_video(_record(1)) == k1
+        assert cat.counts()["videos"] == 2 and cat.counts()["studies"] == 1 and cat.counts()["patients"] == 1
+        cat.bind_model(IDENTITY)
+        vecs = np.eye(8, dtype=np.float32)[:2]
+        # stored in reverse order: read back by key, never by position
+        cat.store_video_embeddings([k2, k1], vecs, [4, 4])
+        ids, got = cat.embeddings("video")
+        assert list(ids) == sorted([k1, k2])
+        assert np.allclose(got[list(ids).index(k2)], vecs[0])
+        assert cat.generation() == 1
+
+
+def test_failed_transaction_changes_nothing(tmp_path: Path) -> None:
+    with Catalog.open(tmp_path / "idx", create=True) as cat:
+        cat.record_video(_record(1))
+        with pytest.raises(RuntimeError), cat.transaction():
+            cat.record_video(_record(2, patient="P-2", study="9.9"))
+            raise RuntimeError("boom")
+        assert cat.counts()["videos"] == 1 and cat.counts()["patients"] == 1
+
+
+def test_other_model_is_refused(tmp_path: Path) -> None:
+    with Catalog.open(tmp_path / "idx", create=True) as cat:
+        cat.bind_model(IDENTITY)
+        cat.bind_model(dict(IDENTITY))  # same model: fine
+        with pytest.raises(ModelMismatchError):
+            cat.bind_model({**IDENTITY, "weights_sha256": "other"})
+
+
+def test_cli_info_json_on_empty_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Catalog.open(tmp_path / "idx", create=True).close()
+    assert main(["info", "--index", str(tmp_path / "idx"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["counts"]["videos"] == 0 and data["manifest"]["schema_version"] == SCHEMA_VERSION
+
+
+def test_cli_missing_index_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["info", "--index", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip()
+    assert code == IndexNotFoundError.exit_code != 0
+    assert len(err.splitlines()) == 1 and "no index at" in err and "Traceback" not in err
+
+
+def test_console_script_version() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "echosearch", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("echosearch ")

@@ -1,0 +1,49 @@
+"""Settings: environment, TOML, and the no-default-secret rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from echosearch.config import load_settings
+from echosearch.errors import ConfigError
+from echosearch.pseudonym import Pseudonymizer
+
+
+def test_production_requires_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ECHOSEARCH_SECRET", raising=False)
+    monkeypatch.setenv("ECHOSEARCH_MODE", "production")
+    with pytest.raises(ConfigError, match="no pseudonymisation secret"):
+        load_settings().require_secret()
+
+
+def test_demo_generates_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ECHOSEARCH_SECRET", raising=False)
+    s = load_settings(mode="demo")
+    assert len(s.require_secret()) >= 32
+
+
+def test_env_and_toml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    toml = tmp_path / "echosearch.toml"
+    toml.write_text('batch_size = 7\nframes_per_video = 9\nsecret = "toml-secret-0123456789"\n')
+    monkeypatch.setenv("ECHOSEARCH_CONFIG", str(toml))
+    monkeypatch.delenv("ECHOSEARCH_SECRET", raising=False)
+    monkeypatch.setenv("ECHOSEARCH_BATCH_SIZE", "11")
+    s = load_settings()
+    assert s.batch_size == 11  # environment beats the file
+    assert s.frames_per_video == 9
+    assert s.require_secret() == b"toml-secret-0123456789"
+
+
+def test_invalid_value_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ECHOSEARCH_BATCH_SIZE", "zero")
+    with pytest.raises(ConfigError):
+        load_settings()
+
+
+def test_pseudonyms_are_keyed_and_stable() -> None:
+    a, b = Pseudonymizer(b"k" * 16), Pseudonymizer(b"j" * 16)
+    assert a.patient("123") == a.patient(" 123 ") != b.patient("123")
+    assert a.patient("123") != a.accession("123")
+    assert a.patient("") is None and a.patient("123").startswith("P-")  # type: ignore[union-attr]
