@@ -24,7 +24,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, iter_pixels
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
 
 from echosearch.errors import DecodeError, NotUltrasoundError, ReportObjectFound
 
@@ -119,12 +125,26 @@ def read_meta(path: Path, kind: str) -> VideoMeta:
 
 
 def decode_video(path: Path, kind: str, frame_indices: Sequence[int] | None = None) -> DecodedVideo:
-    """Decode the frames at ``frame_indices`` (all when None) to RGB uint8; only those are decoded."""
+    """Decode the frames at ``frame_indices`` (all when None) to RGB uint8; only those are decoded.
+
+    A repeated index (short clips sampled to a fixed length) is decoded once and copied.
+    """
+    if kind not in ("dicom", "avi", "mp4"):
+        raise DecodeError(f"unrecognised file format {kind!r}: not a DICOM, AVI or MP4 file")
+    inverse = None
+    if frame_indices is not None:
+        req = np.asarray(frame_indices, dtype=np.int64)
+        uniq, inverse = np.unique(req, return_inverse=True)
+        if len(uniq) == len(req) and np.all(uniq == req):
+            inverse = None
+        frame_indices = uniq if inverse is not None else req
     if kind == "dicom":
-        return _decode_dicom(path, frame_indices)
-    if kind in ("avi", "mp4"):
-        return _decode_container(path, kind, frame_indices)  # type: ignore[arg-type]
-    raise DecodeError(f"unrecognised file format {kind!r}: not a DICOM, AVI or MP4 file")
+        out = _decode_dicom(path, frame_indices)
+    else:
+        out = _decode_container(path, kind, frame_indices)  # type: ignore[arg-type]
+    if inverse is not None:
+        out = DecodedVideo(out.frames[inverse], out.frame_indices[inverse], out.meta)
+    return out
 
 
 def read_report_object(path: Path) -> ReportObject:

@@ -114,6 +114,11 @@ def discover(sources: Sequence[Path], known_hashes: Container[str] = frozenset()
             yield rec
 
 
+def count_candidates(sources: Sequence[Path]) -> int:
+    """Number of candidate files under ``sources`` (a cheap walk, no hashing): the total of a progress bar."""
+    return sum(1 for s in sources for c in _candidates(Path(s)))
+
+
 def is_manifest(path: Path) -> bool:
     """True for an EchoNet-style CSV manifest (a ``FileName`` column)."""
     if path.suffix.lower() != ".csv" or not path.is_file():

@@ -1,7 +1,117 @@
-"""Placeholder until the command group lands."""
+"""``echosearch index``, ``train`` and ``model``: build an index with a model, train a model, fetch weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from echosearch.cli.common import console, print_json
+from echosearch.errors import SomeInputsFailed
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command()
+    def index(
+        sources: list[Path] = typer.Argument(..., help="Folders, files or manifest CSVs to index."),
+        index_dir: Path = typer.Option(..., "--index", "-i", help="Index folder (created if missing)."),
+        model: str = typer.Option(None, "--model", "-m", help="Model name, local-dir:DIR or ARCH@WEIGHTS."),
+        workers: int = typer.Option(None, "--workers", "-w", help="Decode processes (0 = in process)."),
+        batch_size: int = typer.Option(None, "--batch-size", "-b", help="Frames per model batch."),
+        frames: int = typer.Option(None, "--frames", help="Frames sampled per video."),
+        reports: Path = typer.Option(None, "--reports", help="CSV/Parquet of report texts."),
+        labels: Path = typer.Option(None, "--labels", help="CSV/Parquet of labels (e.g. EF)."),
+        device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Scan, encode and index SOURCES (only new files); build the vector indexes."""
+        from echosearch.config import load_settings
+        from echosearch.pipeline import index_sources
+
+        settings = load_settings(model=model, workers=workers, batch_size=batch_size, frames_per_video=frames,
+                                 device=device)
+        summary = index_sources(sources, index_dir, settings, reports=reports, labels=labels,
+                                progress=not json_out)
+        if json_out:
+            from dataclasses import asdict
+
+            print_json({**asdict(summary), "failed": summary.failed})
+        else:
+            console.print(
+                f"indexed {summary.videos_encoded} videos ({summary.frames_encoded} frames, "
+                f"{summary.frames_encoded / max(summary.model_seconds, 1e-9):.0f} frames/s in the model), "
+                f"{summary.studies_pooled} studies, {summary.reports_embedded} reports in {summary.elapsed_s:.1f} s; "
+                f"failed inputs: {summary.failed}"
+            )
+        if summary.failed:
+            raise SomeInputsFailed(f"{summary.failed} input(s) failed: see `echosearch info --index {index_dir}` "
+                                   "or the ingest_errors table")
+
+    @app.command()
+    def train(
+        index_dir: Path = typer.Option(..., "--index", "-i", help="Index with videos and reports."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output model folder (open_clip format)."),
+        init: str = typer.Option(None, "--init", help="Model to fine-tune (default: demo architecture from scratch)."),
+        epochs: int = typer.Option(15, "--epochs"),
+        batch_size: int = typer.Option(64, "--batch-size"),
+        lr: float = typer.Option(1e-3, "--lr"),
+        seed: int = typer.Option(0, "--seed"),
+        max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many steps (smoke runs)."),
+        workers: int = typer.Option(1, "--workers"),
+    ) -> None:
+        """Contrastive training (or fine-tuning) on the index's (video, report) pairs."""
+        from echosearch.train import TrainConfig
+        from echosearch.train import train as run_train
+
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, init=init,
+                          workers=workers)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[info]}"), console=console) as bar:
+            tasks: dict[str, int] = {}
+
+            def cb(phase: str, i: int, n: int, metrics: dict[str, float]) -> None:
+                if phase == "epoch":
+                    console.print(f"epoch {i}/{n}: " + json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+                    return
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=n, info="")
+                info = f"loss {metrics['loss']:.3f}" if "loss" in metrics else ""
+                bar.update(tasks[phase], completed=i, info=info)
+
+            result = run_train(index_dir, out, cfg, progress=cb)
+        console.print(f"saved {result.out_dir} after {result.steps} steps ({result.n_train} train / "
+                      f"{result.n_holdout} held-out videos); load it with --model local-dir:{result.out_dir}")
+
+    model_app = typer.Typer(help="Model registry: list and fetch weights.", no_args_is_help=True)
+    app.add_typer(model_app, name="model")
+
+    @model_app.command("list")
+    def model_list(json_out: bool = typer.Option(False, "--json")) -> None:
+        """List registry models and whether each is available offline."""
+        from echosearch.errors import ModelLoadError
+        from echosearch.models import REGISTRY, resolve_model
+
+        rows = []
+        for name, spec in REGISTRY.items():
+            try:
+                src = resolve_model(name)
+                where = str(src.weights)
+            except ModelLoadError:
+                where = None
+            rows.append({"name": name, "available": where is not None, "weights": where,
+                         "description": spec.description})
+        if json_out:
+            print_json(rows)
+            return
+        for r in rows:
+            console.print(f"[bold]{r['name']}[/] {'available' if r['available'] else 'not downloaded'}: {r['description']}")
+
+    @model_app.command("fetch")
+    def model_fetch(name: str = typer.Argument(..., help="echo-clip or echo-clip-r")) -> None:
+        """Download published weights into the Hugging Face cache (needs network)."""
+        from echosearch.models import fetch_model
+
+        path = fetch_model(name)
+        console.print(f"{name} is in {path}")

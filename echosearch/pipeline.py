@@ -1,0 +1,203 @@
+"""The indexing pipeline: scan + encode + store embeddings + predictions + vector indexes.
+
+Decoding runs ahead in worker processes (``ingest.iter_processed``) while this process runs the model on
+fixed-size frame batches shared by several videos. Embeddings are committed batch by batch, so a run that
+is killed resumes without redoing committed videos or duplicating rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from echosearch.catalog import Catalog
+from echosearch.config import Settings
+from echosearch.encode import Encoder, l2_normalise, load_encoder
+from echosearch.ingest import FailedFile, PreparedVideo, ScanSummary, iter_processed, scan
+from echosearch.zeroshot import PromptBank, predict, study_predictions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexSummary:
+    """What ``index`` did (scan summary plus encoding figures)."""
+
+    scan: dict[str, Any] = field(default_factory=dict)
+    videos_encoded: int = 0
+    frames_encoded: int = 0
+    encode_failed: int = 0
+    studies_pooled: int = 0
+    reports_embedded: int = 0
+    elapsed_s: float = 0.0
+    model_seconds: float = 0.0
+    vector_indexes: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> int:
+        return int(self.scan.get("failed", 0)) + self.encode_failed
+
+
+class _Batcher:
+    """Collects prepared videos until a frame batch is full, then encodes and commits them together."""
+
+    def __init__(self, catalog: Catalog, encoder: Encoder, bank: PromptBank, batch_size: int, keep_frames: bool,
+                 on_progress: Callable[[int, int], None] | None = None) -> None:
+        self.catalog, self.encoder, self.bank = catalog, encoder, bank
+        self.batch_size, self.keep_frames = batch_size, keep_frames
+        self.keys: list[int] = []
+        self.frames: list[np.ndarray] = []
+        self.n_frames = 0
+        self.videos = 0
+        self.total_frames = 0
+        self.model_seconds = 0.0
+        self.on_progress = on_progress
+
+    def add(self, key: int, prepared: PreparedVideo) -> None:
+        self.keys.append(key)
+        self.frames.append(prepared.frames)
+        self.n_frames += len(prepared.frames)
+        if self.n_frames >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.keys:
+            return
+        t0 = time.perf_counter()
+        allf = np.concatenate(self.frames)
+        vecs = self.encoder.encode_frames(allf, batch_size=max(self.batch_size, len(allf)))
+        self.model_seconds += time.perf_counter() - t0
+        video_vecs, frame_vecs, counts, preds = [], [], [], []
+        start = 0
+        for f in self.frames:
+            fv = vecs[start:start + len(f)]
+            start += len(f)
+            video_vecs.append(l2_normalise(fv.mean(axis=0)))
+            frame_vecs.append(fv)
+            counts.append(len(f))
+            preds.append(predict(self.bank, fv))
+        with self.catalog.transaction():
+            self.catalog.store_video_embeddings(self.keys, np.stack(video_vecs), counts,
+                                                frame_vecs if self.keep_frames else None)
+            store_predictions(self.catalog, "video", self.keys, preds, self.encoder.name)
+        self.videos += len(self.keys)
+        self.total_frames += len(allf)
+        if self.on_progress:
+            self.on_progress(self.videos, self.total_frames)
+        self.keys, self.frames, self.n_frames = [], [], 0
+
+
+def store_predictions(catalog: Catalog, level: str, keys: Sequence[int], preds: Sequence[dict[str, float]],
+                      model: str) -> None:
+    """Upsert zero-shot predictions for ``keys`` (one row per key and task)."""
+    rows = [(level, int(k), task, float(v), model) for k, p in zip(keys, preds, strict=True) for task, v in p.items()]
+    if not rows:
+        return
+    with catalog.transaction():
+        catalog.con.executemany(
+            "INSERT INTO predictions VALUES (?, ?, ?, ?, ?) ON CONFLICT (level, key, task) DO UPDATE SET "
+            "value = excluded.value, model = excluded.model", rows)
+
+
+def pool_studies(catalog: Catalog, model_name: str) -> int:
+    """Study vectors (mean of video vectors, re-normalised) and study predictions, for every study."""
+    ids, vecs = catalog.embeddings("video")
+    if len(ids) == 0:
+        return 0
+    owner = dict(catalog.con.sql("SELECT video_key, study_key FROM videos").fetchall())
+    by_study: dict[int, list[int]] = {}
+    for i, vk in enumerate(ids):
+        by_study.setdefault(int(owner[int(vk)]), []).append(i)
+    study_keys = sorted(by_study)
+    study_vecs = np.stack([l2_normalise(vecs[by_study[s]].mean(axis=0)) for s in study_keys])
+    counts = [len(by_study[s]) for s in study_keys]
+    pred_rows = catalog.con.sql("SELECT key, task, value FROM predictions WHERE level = 'video'").fetchall()
+    vpreds: dict[int, dict[str, float]] = {}
+    for k, task, v in pred_rows:
+        vpreds.setdefault(int(k), {})[task] = float(v)
+    spreds = [study_predictions([vpreds[int(ids[i])] for i in by_study[s] if int(ids[i]) in vpreds])
+              for s in study_keys]
+    with catalog.transaction():
+        catalog.store_level_embeddings("study", study_keys, study_vecs, counts)
+        store_predictions(catalog, "study", study_keys, spreds, model_name)
+    return len(study_keys)
+
+
+def embed_reports(catalog: Catalog, encoder: Encoder) -> int:
+    """Text vectors of reports that have none yet (report-level search, preliminary interpretation)."""
+    rows = catalog.con.sql(
+        "SELECT r.study_key, r.text FROM reports r LEFT JOIN report_embeddings e USING (study_key) "
+        "WHERE e.study_key IS NULL ORDER BY r.study_key"
+    ).fetchall()
+    if not rows:
+        return 0
+    vecs = encoder.encode_text([t for _, t in rows])
+    catalog.store_level_embeddings("report", [int(k) for k, _ in rows], vecs)
+    return len(rows)
+
+
+def embed_file(path: Path, encoder: Encoder) -> tuple[np.ndarray, np.ndarray]:
+    """One file -> (video vector, frame vectors) with the encoder's own policy (query by upload)."""
+    from echosearch.discover import inspect_file
+    from echosearch.ingest import process_file
+
+    prepared = process_file(inspect_file(Path(path)), encoder.policy)
+    fv = encoder.encode_frames(prepared.frames)
+    return l2_normalise(fv.mean(axis=0)), fv
+
+
+def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, *, encoder: Encoder | None = None,
+                  reports: Path | None = None, labels: Path | None = None, progress: bool = True,
+                  build_vectors: bool = True) -> IndexSummary:
+    """Scan, encode and index ``sources`` into ``index_dir``; only new files are processed."""
+    t0 = time.perf_counter()
+    enc = encoder or load_encoder(settings.model, device=settings.device, frames_per_video=settings.frames_per_video,
+                                  policy=None if settings.frame_policy == "sector" else settings.frame_policy)
+    summary = IndexSummary()
+    with Catalog.open(index_dir, create=True) as cat:
+        ident = enc.identity
+        cat.bind_model(ident)
+        if cat.get_manifest("model_source") is None:
+            cat.set_manifest("model_source", settings.model)
+        bank = PromptBank.build(enc)
+        batcher = _Batcher(cat, enc, bank, settings.batch_size, settings.keep_frame_embeddings)
+        scan_summary: ScanSummary = scan(list(sources), cat, settings, policy=enc.policy, reports=reports,
+                                         labels=labels, progress=progress, on_video=batcher.add)
+        batcher.flush()
+        # videos scanned earlier (or by an interrupted run) but not yet encoded
+        pending = cat.unencoded_videos()
+        if pending.height:
+            from echosearch.discover import FileRecord
+
+            records = [FileRecord(path=Path(r["path"]), size=0, sha256=r["sha256"], kind=r["kind"])
+                       for r in pending.iter_rows(named=True)]
+            key_of = {r["sha256"]: int(r["video_key"]) for r in pending.iter_rows(named=True)}
+            for item in iter_processed(records, enc.policy, settings.workers):
+                if isinstance(item, FailedFile):
+                    cat.record_error(str(item.path), item.sha256, item.stage, item.reason)
+                    summary.encode_failed += 1
+                    continue
+                batcher.add(key_of[item.record.sha256], item)
+            batcher.flush()
+        summary.scan = asdict(scan_summary)
+        summary.videos_encoded = batcher.videos
+        summary.frames_encoded = batcher.total_frames
+        summary.model_seconds = round(batcher.model_seconds, 3)
+        if batcher.videos or cat.counts()["study_embeddings"] == 0:
+            summary.studies_pooled = pool_studies(cat, enc.name)
+        summary.reports_embedded = embed_reports(cat, enc)
+        if build_vectors:
+            from echosearch.vectorindex import build_all
+
+            built = build_all(cat)
+            summary.vector_indexes = {lvl: vi.manifest for lvl, vi in built.items()}
+        summary.counts = cat.counts()
+    summary.elapsed_s = round(time.perf_counter() - t0, 3)
+    return summary

@@ -1,0 +1,211 @@
+"""Prepare stage (pure numpy/OpenCV, no I/O): find the imaging sector, sample frames, make model input.
+
+Two frame policies:
+
+* ``sector`` (default): blank everything outside the imaging sector (burned-in text, ECG strip, scale
+  bars), crop to the sector's box, pad to a square (aspect kept) and resize with INTER_AREA.
+* ``echoclip``: EchoCLIP's published example preprocessing (``crop_and_scale``): square centre crop,
+  trim 10 % on every side, resize with INTER_CUBIC; no masking. Use it to reproduce EchoCLIP numbers.
+
+Output is uint8 (N,S,S,3) RGB; the encoder does the model's normalisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from echosearch.decode import UltrasoundRegion
+from echosearch.errors import PrepareError
+
+SectorSource = Literal["regions", "estimated", "full"]
+VARIATION_THRESHOLD = 8  # blurred temporal range (grey levels) that counts as "moving" (above JPEG noise)
+STATIC_RANGE = 4  # a pixel this constant over >= 4 frames is not tissue (speckle always moves)
+OVERLAY_BRIGHTNESS = 100  # ... and if it is also this bright it is a burned-in overlay
+INTENSITY_THRESHOLD = 8  # blurred brightness that counts as "not background" in a single frame
+MIN_SECTOR_FRACTION = 0.04  # an estimate smaller than this share of the image is not trusted
+
+
+@dataclass
+class Sector:
+    """Imaging sector: boolean mask (H,W), its box (x0,y0,x1,y1) with exclusive x1/y1, and how it was found."""
+
+    mask: np.ndarray
+    bbox: tuple[int, int, int, int]
+    source: SectorSource
+
+    @property
+    def bbox_list(self) -> list[int]:
+        return [int(v) for v in self.bbox]
+
+
+@dataclass(frozen=True)
+class FramePolicy:
+    """How frames become model input; stored in the index manifest (the encoder sets ``size``)."""
+
+    name: Literal["sector", "echoclip"] = "sector"
+    n_frames: int = 16
+    size: int = 112
+    sampling: Literal["uniform"] = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sector", "echoclip"):
+            raise ValueError(f"unknown frame policy {self.name!r} (sector or echoclip)")
+        if self.n_frames < 1 or self.size < 8:
+            raise ValueError("n_frames must be >= 1 and size >= 8")
+        if self.sampling != "uniform":
+            raise ValueError(f"unknown sampling {self.sampling!r}")
+
+
+def policy_manifest(policy: FramePolicy) -> dict[str, object]:
+    """The policy as a JSON-able dict for the index manifest (a different policy means a different index)."""
+    out: dict[str, object] = dict(asdict(policy))
+    out["interpolation"] = "area" if policy.name == "sector" else "cubic"
+    out["masking"] = policy.name == "sector"
+    out["version"] = 1
+    return out
+
+
+def sample_indices(n_total: int, policy: FramePolicy) -> np.ndarray:
+    """``policy.n_frames`` sorted indices spread uniformly over the clip (centres of equal segments).
+
+    A clip shorter than ``n_frames`` repeats frames (so every video gives the same number of model inputs).
+    """
+    if n_total < 1:
+        raise PrepareError("video has zero frames")
+    n = policy.n_frames
+    idx = np.floor((np.arange(n) + 0.5) * n_total / n).astype(np.int64)
+    return np.clip(idx, 0, n_total - 1)
+
+
+# ---- sector ---------------------------------------------------------------------------------------
+def find_sector(frames: np.ndarray, regions: Sequence[UltrasoundRegion] = ()) -> Sector:
+    """The imaging sector of a clip (T,H,W,3): the 2D region box when the header has one, else estimated.
+
+    Within a region box the fan itself is still estimated so that the box corners (often holding depth
+    scales or labels) are blanked; an estimate that looks wrong falls back to the whole box.
+    """
+    if frames.ndim != 4 or frames.shape[0] == 0:
+        raise PrepareError(f"expected frames (T,H,W,3), got shape {frames.shape}")
+    h, w = frames.shape[1:3]
+    box = region_box(regions, h, w)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        est = _estimate_mask(frames[:, y0:y1, x0:x1])
+        mask = np.zeros((h, w), bool)
+        box_area = (x1 - x0) * (y1 - y0)
+        if est is not None and est.sum() >= 0.3 * box_area:
+            mask[y0:y1, x0:x1] = est
+        else:
+            mask[y0:y1, x0:x1] = True
+        return Sector(mask, _bbox(mask), "regions")
+    est = _estimate_mask(frames)
+    if est is not None:
+        return Sector(est, _bbox(est), "estimated")
+    return Sector(np.ones((h, w), bool), (0, 0, w, h), "full")
+
+
+def region_box(regions: Sequence[UltrasoundRegion], height: int, width: int) -> tuple[int, int, int, int] | None:
+    """Union box (exclusive end) of the 2D (tissue/colour-flow) regions, or None when absent or inconsistent.
+
+    Regions that overrun the image (e.g. a file downscaled without updating its header) are not trusted.
+    """
+    two_d = [r for r in regions if r.spatial_format == 1]
+    if not two_d:
+        return None
+    x0, y0 = min(r.x0 for r in two_d), min(r.y0 for r in two_d)
+    x1, y1 = max(r.x1 for r in two_d) + 1, max(r.y1 for r in two_d) + 1
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        return None
+    if (x1 - x0) * (y1 - y0) < MIN_SECTOR_FRACTION * height * width:
+        return None
+    return x0, y0, x1, y1
+
+
+def _estimate_mask(frames: np.ndarray) -> np.ndarray | None:
+    """Fan-shaped mask from what varies over time (multi-frame) or what is not black (single frame).
+
+    The evidence map is box-blurred (~1 % of the image) so speckle and dark blood pools read as one
+    region, opened with a larger kernel so burned-in text, thin ECG/trace lines and scale ticks vanish,
+    closed, and reduced to its largest connected component, whose convex hull is the sector.
+    """
+    h, w = frames.shape[1:3]
+    k = max(3, int(round(min(h, w) / 80)) | 1)
+    if frames.shape[0] > 1:
+        # temporal range, max over channels (colour Doppler moves in chroma too)
+        rng = (frames.max(axis=0).astype(np.int16) - frames.min(axis=0)).max(axis=-1).astype(np.uint8)
+        hull = _hull_of_largest(cv2.blur(rng, (k, k)) > VARIATION_THRESHOLD, k)
+        if hull is not None:
+            if frames.shape[0] >= 4:  # static bright pixels inside the hull are overlays (text, markers)
+                static = (rng <= STATIC_RANGE) & (frames.max(axis=(0, 3)) >= OVERLAY_BRIGHTNESS)
+                hull &= ~cv2.dilate(static.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+            return hull
+    grey = np.ascontiguousarray(frames[0].max(axis=-1))
+    return _hull_of_largest(cv2.blur(grey, (k, k)) > INTENSITY_THRESHOLD, k)
+
+
+def _hull_of_largest(seed: np.ndarray, k: int) -> np.ndarray | None:
+    h, w = seed.shape
+    m = seed.astype(np.uint8)
+    ko = 2 * k + 1
+    m = cv2.morphologyEx(m, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (ko, ko)))
+    m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n <= 1:
+        return None
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    if stats[largest, cv2.CC_STAT_AREA] < MIN_SECTOR_FRACTION * h * w:
+        return None
+    pts = cv2.findNonZero((labels == largest).astype(np.uint8))
+    hull = cv2.convexHull(pts)
+    out = np.zeros((h, w), np.uint8)
+    cv2.fillConvexPoly(out, hull, 1)
+    return out.astype(bool)
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise PrepareError("empty imaging sector")
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+# ---- model input ------------------------------------------------------------------------------------
+def prepare_frames(frames: np.ndarray, sector: Sector, policy: FramePolicy) -> np.ndarray:
+    """Frames (N,H,W,3) uint8 -> model input (N,S,S,3) uint8 according to ``policy``."""
+    if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
+        raise PrepareError(f"expected frames (N,H,W,3) with N > 0, got shape {frames.shape}")
+    s = policy.size
+    if policy.name == "echoclip":
+        return np.stack([echoclip_crop_and_scale(f, s) for f in frames])
+    if sector.mask.shape != frames.shape[1:3]:
+        raise PrepareError(f"sector mask {sector.mask.shape} does not match frames {frames.shape[1:3]}")
+    x0, y0, x1, y1 = sector.bbox
+    crop = frames[:, y0:y1, x0:x1] * sector.mask[y0:y1, x0:x1, None]
+    ch, cw = crop.shape[1:3]
+    side = max(ch, cw)
+    top, left = (side - ch) // 2, (side - cw) // 2
+    square = np.zeros((crop.shape[0], side, side, 3), np.uint8)
+    square[:, top:top + ch, left:left + cw] = crop
+    if side == s:
+        return square
+    return np.stack([cv2.resize(f, (s, s), interpolation=cv2.INTER_AREA) for f in square])
+
+
+def echoclip_crop_and_scale(img: np.ndarray, size: int, zoom: float = 0.1) -> np.ndarray:
+    """EchoCLIP's ``crop_and_scale`` for a square output: centre square crop, trim ``zoom`` per side, cubic."""
+    h, w = img.shape[:2]
+    if w > h:
+        pad = int(round((w - h) / 2))
+        img = img[:, pad:w - pad]
+    elif h > w:
+        pad = int(round((h - w) / 2))
+        img = img[pad:h - pad]
+    if zoom:
+        py, px = int(img.shape[0] * zoom), int(img.shape[1] * zoom)
+        img = img[py:img.shape[0] - py, px:img.shape[1] - px]
+    return cv2.resize(np.ascontiguousarray(img), (size, size), interpolation=cv2.INTER_CUBIC)

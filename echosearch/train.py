@@ -1,0 +1,240 @@
+"""CLIP-style contrastive training on an index's (video, report) pairs (``echosearch train``).
+
+Frames are decoded and prepared once (the same ingest path as indexing), held in memory as uint8, and
+paired with their study's report. Reports are augmented by sentence sampling so that single finding
+phrases (the zero-shot prompts) align with images. A held-out split by patient gives retrieval metrics
+per epoch. The result is an open_clip folder (``local-dir:`` loadable).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from echosearch.catalog import Catalog
+from echosearch.errors import EchosearchError
+from echosearch.models import write_model_folder
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_CFG: dict[str, Any] = {
+    "embed_dim": 256,
+    "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "avg",
+                   "timm_proj": "linear", "image_size": 112},
+    "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 192, "heads": 3, "layers": 4},
+}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    frames_per_video: int = 8
+    holdout: float = 0.1
+    seed: int = 0
+    workers: int = 1
+    max_steps: int | None = None
+    init: str | None = None  # None = demo architecture from scratch; else a model name to fine-tune
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    epochs_run: int
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    n_train: int = 0
+    n_holdout: int = 0
+
+
+def split_sentences(report: str) -> list[str]:
+    """Report text -> sentences (reports are upper-case template phrases ending in '.')."""
+    parts = [p.strip() for p in re.split(r"(?<=\.)\s+", report.strip()) if p.strip()]
+    return parts or [report]
+
+
+def augment_report(report: str, rng: random.Random) -> str:
+    """Half of the time the whole report, otherwise a random non-empty subset of its sentences."""
+    sents = split_sentences(report)
+    if rng.random() < 0.5 or len(sents) == 1:
+        return " ".join(sents)
+    k = rng.randint(1, len(sents))
+    keep = sorted(rng.sample(range(len(sents)), k))
+    return " ".join(sents[i] for i in keep)
+
+
+def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
+                progress: Callable[[int, int], None] | None) -> tuple[list[np.ndarray], list[str], list[int]]:
+    from echosearch.discover import FileRecord
+    from echosearch.ingest import FailedFile, iter_processed
+    from echosearch.prepare import FramePolicy
+
+    rows = cat.con.sql(
+        "SELECT v.video_key, v.path, v.kind, v.sha256, v.size_bytes, r.text, s.patient_key FROM videos v "
+        "JOIN studies s USING (study_key) JOIN reports r USING (study_key) ORDER BY v.video_key"
+    ).fetchall()
+    if not rows:
+        raise EchosearchError(f"index {cat.index_dir} has no videos with reports: nothing to train on")
+    policy = FramePolicy(name="sector", n_frames=frames_per_video, size=size)
+    records = [FileRecord(path=Path(r[1]), size=int(r[4]), sha256=r[3], kind=r[2]) for r in rows]
+    frames: list[np.ndarray] = []
+    texts: list[str] = []
+    patients: list[int] = []
+    by_sha = {r[3]: r for r in rows}
+    for i, item in enumerate(iter_processed(records, policy, workers=workers)):
+        if progress:
+            progress(i + 1, len(records))
+        if isinstance(item, FailedFile):
+            log.warning("skipping %s: %s", item.record.path, item.reason)
+            continue
+        row = by_sha[item.record.sha256]
+        frames.append(item.frames)
+        texts.append(row[5])
+        patients.append(int(row[6]))
+    return frames, texts, patients
+
+
+def _augment_frame(frame: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mild gain/contrast jitter and a small shift: what differs between acquisitions."""
+    f = frame.astype(np.float32)
+    f = (f - 128.0) * rng.uniform(0.85, 1.15) + 128.0 + rng.uniform(-12, 12)
+    dx, dy = rng.integers(-4, 5, size=2)
+    f = np.roll(f, (int(dy), int(dx)), axis=(0, 1))
+    return np.clip(f, 0, 255).astype(np.uint8)
+
+
+def _retrieval_metrics(model: Any, tokenizer: Any, frames: list[np.ndarray], texts: list[str],
+                       to_tensor: Callable[[np.ndarray], torch.Tensor]) -> dict[str, float]:
+    """Video -> report recall@1/@5 over the held-out set (video vector = mean of frame vectors)."""
+    if not frames:
+        return {}
+    model.eval()
+    with torch.inference_mode():
+        vids = []
+        for f in frames:
+            e = torch.nn.functional.normalize(model.encode_image(to_tensor(f)), dim=-1).mean(0)
+            vids.append(torch.nn.functional.normalize(e, dim=-1))
+        v = torch.stack(vids)
+        uniq = sorted(set(texts))
+        idx = torch.tensor([uniq.index(t) for t in texts])
+        tv = torch.nn.functional.normalize(model.encode_text(tokenizer(uniq)), dim=-1)
+        sims = v @ tv.T
+        ranks = (sims > sims[torch.arange(len(idx)), idx].unsqueeze(1)).sum(1)
+    model.train()
+    return {"v2t_r1": float((ranks < 1).float().mean()), "v2t_r5": float((ranks < 5).float().mean()),
+            "v2t_mean_rank": float(ranks.float().mean() + 1), "n_reports": float(len(uniq))}
+
+
+def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
+          progress: Callable[[str, int, int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train (or fine-tune) a CLIP model on the index's video-report pairs and save it to ``out_dir``."""
+    import open_clip
+
+    cfg = config or TrainConfig()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    nrng = np.random.default_rng(cfg.seed)
+
+    if cfg.init:
+        from echosearch.encode import load_encoder
+
+        enc = load_encoder(cfg.init, device="cpu")
+        model, tokenizer = enc.model, enc.tokenizer
+        cfg_json = json.loads((enc.source.folder / "open_clip_config.json").read_text()) if enc.source.folder else {}
+        model_cfg = cfg_json.get("model_cfg", {})
+        size, mean, std = enc.image_size, enc.mean, enc.std
+    else:
+        model_cfg = DEMO_MODEL_CFG
+        model = open_clip.CLIP(**model_cfg)
+        tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
+        size = int(model_cfg["vision_cfg"]["image_size"])
+        from echosearch.encode import OPENAI_MEAN, OPENAI_STD
+
+        mean, std = OPENAI_MEAN, OPENAI_STD
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+
+    def to_tensor(frames: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
+        return (t - mean_t) / std_t
+
+    with Catalog.open(index_dir, read_only=True) as cat:
+        frames, texts, patients = _load_pairs(cat, cfg.frames_per_video, size, cfg.workers,
+                                              (lambda i, n: progress("decode", i, n, {})) if progress else None)
+    uniq_patients = sorted(set(patients))
+    prng = random.Random(cfg.seed)
+    prng.shuffle(uniq_patients)
+    n_hold = max(1, int(round(cfg.holdout * len(uniq_patients)))) if len(uniq_patients) > 4 else 0
+    held = set(uniq_patients[:n_hold])
+    train_idx = [i for i, p in enumerate(patients) if p not in held]
+    hold_idx = [i for i, p in enumerate(patients) if p in held]
+    if not train_idx:
+        raise EchosearchError("no training pairs after the held-out split")
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(train_idx) // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.1)
+    loss_fn = open_clip.ClipLoss()
+    result = TrainResult(out_dir=Path(out_dir), epochs_run=0, steps=0, n_train=len(train_idx), n_holdout=len(hold_idx))
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    step = 0
+    t0 = time.time()
+    for epoch in range(cfg.epochs):
+        order = train_idx[:]
+        rng.shuffle(order)
+        losses = []
+        for b in range(steps_per_epoch):
+            if step >= total:
+                break
+            batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            imgs = np.stack([_augment_frame(frames[i][nrng.integers(len(frames[i]))], nrng) for i in batch])
+            txt = tokenizer([augment_report(texts[i], rng) for i in batch])
+            img_f, txt_f, scale = model(to_tensor(imgs), txt)[:3]
+            loss = loss_fn(img_f, txt_f, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, 4.6052)
+            losses.append(float(loss))
+            step += 1
+            if progress:
+                progress("train", step, total, {"loss": losses[-1], "epoch": epoch + 1})
+        metrics = {"epoch": float(epoch + 1), "loss": float(np.mean(losses)) if losses else float("nan"),
+                   "seconds": time.time() - t0}
+        metrics.update(_retrieval_metrics(model, tokenizer, [frames[i] for i in hold_idx], [texts[i] for i in hold_idx],
+                                          to_tensor))
+        result.history.append(metrics)
+        result.epochs_run = epoch + 1
+        torch.save({"model": model.state_dict(), "epoch": epoch + 1, "metrics": metrics}, ckpt_dir / "last.pt.tmp")
+        (ckpt_dir / "last.pt.tmp").replace(ckpt_dir / "last.pt")
+        if progress:
+            progress("epoch", epoch + 1, cfg.epochs, metrics)
+        if step >= total:
+            break
+    result.steps = step
+    model.eval()
+    hints = {"name": Path(out_dir).name, "frame_policy": "sector", "arch": "echosearch-demo" if not cfg.init else cfg.init,
+             "description": f"trained by `echosearch train` on {index_dir} (seed {cfg.seed}, {result.epochs_run} epochs)",
+             "tokenizer": "clip", "history": result.history}
+    write_model_folder(model, model_cfg, Path(out_dir), hints=hints,
+                       preprocess_cfg={"mean": list(mean), "std": list(std), "size": size}, half=True)
+    return result
