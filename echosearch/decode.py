@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -278,7 +278,16 @@ def _decode_dicom(path: Path, frame_indices: Sequence[int] | None) -> DecodedVid
                 raw_frames = _dicom_frames_from_dataset(ds, meta, idx)
             else:
                 raw_frames = iter_pixels(path, indices=[int(i) for i in idx])
-            frames = [_to_rgb8(np.asarray(a), header, meta) for a in raw_frames]
+            convert = _rgb8_converter(header, meta)
+            out = np.empty((len(idx), meta.height, meta.width, 3), np.uint8)
+            n_done = 0
+            for a in raw_frames:
+                frame = convert(np.asarray(a))
+                if frame.shape != out.shape[1:]:
+                    raise DecodeError(f"decoded frame is {frame.shape[0]}x{frame.shape[1]}, header says "
+                                      f"{meta.height}x{meta.width}: corrupt file")
+                out[n_done] = frame
+                n_done += 1
     except (DecodeError, NotUltrasoundError):
         raise
     except FileNotFoundError as exc:
@@ -286,12 +295,8 @@ def _decode_dicom(path: Path, frame_indices: Sequence[int] | None) -> DecodedVid
     except Exception as exc:  # codec plugins raise ValueError/RuntimeError/... on damaged data
         raise DecodeError(f"pixel data could not be decoded ({ts.name or 'unknown transfer syntax'}): "
                           f"{type(exc).__name__}: {_short(exc)}") from exc
-    if len(frames) != len(idx):
-        raise DecodeError(f"pixel data truncated: {len(frames)} of {len(idx)} requested frames decoded")
-    out = np.stack(frames)
-    if out.shape[1:3] != (meta.height, meta.width):
-        raise DecodeError(f"decoded frames are {out.shape[1]}x{out.shape[2]}, header says "
-                          f"{meta.height}x{meta.width}: corrupt file")
+    if n_done != len(idx):
+        raise DecodeError(f"pixel data truncated: {n_done} of {len(idx)} requested frames decoded")
     return DecodedVideo(out, idx, meta)
 
 
@@ -331,24 +336,38 @@ def _dicom_frames_from_dataset(ds: Dataset, meta: VideoMeta, idx: np.ndarray) ->
         yield img
 
 
-def _to_rgb8(arr: np.ndarray, ds: Dataset, meta: VideoMeta) -> np.ndarray:
-    """One decoded frame (any photometric, 8/16 bit) -> (H,W,3) uint8 RGB."""
+def _rgb8_converter(ds: Dataset, meta: VideoMeta) -> Callable[[np.ndarray], np.ndarray]:
+    """A per-file function: one decoded frame (any photometric, 8/16 bit) -> (H,W,3) uint8 RGB.
+
+    The palette LUT is built once per file (pydicom's ``apply_color_lut`` re-parses it on every call).
+    """
     pi = meta.photometric or "MONOCHROME2"
     if pi == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, ds)
-        if rgb.dtype != np.uint8:
-            lut_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-            rgb = (rgb >> 8).astype(np.uint8) if lut_bits > 8 else rgb.astype(np.uint8)
-        return np.ascontiguousarray(rgb)
-    if arr.dtype != np.uint8:
-        arr = _scale_to_uint8(arr, ds)
-    if arr.ndim == 2:
-        if pi == "MONOCHROME1":
-            arr = 255 - arr
-        return cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
-    if arr.ndim == 3 and arr.shape[2] == 3:
-        return np.ascontiguousarray(arr)  # pydicom already converted YBR_* to RGB
-    raise DecodeError(f"unexpected decoded frame shape {arr.shape} for {pi}")
+        n_entries = int(ds.RedPaletteColorLookupTableDescriptor[0]) or 65536
+        first = int(ds.RedPaletteColorLookupTableDescriptor[1])
+        lut = apply_color_lut(np.arange(first, first + n_entries, dtype=np.uint16 if n_entries > 256 else np.uint8)
+                              .reshape(1, -1), ds)[0]
+        if lut.dtype != np.uint8:
+            lut = (lut >> 8).astype(np.uint8) if int(ds.RedPaletteColorLookupTableDescriptor[2]) > 8 else (
+                lut.astype(np.uint8))
+
+        def palette(arr: np.ndarray) -> np.ndarray:
+            return lut[np.clip(arr.astype(np.int64) - first, 0, len(lut) - 1)]
+
+        return palette
+
+    def convert(arr: np.ndarray) -> np.ndarray:
+        if arr.dtype != np.uint8:
+            arr = _scale_to_uint8(arr, ds)
+        if arr.ndim == 2:
+            if pi == "MONOCHROME1":
+                arr = 255 - arr
+            return cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
+        if arr.ndim == 3 and arr.shape[2] == 3:
+            return arr  # pydicom already converted YBR_* to RGB
+        raise DecodeError(f"unexpected decoded frame shape {arr.shape} for {pi}")
+
+    return convert
 
 
 def _scale_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -135,17 +135,27 @@ def _estimate_mask(frames: np.ndarray) -> np.ndarray | None:
     """
     h, w = frames.shape[1:3]
     k = max(3, int(round(min(h, w) / 80)) | 1)
+    hi, lo = _running_max_min(frames)
     if frames.shape[0] > 1:
         # temporal range, max over channels (colour Doppler moves in chroma too)
-        rng = (frames.max(axis=0).astype(np.int16) - frames.min(axis=0)).max(axis=-1).astype(np.uint8)
+        rng = cv2.absdiff(hi, lo).max(axis=-1)
         hull = _hull_of_largest(cv2.blur(rng, (k, k)) > VARIATION_THRESHOLD, k)
         if hull is not None:
             if frames.shape[0] >= 4:  # static bright pixels inside the hull are overlays (text, markers)
-                static = (rng <= STATIC_RANGE) & (frames.max(axis=(0, 3)) >= OVERLAY_BRIGHTNESS)
+                static = (rng <= STATIC_RANGE) & (hi.max(axis=-1) >= OVERLAY_BRIGHTNESS)
                 hull &= ~cv2.dilate(static.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
             return hull
     grey = np.ascontiguousarray(frames[0].max(axis=-1))
     return _hull_of_largest(cv2.blur(grey, (k, k)) > INTENSITY_THRESHOLD, k)
+
+
+def _running_max_min(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel max and min over time (OpenCV's SIMD kernels; numpy reductions over axis 0 are slow)."""
+    hi, lo = frames[0].copy(), frames[0].copy()
+    for f in frames[1:]:
+        cv2.max(hi, f, dst=hi)
+        cv2.min(lo, f, dst=lo)
+    return hi, lo
 
 
 def _hull_of_largest(seed: np.ndarray, k: int) -> np.ndarray | None:
@@ -160,8 +170,8 @@ def _hull_of_largest(seed: np.ndarray, k: int) -> np.ndarray | None:
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     if stats[largest, cv2.CC_STAT_AREA] < MIN_SECTOR_FRACTION * h * w:
         return None
-    pts = cv2.findNonZero((labels == largest).astype(np.uint8))
-    hull = cv2.convexHull(pts)
+    contours, _ = cv2.findContours((labels == largest).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = cv2.convexHull(np.concatenate(contours))
     out = np.zeros((h, w), np.uint8)
     cv2.fillConvexPoly(out, hull, 1)
     return out.astype(bool)
@@ -185,15 +195,17 @@ def prepare_frames(frames: np.ndarray, sector: Sector, policy: FramePolicy) -> n
     if sector.mask.shape != frames.shape[1:3]:
         raise PrepareError(f"sector mask {sector.mask.shape} does not match frames {frames.shape[1:3]}")
     x0, y0, x1, y1 = sector.bbox
-    crop = frames[:, y0:y1, x0:x1] * sector.mask[y0:y1, x0:x1, None]
-    ch, cw = crop.shape[1:3]
+    mask = np.ascontiguousarray(sector.mask[y0:y1, x0:x1]).astype(np.uint8)
+    ch, cw = y1 - y0, x1 - x0
     side = max(ch, cw)
     top, left = (side - ch) // 2, (side - cw) // 2
-    square = np.zeros((crop.shape[0], side, side, 3), np.uint8)
-    square[:, top:top + ch, left:left + cw] = crop
-    if side == s:
-        return square
-    return np.stack([cv2.resize(f, (s, s), interpolation=cv2.INTER_AREA) for f in square])
+    out = np.empty((frames.shape[0], s, s, 3), np.uint8)
+    for i, frame in enumerate(frames):
+        crop = np.ascontiguousarray(frame[y0:y1, x0:x1])
+        crop = cv2.bitwise_and(crop, crop, mask=mask)
+        square = cv2.copyMakeBorder(crop, top, side - ch - top, left, side - cw - left, cv2.BORDER_CONSTANT, value=0)
+        out[i] = square if side == s else cv2.resize(square, (s, s), interpolation=cv2.INTER_AREA)
+    return out
 
 
 def echoclip_crop_and_scale(img: np.ndarray, size: int, zoom: float = 0.1) -> np.ndarray:

@@ -121,11 +121,10 @@ def make_acquisition(rng: np.random.Generator, view: str, visit: VisitState, pro
         n = int(np.clip(math.ceil(fps * 60.0 / hr), 16, 24))
     else:
         hr = visit.hr
-        cycles = float(rng.uniform(1.0, 2.0))
-        n = math.ceil(cycles * fps * 60.0 / hr)
-        if n > 64:
-            n = max(16, min(64, math.ceil(fps * 60.0 / hr)))
-            fps = min(fps, int(64 * hr / 60.0)) if math.ceil(fps * 60.0 / hr) > 64 else fps
+        if fps * 60.0 / hr > 64:
+            fps = int(64 * hr / 60.0)
+        per_cycle = fps * 60.0 / hr
+        n = int(np.clip(math.ceil(float(rng.uniform(1.0, 2.0)) * per_cycle), math.ceil(per_cycle), 64))
     d = difficulty
     orient = {"A4C": a.orient_a4c, "A2C": a.orient_a2c, "PLAX": a.orient_plax}[view] + _BASE_ORIENT[view]
     return Acquisition(
