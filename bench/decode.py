@@ -30,8 +30,12 @@ from echosearch.prepare import FramePolicy, sample_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "testdata" / "real-dicom"
-REAL_FILES = ["ACUSON_Sequoia_echo_A4C_65f_JPEG.dcm", "SonoSite_echo_A4C_30f_JPEG_small.dcm",
-              "US-PAL-8-10x-echo_JPEGLS.dcm", "US-MONO2-8-8x-execho.dcm"]
+REAL_FILES = [
+    "ACUSON_Sequoia_echo_A4C_65f_JPEG.dcm",
+    "SonoSite_echo_A4C_30f_JPEG_small.dcm",
+    "US-PAL-8-10x-echo_JPEGLS.dcm",
+    "US-MONO2-8-8x-execho.dcm",
+]
 
 
 def naive(path: Path, policy: FramePolicy) -> np.ndarray:
@@ -43,29 +47,35 @@ def naive(path: Path, policy: FramePolicy) -> np.ndarray:
     if arr.ndim == 3:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     idx = sample_indices(arr.shape[0], policy)
-    return np.stack([cv2.resize(arr[i], (policy.size, policy.size), interpolation=cv2.INTER_AREA) for i in idx])
+    return np.stack(
+        [cv2.resize(arr[i], (policy.size, policy.size), interpolation=cv2.INTER_AREA) for i in idx]
+    )
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (imports, file cache)
-    times = []
+def timed_pair(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of ``a`` and ``b``, interleaved so that load changes on a shared machine hit both."""
+    a(), b()  # warm-up (imports, file cache)
+    ta, tb = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, acc in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def bench_file(path: Path, n_frames_policy: int | None, repeats: int) -> tuple[str, int, float, float] | None:
     rec = inspect_file(path)
     if rec.kind != "dicom":
         return None
-    n_total = int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    n_total = int(header.get("NumberOfFrames", 1) or 1)
+    ts = {"1.2.840.10008.1.2.1": "native", "1.2.840.10008.1.2.4.50": "JPEG", "1.2.840.10008.1.2.5": "RLE",
+          "1.2.840.10008.1.2.4.80": "JPEG-LS"}.get(str(header.file_meta.TransferSyntaxUID), "other")
     n = n_frames_policy or n_total
     policy = FramePolicy("sector", n_frames=n, size=112)
-    t_naive = timed(lambda: naive(path, policy), repeats)
-    t_ours = timed(lambda: process_file(rec, policy), repeats)
-    return f"{path.name[:40]} ({n_total}f)", n, n / t_naive, n / t_ours
+    t_naive, t_ours = timed_pair(lambda: naive(path, policy), lambda: process_file(rec, policy), repeats)
+    return f"{path.name[:32]} ({n_total}f, {ts})", n, n / t_naive, n / t_ours
 
 
 def synthetic_files(tmp: Path, patients: int) -> list[Path]:
@@ -81,7 +91,7 @@ def synthetic_files(tmp: Path, patients: int) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--synthetic", type=int, default=2, help="synthetic patients to generate (0 = none)")
     args = ap.parse_args(argv)
     cv2.setNumThreads(1)
@@ -98,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                 if row is None:
                     continue
                 name, n, fps_naive, fps_ours = row
-                print(f"{name:<48} {label:>7} {fps_naive:>12.1f} {fps_ours:>15.1f} {fps_ours / fps_naive:>6.1f}x")
+                print(
+                    f"{name:<48} {label:>7} {fps_naive:>12.1f} {fps_ours:>15.1f} "
+                    f"{fps_ours / fps_naive:>6.1f}x"
+                )
     return 0
 
 

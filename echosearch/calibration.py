@@ -8,6 +8,7 @@ they saw, so that a later run reuses them until the embeddings change.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
@@ -92,6 +93,29 @@ def robust_center_scale(x: Any, floor: float = 1e-6) -> tuple[float, float]:
         return float("nan"), float("nan")
     med = float(np.median(a))
     return med, max(1.4826 * float(np.median(np.abs(a - med))), floor)
+
+
+def fisher(x: np.ndarray) -> np.ndarray:
+    """Fisher transform of cosines (atanh, clipped): bounded, skewed similarities become close to normal."""
+    return np.arctanh(np.clip(x, -0.999, 0.999))
+
+
+def stratified_center_scale(x: np.ndarray, strata: np.ndarray, ref: np.ndarray, k0: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row robust (centre, scale) of ``x`` within its stratum (number of reference studies), computed
+    on the ``ref`` rows and shrunk towards the pooled values when a stratum has few rows."""
+    c_all, s_all = robust_center_scale(x[ref])
+    centre = np.full(x.size, c_all)
+    scale = np.full(x.size, s_all)
+    for g in np.unique(strata):
+        in_g = strata == g
+        vals = x[in_g & ref]
+        if vals.size == 0:
+            continue
+        c, s = robust_center_scale(vals)
+        w = vals.size / (vals.size + k0)
+        centre[in_g] = w * c + (1 - w) * c_all
+        scale[in_g] = np.sqrt(w * s**2 + (1 - w) * s_all**2)
+    return centre, scale
 
 
 def pool_adjacent_violators(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -278,3 +302,43 @@ def pair_cosines(vecs: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 65
         b = a + chunk
         out[a:b] = np.einsum("ij,ij->i", vecs[i[a:b]], vecs[j[a:b]])
     return out
+
+
+def group_topm(groups: np.ndarray, values: np.ndarray, partners: np.ndarray, n_groups: int,
+               m: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group 0..n_groups-1: mean of its top-``m`` values (NaN if none), top partners (-1) and values."""
+    agg = np.full(n_groups, np.nan)
+    top_p = np.full((n_groups, m), -1, dtype=np.int64)
+    top_v = np.full((n_groups, m), np.nan)
+    if groups.size == 0:
+        return agg, top_p, top_v
+    order = np.lexsort((-values, groups))
+    g, v, p = groups[order], values[order].astype(np.float64), partners[order]
+    first = np.r_[0, np.nonzero(np.diff(g))[0] + 1]
+    run = np.repeat(np.arange(first.size), np.diff(np.r_[first, g.size]))
+    rank = np.arange(g.size) - first[run]
+    sel = rank < m
+    sums = np.bincount(g[sel], weights=v[sel], minlength=n_groups)
+    cnts = np.bincount(g[sel], minlength=n_groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        agg = np.where(cnts > 0, sums / np.maximum(cnts, 1), np.nan)
+    top_p[g[sel], rank[sel]] = p[sel]
+    top_v[g[sel], rank[sel]] = v[sel]
+    return agg, top_p, top_v
+
+
+def nanmedian_rows(a: np.ndarray) -> np.ndarray:
+    """Row medians of the finite entries (NaN for rows without any), without warnings."""
+    a = np.where(np.isfinite(a), a, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(a, axis=1)
+
+
+def row_topm_mean(G: np.ndarray, m: int = 2) -> np.ndarray:
+    """Mean of the ``m`` largest finite entries of each row (last axis); NaN where a row has none."""
+    top = -np.sort(-G, axis=-1)[..., :m]
+    fin = np.isfinite(top)
+    cnt = fin.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, np.where(fin, top, 0.0).sum(axis=-1) / np.maximum(cnt, 1), np.nan)

@@ -9,6 +9,7 @@ reason a person can act on; SR and encapsulated-PDF objects raise :class:`Report
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,7 @@ DEFAULT_FPS = 30.0
 MAX_SIDE = 16384  # rows/columns beyond this are treated as a corrupt header
 MAX_FRAMES = 100_000
 MAX_DECODED_BYTES = 8 << 30  # refuse to materialise more than 8 GiB of RGB frames in one call
+_CV2_JPEG_PHOTOMETRICS = ("YBR_FULL_422", "YBR_FULL", "MONOCHROME2", "MONOCHROME1")
 
 US_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
@@ -48,9 +50,14 @@ US_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.3": "Ultrasound Multi-frame Image Storage (Retired)",
 }
 # Secondary capture is accepted only when Modality says US (echo carts export screen captures this way).
-SECONDARY_CAPTURE = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.7.3",
-                     "1.2.840.10008.5.1.4.1.1.7.4"}
+SECONDARY_CAPTURE = {"1.2.840.10008.5.1.4.1.1.7", *(f"1.2.840.10008.5.1.4.1.1.7.{i}" for i in (2, 3, 4))}
 REPORT_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.104.")
+_DICOM_TEXT_FIELDS = {
+    "patient_id": "PatientID", "patient_name": "PatientName", "study_uid": "StudyInstanceUID",
+    "series_uid": "SeriesInstanceUID", "sop_uid": "SOPInstanceUID", "accession": "AccessionNumber",
+    "manufacturer": "Manufacturer", "manufacturer_model": "ManufacturerModelName", "modality": "Modality",
+    "sop_class_uid": "SOPClassUID", "photometric": "PhotometricInterpretation",
+}
 
 
 @dataclass(frozen=True)
@@ -102,42 +109,33 @@ class DecodedVideo:
     meta: VideoMeta
 
 
-@dataclass
-class ReportObject:
-    """Identity and text (SR only; PDF text is not extracted) of a DICOM report object."""
-
-    study_uid: str | None
-    accession: str | None
-    patient_id: str | None
-    kind: str
-    text: str | None
-
-
 # ---- public API ---------------------------------------------------------------------------------
 def read_meta(path: Path, kind: str) -> VideoMeta:
     """Header metadata without decoding pixels; refuses non-ultrasound DICOM objects."""
     if kind == "dicom":
-        return _dicom_meta(_read_dicom_header(path))
+        return _dicom_meta(read_dicom_header(path))
     if kind in ("avi", "mp4"):
         with _open_container(path) as container:
             return _video_meta(container, path, kind)  # type: ignore[arg-type]
     raise DecodeError(f"unrecognised file format {kind!r}: not a DICOM, AVI or MP4 file")
 
 
-def decode_video(path: Path, kind: str, frame_indices: Sequence[int] | None = None) -> DecodedVideo:
+def decode_video(
+    path: Path, kind: str, frame_indices: Sequence[int] | np.ndarray | None = None
+) -> DecodedVideo:
     """Decode the frames at ``frame_indices`` (all when None) to RGB uint8; only those are decoded.
 
     A repeated index (short clips sampled to a fixed length) is decoded once and copied.
     """
     if kind not in ("dicom", "avi", "mp4"):
         raise DecodeError(f"unrecognised file format {kind!r}: not a DICOM, AVI or MP4 file")
-    inverse = None
+    inverse: np.ndarray | None = None
     if frame_indices is not None:
         req = np.asarray(frame_indices, dtype=np.int64)
         uniq, inverse = np.unique(req, return_inverse=True)
         if len(uniq) == len(req) and np.all(uniq == req):
             inverse = None
-        frame_indices = uniq if inverse is not None else req
+        frame_indices = [int(i) for i in (uniq if inverse is not None else req)]
     if kind == "dicom":
         out = _decode_dicom(path, frame_indices)
     else:
@@ -147,22 +145,19 @@ def decode_video(path: Path, kind: str, frame_indices: Sequence[int] | None = No
     return out
 
 
-def read_report_object(path: Path) -> ReportObject:
-    """Identity of an SR / encapsulated-PDF object and, for SR, its text items joined in document order."""
-    ds = _read_dicom_header(path, check=False)
-    sop = str(ds.get("SOPClassUID", ""))
-    kind = "pdf" if sop.startswith("1.2.840.10008.5.1.4.1.1.104.") else "sr"
-    text = "\n".join(_sr_text(ds)) if kind == "sr" else None
-    return ReportObject(_s(ds, "StudyInstanceUID"), _s(ds, "AccessionNumber"), _s(ds, "PatientID"), kind,
-                        text or None)
-
-
 # ---- DICOM header ---------------------------------------------------------------------------------
-def _read_dicom_header(path: Path, check: bool = True) -> Dataset:
+def read_dicom_header(path: Path, check: bool = True) -> Dataset:
+    """The header (no pixels) of a DICOM file; with ``check`` refuses non-ultrasound/report objects."""
+    return _read_header(path, check)[0]
+
+
+def _read_header(path: Path, check: bool = True) -> tuple[Dataset, int, int]:
+    """(header, file offset where Pixel Data starts or the header ended, file size)."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), Path(path).open("rb") as f:
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+            pos, size = f.tell(), os.fstat(f.fileno()).st_size
     except FileNotFoundError as exc:
         raise DecodeError(f"file vanished before it could be read: {exc.filename}") from exc
     except OSError as exc:
@@ -173,7 +168,7 @@ def _read_dicom_header(path: Path, check: bool = True) -> Dataset:
         raise DecodeError("unreadable DICOM header: no data elements found")
     if check:
         _check_ultrasound(ds)
-    return ds
+    return ds, pos, size
 
 
 def _check_ultrasound(ds: Dataset) -> None:
@@ -185,10 +180,11 @@ def _check_ultrasound(ds: Dataset) -> None:
     if modality and modality != "US":
         raise NotUltrasoundError(f"modality {modality} ({sop_name}): not an ultrasound object")
     if sop not in US_SOP_CLASSES and not (modality == "US" and sop in SECONDARY_CAPTURE):
-        raise NotUltrasoundError(f"SOP class {sop_name} ({sop or '-'}): not an ultrasound image storage class")
+        raise NotUltrasoundError(f"SOP class {sop_name} ({sop or '-'}): not an ultrasound image class")
     if "Rows" not in ds or "Columns" not in ds:
-        raise NotUltrasoundError("no image pixel module (Rows/Columns missing): an ultrasound object without "
-                                 "pixel data")
+        raise NotUltrasoundError(
+            "no image pixel module (Rows/Columns missing): an ultrasound object without pixel data"
+        )
 
 
 def _dicom_meta(ds: Dataset) -> VideoMeta:
@@ -205,17 +201,11 @@ def _dicom_meta(ds: Dataset) -> VideoMeta:
     if bits not in (8, 16) or spp not in (1, 3):
         raise DecodeError(f"unsupported pixel layout: {bits} bits allocated, {spp} samples per pixel")
     fps, default = _dicom_fps(ds)
-    return VideoMeta(
-        kind="dicom", n_frames=n_frames, height=rows, width=cols, fps=fps, fps_default=default,
-        patient_id=_s(ds, "PatientID"), patient_name=_s(ds, "PatientName"),
-        birth_date=_date(ds.get("PatientBirthDate")), study_uid=_s(ds, "StudyInstanceUID"),
-        series_uid=_s(ds, "SeriesInstanceUID"), sop_uid=_s(ds, "SOPInstanceUID"),
-        accession=_s(ds, "AccessionNumber"), study_date=_date(ds.get("StudyDate")),
-        manufacturer=_s(ds, "Manufacturer"), manufacturer_model=_s(ds, "ManufacturerModelName"),
-        modality=_s(ds, "Modality"), sop_class_uid=_s(ds, "SOPClassUID"),
-        photometric=_s(ds, "PhotometricInterpretation"), transfer_syntax=str(_transfer_syntax(ds)),
-        bits_allocated=bits, regions=_regions(ds),
-    )
+    texts = {field: _s(ds, keyword) for field, keyword in _DICOM_TEXT_FIELDS.items()}
+    return VideoMeta(kind="dicom", n_frames=n_frames, height=rows, width=cols, fps=fps, fps_default=default,
+                     birth_date=_date(ds.get("PatientBirthDate")), study_date=_date(ds.get("StudyDate")),
+                     transfer_syntax=str(_transfer_syntax(ds)), bits_allocated=bits, regions=_regions(ds),
+                     **texts)
 
 
 def _dicom_fps(ds: Dataset) -> tuple[float, bool]:
@@ -239,14 +229,14 @@ def _dicom_fps(ds: Dataset) -> tuple[float, bool]:
 
 def _regions(ds: Dataset) -> list[UltrasoundRegion]:
     out = []
+    keys = ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1")
     for item in ds.get("SequenceOfUltrasoundRegions", []) or []:
         try:
-            out.append(UltrasoundRegion(
-                int(item.RegionLocationMinX0), int(item.RegionLocationMinY0), int(item.RegionLocationMaxX1),
-                int(item.RegionLocationMaxY1), int(item.get("RegionSpatialFormat", 0) or 0),
-                int(item.get("RegionDataType", 0) or 0)))
-        except (AttributeError, TypeError, ValueError):
+            x0, y0, x1, y1 = (int(item.get(k)) for k in keys)
+            fmt, dtype = int(item.get("RegionSpatialFormat", 0) or 0), int(item.get("RegionDataType", 0) or 0)
+        except (TypeError, ValueError):
             continue  # an incomplete region item is ignored; the sector is then estimated
+        out.append(UltrasoundRegion(x0, y0, x1, y1, fmt, dtype))
     return out
 
 
@@ -255,25 +245,34 @@ def _transfer_syntax(ds: Dataset) -> UID:
     if ts:
         return UID(str(ts))
     implicit, little = ds.original_encoding  # headerless DICOM: what the reader detected
-    if implicit:
-        return ImplicitVRLittleEndian
-    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    return ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 # ---- DICOM pixels -------------------------------------------------------------------------------------
 def _decode_dicom(path: Path, frame_indices: Sequence[int] | None) -> DecodedVideo:
-    header = _read_dicom_header(path)
+    header, pixel_pos, size = _read_header(path)
     meta = _dicom_meta(header)
     idx = _check_indices(frame_indices, meta)
     ts = UID(meta.transfer_syntax or "")
+    if pixel_pos + 8 > size:
+        raise NotUltrasoundError("no pixel data in this ultrasound object: nothing to decode")
+    if not ts.is_encapsulated:
+        spp = _int(header.get("SamplesPerPixel", 1), 1)
+        expected = meta.n_frames * meta.height * meta.width * spp * (meta.bits_allocated or 8) // 8
+        held = size - pixel_pos - (8 if ts == ImplicitVRLittleEndian else 12)
+        if held < expected:
+            raise DecodeError(f"pixel data truncated: the file holds {max(held, 0)} of the {expected} bytes "
+                              f"that {meta.n_frames} frames of {meta.height}x{meta.width} need")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            has_file_meta = bool(getattr(header, "file_meta", None) and header.file_meta.get("TransferSyntaxUID"))
+            file_meta = getattr(header, "file_meta", None)
+            has_file_meta = bool(file_meta and file_meta.get("TransferSyntaxUID"))
             if ts.is_encapsulated or not has_file_meta:
                 ds = pydicom.dcmread(path, force=True)
                 if "PixelData" not in ds:
-                    raise NotUltrasoundError("no pixel data in this ultrasound object: nothing to decode")
+                    raise DecodeError("pixel data truncated or corrupt: the Pixel Data element could not be "
+                                      "read (the file ends early?)")
                 ds.file_meta.TransferSyntaxUID = ts
                 raw_frames = _dicom_frames_from_dataset(ds, meta, idx)
             else:
@@ -313,8 +312,7 @@ def _check_indices(frame_indices: Sequence[int] | None, meta: VideoMeta) -> np.n
 
 def _dicom_frames_from_dataset(ds: Dataset, meta: VideoMeta, idx: np.ndarray) -> Iterator[np.ndarray]:
     ts = UID(meta.transfer_syntax or "")
-    fast = ts == JPEGBaseline8Bit and meta.bits_allocated == 8 and meta.photometric in (
-        "YBR_FULL_422", "YBR_FULL", "MONOCHROME2", "MONOCHROME1")
+    fast = ts == JPEGBaseline8Bit and meta.bits_allocated == 8 and meta.photometric in _CV2_JPEG_PHOTOMETRICS
     if not fast:
         yield from iter_pixels(ds, indices=[int(i) for i in idx])
         return
@@ -330,8 +328,10 @@ def _dicom_frames_from_dataset(ds: Dataset, meta: VideoMeta, idx: np.ndarray) ->
         data = encoded.get(int(i))
         if data is None:
             raise DecodeError(f"pixel data truncated: frame {int(i)} of {meta.n_frames} is missing")
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR_RGB)
-        if img is None or img.shape[:2] != (meta.height, meta.width):
+        flag = cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR_RGB
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+        complete = data.rstrip(b"\0").endswith(b"\xff\xd9")  # libjpeg grey-fills a cut-off frame silently
+        if not complete or img is None or img.shape[:2] != (meta.height, meta.width):
             img = next(iter_pixels(ds, indices=[int(i)]))  # let pydicom decode (or explain) this frame
         yield img
 
@@ -343,18 +343,16 @@ def _rgb8_converter(ds: Dataset, meta: VideoMeta) -> Callable[[np.ndarray], np.n
     """
     pi = meta.photometric or "MONOCHROME2"
     if pi == "PALETTE COLOR":
-        n_entries = int(ds.RedPaletteColorLookupTableDescriptor[0]) or 65536
-        first = int(ds.RedPaletteColorLookupTableDescriptor[1])
-        lut = apply_color_lut(np.arange(first, first + n_entries, dtype=np.uint16 if n_entries > 256 else np.uint8)
-                              .reshape(1, -1), ds)[0]
+        n_entries, first, lut_bits = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
+        n_entries = n_entries or 65536
+        entries = np.arange(first, first + n_entries, dtype=np.uint16 if n_entries > 256 else np.uint8)
+        lut = apply_color_lut(entries.reshape(1, -1), ds)[0]
         if lut.dtype != np.uint8:
-            lut = (lut >> 8).astype(np.uint8) if int(ds.RedPaletteColorLookupTableDescriptor[2]) > 8 else (
-                lut.astype(np.uint8))
-
-        def palette(arr: np.ndarray) -> np.ndarray:
-            return lut[np.clip(arr.astype(np.int64) - first, 0, len(lut) - 1)]
-
-        return palette
+            lut = ((lut >> 8) if lut_bits > 8 else lut).astype(np.uint8)
+        if first == 0 and len(lut) == 256:  # 8-bit indices: OpenCV's table lookup, one pass per frame
+            lut3 = np.ascontiguousarray(lut.reshape(256, 1, 3))
+            return lambda arr: cv2.LUT(cv2.merge([arr.astype(np.uint8, copy=False)] * 3), lut3)
+        return lambda arr: lut[np.clip(arr.astype(np.int64) - first, 0, len(lut) - 1)]
 
     def convert(arr: np.ndarray) -> np.ndarray:
         if arr.dtype != np.uint8:
@@ -371,12 +369,10 @@ def _rgb8_converter(ds: Dataset, meta: VideoMeta) -> Callable[[np.ndarray], np.n
 
 
 def _scale_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """16-bit -> 8-bit with a per-file (not per-frame) mapping: window, else pixel range tags, else BitsStored."""
+    """16 -> 8 bit with a per-file (not per-frame) mapping: window, else pixel range tags, else BitsStored."""
     a = arr.astype(np.float32)
     slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     a = a * slope + intercept
-    lo: float
-    hi: float
     wc, ww = ds.get("WindowCenter"), ds.get("WindowWidth")
     if wc is not None and ww is not None:
         c = float(wc[0] if isinstance(wc, pydicom.multival.MultiValue) else wc)
@@ -423,8 +419,8 @@ def _video_meta(container: Any, path: Path, kind: VideoKind) -> VideoMeta:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 0.0
     return VideoMeta(kind=kind, n_frames=n, height=height, width=width, fps=fps if fps > 0 else DEFAULT_FPS,
-                     fps_default=fps <= 0, photometric="RGB", transfer_syntax=f"{kind}:{stream.codec_context.name}",
-                     bits_allocated=8)
+                     fps_default=fps <= 0, photometric="RGB", bits_allocated=8,
+                     transfer_syntax=f"{kind}:{stream.codec_context.name}")
 
 
 def _decode_container(path: Path, kind: VideoKind, frame_indices: Sequence[int] | None) -> DecodedVideo:
@@ -453,7 +449,8 @@ def _decode_container(path: Path, kind: VideoKind, frame_indices: Sequence[int] 
                     break
         except Exception as exc:
             if not got:
-                raise DecodeError(f"video stream could not be decoded ({type(exc).__name__}: {_short(exc)})") from exc
+                reason = f"video stream could not be decoded ({type(exc).__name__}: {_short(exc)})"
+                raise DecodeError(reason) from exc
     if not got:
         raise DecodeError("video has zero decodable frames")
     if len(got) < len(wanted):  # header over-counted: clamp to what exists
@@ -498,10 +495,3 @@ def _date(value: Any) -> date | None:
 def _short(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _sr_text(ds: Dataset) -> Iterator[str]:
-    for item in ds.get("ContentSequence", []) or []:
-        if str(item.get("ValueType", "")) == "TEXT" and item.get("TextValue"):
-            yield str(item.TextValue)
-        yield from _sr_text(item)

@@ -4,7 +4,8 @@ The content hash is a file's identity (a re-run skips hashes already in the cata
 in one run is processed once). The kind comes from the content, never the extension: DICOM by its
 ``DICM`` magic (or a plausible headerless data set), AVI by its RIFF header, MP4/MOV by its ``ftyp`` box.
 Sidecar files (csv/parquet/txt/json/md), hidden files and DICOMDIR are skipped silently; symlinks are
-followed only when their target lies inside the source tree.
+followed only when their target lies inside the source tree. :func:`load_sidecars` reads the sidecar
+tables that come with the sources (ground truth, reports, labels).
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import hashlib
 import os
 import struct
 from collections.abc import Container, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 FileKind = Literal["dicom", "avi", "mp4", "unknown"]
-SIDECAR_SUFFIXES = frozenset({".csv", ".parquet", ".txt", ".json", ".md", ".tsv", ".xlsx", ".log", ".yaml", ".yml",
-                              ".toml", ".png", ".html", ".pdf"})
+SIDECAR_SUFFIXES = frozenset({".csv", ".parquet", ".txt", ".json", ".md", ".tsv", ".xlsx", ".log", ".yaml",
+                              ".yml", ".toml", ".png", ".html", ".pdf"})
 SKIP_NAMES = frozenset({"DICOMDIR", "Thumbs.db", "desktop.ini"})
 _CHUNK = 1 << 20
 
@@ -91,7 +92,9 @@ def inspect_file(path: Path) -> FileRecord:
     return FileRecord(path=path, size=size, sha256=digest, kind=sniff_kind(head))
 
 
-def discover(sources: Sequence[Path], known_hashes: Container[str] = frozenset()) -> Iterator[FileRecord | DiscoverFailure]:
+def discover(
+    sources: Sequence[Path], known_hashes: Container[str] = frozenset()
+) -> Iterator[FileRecord | DiscoverFailure]:
     """Yield a record (or failure) for every candidate file under ``sources``, in a deterministic order."""
     seen: set[str] = set()
     for source in sources:
@@ -189,10 +192,122 @@ def _manifest_paths(manifest: Path) -> Iterator[Path | DiscoverFailure]:
             name = (row.get("FileName") or "").strip()
             if not name:
                 continue
-            candidates = [base / "Videos" / name, base / name] if Path(name).suffix else [
-                base / "Videos" / f"{name}.avi", base / f"{name}.avi", base / "Videos" / name]
+            candidates = (
+                [base / "Videos" / name, base / name]
+                if Path(name).suffix
+                else [base / "Videos" / f"{name}.avi", base / f"{name}.avi", base / "Videos" / name]
+            )
             found = next((c for c in candidates if c.is_file()), None)
             if found is None:
                 yield DiscoverFailure(candidates[0], f"listed in {manifest.name} but missing")
             else:
                 yield found
+
+
+# ---- sidecar tables -------------------------------------------------------------------------------------
+LABEL_SKIP = frozenset({"filename", "file_name", "path", "sop_uid", "study_uid", "frameheight", "framewidth",
+                        "fps", "numberofframes"})
+
+
+@dataclass
+class Sidecars:
+    """Ground truth (view; identity of AVI/MP4 files), report text and labels that come with the sources.
+
+    Found at a source folder's root (or beside a manifest): ``ground_truth.parquet`` and ``reports.csv``;
+    a manifest CSV given as a source is also a label table (EchoNet EF, ESV, EDV, Split). Report keys are
+    ``study_uid``, ``accession`` or ``file``; label keys ``file``, ``sop_uid`` or ``study_uid``.
+    """
+
+    truth: dict[str, dict[str, Any]] = field(default_factory=dict)  # absolute posix path -> row
+    truth_by_sop: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reports: list[tuple[str, str, str, str]] = field(default_factory=list)  # key kind, key, text, source
+    # label: key kind, key, name, value, source
+    labels: list[tuple[str, str, str, float | str, str]] = field(default_factory=list)
+
+    def add_truth(self, root: Path, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if row.get("path"):
+                self.truth[(root / str(row["path"])).absolute().as_posix()] = row
+                if row.get("ef") is not None:
+                    self.labels.append(("file", Path(str(row["path"])).name, "EF", float(row["ef"]),
+                                        "ground_truth.parquet"))
+            if row.get("sop_uid"):
+                self.truth_by_sop[str(row["sop_uid"])] = row
+
+    def add_reports(self, rows: list[dict[str, Any]], source: str) -> None:
+        keys = (("study_uid", ("study_uid", "studyinstanceuid")),
+                ("accession", ("accession_number", "accessionnumber", "accession")),
+                ("file", ("file_name", "filename", "path")))
+        for row in rows:
+            text = pick(row, "report", "text", "report_text")
+            key = next(((k, str(v)) for k, names in keys if (v := pick(row, *names)) is not None), None)
+            if text is not None and key is not None:
+                self.reports.append((key[0], key[1], str(text), source))
+
+    def add_labels(self, rows: list[dict[str, Any]], source: str) -> None:
+        keys = (("file", ("filename", "file_name", "path")), ("sop_uid", ("sop_uid",)),
+                ("study_uid", ("study_uid",)))
+        for row in rows:
+            key = next(((k, str(v)) for k, names in keys if (v := pick(row, *names)) is not None), None)
+            if key is None:
+                continue
+            for name, value in row.items():
+                if _norm(name) in LABEL_SKIP or value is None or not str(value).strip():
+                    continue
+                value = value if isinstance(value, str) else float(value)
+                self.labels.append((key[0], key[1], name, value, source))
+
+    def identity_row(self, path: Path, sop_uid: str | None) -> dict[str, Any] | None:
+        """The ground-truth row of a file (by path, else by SOP instance UID)."""
+        row = self.truth.get(path.absolute().as_posix())
+        return row if row is not None or not sop_uid else self.truth_by_sop.get(sop_uid)
+
+
+def load_sidecars(
+    sources: Sequence[Path], reports: Path | None = None, labels: Path | None = None
+) -> Sidecars:
+    """Read the sidecar tables of ``sources`` plus explicit ``--reports`` / ``--labels`` files."""
+    side = Sidecars()
+    for source in map(Path, sources):
+        root = source if source.is_dir() else source.parent
+        if (root / "ground_truth.parquet").is_file():
+            side.add_truth(root, read_table(root / "ground_truth.parquet"))
+        if (root / "reports.csv").is_file():
+            side.add_reports(read_table(root / "reports.csv"), "reports.csv")
+        if source.is_file() and is_manifest(source):
+            side.add_labels(read_table(source), source.name)
+    if reports is not None:
+        side.add_reports(read_table(reports), Path(reports).name)
+    if labels is not None:
+        side.add_labels(read_table(labels), Path(labels).name)
+    return side
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV or Parquet file (a ConfigError-like IngestError when unreadable)."""
+    import polars as pl
+
+    from echosearch.errors import IngestError
+
+    try:
+        if path.suffix.lower() == ".parquet":
+            df = pl.read_parquet(path)
+        else:
+            df = pl.read_csv(path, infer_schema_length=10000)
+    except Exception as exc:
+        raise IngestError(f"cannot read {path}: {exc}", stage="discover") from exc
+    return df.to_dicts()
+
+
+def pick(row: dict[str, Any], *names: str) -> Any:
+    """First non-blank value among column ``names`` (matched case-insensitively, spaces as underscores)."""
+    lowered = {_norm(k): v for k, v in row.items()}
+    for n in names:
+        v = lowered.get(n)
+        if v is not None and str(v).strip():
+            return v
+    return None
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace(" ", "_")

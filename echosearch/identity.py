@@ -10,6 +10,7 @@ FAISS kNN, normalised robustly against the whole catalog. See ``docs/longitudina
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,10 @@ import polars as pl
 
 from echosearch import calibration as cal
 from echosearch.catalog import Catalog
-from echosearch.errors import QueryError
+from echosearch.errors import EchosearchError, QueryError
 
 TOP_M = 2
+EXACT_KNN_MAX = 50_000
 PAIR_CAL = "identity.study_pair"
 PATIENT_CAL = "identity.study_patient"
 
@@ -61,29 +63,6 @@ def load_studies(catalog: Catalog) -> StudySet:
 
 
 # ---- scoring kernels -------------------------------------------------------------------------------
-def group_topm(groups: np.ndarray, values: np.ndarray, partners: np.ndarray, n_groups: int,
-               m: int = TOP_M) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per group 0..n_groups-1: mean of its top-``m`` values (NaN if none), top partners (-1) and values."""
-    agg = np.full(n_groups, np.nan)
-    top_p = np.full((n_groups, m), -1, dtype=np.int64)
-    top_v = np.full((n_groups, m), np.nan)
-    if groups.size == 0:
-        return agg, top_p, top_v
-    order = np.lexsort((-values, groups))
-    g, v, p = groups[order], values[order].astype(np.float64), partners[order]
-    first = np.r_[0, np.nonzero(np.diff(g))[0] + 1]
-    run = np.repeat(np.arange(first.size), np.diff(np.r_[first, g.size]))
-    rank = np.arange(g.size) - first[run]
-    sel = rank < m
-    sums = np.bincount(g[sel], weights=v[sel], minlength=n_groups)
-    cnts = np.bincount(g[sel], minlength=n_groups)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        agg = np.where(cnts > 0, sums / np.maximum(cnts, 1), np.nan)
-    top_p[g[sel], rank[sel]] = p[sel]
-    top_v[g[sel], rank[sel]] = v[sel]
-    return agg, top_p, top_v
-
-
 def expand_to_patients(queries: np.ndarray, patients: np.ndarray, patient_of: np.ndarray,
                        eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each (query row, patient key) pair k: rows (pair index, study row) over that patient's eligible studies."""
@@ -108,7 +87,7 @@ def own_scores(S: StudySet, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarra
     keep = eligible[j]
     i, j = i[keep], j[keep]
     c = cal.pair_cosines(S.vecs, i, j)
-    own, top_p, top_v = group_topm(i, c, j, len(S))
+    own, top_p, top_v = cal.group_topm(i, c, j, len(S))
     n_ref = np.bincount(i, minlength=len(S))
     return own, top_p, top_v, n_ref
 
@@ -129,32 +108,20 @@ def typical_scores(S: StudySet, eligible: np.ndarray, full_above: int = 40) -> n
         G[:, np.arange(n), np.arange(n)] = -np.inf
         G[~np.broadcast_to(ok[:, None, :], G.shape)] = -np.inf
         if n > full_above:
-            typ = _row_topm(G)
+            typ = cal.row_topm_mean(G)
             typ[~ok] = np.nan
-            with np.errstate(all="ignore"):
-                med = np.nanmedian(np.where(np.isfinite(typ), typ, np.nan), axis=1)
-            out[idx] = med[:, None]
+            out[idx] = cal.nanmedian_rows(typ)[:, None]
             continue
         for s in range(n):
             Gs = G.copy()
             Gs[:, :, s] = -np.inf
-            typ = _row_topm(Gs)
+            typ = cal.row_topm_mean(Gs)
             typ[:, s] = np.nan
             typ[~ok] = np.nan
             valid = np.isfinite(typ)
             enough = valid.sum(axis=1) >= 2
-            with np.errstate(all="ignore"):
-                med = np.nanmedian(np.where(valid, typ, np.nan), axis=1)
-            out[idx[:, s]] = np.where(enough, med, np.nan)
+            out[idx[:, s]] = np.where(enough, cal.nanmedian_rows(typ), np.nan)
     return out
-
-
-def _row_topm(G: np.ndarray, m: int = TOP_M) -> np.ndarray:
-    top = -np.sort(-G, axis=-1)[..., :m]
-    fin = np.isfinite(top)
-    cnt = fin.sum(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(cnt > 0, np.where(fin, top, 0.0).sum(axis=-1) / np.maximum(cnt, 1), np.nan)
 
 
 def knn(vecs: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,6 +129,24 @@ def knn(vecs: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     index = faiss.IndexFlatIP(vecs.shape[1])
     index.add(np.ascontiguousarray(vecs, dtype=np.float32))
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, vecs.shape[0]))
+
+
+def study_neighbours(catalog: Catalog, S: StudySet, k: int) -> np.ndarray:
+    """Rows of the ``k`` nearest studies of every study (-1 where none).
+
+    Exact FAISS search up to ``EXACT_KNN_MAX`` studies; above, the index's own study-level vector index
+    (``echosearch.vectorindex``, tuned to a recall target, on the GPU when there is one) when it is
+    current, else exact search. Candidates are re-scored exactly against all their studies anyway."""
+    if len(S) > EXACT_KNN_MAX:
+        try:
+            from echosearch.vectorindex import load_index
+
+            _, ids = load_index(catalog.index_dir, "study", catalog).search(S.vecs, k)
+            rows = np.clip(np.searchsorted(S.keys, ids), 0, len(S) - 1)
+            return np.where(S.keys[rows] == ids, rows, -1)
+        except (ImportError, EchosearchError):
+            pass
+    return knn(S.vecs, S.vecs, k)[1]
 
 
 def candidate_patients(nbr_rows: np.ndarray, patient_of: np.ndarray, exclude_patient: np.ndarray,
@@ -185,14 +170,19 @@ def candidate_patients(nbr_rows: np.ndarray, patient_of: np.ndarray, exclude_pat
 
 
 def patient_scores(S: StudySet, q: np.ndarray, patients: np.ndarray, eligible: np.ndarray,
-                   exclude_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-2 mean of each query row ``q[k]`` against patient ``patients[k]``'s eligible studies."""
+                   pad: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-2 mean of each query row ``q[k]`` against patient ``patients[k]``'s eligible studies.
+
+    With ``pad``, a patient with fewer than 2 studies has the missing cosines counted as ``pad`` (a
+    typical different-patient cosine): one look-alike study is weaker evidence than two."""
     pair, study = expand_to_patients(q, patients, S.patient, eligible)
-    if exclude_rows is not None:
-        keep = study != exclude_rows[pair]
-        pair, study = pair[keep], study[keep]
     c = cal.pair_cosines(S.vecs, q[pair], study)
-    return group_topm(pair, c, study, q.size)
+    agg, top_p, top_v = cal.group_topm(pair, c, study, q.size)
+    if pad is not None:
+        have = np.isfinite(top_v).sum(axis=1)
+        short = (have > 0) & (have < TOP_M)
+        agg[short] = (agg[short] * have[short] + pad * (TOP_M - have[short])) / TOP_M
+    return agg, top_p, top_v
 
 
 # ---- calibration -----------------------------------------------------------------------------------
@@ -261,56 +251,47 @@ def resolve_study(catalog: Catalog, study: int | str) -> int:
 
 def match_patients(catalog: Catalog, query: np.ndarray | int | str, k_patients: int = 5, *,
                    k_neighbours: int = 50) -> pl.DataFrame:
-    """The ``k_patients`` patients whose studies best match a study (key/UID) or a study vector.
+    """The ``k_patients`` patients whose studies best match a study (key or UID) or a study vector.
 
-    The query study itself is excluded. ``score`` is the mean of the top-2 cosines to the candidate's
-    studies; ``p_same`` its calibrated probability of being the same patient (even prior odds)."""
+    The query study itself is excluded; a study's recorded patient is always listed (flagged). ``score``
+    is the mean of the top-2 cosines to the candidate's studies, ``p_same`` its calibrated probability."""
     S = load_studies(catalog)
     if len(S) == 0:
         raise QueryError("this index has no study vectors: run `echosearch index` first")
-    self_row, recorded = -1, None
+    eligible = np.ones(len(S), dtype=bool)
+    recorded = None
     if isinstance(query, np.ndarray):
-        qv = np.asarray(query, dtype=np.float32).reshape(1, -1)
-        if qv.shape[1] != S.vecs.shape[1]:
-            raise QueryError(f"query vector has {qv.shape[1]} dimensions; the index has {S.vecs.shape[1]}")
+        qv = np.asarray(query, dtype=np.float32).ravel()
+        if qv.size != S.vecs.shape[1]:
+            raise QueryError(f"query vector has {qv.size} dimensions; the index has {S.vecs.shape[1]}")
         qv = qv / max(float(np.linalg.norm(qv)), 1e-12)
     else:
-        self_row = S.row(resolve_study(catalog, query))
-        qv, recorded = S.vecs[self_row : self_row + 1], int(S.patient[self_row])
+        row = S.row(resolve_study(catalog, query))
+        qv, recorded, eligible[row] = S.vecs[row], int(S.patient[row]), False
     _, patient_cal = fit_identity_calibrations(catalog, S)
-    eligible = np.ones(len(S), dtype=bool)
-    if self_row >= 0:
-        eligible[self_row] = False
-    _, rows = knn(S.vecs, qv, k_neighbours + 1)
-    qrow, pk = candidate_patients(rows, S.patient, np.array([np.iinfo(np.int64).min]), eligible, k_patients)
-    if recorded is not None and recorded not in set(pk.tolist()):
-        pk = np.r_[pk, recorded]
-    q = np.zeros(pk.size, dtype=np.int64)
-    vecs = S.vecs if self_row >= 0 else np.vstack([S.vecs, qv])
-    T = StudySet(S.keys, vecs, S.patient, S.meta)
-    if self_row < 0:
-        q = np.full(pk.size, len(S), dtype=np.int64)
-        T = StudySet(np.r_[S.keys, -1], vecs, np.r_[S.patient, np.iinfo(np.int64).min], S.meta)
-        eligible = np.r_[eligible, False]
-    else:
-        q[:] = self_row
-    score, top_p, top_v = patient_scores(T, q, pk, eligible)
+    _, nbr = knn(S.vecs, qv[None, :], k_neighbours + 1)
+    _, pk = candidate_patients(nbr, S.patient, np.array([np.iinfo(np.int64).min]), eligible, k_patients)
+    cands = [int(p) for p in pk] + ([recorded] if recorded is not None and recorded not in set(pk.tolist()) else [])
     names = dict(zip(S.meta["patient_key"].to_list(), S.meta["patient_pseudonym"].to_list(), strict=True))
-    counts = S.meta.group_by("patient_key").len()
-    n_studies = dict(zip(counts["patient_key"].to_list(), counts["len"].to_list(), strict=True))
-    df = pl.DataFrame({
-        "patient_key": pk.astype(np.int64),
-        "patient": [names.get(int(p)) for p in pk],
-        "score": score,
-        "p_same": patient_cal.predict(score),
-        "n_studies": [int(n_studies.get(int(p), 0)) for p in pk],
-        "supporting_study_keys": [[int(S.keys[r]) for r in row if r >= 0] for row in top_p],
-        "supporting_cosines": [[round(float(v), 4) for v in row if np.isfinite(v)] for row in top_v],
-        "is_recorded_patient": [recorded is not None and int(p) == recorded for p in pk],
-    }, schema_overrides={"score": pl.Float64, "p_same": pl.Float64})
-    df = df.filter(pl.col("score").is_not_nan()).sort("score", descending=True)
-    return df.filter((pl.int_range(pl.len()) < k_patients) | pl.col("is_recorded_patient")).with_row_index(
-        "rank", offset=1)
+    records = []
+    for p in cands:
+        rows = np.nonzero((S.patient == p) & eligible)[0]
+        if rows.size == 0:
+            continue
+        c = S.vecs[rows] @ qv
+        top = np.argsort(-c, kind="stable")[:TOP_M]
+        score = float(c[top].mean())
+        records.append({"patient_key": p, "patient_pseudonym": names.get(p), "score": score,
+                        "p_same": float(patient_cal.predict(score)), "n_studies": int((S.patient == p).sum()),
+                        "supporting_study_keys": [int(S.keys[rows[t]]) for t in top],
+                        "supporting_cosines": [round(float(c[t]), 4) for t in top],
+                        "is_recorded_patient": p == recorded})
+    schema: dict[str, Any] = {"patient_key": pl.Int64, "patient_pseudonym": pl.String, "score": pl.Float64, "p_same": pl.Float64,
+              "n_studies": pl.Int64, "supporting_study_keys": pl.List(pl.Int64),
+              "supporting_cosines": pl.List(pl.Float64), "is_recorded_patient": pl.Boolean}
+    df = pl.DataFrame(records, schema=schema).sort("score", descending=True)
+    keep = (pl.int_range(pl.len()) < k_patients) | pl.col("is_recorded_patient")
+    return df.filter(keep).with_row_index("rank", offset=1)
 
 
 def evidence_json(keys: np.ndarray, rows: np.ndarray, cos: np.ndarray) -> list[list[Any]]:
@@ -327,13 +308,13 @@ K0_TYPICAL = 2.0
 MAX_CANDIDATES = 3
 
 
-def _score_pass(S: StudySet, eligible: np.ndarray, nbr_rows: np.ndarray) -> dict[str, np.ndarray]:
+def _score_pass(S: StudySet, eligible: np.ndarray, nbr_rows: np.ndarray, pad: float) -> dict[str, np.ndarray]:
     """Own, typical, best-other and robust z-scores of every study given the eligible reference studies."""
     n = len(S)
     own, own_p, own_v, n_ref = own_scores(S, eligible)
     typ = typical_scores(S, eligible)
     q, pk = candidate_patients(nbr_rows, S.patient, S.patient, eligible, MAX_CANDIDATES)
-    sc, tp, tv = patient_scores(S, q, pk, eligible)
+    sc, tp, tv = patient_scores(S, q, pk, eligible, pad=pad)
     best = np.full(n, np.nan)
     best_pk = np.full(n, -1, dtype=np.int64)
     best_p = np.full((n, TOP_M), -1, dtype=np.int64)
@@ -347,65 +328,84 @@ def _score_pass(S: StudySet, eligible: np.ndarray, nbr_rows: np.ndarray) -> dict
         best[r], best_pk[r], best_p[r], best_v[r] = sc2[first], pk2[first], tp2[first], tv2[first]
     margin = own - best
     ref = eligible & np.isfinite(own)
-    c0 = float(np.nanmedian(own[ref])) if ref.any() else float("nan")
+    strata = np.minimum(n_ref, 4)
+    # Fisher transform: cosines are bounded by 1, which skews same-patient scores; atanh makes them
+    # close to normal so that robust z-scores have near-nominal tails.
+    f_own, f_typ, f_best = cal.fisher(own), cal.fisher(typ), cal.fisher(best)
+    c0 = cal.stratified_center_scale(f_own, strata, ref)[0]
     m = np.maximum(n_ref - 1, 0).astype(np.float64)
     w = np.where(np.isfinite(typ), m / (m + K0_TYPICAL), 0.0)
-    centre = w * np.nan_to_num(typ) + (1 - w) * c0
-    resid = own - centre
-    _, s_own = cal.robust_center_scale(resid[ref])
-    m_ref = ref & np.isfinite(margin)
-    mc, ms = cal.robust_center_scale(margin[m_ref])
+    resid = f_own - (w * np.nan_to_num(f_typ) + (1 - w) * c0)
+    _, s_own = cal.stratified_center_scale(resid, strata, ref)
     own_z = resid / s_own
-    margin_z = (margin - mc) / ms
-    with np.errstate(invalid="ignore"):
-        suspicion = -np.fmin(own_z, margin_z)
+    f_margin = f_own - f_best
+    mc, ms = cal.stratified_center_scale(f_margin, strata, ref & np.isfinite(f_margin))
+    margin_z = (f_margin - mc) / ms
+    both = own_z + margin_z
+    bc, bs = cal.stratified_center_scale(both, strata, ref & np.isfinite(both))
+    suspicion = np.where(np.isfinite(both), -(both - bc) / bs, -own_z)
     return {"own": own, "own_p": own_p, "own_v": own_v, "n_ref": n_ref, "typical": typ, "best": best,
             "best_pk": best_pk, "best_p": best_p, "best_v": best_v, "margin": margin, "own_z": own_z,
             "margin_z": margin_z, "suspicion": suspicion}
 
 
-def score_studies(S: StudySet, *, fpr: float = 0.01, k: int = 50, max_iter: int = 3) -> dict[str, np.ndarray]:
+def score_studies(S: StudySet, *, fpr: float = 0.01, k: int = 50, max_iter: int = 3,
+                  p_same: Callable[[np.ndarray], np.ndarray] | None = None, max_p_same: float = 0.5,
+                  neighbours: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Audit scores of every study (arrays by row), with iterative explain-away of suspects.
 
-    Each round takes, per patient, the most suspicious flagged study out of the reference sets (its own
-    scores are frozen as they were) and re-scores the rest, so that a mislabelled study stops dragging
-    down its recorded patient's other studies or lending its true patient's look to the wrong patient."""
+    A study is a suspect when its suspicion exceeds the normal quantile of ``fpr``, unless (given a
+    calibration ``p_same``) the recorded patient is still plausible: calibrated probability at least
+    ``max_p_same`` and no other patient more probable. Each round takes, per patient, the most suspicious suspect out of the reference sets
+    (its scores are frozen as they were) and re-scores the rest, so that a mislabelled study stops
+    dragging down its recorded patient's other studies or lending its look to the wrong patient."""
     n = len(S)
-    z_thr = cal.z_for_fpr(fpr, 2)
-    _, nbr_rows = knn(S.vecs, S.vecs, k + 1)
+    z_thr = cal.z_for_fpr(fpr)
+    nbr_rows = neighbours if neighbours is not None else knn(S.vecs, S.vecs, k + 1)[1]
+    ni, nj = cal.between_group_pairs(S.patient, 5000, seed=1)
+    pad = float(np.median(cal.pair_cosines(S.vecs, ni, nj))) if ni.size else 0.0
+
+    def run(eligible: np.ndarray) -> dict[str, np.ndarray]:
+        res = _score_pass(S, eligible, nbr_rows, pad)
+        res["p_same"] = p_same(res["own"]) if p_same else np.full(n, np.nan)
+        res["p_best_other"] = p_same(res["best"]) if p_same else np.full(n, np.nan)
+        with np.errstate(invalid="ignore"):
+            flag = np.nan_to_num(res["suspicion"], nan=-np.inf) > z_thr
+            plausible = (res["p_same"] >= max_p_same) & ~(res["p_best_other"] > res["p_same"])
+            res["suspect"] = flag & ~plausible
+        return res
+
     eligible = np.ones(n, dtype=bool)
-    res = _score_pass(S, eligible, nbr_rows)
+    res = run(eligible)
     final = {key: val.copy() for key, val in res.items()}
     frozen = np.zeros(n, dtype=bool)
     for _ in range(max_iter):
-        with np.errstate(invalid="ignore"):
-            cand = eligible & (res["suspicion"] > z_thr)
-        if not cand.any():
+        rows = np.nonzero(eligible & res["suspect"])[0]
+        if rows.size == 0:
             break
-        rows = np.nonzero(cand)[0]
         order = np.lexsort((-res["suspicion"][rows], S.patient[rows]))
         pick = rows[order[np.r_[True, S.patient[rows][order][1:] != S.patient[rows][order][:-1]]]]
         for key, val in res.items():
             final[key][pick] = val[pick]
         frozen[pick] = True
         eligible[pick] = False
-        res = _score_pass(S, eligible, nbr_rows)
+        res = run(eligible)
         for key, val in res.items():
             final[key][~frozen] = val[~frozen]
-    with np.errstate(invalid="ignore"):
-        final["suspect"] = np.nan_to_num(final["suspicion"], nan=-np.inf) > z_thr
     final["z_threshold"] = np.array(z_thr)
     return final
 
 
-def _reasons(r: dict[str, Any], z_thr: float) -> list[str]:
+def _reasons(r: dict[str, Any]) -> list[str]:
     out = []
-    if r["margin_z"] is not None and r["margin_z"] < -z_thr:
+    if r["margin_z"] is not None and r["margin_z"] < -2:
         word = "fits better than" if (r["margin"] or 0) < 0 else "fits almost as well as"
         out.append(f"patient {r['best_other_patient']} {word} the recorded patient "
                    f"(margin {r['margin']:+.3f}, z {r['margin_z']:.1f})")
-    if r["own_z"] is not None and r["own_z"] < -z_thr:
+    if r["own_z"] is not None and r["own_z"] < -2:
         out.append(f"similarity to the recorded patient's other studies is unusually low (z {r['own_z']:.1f})")
+    if r["p_same"] is not None:
+        out.append(f"calibrated probability of the recorded patient {r['p_same']:.2f}")
     return out
 
 
@@ -420,7 +420,8 @@ def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiab
     if len(S) == 0:
         raise QueryError("this index has no study vectors: run `echosearch index` first")
     _, patient_cal = fit_identity_calibrations(catalog, S, fpr=fpr)
-    res = score_studies(S, fpr=fpr, k=k, max_iter=max_iter)
+    res = score_studies(S, fpr=fpr, k=k, max_iter=max_iter, p_same=patient_cal.predict,
+                        neighbours=study_neighbours(catalog, S, k + 1))
     z_thr = float(res["z_threshold"])
     names = dict(zip(S.meta["patient_key"].to_list(), S.meta["patient_pseudonym"].to_list(), strict=True))
     verifiable = np.isfinite(res["own"])
@@ -437,16 +438,16 @@ def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiab
         "best_other_patient_key": pl.Series([int(p) if p >= 0 else None for p in res["best_pk"]], dtype=pl.Int64),
         "best_other_patient": [names.get(int(p)) if p >= 0 else None for p in res["best_pk"]],
         "best_other_score": col(res["best"]), "margin": col(res["margin"]), "margin_z": col(res["margin_z"]),
-        "p_same": col(patient_cal.predict(res["own"])), "p_best_other": col(patient_cal.predict(res["best"])),
+        "p_same": col(res["p_same"]), "p_best_other": col(res["p_best_other"]),
         "suspicion": col(res["suspicion"]), "suspect": res["suspect"], "status": status,
     })
     evidence = []
-    for i, r in enumerate(df.select("margin", "margin_z", "own_z", "best_other_patient").iter_rows(named=True)):
+    for i, r in enumerate(df.select("margin", "margin_z", "own_z", "best_other_patient", "p_same").iter_rows(named=True)):
         evidence.append(dumps({
             "own_patient_studies": evidence_json(S.keys, res["own_p"][i], res["own_v"][i]),
             "best_other_studies": evidence_json(S.keys, res["best_p"][i], res["best_v"][i]),
             "typical": None if not np.isfinite(res["typical"][i]) else round(float(res["typical"][i]), 4),
-            "reasons": _reasons(r, z_thr) if res["suspect"][i] else [],
+            "reasons": _reasons(r) if res["suspect"][i] else [],
         }))
     group = np.where(res["suspect"], 0, np.where(verifiable, 1, 2))
     key2 = np.where(group == 2, -np.nan_to_num(res["best"], nan=-9.0), -np.nan_to_num(res["suspicion"], nan=-9e9))

@@ -33,16 +33,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from echosearch.decode import ReportObject, VideoMeta, decode_video, read_meta, read_report_object
-from echosearch.discover import DiscoverFailure, FileRecord, discover
+from echosearch.decode import VideoMeta, _date, _s, decode_video, read_dicom_header, read_meta
+from echosearch.discover import DiscoverFailure, FileRecord, Sidecars, discover, load_sidecars, pick
 from echosearch.errors import IngestError, ReportObjectFound
 from echosearch.prepare import FramePolicy, find_sector, policy_manifest, prepare_frames, sample_indices
 
 if TYPE_CHECKING:
-    from echosearch.catalog import Catalog
+    from pydicom.dataset import Dataset
+
+    from echosearch.catalog import Catalog, VideoRecord
     from echosearch.config import Settings
+    from echosearch.pseudonym import Pseudonymizer
 
 REPORT_STAGE = "report-object"
+MAX_LISTED_FAILURES = 1000
 
 
 @dataclass
@@ -55,6 +59,17 @@ class PreparedVideo:
     frame_indices: np.ndarray
     sector_bbox: list[int]
     sector_source: str
+
+
+@dataclass
+class ReportObject:
+    """Identity and text (SR only; PDF text is not extracted) of a DICOM report object."""
+
+    study_uid: str | None
+    accession: str | None
+    patient_id: str | None
+    kind: str
+    text: str | None
 
 
 @dataclass
@@ -94,14 +109,32 @@ class ScanSummary:
 def process_file(record: FileRecord, policy: FramePolicy) -> PreparedVideo:
     """Header -> sample indices -> decode only those frames -> sector -> model input. Raises IngestError."""
     if record.kind == "unknown":
-        raise IngestError("unrecognised file format: not DICOM (no DICM marker), AVI or MP4", stage="discover")
+        empty = record.size == 0
+        raise IngestError("empty file (0 bytes)" if empty else "unrecognised file format: not DICOM (no DICM "
+                          "marker), AVI or MP4", "discover")
     meta = read_meta(record.path, record.kind)
     idx = sample_indices(meta.n_frames, policy)
     decoded = decode_video(record.path, record.kind, idx)
-    uniq = np.unique(decoded.frame_indices, return_index=True)[1]
-    sector = find_sector(decoded.frames[np.sort(uniq)], decoded.meta.regions)
+    first_of_each = np.sort(np.unique(decoded.frame_indices, return_index=True)[1])
+    sector = find_sector(decoded.frames[first_of_each], decoded.meta.regions)  # repeats add nothing
     frames = prepare_frames(decoded.frames, sector, policy)
     return PreparedVideo(record, decoded.meta, frames, decoded.frame_indices, sector.bbox_list, sector.source)
+
+
+def read_report_object(path: Path) -> ReportObject:
+    """Identity of an SR / encapsulated-PDF object and, for SR, its text items joined in document order."""
+    ds = read_dicom_header(path, check=False)
+    kind = "pdf" if str(ds.get("SOPClassUID", "")).startswith("1.2.840.10008.5.1.4.1.1.104.") else "sr"
+    text = "\n".join(_sr_text(ds)) if kind == "sr" else None
+    ids = (_s(ds, "StudyInstanceUID"), _s(ds, "AccessionNumber"), _s(ds, "PatientID"))
+    return ReportObject(*ids, kind, text)
+
+
+def _sr_text(ds: Dataset) -> Iterator[str]:
+    for item in ds.get("ContentSequence", []) or []:
+        if str(item.get("ValueType", "")) == "TEXT" and item.get("TextValue"):
+            yield str(item.TextValue)
+        yield from _sr_text(item)
 
 
 def safe_process(record: FileRecord, policy: FramePolicy) -> PreparedVideo | FailedFile:
@@ -110,14 +143,14 @@ def safe_process(record: FileRecord, policy: FramePolicy) -> PreparedVideo | Fai
         return process_file(record, policy)
     except ReportObjectFound as exc:
         try:
-            report = read_report_object(record.path)
+            report: ReportObject | None = read_report_object(record.path)
         except IngestError:
             report = None
         return FailedFile(record.path, record.sha256, REPORT_STAGE, exc.reason, report)
     except IngestError as exc:
         return FailedFile(record.path, record.sha256, exc.stage, exc.reason)
     except MemoryError:
-        return FailedFile(record.path, record.sha256, "decode", "out of memory while decoding (file too large)")
+        return FailedFile(record.path, record.sha256, "decode", "out of memory while decoding (too large)")
     except Exception as exc:  # a bug or an unforeseen codec failure must not stop the batch
         return FailedFile(record.path, record.sha256, "decode", f"unexpected {type(exc).__name__}: {exc}")
 
@@ -134,54 +167,47 @@ def iter_processed(
     """Process records in ``workers`` spawned processes (0 = in this process), results in submission order.
 
     At most ``workers + prefetch`` files are in flight, so memory stays bounded however many files come.
-    A worker that dies (a codec crash) costs only the file it was on: the pool is restarted and the
-    other in-flight files are resubmitted.
+    A worker that dies (a codec crash) costs only the file it was on: the pool is restarted and the other
+    in-flight files are resubmitted; after three crashes in a row the rest is processed in this process.
     """
     if workers <= 0:
         for rec in records:
             yield _as_failure(rec) if isinstance(rec, DiscoverFailure) else safe_process(rec, policy)
         return
     ctx = multiprocessing.get_context("spawn")
-    limit = workers + max(0, prefetch)
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+
+    def submit(rec: FileRecord | DiscoverFailure) -> Future[PreparedVideo | FailedFile] | None:
+        return None if isinstance(rec, DiscoverFailure) else pool.submit(safe_process, rec, policy)
+
+    limit, crashes, it = workers + max(0, prefetch), 0, iter(records)
     pending: deque[tuple[FileRecord | DiscoverFailure, Future[PreparedVideo | FailedFile] | None]] = deque()
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+    pool = new_pool()
     try:
-        it = iter(records)
-        exhausted = False
-        crashes = 0
         while True:
-            while not exhausted and len(pending) < limit:
-                try:
-                    rec = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                fut = None if isinstance(rec, DiscoverFailure) else pool.submit(safe_process, rec, policy)
-                pending.append((rec, fut))
+            while len(pending) < limit and (nxt := next(it, None)) is not None:
+                pending.append((nxt, submit(nxt)))
             if not pending:
                 return
             rec, fut = pending.popleft()
-            if fut is None:
+            if fut is None or isinstance(rec, DiscoverFailure):
                 yield _as_failure(rec)  # type: ignore[arg-type]
                 continue
             try:
-                result = fut.result()
-                crashes = 0
+                result, crashes = fut.result(), 0
             except BrokenProcessPool:
-                assert isinstance(rec, FileRecord)
                 crashes += 1
                 pool.shutdown(wait=False, cancel_futures=True)
-                if crashes >= 3:  # workers cannot run at all here: finish in this process
-                    yield safe_process(rec, policy)
-                    rest = (r for r, _ in pending)
+                if crashes >= 3:  # workers cannot run here at all: finish in this process
+                    rest = [r for r, _ in pending]
                     pending.clear()
-                    yield from iter_processed(itertools.chain(rest, it), policy, 0)
+                    yield from iter_processed(itertools.chain([rec], rest, it), policy, 0)
                     return
                 result = FailedFile(rec.path, rec.sha256, "decode", "decoder process crashed on this file")
-                pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
-                pending = deque(
-                    (r, None if f is None else pool.submit(safe_process, r, policy)) for r, f in pending
-                )
+                pool = new_pool()
+                pending = deque((r, submit(r)) for r, _ in pending)
             yield result
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -191,199 +217,88 @@ def _as_failure(f: DiscoverFailure) -> FailedFile:
     return FailedFile(f.path, f.sha256, f.stage, f.reason)
 
 
-# ---- sidecars: ground truth, reports, labels ------------------------------------------------------------
-LABEL_SKIP = {"filename", "file_name", "path", "sop_uid", "study_uid", "studyinstanceuid", "sopinstanceuid",
-              "frameheight", "framewidth", "fps", "numberofframes"}
-
-
-def _norm(name: str) -> str:
-    return name.strip().lower().replace(" ", "_")
-
-
-def _read_table(path: Path) -> list[dict[str, Any]]:
-    import polars as pl
-
-    try:
-        df = pl.read_parquet(path) if path.suffix.lower() == ".parquet" else pl.read_csv(
-            path, infer_schema_length=10000)
-    except Exception as exc:
-        raise IngestError(f"cannot read {path.name}: {exc}", stage="discover") from exc
-    return df.to_dicts()
-
-
-def _pick(row: dict[str, Any], *names: str) -> Any:
-    lowered = {_norm(k): v for k, v in row.items()}
-    for n in names:
-        v = lowered.get(n)
-        if v is not None and str(v).strip():
-            return v
-    return None
-
-
-@dataclass
-class Sidecars:
-    """Ground truth (view, AVI identity), report text and labels found beside or given with the sources."""
-
-    truth: dict[str, dict[str, Any]] = field(default_factory=dict)  # absolute posix path -> row
-    truth_by_sop: dict[str, dict[str, Any]] = field(default_factory=dict)
-    reports: list[tuple[str, str, str, str]] = field(default_factory=list)  # key kind, key, text, source
-    labels: list[tuple[str, str, str, float | str, str]] = field(default_factory=list)  # kind, key, name, v, src
-
-    @classmethod
-    def load(cls, sources: Sequence[Path], reports: Path | None = None, labels: Path | None = None) -> Sidecars:
-        from echosearch.discover import is_manifest
-
-        side = cls()
-        for source in sources:
-            root = source if source.is_dir() else source.parent
-            if (root / "ground_truth.parquet").is_file():
-                side._add_truth(root, _read_table(root / "ground_truth.parquet"))
-            if (root / "reports.csv").is_file():
-                side._add_reports(_read_table(root / "reports.csv"), "reports.csv")
-            if source.is_file() and is_manifest(source):
-                side._add_labels(_read_table(source), source.name)
-        if reports is not None:
-            side._add_reports(_read_table(reports), reports.name)
-        if labels is not None:
-            side._add_labels(_read_table(labels), labels.name)
-        return side
-
-    def _add_truth(self, root: Path, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            if row.get("path"):
-                self.truth[(root / str(row["path"])).absolute().as_posix()] = row
-            if row.get("sop_uid"):
-                self.truth_by_sop[str(row["sop_uid"])] = row
-            if row.get("ef") is not None and row.get("path"):
-                self.labels.append(("file", Path(str(row["path"])).name, "EF", float(row["ef"]),
-                                    "ground_truth.parquet"))
-
-    def _add_reports(self, rows: list[dict[str, Any]], source: str) -> None:
-        for row in rows:
-            text = _pick(row, "report", "text", "report_text")
-            if text is None:
-                continue
-            for kind, names in (("study_uid", ("study_uid", "studyinstanceuid")),
-                                ("accession", ("accession_number", "accessionnumber", "accession")),
-                                ("file", ("file_name", "filename", "path"))):
-                key = _pick(row, *names)
-                if key is not None:
-                    self.add_report(kind, str(key), str(text), source)
-                    break
-
-    def add_report(self, kind: str, key: str, text: str, source: str) -> None:
-        self.reports.append((kind, key, text, source))
-
-    def _add_labels(self, rows: list[dict[str, Any]], source: str) -> None:
-        for row in rows:
-            key = None
-            for kind, names in (("file", ("filename", "file_name", "path")), ("sop_uid", ("sop_uid",)),
-                                ("study_uid", ("study_uid",))):
-                if (value := _pick(row, *names)) is not None:
-                    key = (kind, str(value))
-                    break
-            if key is None:
-                continue
-            for name, value in row.items():
-                if _norm(name) in LABEL_SKIP or value is None or (isinstance(value, str) and not value.strip()):
-                    continue
-                self.labels.append((key[0], key[1], name, value if isinstance(value, str) else float(value), source))
-
-    def identity_row(self, rec: FileRecord, meta: VideoMeta) -> dict[str, Any] | None:
-        row = self.truth.get(_path_str(rec.path))
-        if row is None and meta.sop_uid:
-            row = self.truth_by_sop.get(meta.sop_uid)
-        return row
-
-    def apply(self, catalog: Catalog, pz: Any, summary: ScanSummary) -> None:
-        """Attach reports and labels to what the catalog holds (this run's and earlier runs' videos)."""
-        if not self.reports and not self.labels:
-            return
-        rows = catalog.con.execute(
-            "SELECT v.video_key, v.path, v.sop_uid, s.study_uid, s.accession_pseudonym "
-            "FROM videos v JOIN studies s USING (study_key)").fetchall()
-        by_file: dict[str, tuple[int, str]] = {}
-        by_sop: dict[str, int] = {}
-        by_acc: dict[str, str] = {}
-        for key, path, sop, study, acc in rows:
-            p = Path(path)
-            by_file.setdefault(p.name, (key, study))
-            by_file.setdefault(p.stem, (key, study))
-            if sop:
-                by_sop[sop] = key
-            if acc:
-                by_acc[acc] = study
-        studies = {r[3] for r in rows}
-        for kind, key, text, source in self.reports:
-            study = {"study_uid": key if key in studies else None, "accession": by_acc.get(pz.accession(key) or ""),
-                     "file": (by_file.get(key) or by_file.get(Path(key).name) or (None, None))[1]}[kind]
-            if study is not None and catalog.record_report(study, text, source):
-                summary.reports_attached += 1
-            else:
-                summary.reports_unmatched += 1
-        study_keys = {r[0]: r[1] for r in catalog.con.execute("SELECT study_uid, study_key FROM studies").fetchall()}
-        for kind, key, name, value, source in self.labels:
-            target: tuple[str, int] | None = None
-            if kind == "file" and (hit := by_file.get(key) or by_file.get(Path(key).name)):
-                target = ("video", hit[0])
-            elif kind == "sop_uid" and key in by_sop:
-                target = ("video", by_sop[key])
-            elif kind == "study_uid" and key in study_keys:
-                target = ("study", study_keys[key])
-            if target is None:
-                summary.labels_unmatched += 1
-                continue
-            catalog.record_label(target[0], target[1], name, value, source)
-            summary.labels_recorded += 1
-
-
-def video_record(item: PreparedVideo, side: Sidecars, pz: Any, store_raw: bool) -> Any:
+# ---- identity and sidecars --------------------------------------------------------------------------------
+def video_record(item: PreparedVideo, side: Sidecars, pz: Pseudonymizer, store_raw: bool) -> VideoRecord:
     """The catalog row of a prepared video, with identity resolved and pseudonymised (see module doc)."""
     from echosearch.catalog import VideoRecord
 
     meta, rec = item.meta, item.record
-    row = side.identity_row(rec, meta) or {}
-    patient_id, study_uid, accession, study_date = meta.patient_id, meta.study_uid, meta.accession, meta.study_date
+    row = side.identity_row(rec.path, meta.sop_uid) or {}
+    patient_id, study_uid, accession = meta.patient_id, meta.study_uid, meta.accession
+    study_date = meta.study_date
     if meta.kind != "dicom" and row:
-        patient_id = _pick(row, "recorded_patient_id", "patient_id")
-        study_uid = _pick(row, "study_uid")
-        accession = _pick(row, "accession_number", "accession")
-        study_date = _as_date(_pick(row, "study_date"))
+        patient_id, study_uid = pick(row, "recorded_patient_id", "patient_id"), pick(row, "study_uid")
+        accession, study_date = pick(row, "accession_number", "accession"), _as_date(pick(row, "study_date"))
     study_uid = str(study_uid) if study_uid else f"2.25.{int(rec.sha256[:30], 16)}"
     if patient_id:
         patient = pz.patient(str(patient_id))
-    elif meta.kind == "dicom" and meta.study_uid:
-        patient = pz.patient(f"study:{study_uid}")
-    else:
-        patient = pz.patient(f"file:{rec.sha256}")
+    else:  # unknown patient: the study (DICOM) or the file (video) is its own patient
+        own = f"study:{study_uid}" if meta.kind == "dicom" and meta.study_uid else f"file:{rec.sha256}"
+        patient = pz.patient(own)
+    assert patient is not None
     return VideoRecord(
         sha256=rec.sha256, path=_path_str(rec.path), size_bytes=rec.size, kind=rec.kind,
         patient_pseudonym=patient, study_uid=study_uid, accession_pseudonym=pz.accession(accession),
-        study_date=study_date, series_uid=meta.series_uid, sop_uid=meta.sop_uid,
-        view=_pick(row, "view"), n_frames=meta.n_frames, height=meta.height, width=meta.width,
-        fps=round(meta.fps, 4), manufacturer=meta.manufacturer, manufacturer_model=meta.manufacturer_model,
-        photometric=meta.photometric, transfer_syntax=meta.transfer_syntax, sector_bbox=item.sector_bbox,
-        sector_source=item.sector_source,
+        study_date=study_date,
+        series_uid=meta.series_uid, sop_uid=meta.sop_uid, view=pick(row, "view"), n_frames=meta.n_frames,
+        height=meta.height, width=meta.width, fps=round(meta.fps, 4), manufacturer=meta.manufacturer,
+        manufacturer_model=meta.manufacturer_model, photometric=meta.photometric,
+        transfer_syntax=meta.transfer_syntax, sector_bbox=item.sector_bbox, sector_source=item.sector_source,
         patient_id_raw=str(patient_id) if store_raw and patient_id else None,
-        patient_name=meta.patient_name if store_raw else None, birth_date=meta.birth_date if store_raw else None,
+        patient_name=meta.patient_name if store_raw else None,
+        birth_date=meta.birth_date if store_raw else None,
     )
 
 
 def _as_date(value: Any) -> date | None:
-    if value is None or isinstance(value, date):
-        return value
-    from echosearch.decode import _date
-
-    return _date(value)
+    return value if value is None or isinstance(value, date) else _date(value)
 
 
-# ---- scan: fill the catalog ---------------------------------------------------------------------------------
+def attach_sidecars(catalog: Catalog, side: Sidecars, pz: Pseudonymizer, summary: ScanSummary) -> None:
+    """Attach reports and labels to what the catalog holds (this run's and earlier runs' videos)."""
+    if not side.reports and not side.labels:
+        return
+    rows = catalog.con.execute("SELECT v.video_key, v.path, v.sop_uid, s.study_uid, s.accession_pseudonym, "
+                               "s.study_key FROM videos v JOIN studies s USING (study_key)").fetchall()
+    by_file: dict[str, tuple[int, str]] = {}
+    for key, path, _, study, *_ in rows:
+        by_file.setdefault(Path(path).name, (key, study))
+        by_file.setdefault(Path(path).stem, (key, study))
+    by_sop = {sop: key for key, _, sop, *_ in rows if sop}
+    by_acc = {acc: study for _, _, _, study, acc, _ in rows if acc}
+    study_keys = {study: skey for *_, study, _, skey in rows}
+
+    def file_hit(key: str) -> tuple[int, str] | None:
+        return by_file.get(key) or by_file.get(Path(key).name)
+
+    for kind, key, text, source in side.reports:
+        hit = file_hit(key)
+        study = {"study_uid": key if key in study_keys else None, "file": hit[1] if hit else None,
+                 "accession": by_acc.get(pz.accession(key) or "")}[kind]
+        attached = study is not None and catalog.record_report(study, text, source)
+        summary.reports_attached += attached
+        summary.reports_unmatched += not attached
+    for kind, key, name, value, source in side.labels:
+        target: tuple[str, int] | None = None
+        if kind == "file" and (hit := file_hit(key)):
+            target = ("video", hit[0])
+        elif kind == "sop_uid" and key in by_sop:
+            target = ("video", by_sop[key])
+        elif kind == "study_uid" and key in study_keys:
+            target = ("study", study_keys[key])
+        if target is None:
+            summary.labels_unmatched += 1
+            continue
+        catalog.record_label(target[0], target[1], name, value, source)
+        summary.labels_recorded += 1
+
+
+# ---- scan: fill the catalog ------------------------------------------------------------------------------
 class _CountingKnown:
     """``known_hashes`` wrapper that counts how many discovered files were skipped as already indexed."""
 
     def __init__(self, known: set[str]) -> None:
-        self.known = known
-        self.hits = 0
+        self.known, self.hits = known, 0
 
     def __contains__(self, item: object) -> bool:
         hit = item in self.known
@@ -396,10 +311,12 @@ def _progress(enabled: bool, total: int | None) -> Iterator[Callable[[str], None
     if not enabled:
         yield lambda _name: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("scan"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), transient=False) as bar:
+    columns = (TextColumn("scan"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=Console(stderr=True)) as bar:  # stdout stays clean for --json
         task = bar.add_task("", total=total)
         yield lambda name: bar.update(task, advance=1, description=name[:40])
 
@@ -417,7 +334,7 @@ def scan(
     """Ingest ``sources`` into ``catalog``; a bad file becomes an ``ingest_errors`` row, never an exception.
 
     ``on_video(video_key, prepared)`` is called after each new video is committed (the encode pipeline
-    can hook in here to embed the already-prepared frames).
+    can hook in here to embed the already-prepared frames instead of decoding them again).
     """
     from echosearch.discover import count_candidates
     from echosearch.pseudonym import Pseudonymizer
@@ -427,25 +344,27 @@ def scan(
     pz = Pseudonymizer(settings.require_secret())
     catalog.check_pseudonym_key(pz.fingerprint())
     sources = [Path(s) for s in sources]
-    side = Sidecars.load(sources, reports=reports, labels=labels)
+    side = load_sidecars(sources, reports=reports, labels=labels)
     catalog.new_run("scan", {"sources": [str(s) for s in sources], "policy": policy_manifest(policy)})
     known = _CountingKnown(catalog.known_hashes())
     summary = ScanSummary()
-    sr_reports: list[tuple[str, str]] = []
     with _progress(progress, count_candidates(sources) if progress else None) as advance:
         for item in iter_processed(discover(sources, known), policy, settings.workers):
             summary.discovered += 1
-            advance(item.record.path.name if isinstance(item, PreparedVideo) else item.path.name)
             if isinstance(item, FailedFile):
+                advance(item.path.name)
                 catalog.record_error(_path_str(item.path), item.sha256, item.stage, item.reason)
-                if item.is_report:
-                    summary.report_objects += 1
-                    if item.report and item.report.text and item.report.study_uid:
-                        sr_reports.append((item.report.study_uid, item.report.text))
-                else:
+                if not item.is_report:
                     summary.failed += 1
-                    summary.failures.append({"path": str(item.path), "stage": item.stage, "reason": item.reason})
+                    if len(summary.failures) < MAX_LISTED_FAILURES:  # all of them are in ingest_errors
+                        summary.failures.append(
+                            {"path": str(item.path), "stage": item.stage, "reason": item.reason})
+                    continue
+                summary.report_objects += 1
+                if item.report and item.report.text and item.report.study_uid:
+                    side.reports.append(("study_uid", item.report.study_uid, item.report.text, "dicom-sr"))
                 continue
+            advance(item.record.path.name)
             rec = video_record(item, side, pz, settings.store_raw_identifiers)
             key = catalog.record_video(rec)
             catalog.clear_error(rec.path)
@@ -453,16 +372,14 @@ def scan(
             if on_video is not None:
                 on_video(key, item)
     summary.skipped_known = known.hits
-    for study_uid, text in sr_reports:
-        side.add_report("study_uid", study_uid, text, "dicom-sr")
-    side.apply(catalog, pz, summary)
+    attach_sidecars(catalog, side, pz, summary)
     summary.elapsed_s = round(time.perf_counter() - t0, 3)
     summary.counts = catalog.counts()
     return summary
 
 
 def default_policy(settings: Settings, size: int | None = None) -> FramePolicy:
-    """The frame policy of the settings; ``size`` comes from the encoder (112 / 224 when unknown)."""
+    """The frame policy of the settings; ``size`` comes from the encoder (else 112, or 224 for echoclip)."""
     name = settings.frame_policy
     return FramePolicy(name, settings.frames_per_video, size or (224 if name == "echoclip" else 112))
 

@@ -8,6 +8,7 @@ is killed resumes without redoing committed videos or duplicating rows.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,8 @@ class _Batcher:
         self.total_frames = 0
         self.model_seconds = 0.0
         self.on_progress = on_progress
+        self.flushes = 0
+        self.kill_after = int(os.environ.get("ECHOSEARCH_FAULT_KILL_AFTER_COMMITS", "0") or 0)
 
     def add(self, key: int, prepared: PreparedVideo) -> None:
         self.keys.append(key)
@@ -88,6 +91,12 @@ class _Batcher:
                                                 frame_vecs if self.keep_frames else None)
             store_predictions(self.catalog, "video", self.keys, preds, self.encoder.name)
         self.videos += len(self.keys)
+        self.flushes += 1
+        if self.kill_after and self.flushes >= self.kill_after:  # fault injection for the resume test
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         self.total_frames += len(allf)
         if self.on_progress:
             self.on_progress(self.videos, self.total_frames)

@@ -32,7 +32,7 @@ MIN_SECTOR_FRACTION = 0.04  # an estimate smaller than this share of the image i
 
 @dataclass
 class Sector:
-    """Imaging sector: boolean mask (H,W), its box (x0,y0,x1,y1) with exclusive x1/y1, and how it was found."""
+    """Imaging sector: boolean mask (H,W), its box (x0,y0,x1,y1) (x1/y1 exclusive), and how it was found."""
 
     mask: np.ndarray
     bbox: tuple[int, int, int, int]
@@ -109,7 +109,9 @@ def find_sector(frames: np.ndarray, regions: Sequence[UltrasoundRegion] = ()) ->
     return Sector(np.ones((h, w), bool), (0, 0, w, h), "full")
 
 
-def region_box(regions: Sequence[UltrasoundRegion], height: int, width: int) -> tuple[int, int, int, int] | None:
+def region_box(
+    regions: Sequence[UltrasoundRegion], height: int, width: int
+) -> tuple[int, int, int, int] | None:
     """Union box (exclusive end) of the 2D (tissue/colour-flow) regions, or None when absent or inconsistent.
 
     Regions that overrun the image (e.g. a file downscaled without updating its header) are not trusted.
@@ -138,15 +140,21 @@ def _estimate_mask(frames: np.ndarray) -> np.ndarray | None:
     hi, lo = _running_max_min(frames)
     if frames.shape[0] > 1:
         # temporal range, max over channels (colour Doppler moves in chroma too)
-        rng = cv2.absdiff(hi, lo).max(axis=-1)
+        rng = _channel_max(cv2.absdiff(hi, lo))
         hull = _hull_of_largest(cv2.blur(rng, (k, k)) > VARIATION_THRESHOLD, k)
         if hull is not None:
             if frames.shape[0] >= 4:  # static bright pixels inside the hull are overlays (text, markers)
-                static = (rng <= STATIC_RANGE) & (hi.max(axis=-1) >= OVERLAY_BRIGHTNESS)
+                static = (rng <= STATIC_RANGE) & (_channel_max(hi) >= OVERLAY_BRIGHTNESS)
                 hull &= ~cv2.dilate(static.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
             return hull
-    grey = np.ascontiguousarray(frames[0].max(axis=-1))
+    grey = _channel_max(frames[0])
     return _hull_of_largest(cv2.blur(grey, (k, k)) > INTENSITY_THRESHOLD, k)
+
+
+def _channel_max(img: np.ndarray) -> np.ndarray:
+    """Max over the colour channels of an (H,W,3) image, as (H,W) uint8."""
+    c0, c1, c2 = cv2.split(np.ascontiguousarray(img))
+    return cv2.max(cv2.max(c0, c1), c2)
 
 
 def _running_max_min(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +168,7 @@ def _running_max_min(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _hull_of_largest(seed: np.ndarray, k: int) -> np.ndarray | None:
     h, w = seed.shape
-    m = seed.astype(np.uint8)
+    m: np.ndarray = seed.astype(np.uint8)
     ko = 2 * k + 1
     m = cv2.morphologyEx(m, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (ko, ko)))
     m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
@@ -170,7 +178,9 @@ def _hull_of_largest(seed: np.ndarray, k: int) -> np.ndarray | None:
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     if stats[largest, cv2.CC_STAT_AREA] < MIN_SECTOR_FRACTION * h * w:
         return None
-    contours, _ = cv2.findContours((labels == largest).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(
+        (labels == largest).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     hull = cv2.convexHull(np.concatenate(contours))
     out = np.zeros((h, w), np.uint8)
     cv2.fillConvexPoly(out, hull, 1)
@@ -203,21 +213,23 @@ def prepare_frames(frames: np.ndarray, sector: Sector, policy: FramePolicy) -> n
     for i, frame in enumerate(frames):
         crop = np.ascontiguousarray(frame[y0:y1, x0:x1])
         crop = cv2.bitwise_and(crop, crop, mask=mask)
-        square = cv2.copyMakeBorder(crop, top, side - ch - top, left, side - cw - left, cv2.BORDER_CONSTANT, value=0)
+        square = cv2.copyMakeBorder(
+            crop, top, side - ch - top, left, side - cw - left, cv2.BORDER_CONSTANT, value=0
+        )
         out[i] = square if side == s else cv2.resize(square, (s, s), interpolation=cv2.INTER_AREA)
     return out
 
 
 def echoclip_crop_and_scale(img: np.ndarray, size: int, zoom: float = 0.1) -> np.ndarray:
-    """EchoCLIP's ``crop_and_scale`` for a square output: centre square crop, trim ``zoom`` per side, cubic."""
+    """EchoCLIP's ``crop_and_scale`` for a square output: centre square crop, trim ``zoom`` a side, cubic."""
     h, w = img.shape[:2]
     if w > h:
         pad = int(round((w - h) / 2))
-        img = img[:, pad:w - pad]
+        img = img[:, pad : w - pad]
     elif h > w:
         pad = int(round((h - w) / 2))
-        img = img[pad:h - pad]
+        img = img[pad : h - pad]
     if zoom:
         py, px = int(img.shape[0] * zoom), int(img.shape[1] * zoom)
-        img = img[py:img.shape[0] - py, px:img.shape[1] - px]
+        img = img[py : img.shape[0] - py, px : img.shape[1] - px]
     return cv2.resize(np.ascontiguousarray(img), (size, size), interpolation=cv2.INTER_CUBIC)

@@ -50,13 +50,24 @@ def render_preview(path: Path, out_png: Path, policy: FramePolicy | None = None)
     x0, y0, x1, y1 = sector.bbox
     cv2.rectangle(outlined, (x0, y0), (x1 - 1, y1 - 1), (64, 255, 64), thickness)
     panels = [_fit(original), _fit(outlined), _fit(model_input, nearest=True)]
-    sheet = np.concatenate([_label(p, t) for p, t in zip(panels, (
-        "original", f"sector ({sector.source})", f"model input {policy.size}px ({policy.name})"), strict=True)], 1)
+    sheet = np.concatenate(
+        [
+            _label(p, t)
+            for p, t in zip(
+                panels,
+                ("original", f"sector ({sector.source})", f"model input {policy.size}px ({policy.name})"),
+                strict=True,
+            )
+        ],
+        1,
+    )
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out_png), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {out_png}")
-    return PreviewInfo(out_png, meta.n_frames, meta.height, meta.width, sector.bbox_list, sector.source, policy.name)
+    return PreviewInfo(
+        out_png, meta.n_frames, meta.height, meta.width, sector.bbox_list, sector.source, policy.name
+    )
 
 
 def _fit(img: np.ndarray, nearest: bool = False) -> np.ndarray:

@@ -97,7 +97,7 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
         if progress:
             progress(i + 1, len(records))
         if isinstance(item, FailedFile):
-            log.warning("skipping %s: %s", item.record.path, item.reason)
+            log.warning("skipping %s: %s", item.path, item.reason)
             continue
         row = by_sha[item.record.sha256]
         frames.append(item.frames)
@@ -214,7 +214,7 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             sched.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, 4.6052)
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             if progress:
                 progress("train", step, total, {"loss": losses[-1], "epoch": epoch + 1})

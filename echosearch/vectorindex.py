@@ -1,14 +1,8 @@
 """Vector indexes per level (video, study, report): chosen by size, tuned to a recall target, stored atomically.
 
-Derived data: every index is rebuilt from the catalog alone. FAISS ids are catalog keys (``IndexIDMap2``),
-never row positions. The file ``vectors/<level>.faiss`` has a manifest ``<level>.json`` recording the model,
-catalog generation and count it was built from; a stale index is refused (``IndexMismatchError``).
-
-Kinds (see docs/search.md): ``flat`` (exact) while its estimated single-query latency meets the target;
-``ivf`` (IVF-SQ8 shortlist re-ranked exactly with ``IndexRefineFlat``) beyond; ``ivf_sq8`` (no stored full
-vectors; shortlist re-scored against catalog vectors) when full vectors exceed the memory budget; ``hnsw``
-(HNSW32 over flat vectors) on request. Filtered searches pick an exact scan or ANN-with-selector by
-selectivity (:meth:`VectorIndex.search`).
+Derived from the catalog alone; FAISS ids are catalog keys (``IndexIDMap2``), never row positions.
+``vectors/<level>.faiss`` has a manifest ``<level>.json`` (model, catalog generation and count); a stale index
+is refused. Kinds, tuning and filter planning: docs/search.md.
 """
 
 from __future__ import annotations
@@ -18,18 +12,21 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import faiss
+import faiss as _faiss
 import numpy as np
 
 from echosearch.errors import IndexMismatchError, QueryError
 
+faiss: Any = _faiss  # the SWIG wrappers take keyword arguments and attributes its type stubs do not know
+
 LEVELS = ("video", "study", "report")
-KINDS = ("flat", "hnsw", "ivf", "ivf_sq8")
+KINDS = ("flat", "hnsw", "ivf", "ivf_fp16")
 VECTOR_DIR = "vectors"
 # Multiply-adds per millisecond of one exact single-query scan (ENVIRONMENT.md: 1M x 512 Flat ~145 ms, 2 cores).
 FLAT_MADDS_PER_MS = 3.5e6
@@ -42,13 +39,12 @@ HNSW_M = 32
 _TABLES = {"video": ("video_embeddings", "video_key"), "study": ("study_embeddings", "study_key"),
            "report": ("report_embeddings", "study_key")}
 
-VectorSource = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
 def normalise(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero), float32 C-contiguous: inner product = cosine."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if len(x) and float(np.abs(norms - 1.0).max()) < 1e-5:  # already unit length: no copy
+        return np.ascontiguousarray(x)
     return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
 
@@ -69,7 +65,7 @@ def choose_kind(n: int, d: int, *, latency_ms: float = 10.0, memory_budget: int 
     full, sq8 = n * d * 4, n * d
     if full + sq8 <= budget:
         return "ivf", f"exact scan estimated {flat_ms:.0f} ms > {latency_ms} ms; full vectors fit in memory"
-    return "ivf_sq8", f"full vectors ({full / 1e9:.1f} GB) exceed the memory budget ({budget / 1e9:.1f} GB)"
+    return "ivf_fp16", f"full vectors ({full / 1e9:.1f} GB) exceed the memory budget ({budget / 1e9:.1f} GB)"
 
 
 def _default_memory_budget() -> int:
@@ -81,52 +77,52 @@ def _default_memory_budget() -> int:
 
 def factory_string(kind: str, n: int) -> str:
     """The ``faiss.index_factory`` description of a kind (always wrapped in IDMap2: ids are catalog keys)."""
-    if kind == "flat":
-        return "IDMap2,Flat"
-    if kind == "hnsw":
-        return f"IDMap2,HNSW{HNSW_M},Flat"
-    if kind == "ivf":
-        return f"IDMap2,IVF{nlist_for(n)},SQ8,RFlat"
-    if kind == "ivf_sq8":
-        return f"IDMap2,IVF{nlist_for(n)},SQ8"
-    raise ValueError(f"unknown index type {kind!r}; choose one of {KINDS}")
+    names = {"flat": "IDMap2,Flat", "hnsw": f"IDMap2,HNSW{HNSW_M},Flat", "ivf": f"IDMap2,IVF{nlist_for(n)},SQ8,RFlat",
+             "ivf_fp16": f"IDMap2,IVF{nlist_for(n)},SQ8,Refine(SQfp16)"}
+    if kind not in names:
+        raise ValueError(f"unknown index type {kind!r}; choose one of {KINDS}")
+    return names[kind]
 
 
 class VectorIndex:
     """One level's FAISS index plus its manifest; :meth:`search` returns catalog keys."""
 
-    def __init__(self, level: str, index: faiss.Index, manifest: dict[str, Any],
-                 vector_source: VectorSource | None = None) -> None:
+    def __init__(self, level: str, index: Any, manifest: dict[str, Any]) -> None:
         self.level = level
         self.index = index
         self.manifest = manifest
         self.kind: str = manifest["kind"]
         self.params: dict[str, float] = dict(manifest.get("params") or {})
-        self.vector_source = vector_source
         idmap = faiss.downcast_index(index)
         self._inner = faiss.downcast_index(idmap.index)
         self.ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
         self.ntotal = int(index.ntotal)
         self.dim = int(index.d)
-        self._order: np.ndarray | None = None
-        if len(self.ids) > 1 and not bool(np.all(self.ids[1:] > self.ids[:-1])):
-            self._order = np.argsort(self.ids, kind="stable")
-        self._sorted_ids = self.ids if self._order is None else self.ids[self._order]
-        self._xb = _flat_vectors(self._inner, self.kind, self.dim)
+        if not _strictly_increasing(self.ids):  # build_vectors adds rows in key order
+            raise IndexMismatchError(f"{level} index rows are not in key order: run `echosearch reindex`")
+        self._lut: np.ndarray | None = None  # key -> row table when keys are dense enough (catalog sequences)
+        if self.ntotal and self.ids[0] >= 0 and self.ids[-1] < 4 * self.ntotal + 1024:
+            self._lut = np.full(int(self.ids[-1]) + 1, -1, dtype=np.int64)
+            self._lut[self.ids] = np.arange(self.ntotal)
+        self._store, self._xb = _vector_store(self._inner, self.kind, self.dim)
         self._nlist = int(faiss.extract_index_ivf(self._inner).nlist) if self.kind.startswith("ivf") else 0
         self._gpu = _maybe_gpu(self._inner, self.kind)
 
     # ---- ids ----------------------------------------------------------------------------------
     def rows_of(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Sorted row positions of the given catalog keys that are in the index (others ignored)."""
-        want = np.unique(np.asarray(ids, dtype=np.int64))
+        want = np.asarray(ids, dtype=np.int64).ravel()
         if len(want) == 0 or self.ntotal == 0:
             return np.zeros(0, dtype=np.int64)
-        pos = np.searchsorted(self._sorted_ids, want)
-        pos = np.minimum(pos, self.ntotal - 1)
-        pos = pos[self._sorted_ids[pos] == want]
-        rows = pos if self._order is None else np.sort(self._order[pos])
-        return rows.astype(np.int64)
+        if self._lut is not None:
+            want = want[(want >= 0) & (want < len(self._lut))]
+            rows = self._lut[want]
+            rows = rows[rows >= 0]
+            return rows if _strictly_increasing(rows) else np.unique(rows)
+        if not _strictly_increasing(want):
+            want = np.unique(want)
+        pos = np.minimum(np.searchsorted(self.ids, want), self.ntotal - 1)
+        return pos[self.ids[pos] == want].astype(np.int64)
 
     def available(self, selector_ids: np.ndarray | list[int] | None) -> int:
         """How many vectors a search with this selector can return."""
@@ -135,14 +131,7 @@ class VectorIndex:
     def _full_vectors(self, rows: np.ndarray) -> np.ndarray:
         if self._xb is not None:
             return np.ascontiguousarray(self._xb[rows])
-        if self.vector_source is None:
-            raise QueryError(f"the {self.level} index ({self.kind}) needs the catalog to re-score results")
-        ids = self.ids[rows]
-        got_ids, vecs = self.vector_source(ids)
-        order = np.searchsorted(got_ids, ids)
-        if len(got_ids) != len(np.unique(ids)) or not np.array_equal(got_ids[np.minimum(order, len(got_ids) - 1)], ids):
-            raise IndexMismatchError(f"the catalog lacks vectors of the {self.level} index: run `echosearch reindex`")
-        return normalise(vecs[order])
+        return np.ascontiguousarray(self._store.reconstruct_batch(rows), dtype=np.float32)
 
     # ---- search -------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, *, selector_ids: np.ndarray | list[int] | None = None,
@@ -163,26 +152,39 @@ class VectorIndex:
         if k_eff == 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         if plan == "auto":
-            exact = rows is not None and len(rows) <= max(EXACT_MAX_ROWS, EXACT_MAX_FRACTION * self.ntotal)
-            plan = "exact" if exact or (rows is not None and len(rows) == self.ntotal and self.kind == "flat") else "ann"
-        if plan == "exact":
-            scores, found = self._exact(q, k_eff, np.arange(self.ntotal) if rows is None else rows)
-        else:
-            scores, found = self._ann(q, k_eff, rows, p)
+            plan = self.plan_for(None if rows is None else len(rows))
+        scores, found = self._exact(q, k_eff, rows) if plan == "exact" else self._ann(q, k_eff, rows, p)
         return scores, self.ids[found]
 
-    def _exact(self, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scan of exactly ``rows`` (gathered vectors, one matmul); returns (scores, rows)."""
-        sims = q @ self._full_vectors(rows).T
-        if k < sims.shape[1]:
-            part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        else:
-            part = np.broadcast_to(np.arange(sims.shape[1]), sims.shape).copy()
-        top = np.take_along_axis(sims, part, axis=1)
-        order = np.argsort(-top, axis=1, kind="stable")
-        return np.take_along_axis(top, order, axis=1).astype(np.float32), rows[np.take_along_axis(part, order, axis=1)]
+    def plan_for(self, n_selected: int | None) -> str:
+        """``exact`` (scan exactly the selected vectors, or all of a flat index) or ``ann`` (index + selector)."""
+        if n_selected is not None and n_selected <= max(EXACT_MAX_ROWS, EXACT_MAX_FRACTION * self.ntotal):
+            return "exact"
+        return "exact" if self.kind == "flat" and (self._gpu is None or n_selected is not None) else "ann"
 
-    def _faiss_params(self, p: Mapping[str, float], sel: faiss.IDSelector | None) -> tuple[Any, list[Any]]:
+    def _exact(self, q: np.ndarray, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scan of exactly ``rows`` (all when None) with BLAS; returns (scores, rows).
+
+        Few rows: gather their vectors; many rows of stored vectors: one matmul over all, then select.
+        """
+        n_rows = self.ntotal if rows is None else len(rows)
+        scores, found = np.empty((len(q), k), dtype=np.float32), np.empty((len(q), k), dtype=np.int64)
+        gather = self._xb is None or (rows is not None and n_rows <= 0.05 * self.ntotal)
+        mat = self._full_vectors(np.arange(self.ntotal) if rows is None else rows) if gather else self._xb
+        assert mat is not None
+        for lo in range(0, len(q), 64):  # bounded memory for batches of queries
+            sims = q[lo:lo + 64] @ mat.T
+            sims = sims[:, rows] if not gather and rows is not None else sims
+            part = (np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n_rows
+                    else np.broadcast_to(np.arange(n_rows), sims.shape).copy())
+            top = np.take_along_axis(sims, part, axis=1)
+            order = np.argsort(-top, axis=1, kind="stable")
+            part = np.take_along_axis(part, order, axis=1)
+            scores[lo:lo + 64] = np.take_along_axis(top, order, axis=1)
+            found[lo:lo + 64] = part if rows is None else rows[part]
+        return scores, found
+
+    def _faiss_params(self, p: Mapping[str, float], sel: Any) -> tuple[Any, list[Any]]:
         """Per-call search parameter objects (the shared index is never mutated); returns (params, keep-alive)."""
         if self.kind == "flat":
             obj = faiss.SearchParameters(sel=sel) if sel is not None else None
@@ -191,8 +193,6 @@ class VectorIndex:
             obj = faiss.SearchParametersHNSW(efSearch=int(p.get("efSearch", 64)), sel=sel)
             return obj, [sel, obj]
         base = faiss.SearchParametersIVF(nprobe=int(min(self._nlist, p.get("nprobe", 8))), sel=sel)
-        if self.kind == "ivf_sq8":
-            return base, [sel, base]
         obj = faiss.IndexRefineSearchParameters(k_factor=float(p.get("k_factor", 4)), base_index_params=base)
         return obj, [sel, base, obj]
 
@@ -209,47 +209,41 @@ class VectorIndex:
             boost = math.sqrt(min(self.ntotal / max(n_sel, 1), 64.0))  # rarer matches: probe wider
             p = {**p, "nprobe": math.ceil(p.get("nprobe", 8) * boost),
                  "efSearch": math.ceil(max(p.get("efSearch", 64), k) * boost)}
-        if self.kind == "ivf_sq8" and self.vector_source is not None or self.kind == "ivf_sq8" and self._xb is not None:
-            fetch_k = min(n_sel, math.ceil(k * p.get("k_factor", 4)))
-        else:
-            fetch_k = k
-        while True:
+        gpu = self._gpu_search(q, k, p) if rows is None and self._gpu is not None else None
+        while gpu is None:
             obj, _alive = self._faiss_params(p, sel)
-            dist, found = self._search_inner(q, fetch_k, obj, filtered=rows is not None)
+            with _omp_threads(len(q)):
+                dist, found = self._inner.search(q, k, params=obj) if obj is not None else self._inner.search(q, k)
             complete = bool(np.all((found[:, :k] >= 0).sum(axis=1) >= k))
             exhausted = (self.kind == "flat" or (self.kind == "hnsw" and p.get("efSearch", 64) >= n_sel)
-                         or (self.kind.startswith("ivf") and p.get("nprobe", 8) >= self._nlist
-                             and p.get("k_factor", 4) * k >= n_sel))
+                         or (self._nlist > 0 and p.get("nprobe", 8) >= self._nlist and p.get("k_factor", 4) * k >= n_sel))
             if complete or exhausted:
                 break
             p = {**p, "nprobe": min(self._nlist, 2 * p.get("nprobe", 8)), "efSearch": 2 * p.get("efSearch", 64),
                  "k_factor": min(2 * p.get("k_factor", 4), max(1.0, n_sel / k))}
         del keep
-        if self.kind == "ivf_sq8":
-            return self._rescore(q, k, found)
-        scores, out = dist[:, :k].astype(np.float32), found[:, :k]
+        scores, out = (dist.astype(np.float32), found.copy()) if gpu is None else gpu
         short = np.flatnonzero((out >= 0).sum(axis=1) < k)
         if len(short):  # graph/list coverage ran out: exact scan for those queries
-            pool = np.arange(self.ntotal) if rows is None else rows
-            scores[short], out[short] = self._exact(q[short], k, pool)
+            scores[short], out[short] = self._exact(q[short], k, rows)
         return scores, out
 
-    def _search_inner(self, q: np.ndarray, k: int, obj: Any, *, filtered: bool) -> tuple[np.ndarray, np.ndarray]:
-        if self._gpu is not None and not filtered:
-            try:
-                return self._gpu.search(q, k, params=obj) if obj is not None else self._gpu.search(q, k)
-            except Exception:  # GPU path is an optimisation only
-                self._gpu = None
-        return self._inner.search(q, k, params=obj) if obj is not None else self._inner.search(q, k)
-
-    def _rescore(self, q: np.ndarray, k: int, found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact re-ranking of an approximate shortlist against full-precision vectors."""
-        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
-        out = np.full((len(q), k), -1, dtype=np.int64)
-        for i in range(len(q)):
-            cand = np.unique(found[i][found[i] >= 0])
-            if len(cand):
-                s, r = self._exact(q[i:i + 1], min(k, len(cand)), cand)
+    def _gpu_search(self, q: np.ndarray, k: int, p: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Unfiltered search on the GPU copy (flat: exact; IVF: shortlist re-ranked exactly here); None on failure."""
+        try:
+            if self.kind == "flat":
+                dist, found = self._gpu.search(q, k)
+                return dist.astype(np.float32), found
+            ivf = faiss.SearchParametersIVF(nprobe=int(min(self._nlist, p.get("nprobe", 8))))
+            _, cand = self._gpu.search(q, min(self.ntotal, math.ceil(k * p.get("k_factor", 4))), params=ivf)
+        except Exception:  # the GPU is an optimisation only: fall back to the CPU index for good
+            self._gpu = None
+            return None
+        scores, out = np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        for i, row in enumerate(cand):
+            c = np.unique(row[row >= 0])
+            if len(c):
+                s, r = self._exact(q[i:i + 1], min(k, len(c)), c)
                 scores[i, :s.shape[1]], out[i, :s.shape[1]] = s[0], r[0]
         return scores, out
 
@@ -269,37 +263,50 @@ class VectorIndex:
             _fsync(tmp_json)
             os.replace(tmp, target)
             os.replace(tmp_json, vdir / f"{self.level}.json")
-            _fsync_dir(vdir)
+            _fsync(vdir)
         finally:
             for leftover in (tmp, tmp_json):
                 leftover.unlink(missing_ok=True)
         return target
 
 
-def _flat_vectors(inner: faiss.Index, kind: str, d: int) -> np.ndarray | None:
-    """Zero-copy (ntotal, d) view of the full-precision vectors stored in the index, by row."""
-    if kind == "flat":
-        store = inner
-    elif kind == "hnsw":
-        store = faiss.downcast_index(inner.storage)
-    elif kind == "ivf":
-        store = faiss.downcast_index(inner.refine_index)
-    else:
-        return None
+@contextmanager
+def _omp_threads(n_queries: int) -> Iterator[None]:
+    """At most one OpenMP thread per query (FAISS parallelises over queries; idle threads cost wake-ups)."""
+    prev = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, min(prev, n_queries)))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(prev)
+
+
+def _strictly_increasing(a: np.ndarray) -> bool:
+    return len(a) < 2 or bool(np.all(a[1:] > a[:-1]))
+
+
+def _vector_store(inner: Any, kind: str, d: int) -> tuple[Any, np.ndarray | None]:
+    """The sub-index holding full vectors by row, and a zero-copy (ntotal, d) view when they are float32."""
+    store = {"flat": lambda: inner, "hnsw": lambda: inner.storage, "ivf": lambda: inner.refine_index,
+             "ivf_fp16": lambda: inner.refine_index}[kind]()
+    store = faiss.downcast_index(store)
+    if kind == "ivf_fp16":
+        return store, None
     if store.ntotal == 0:
-        return np.zeros((0, d), dtype=np.float32)
-    return faiss.rev_swig_ptr(store.get_xb(), store.ntotal * d).reshape(store.ntotal, d)
+        return store, np.zeros((0, d), dtype=np.float32)
+    return store, faiss.rev_swig_ptr(store.get_xb(), store.ntotal * d).reshape(store.ntotal, d)
 
 
-def _maybe_gpu(inner: faiss.Index, kind: str) -> Any:
-    """A GPU copy of flat indexes for unfiltered search when faiss-gpu sees a GPU (never required)."""
-    if kind != "flat" or inner.ntotal == 0 or os.environ.get("ECHOSEARCH_FAISS_GPU", "1") == "0":
+def _maybe_gpu(inner: Any, kind: str) -> Any:
+    """A GPU copy (flat, or the IVF shortlist stage) for unfiltered search when faiss-gpu sees a GPU; optional."""
+    if kind == "hnsw" or inner.ntotal == 0 or os.environ.get("ECHOSEARCH_FAISS_GPU", "1") == "0":
         return None
     try:
         if faiss.get_num_gpus() <= 0:
             return None
         res = faiss.StandardGpuResources()
-        gpu = faiss.index_cpu_to_gpu(res, 0, inner)
+        src = inner if kind == "flat" else faiss.downcast_index(inner.base_index)
+        gpu = faiss.index_cpu_to_gpu(res, 0, src)
         gpu.referenced_objects = [res]
         return gpu
     except Exception:
@@ -309,20 +316,10 @@ def _maybe_gpu(inner: faiss.Index, kind: str) -> Any:
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        with suppress(OSError) if path.is_dir() else nullcontext():  # some filesystems refuse directory fsync
+            os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # some filesystems refuse directory fsync
-        pass
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # ---- building and tuning ---------------------------------------------------------------------------
@@ -333,22 +330,20 @@ def build_vectors(ids: np.ndarray, vecs: np.ndarray, *, level: str = "video", ta
     start = time.perf_counter()
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     x = normalise(vecs) if len(vecs) else np.zeros((0, vecs.shape[1] if vecs.ndim == 2 else 1), np.float32)
+    if not _strictly_increasing(ids):  # rows in key order: key -> row lookups are a binary search
+        order = np.argsort(ids, kind="stable")
+        ids, x = ids[order], x[order]
+        if not _strictly_increasing(ids):
+            raise ValueError("ids must be unique catalog keys, one per vector")
     n, d = x.shape
-    if len(np.unique(ids)) != n:
-        raise ValueError("ids must be unique catalog keys, one per vector")
-    if force_type is not None:
-        kind, reason = force_type, "forced"
-    else:
-        kind, reason = choose_kind(n, d, latency_ms=latency_ms, memory_budget=memory_budget)
-    if n == 0:
-        kind, reason = "flat", "empty level"
+    kind, reason = (force_type, "forced") if force_type else choose_kind(n, d, latency_ms=latency_ms,
+                                                                          memory_budget=memory_budget)
+    kind, reason = ("flat", "empty level") if n == 0 else (kind, reason)
     desc = factory_string(kind, n)
     index = faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        rng = np.random.default_rng(seed)
+    if not index.is_trained:  # k-means on a sample of 64 points per list (>= 20k)
         n_train = min(n, max(64 * nlist_for(n), 20_000))
-        sample = x if n_train >= n else x[np.sort(rng.choice(n, n_train, replace=False))]
-        index.train(sample)
+        index.train(x if n_train >= n else x[np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))])
     if n:
         index.add_with_ids(x, ids)
     manifest: dict[str, Any] = {
@@ -357,87 +352,62 @@ def build_vectors(ids: np.ndarray, vecs: np.ndarray, *, level: str = "video", ta
         "latency_target_ms": latency_ms, "faiss_version": faiss.__version__,
     }
     vi = VectorIndex(level, index, manifest)
-    if kind == "ivf_sq8":
-        vi.vector_source = lambda want: (want, x[vi.rows_of(want)])
-    recall, n_q = (1.0, 0) if kind == "flat" else _tune(vi, x, ids, target_recall, tune_queries, seed)
-    manifest.update(params=vi.params, recall_at_10=recall, recall_queries=n_q,
+    recall, n_q = (1.0, 0) if kind == "flat" or n < 2 else _tune(vi, x, ids, target_recall, tune_queries, seed)
+    manifest.update(params=vi.params, recall_at_10=recall if n else None, recall_queries=n_q,
                     latency_p50_ms=_latency_p50(vi, x, seed), build_seconds=round(time.perf_counter() - start, 3),
-                    created_at=_now())
-    if n == 0:
-        manifest["recall_at_10"] = None
+                    created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return vi
-
-
-def _recall(vi: VectorIndex, q: np.ndarray, self_ids: np.ndarray, truth: list[set[int]], params: dict[str, float],
-            k: int) -> float:
-    _, got = vi.search(q, k + 1, params=params, plan="ann")
-    hits = sum(len(truth[i] & (set(got[i].tolist()) - {int(self_ids[i])})) for i in range(len(q)))
-    return hits / max(1, sum(len(t) for t in truth))
 
 
 def _tune(vi: VectorIndex, x: np.ndarray, ids: np.ndarray, target: float, n_queries: int, seed: int,
           k: int = 10) -> tuple[float, int]:
-    """Smallest-cost search parameters whose recall@10 (vs exact, self-match excluded) meets ``target``."""
+    """Cheapest search parameters whose recall@10 on sampled queries (vs exact, self excluded) meets ``target``.
+
+    HNSW: the smallest efSearch. IVF: the smallest nprobe with a generous shortlist (binary search; recall grows
+    with nprobe), then the cheapest (nprobe, k_factor) around it by a cost model in vector operations per query.
+    """
     n = len(x)
-    if n < 2:
-        vi.params = {"nprobe": 1, "k_factor": 1.0} if vi.kind.startswith("ivf") else {"efSearch": 16}
-        return 1.0, 0
-    rng = np.random.default_rng(seed + 1)
-    qrows = np.sort(rng.choice(n, min(n_queries, n), replace=False))
+    qrows = np.sort(np.random.default_rng(seed + 1).choice(n, min(n_queries, n), replace=False))
     q, self_ids = x[qrows], ids[qrows]
     _, gt_rows = faiss.knn(q, x, min(k + 1, n), metric=faiss.METRIC_INNER_PRODUCT)
-    truth = [set(ids[r[r >= 0]].tolist()) - {int(s)} for r, s in zip(gt_rows, self_ids, strict=True)]
-    truth = [set(sorted(t)[:k]) if len(t) > k else t for t in truth]
-    # truth sets must be the top-k by score, not by id: recompute ordered
-    truth = []
-    for r, s in zip(gt_rows, self_ids, strict=True):
-        ordered = [int(ids[j]) for j in r if j >= 0 and int(ids[j]) != int(s)]
-        truth.append(set(ordered[:k]))
-    candidates: list[tuple[float, float, dict[str, float]]] = []  # (cost, -recall, params)
+    truth = [set([int(ids[j]) for j in r if j >= 0 and ids[j] != s][:k]) for r, s in zip(gt_rows, self_ids, strict=True)]
+    seen: dict[tuple[float, ...], float] = {}
+
+    def recall(params: dict[str, float]) -> float:
+        key = tuple(params.values())
+        if key not in seen:
+            _, got = vi.search(q, k + 1, params=params, plan="ann")
+            hits = sum(len(t & (set(g.tolist()) - {int(s)})) for t, g, s in zip(truth, got, self_ids, strict=True))
+            seen[key] = hits / max(1, sum(len(t) for t in truth))
+        return seen[key]
+
     if vi.kind == "hnsw":
-        ef = 16
-        while True:
-            params = {"efSearch": float(ef)}
-            r = _recall(vi, q, self_ids, truth, params, k)
-            candidates.append((ef if r >= target else math.inf, -r, params))
-            if r >= target or ef >= max(n, 16) or ef >= 4096:
-                break
-            ef *= 2
-    else:
-        nlist = vi._nlist
-        per_list = n / nlist
-        nprobe_floor = 1
-        for kf in (16.0, 8.0, 4.0, 2.0, 1.0):
-            nprobe = nprobe_floor
-            while True:
-                params = {"nprobe": float(nprobe), "k_factor": kf}
-                r = _recall(vi, q, self_ids, truth, params, k)
-                # cost in vector operations: coarse quantiser + SQ8 scan + random-access exact re-rank
-                cost = nlist + nprobe * per_list * 0.35 + k * kf * 4 if r >= target else math.inf
-                candidates.append((cost, -r, params))
-                if r >= target or nprobe >= nlist:
-                    break
-                nprobe = min(nlist, nprobe * 2)
-            nprobe_floor = nprobe
-            if r < target:
-                break
-    cost, neg_recall, best = min(candidates, key=lambda c: (c[0], c[1]))
-    if math.isinf(cost):
-        _, neg_recall, best = min(candidates, key=lambda c: c[1])
+        grid = [{"efSearch": float(2**i)} for i in range(4, 13)]
+        best = next((p for p in grid if recall(p) >= target), grid[-1])
+        vi.params = best
+        return round(recall(best), 4), len(q)
+    nlist = vi._nlist
+    probes = sorted({min(nlist, 2**i) for i in range(14)})
+    lo, hi = 0, len(probes) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if recall({"nprobe": float(probes[mid]), "k_factor": 16.0}) >= target else (mid + 1, hi)
+    near = {probes[lo], probes[min(lo + 1, len(probes) - 1)]}
+    # coarse quantiser + SQ8 scan of the probed lists + random-access exact re-rank of k * k_factor
+    grid = sorted(({"nprobe": float(p), "k_factor": kf} for p in near for kf in (1.0, 2.0, 4.0, 8.0, 16.0)),
+                  key=lambda c: nlist + c["nprobe"] * n / nlist * 0.35 + k * c["k_factor"] * 4)
+    best = next((p for p in grid if recall(p) >= target), max(grid, key=lambda c: (c["nprobe"], c["k_factor"])))
     vi.params = best
-    return round(-neg_recall, 4), len(q)
+    return round(recall(best), 4), len(q)
 
 
 def _latency_p50(vi: VectorIndex, x: np.ndarray, seed: int, n: int = 30) -> float | None:
-    if len(x) == 0:
-        return None
-    rng = np.random.default_rng(seed + 2)
     times = []
-    for row in rng.choice(len(x), min(n, len(x)), replace=False):
+    for row in np.random.default_rng(seed + 2).choice(len(x), min(n, len(x)), replace=False):
         t0 = time.perf_counter()
         vi.search(x[row:row + 1], 10)
         times.append((time.perf_counter() - t0) * 1000)
-    return round(float(np.median(times)), 4)
+    return round(float(np.median(times)), 4) if times else None
 
 
 # ---- catalog-facing API ------------------------------------------------------------------------------
@@ -446,12 +416,8 @@ def catalog_count(catalog: Any, level: str) -> int:
     table = _TABLES[level][0]
     if not catalog.has_table(table):
         return 0
-    row = catalog.con.sql(f"SELECT count(*) FROM {table}").fetchone()
-    return int(row[0]) if row else 0
-
-
-def _catalog_source(catalog: Any, level: str) -> VectorSource:
-    return lambda want: catalog.embeddings(level, [int(i) for i in want])
+    rows = catalog.con.execute(f"SELECT count(*) FROM {table}").fetchall()  # fetchall: no dangling result
+    return int(rows[0][0]) if rows else 0
 
 
 def build_index(catalog: Any, level: str, *, target_recall: float = 0.95, latency_ms: float = 10.0,
@@ -461,14 +427,11 @@ def build_index(catalog: Any, level: str, *, target_recall: float = 0.95, latenc
         raise ValueError(f"unknown level {level!r}; choose one of {LEVELS}")
     generation = catalog.generation()
     model = catalog.manifest().get("model")
-    if catalog_count(catalog, level):
-        ids, vecs = catalog.embeddings(level)
-    else:
-        ids, vecs = np.zeros(0, np.int64), np.zeros((0, int(catalog.embed_dim() or 1)), np.float32)
+    empty = (np.zeros(0, np.int64), np.zeros((0, int(catalog.embed_dim() or 1)), np.float32))
+    ids, vecs = catalog.embeddings(level) if catalog_count(catalog, level) else empty
     vi = build_vectors(ids, vecs, level=level, target_recall=target_recall, latency_ms=latency_ms,
                        force_type=force_type)
     vi.manifest.update(model=model, catalog_generation=generation, catalog_count=len(ids))
-    vi.vector_source = _catalog_source(catalog, level)
     vi.save(catalog.index_dir)
     return vi
 
@@ -521,16 +484,14 @@ def load_index(index_dir: Path | str, level: str, catalog: Any) -> VectorIndex:
     if index.ntotal != manifest.get("ntotal"):
         raise IndexMismatchError(f"{path} holds {index.ntotal} vectors, its manifest {manifest.get('ntotal')}: "
                                  "run `echosearch reindex`")
-    return VectorIndex(level, index, manifest, vector_source=_catalog_source(catalog, level))
+    return VectorIndex(level, index, manifest)
 
 
-def _read(path: Path) -> faiss.Index:
+def _read(path: Path) -> Any:
     """``read_index`` memory-mapped (flat codes and inverted lists) when this faiss allows, else in memory."""
-    flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | getattr(faiss, "IO_FLAG_MMAP", 0)
-    try:
-        return faiss.read_index(str(path), flags)
-    except RuntimeError:
+    for flags in (getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | getattr(faiss, "IO_FLAG_MMAP", 0), 0):
         try:
-            return faiss.read_index(str(path))
+            return faiss.read_index(str(path), flags)
         except RuntimeError as exc:
-            raise IndexMismatchError(f"cannot read {path}: {exc}; run `echosearch reindex`") from exc
+            error = exc
+    raise IndexMismatchError(f"cannot read {path}: {error}; run `echosearch reindex`") from error

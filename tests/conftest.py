@@ -18,3 +18,34 @@ def real_dicom_dir() -> Path:
     if not REAL_DICOM.is_dir():
         pytest.skip(f"real DICOM corpus not found at {REAL_DICOM}")
     return REAL_DICOM
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo architecture with random weights, in open_clip's folder format (fast, offline)."""
+    import open_clip
+    import torch
+
+    from echosearch.models import write_model_folder
+    from echosearch.train import DEMO_MODEL_CFG
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**DEMO_MODEL_CFG)
+    return write_model_folder(model, DEMO_MODEL_CFG, tmp_path_factory.mktemp("models") / "random-demo-arch",
+                              hints={"name": "random-demo-arch", "frame_policy": "sector"})
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-patient synthetic cohort (DICOM, with a mislabel and events), generated once per session."""
+    from echosearch.synth import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort") / "cohort"
+    generate_cohort(out, patients=6, seed=11, visits=(2, 3), views=("A4C", "PLAX"), mislabel_rate=0.2)
+    return out
+
+
+def demo_model_available() -> bool:
+    from echosearch.models import DEMO_MODEL_DIR
+
+    return (DEMO_MODEL_DIR / "open_clip_model.safetensors").is_file()

@@ -11,6 +11,19 @@ import sys
 
 import typer
 
+try:  # typer >= 0.26 bundles click as typer._click
+    from typer._click.exceptions import ClickException as _TyperClickException
+
+    _CLICK_ERRORS: tuple[type[Exception], ...] = (_TyperClickException,)
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _CLICK_ERRORS = ()
+try:
+    import click as _click
+
+    _CLICK_ERRORS = (*_CLICK_ERRORS, _click.ClickException)
+except ImportError:  # pragma: no cover
+    pass
+
 from echosearch import __version__
 from echosearch.errors import EchosearchError
 
@@ -55,13 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except _CLICK_ERRORS as exc:  # usage errors: typer bundles its own click
+        exc.show()
+        return int(exc.exit_code)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``echosearch scan`` (fill an index's catalog from folders, files or manifests) and ``echosearch preview``."""
+"""``echosearch scan`` (fill an index's catalog from folders, files, manifests) and ``echosearch preview``."""
 
 from __future__ import annotations
 
@@ -14,18 +14,26 @@ from echosearch.errors import SomeInputsFailed
 def register(app: typer.Typer) -> None:
     @app.command()
     def scan(
-        sources: list[Path] = typer.Argument(..., help="Folders, files, or an EchoNet FileList.csv manifest."),
+        sources: list[Path] = typer.Argument(
+            ..., help="Folders, files, or an EchoNet FileList.csv manifest."
+        ),
         index: Path = typer.Option(None, "--index", "-i", help="Index folder (created when missing)."),
-        reports: Path | None = typer.Option(None, "--reports", help="CSV/Parquet: study_uid, accession_number "
-                                            "or file name -> report text."),
-        labels: Path | None = typer.Option(None, "--labels", help="CSV/Parquet of labels (e.g. FileList.csv EF)."),
-        workers: int | None = typer.Option(None, "--workers", "-w", min=0, help="Decode processes (0 = inline)."),
+        reports: Path | None = typer.Option(
+            None, "--reports", help="CSV/Parquet: study_uid, accession_number or file name -> report text."
+        ),
+        labels: Path | None = typer.Option(
+            None, "--labels", help="CSV/Parquet of labels (e.g. FileList.csv EF)."
+        ),
+        workers: int | None = typer.Option(
+            None, "--workers", "-w", min=0, help="Decode processes (0 = inline)."
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Discover, decode and catalog every echo video under SOURCE; bad files are recorded, not fatal.
 
-        Exit status 0 when every input was ingested (or was a report object), 10 when some failed
-        (see the ingest_errors table); re-running skips files already in the catalog.
+        Exit status 0 when all inputs were ingested (or were report objects), 10 when some failed.
+
+        Failures are listed in the ingest_errors table; a re-run skips files already in the catalog.
         """
         from echosearch.catalog import Catalog
         from echosearch.config import load_settings
@@ -34,23 +42,31 @@ def register(app: typer.Typer) -> None:
 
         settings = load_settings(index=index, workers=workers)
         with Catalog.open(settings.index, create=True) as cat:
-            summary = run_scan(sources, cat, settings, reports=reports, labels=labels,
-                               progress=not json_out and err_console.is_terminal)
+            summary = run_scan(
+                sources,
+                cat,
+                settings,
+                reports=reports,
+                labels=labels,
+                progress=not json_out and err_console.is_terminal,
+            )
         if json_out:
             print_json(summary_dict(summary))
         else:
             t = Table(title=f"scan into {settings.index}")
             t.add_column("")
             t.add_column("count", justify="right")
-            for name, value in (("files discovered", summary.discovered),
-                                ("already indexed (skipped)", summary.skipped_known),
-                                ("videos added", summary.videos_added),
-                                ("report objects (SR/PDF)", summary.report_objects),
-                                ("failed", summary.failed),
-                                ("reports attached", summary.reports_attached),
-                                ("reports without a matching study", summary.reports_unmatched),
-                                ("labels recorded", summary.labels_recorded),
-                                ("labels without a matching video", summary.labels_unmatched)):
+            for name, value in (
+                ("files discovered", summary.discovered),
+                ("already indexed (skipped)", summary.skipped_known),
+                ("videos added", summary.videos_added),
+                ("report objects (SR/PDF)", summary.report_objects),
+                ("failed", summary.failed),
+                ("reports attached", summary.reports_attached),
+                ("reports without a matching study", summary.reports_unmatched),
+                ("labels recorded", summary.labels_recorded),
+                ("labels without a matching video", summary.labels_unmatched),
+            ):
                 t.add_row(name, str(value))
             console.print(t)
             if summary.failures:
@@ -62,12 +78,16 @@ def register(app: typer.Typer) -> None:
                 console.print(f)
                 if len(summary.failures) > 50:
                     console.print(f"... and {len(summary.failures) - 50} more")
-            console.print(f"catalog now: {summary.counts.get('videos', 0)} videos, "
-                          f"{summary.counts.get('studies', 0)} studies, {summary.counts.get('patients', 0)} "
-                          f"patients ({summary.elapsed_s:.1f} s)")
+            console.print(
+                f"catalog now: {summary.counts.get('videos', 0)} videos, "
+                f"{summary.counts.get('studies', 0)} studies, {summary.counts.get('patients', 0)} "
+                f"patients ({summary.elapsed_s:.1f} s)"
+            )
         if summary.failed:
-            raise SomeInputsFailed(f"{summary.failed} of {summary.discovered} inputs failed; see ingest_errors "
-                                   f"in {settings.index}")
+            raise SomeInputsFailed(
+                f"{summary.failed} of {summary.discovered} inputs failed; see ingest_errors "
+                f"in {settings.index}"
+            )
 
     @app.command()
     def preview(
@@ -83,7 +103,10 @@ def register(app: typer.Typer) -> None:
 
         if policy not in ("sector", "echoclip"):
             raise ConfigError(f"unknown --policy {policy!r}: use sector or echoclip")
-        fp = FramePolicy(policy, size=size or (224 if policy == "echoclip" else 112))  # type: ignore[arg-type]
+        size = size or (224 if policy == "echoclip" else 112)
+        fp = FramePolicy(policy, size=size)  # type: ignore[arg-type]
         info = render_preview(file, out, fp)
-        console.print(f"{info.out_png}: {info.width}x{info.height}, {info.n_frames} frames, sector "
-                      f"{info.sector_bbox} ({info.sector_source}), policy {info.policy}")
+        console.print(
+            f"{info.out_png}: {info.width}x{info.height}, {info.n_frames} frames, sector "
+            f"{info.sector_bbox} ({info.sector_source}), policy {info.policy}"
+        )

@@ -1,7 +1,101 @@
-"""Placeholder until the command group lands."""
+"""``echosearch audit``, ``changes``, ``match`` and ``eval``: identity audit, change scan, patient matching and
+evaluation against ground truth (rich tables, or JSON with ``--json``)."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
 import typer
+
+from echosearch.catalog import Catalog
+from echosearch.cli.common import console, frame_records, frame_table, print_json
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command()
+    def audit(
+        index: Path = typer.Option(..., "--index", "-i", help="Index folder."),
+        fpr: float = typer.Option(0.01, "--fpr", min=1e-6, max=0.5, help="Nominal share of correct studies flagged."),
+        k: int = typer.Option(50, "-k", "--neighbours", min=1, help="Study neighbours searched per study."),
+        unverifiable: bool = typer.Option(False, "--unverifiable", help="Also list single-study patients."),
+        limit: int = typer.Option(30, "--limit", help="Rows shown in the table (JSON has all)."),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Identity audit: studies whose recorded patient is probably wrong, with the patient they resemble."""
+        from echosearch.identity import audit as run_audit
+
+        with Catalog.open(index) as cat:
+            df = run_audit(cat, fpr=fpr, k=k, report_unverifiable=unverifiable)
+        if json_out:
+            rows = frame_records(df)
+            for r in rows:
+                r["evidence"] = json.loads(r["evidence"])
+            print_json({"run_id": df["run_id"][0] if df.height else None, "suspects": int(df["suspect"].sum()),
+                        "studies": rows})
+            return
+        reasons = [", ".join(json.loads(e)["reasons"][:2]) for e in df["evidence"]]
+        view = df.with_columns(pl.Series("reasons", reasons)).select(
+            "rank", "study_uid", "study_date", "recorded_patient", "own_score", "best_other_patient",
+            "best_other_score", "margin", "p_same", "status", "reasons").head(limit)
+        console.print(frame_table(view, title=f"identity audit of {index}: {int(df['suspect'].sum())} suspect(s) "
+                                              f"among {df.height} studies (run {df['run_id'][0] if df.height else '-'})"))
+
+    @app.command()
+    def changes(
+        index: Path = typer.Option(..., "--index", "-i", help="Index folder."),
+        patient: str = typer.Option(None, "--patient", "-p", help="Patient pseudonym or key (default: everyone)."),
+        z: float = typer.Option(3.0, "--z", help="z-score above which a change is flagged."),
+        show_all: bool = typer.Option(False, "--all", help="Show every study, not only flagged ones."),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Change between visits per patient: scores, z-scores, flags and their explanation."""
+        from echosearch.change import scan_changes
+
+        with Catalog.open(index) as cat:
+            df = scan_changes(cat, patient=patient, z_threshold=z)
+        if json_out:
+            print_json({"run_id": df["run_id"][0] if df.height else None, "flagged": int(df["flagged"].sum()),
+                        "studies": frame_records(df)})
+            return
+        view = df if (show_all or patient is not None) else df.filter(pl.col("flagged"))
+        view = view.select("patient_pseudonym", "visit", "study_date", "score_prev", "z_prev", "score_baseline", "z_baseline",
+                           "flagged", "explanation")
+        console.print(frame_table(view, title=f"changes in {index}: {int(df['flagged'].sum())} flagged of "
+                                              f"{int(df['prev_study_key'].is_not_null().sum())} follow-up studies"))
+
+    @app.command()
+    def match(
+        index: Path = typer.Option(..., "--index", "-i", help="Index folder."),
+        study: str = typer.Option(..., "--study", "-s", help="Study Instance UID (or study key)."),
+        k: int = typer.Option(5, "-k", help="Candidate patients."),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Which patients does this study look like? (the study itself excluded)"""
+        from echosearch.identity import match_patients
+
+        with Catalog.open(index, read_only=True) as cat:
+            df = match_patients(cat, study, k_patients=k)
+        if json_out:
+            print_json({"study": study, "candidates": frame_records(df)})
+            return
+        console.print(frame_table(df, title=f"patients matching study {study}"))
+
+    @app.command("eval")
+    def eval_(
+        index: Path = typer.Option(..., "--index", "-i", help="Index folder."),
+        truth: Path = typer.Option(None, "--truth", "-t", help="Ground-truth table (default: ground_truth.parquet "
+                                                                 "next to the indexed source)."),
+        k: int = typer.Option(10, "-k", help="k of text -> video recall@k."),
+        no_text: bool = typer.Option(False, "--no-text", help="Skip text retrieval (no model load)."),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Evaluate identity, audit, change, zero-shot and retrieval against ground truth."""
+        from echosearch.evaluate import evaluate, format_table
+
+        result = evaluate(index, truth, k=k, text=not no_text)
+        if json_out:
+            print_json(result)
+            return
+        console.print(format_table(result))

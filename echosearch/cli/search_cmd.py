@@ -1,7 +1,128 @@
-"""Placeholder until the command group lands."""
+"""``echosearch search``, ``reports`` and ``reindex``: thin wrappers over :mod:`echosearch.query`."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
 import typer
+from rich.table import Table
+
+from echosearch.cli.common import console, frame_records, frame_table, print_json
+from echosearch.errors import QueryError
+from echosearch.filters import Filters, parse_date
+
+_INDEX = typer.Option(..., "--index", "-i", help="Index folder.")
+_JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+def _one_query(**given: Any) -> tuple[str, Any]:
+    chosen = [(name, value) for name, value in given.items() if value is not None]
+    if len(chosen) != 1:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise QueryError(f"give exactly one of {flags}")
+    return chosen[0]
+
+
+def _display(df: pl.DataFrame, level: str) -> pl.DataFrame:
+    cols = ["rank", "score", "patient_pseudonym", "study_date", "view"]
+    cols += ["path"] if level == "video" else ["study_uid"]
+    cols += ["pred_ef"] if "pred_ef" in df.columns and df["pred_ef"].null_count() < df.height else []
+    names = {"patient_pseudonym": "patient", "study_date": "date", "study_uid": "study", "pred_ef": "EF (pred)"}
+    return df.select([pl.col(c).alias(names.get(c, c)) for c in cols if c in df.columns])
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command()
+    def search(
+        index: Path = _INDEX,
+        text: str | None = typer.Option(None, "--text", help="Find echoes matching this description."),
+        video: Path | None = typer.Option(None, "--video", help="Find echoes like this DICOM/AVI/MP4 file."),
+        like_video: int | None = typer.Option(None, "--like-video", help="Find echoes like this catalog video key."),
+        like_study: str | None = typer.Option(None, "--like-study", help="Find echoes like this study UID."),
+        k: int = typer.Option(10, "-k", "--k", min=1, help="Number of results."),
+        where: str | None = typer.Option(None, "--where", help="SQL filter expression over the search view "
+                                                                "(e.g. \"study_date >= '2020-01-01' AND view = 'A4C'\")."),
+        patient: list[str] | None = typer.Option(None, "--patient", help="Only these patient pseudonyms."),
+        exclude_patient: list[str] | None = typer.Option(None, "--exclude-patient", help="Leave out these patients."),
+        since: str | None = typer.Option(None, "--since", help="Studies on or after this date (YYYY-MM-DD)."),
+        until: str | None = typer.Option(None, "--until", help="Studies on or before this date (YYYY-MM-DD)."),
+        view: list[str] | None = typer.Option(None, "--view", help="Only these views (A4C, PLAX, ...)."),
+        manufacturer: list[str] | None = typer.Option(None, "--manufacturer", help="Manufacturer contains this."),
+        ef_min: float | None = typer.Option(None, "--ef-min", help="Predicted EF at least (%)."),
+        ef_max: float | None = typer.Option(None, "--ef-max", help="Predicted EF at most (%)."),
+        device: list[str] | None = typer.Option(None, "--device", help="Predicted device: pacer_lead, tavr, mitraclip."),
+        level: str = typer.Option("video", "--level", help="Search videos or studies: video | study."),
+        collapse: bool = typer.Option(False, "--collapse", help="Keep only the best clip per study."),
+        json_out: bool = _JSON,
+    ) -> None:
+        """Nearest echoes to a text, a clip, or a catalog video/study, with metadata filters."""
+        from echosearch.query import Searcher
+
+        if level not in ("video", "study"):
+            raise QueryError(f"--level must be video or study, not {level!r}")
+        kind, value = _one_query(text=text, video=video, like_video=like_video, like_study=like_study)
+        filters = Filters(patients=tuple(patient or ()), exclude_patients=tuple(exclude_patient or ()),
+                          since=parse_date(since, "--since"), until=parse_date(until, "--until"),
+                          views=tuple(view or ()), manufacturers=tuple(manufacturer or ()), ef_min=ef_min,
+                          ef_max=ef_max, devices=tuple(device or ()), where=where)
+        with Searcher(index) as s:
+            if kind == "text":
+                df = s.by_text(value, k, level, filters, collapse_study=collapse)
+            elif kind == "video":
+                df = s.by_video_file(value, k, level, filters, collapse_study=collapse)
+            elif kind == "like_video":
+                df = s.like_video(value, k, filters, level=level, collapse_study=collapse)
+            else:
+                df = s.like_study(value, k, filters, level=level, collapse_study=collapse)
+            info = s.last_info
+        n_available = info.n_available if info else df.height
+        if json_out:
+            print_json({"query": {kind: str(value)}, "level": level, "k": k, "n_available": n_available,
+                        "plan": info.plan if info else None, "filters": filters.as_dict(),
+                        "results": frame_records(df)})
+            return
+        title = f"{df.height} of {n_available} {level}s" + (" (best clip per study)" if collapse else "")
+        console.print(frame_table(_display(df, level), title=title))
+
+    @app.command()
+    def reports(
+        index: Path = _INDEX,
+        video: Path | None = typer.Option(None, "--video", help="Reports nearest to this DICOM/AVI/MP4 file."),
+        like_video: int | None = typer.Option(None, "--like-video", help="Reports nearest to this catalog video."),
+        like_study: str | None = typer.Option(None, "--like-study", help="Reports nearest to this study UID."),
+        k: int = typer.Option(5, "-k", "--k", min=1, help="Number of reports."),
+        json_out: bool = _JSON,
+    ) -> None:
+        """Nearest report texts (other studies' reports) to a clip or a catalog video/study."""
+        from echosearch.query import Searcher
+
+        kind, value = _one_query(video=video, like_video=like_video, like_study=like_study)
+        with Searcher(index) as s:
+            df = s.reports_for(Path(value) if kind == "video" else value, k)
+            info = s.last_info
+        if json_out:
+            print_json({"query": {kind: str(value)}, "k": k, "n_available": info.n_available if info else df.height,
+                        "results": frame_records(df)})
+            return
+        console.print(frame_table(df.select("rank", "score", pl.col("patient_pseudonym").alias("patient"),
+                                            pl.col("study_date").alias("date"), pl.col("report_text").alias("report")),
+                                  title=f"{df.height} nearest reports"))
+
+    @app.command()
+    def reindex(index: Path = _INDEX, json_out: bool = _JSON) -> None:
+        """Rebuild the vector indexes (video, study, report) from the catalog alone."""
+        from echosearch.query import reindex as rebuild
+
+        manifests = rebuild(index)
+        if json_out:
+            print_json(manifests)
+            return
+        t = Table(title=f"vector indexes of {index}")
+        for col in ("level", "type", "vectors", "params", "recall@10", "p50 ms", "build s"):
+            t.add_column(col)
+        for level, m in manifests.items():
+            t.add_row(level, m["index_type"], str(m["ntotal"]), str(m.get("params") or "-"),
+                      str(m.get("recall_at_10")), str(m.get("latency_p50_ms")), str(m.get("build_seconds")))
+        console.print(t)

@@ -98,7 +98,7 @@ def random_anatomy(rng: np.random.Generator, heart_id: int, spread: float, diffi
     vals["rv_len"] *= vals["lv_len"]
     if vals["mac"] < 1.5:
         vals["mac"] = 0.0
-    contrast = 0.55 * min(1.6, spread) ** 0.5 / (0.6 + 0.4 * difficulty)
+    contrast = 0.32 * min(1.6, spread) ** 0.5 / (0.6 + 0.4 * difficulty)
     return Anatomy(heart_id=heart_id, texture_seed=int(rng.integers(0, 2**31 - 1)), tex_contrast=contrast,
                    **vals)
 
@@ -132,9 +132,11 @@ def heart_texture(seed: int, contrast: float) -> np.ndarray:
     """
     rng = np.random.default_rng([seed, 0x7E7])
     field = np.zeros((TEX_N, TEX_N), np.float32)
-    for sigma, weight in ((1.0, 0.45), (4.0, 1.0), (10.0, 0.8)):
-        n = rng.standard_normal((TEX_N, TEX_N)).astype(np.float32)
-        n = cv2.GaussianBlur(n, (0, 0), sigma)
+    for down, weight in ((1, 0.45), (4, 1.0), (10, 0.8)):  # octaves drawn coarse, then enlarged
+        side = TEX_N // down
+        n = cv2.GaussianBlur(rng.standard_normal((side, side), dtype=np.float32), (0, 0), 1.0)
+        if down > 1:
+            n = cv2.resize(n, (TEX_N, TEX_N), interpolation=cv2.INTER_CUBIC)
         field += weight * n / (n.std() + 1e-6)
     streaks = np.zeros((TEX_N, TEX_N), np.uint8)
     for _ in range(int(rng.integers(6, 12))):

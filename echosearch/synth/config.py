@@ -88,8 +88,8 @@ class SynthConfig:
 
     @property
     def spread(self) -> float:
-        """How far patients' anatomy spreads around the population mean (1 at difficulty 1)."""
-        return 1.3 / (0.3 + self.difficulty)
+        """How far patients' anatomy spreads around the population mean (1 at difficulty 1, 0.4..2)."""
+        return min(2.0, max(0.4, 1.3 / (0.3 + self.difficulty)))
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class Profile:
 PROFILES: tuple[Profile, ...] = (
     Profile("meridian-v9", "Meridian Imaging", "Vistara 9", (240, 320), (600, 800), None,
             ExplicitVRLittleEndian, "MONOCHROME2", True, 50, 42.0, 0.0, (235, 235, 235), (200, 200, 200)),
-    Profile("northwind-c7", "Northwind Medical", "NW Cardio 7", (240, 320), (768, 1024), (1.0, 0.86, 0.66),
+    Profile("northwind-c7", "Northwind Medical", "NW Cardio 7", (192, 256), (768, 1024), (1.0, 0.86, 0.66),
             JPEGBaseline8Bit, "YBR_FULL_422", True, 60, 40.0, 0.02, (240, 240, 200), (40, 220, 60)),
     Profile("helix-hs2000", "Helix Sonics", "HS-2000", (192, 256), (480, 640), None,
             RLELossless, "MONOCHROME2", False, 30, 38.0, -0.02, (220, 220, 220), (180, 180, 180)),

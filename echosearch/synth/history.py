@@ -7,7 +7,6 @@ the heart (new anatomy and texture, normal EF, no devices). The first visit neve
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
@@ -114,7 +113,3 @@ def patient_history(rng: np.random.Generator, n_visits: int, first_date: dt.date
                               tuple(events), hr))
     return out
 
-
-def with_date(visit: VisitState, date: dt.date) -> VisitState:
-    """The same visit on another date (used by tests and tools that re-time a history)."""
-    return dataclasses.replace(visit, date=date)

@@ -8,6 +8,7 @@ then log-compress through a lookup table. Everything outside the sector is exact
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -18,11 +19,11 @@ import numpy as np
 from echosearch.synth.anatomy import TEX_MM, TEX_U0, TEX_V0, heart_texture
 from echosearch.synth.config import Profile, Size
 from echosearch.synth.history import VisitState
-from echosearch.synth.scenes import CHEST, DRAW, Canvas, Phase, Pose
+from echosearch.synth.scenes import CHEST, DRAW, Canvas, Phase, Pose, origin_u
 
 _BASE_DEPTH = {"A4C": 170.0, "A2C": 165.0, "PLAX": 155.0}
 _BASE_ORIENT = {"A4C": 0.0, "A2C": 0.0, "PLAX": -8.0}
-_N_SPECKLE = 3
+_N_SPECKLE = 4
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Sector:
 
     def mask(self) -> np.ndarray:
         """Boolean (H, W): pixels that may hold image data."""
-        return self.weight() > 0
+        return _mask(self).copy()
 
     def to_dict(self) -> dict[str, object]:
         return {"apex_x": round(self.apex_x, 2), "apex_y": round(self.apex_y, 2),
@@ -78,7 +79,7 @@ def sector_for(profile: Profile, size: Size) -> Sector:
     """Each profile's fan: apex near the top, an ECG strip below, room for text and a scale beside it."""
     h, w = profile.shape(size)
     apex_y = round(0.055 * h)
-    radius = h - apex_y - round(0.13 * h) - max(3, round(0.015 * h))
+    radius = float(h - apex_y - round(0.13 * h) - max(3, round(0.015 * h)))
     half = math.radians(profile.half_angle_deg)
     room = w * (0.5 - 0.085 - abs(profile.apex_dx))
     radius = min(radius, room / math.sin(half))
@@ -162,65 +163,86 @@ def _lut(dyn_range: float) -> np.ndarray:
 
 
 def _speckle(rng: np.random.Generator, shape: tuple[int, int], mm_per_px: float) -> np.ndarray:
-    """Rayleigh-distributed speckle (mean 1), grains wider laterally than axially, as a probe images them."""
-    sx, sy = max(0.5, 0.8 / mm_per_px), max(0.35, 0.4 / mm_per_px)
+    """Rayleigh-like speckle (mean 1), grains wider laterally than axially, as a probe images them."""
+    sx, sy = max(0.9, 1.0 / mm_per_px), max(0.6, 0.5 / mm_per_px)
     re = cv2.GaussianBlur(rng.standard_normal(shape, dtype=np.float32), (0, 0), sx, sigmaY=sy)
     im = cv2.GaussianBlur(rng.standard_normal(shape, dtype=np.float32), (0, 0), sx, sigmaY=sy)
     amp = cv2.magnitude(re, im)
-    return (amp / amp.mean()).astype(np.float32)
+    return (0.35 + 0.65 * amp / amp.mean()).astype(np.float32)
 
 
-def heart_pose(acq: Acquisition) -> Pose:
-    """Heart-millimetre to frame-pixel map of this acquisition."""
+@functools.lru_cache(maxsize=32)
+def _mask(s: Sector) -> np.ndarray:
+    return s.weight() > 0
+
+
+@functools.lru_cache(maxsize=32)
+def _geometry(s: Sector) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Soft weight, distance to the apex (pixels) and beam angle / half-angle, cropped to the bbox."""
+    x0, y0, x1, y1 = s.bbox
+    weight = s.weight()[y0:y1, x0:x1]
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dx, dy = xx - s.apex_x, yy - s.apex_y
+    return weight, np.hypot(dx, dy), np.arctan2(dx, dy) / math.radians(s.half_angle_deg)
+
+
+def heart_pose(acq: Acquisition, u0: float = 0.0) -> Pose:
+    """Heart-millimetre to frame-pixel map of this acquisition (``u0``: see :func:`scenes.origin_u`)."""
     s = acq.sector
     k = 1.0 / acq.mm_per_px
-    return Pose(s.apex_x + acq.lat_mm * k, s.apex_y + acq.depth0_mm * k, acq.orient_deg, k)
+    return Pose(s.apex_x + acq.lat_mm * k, s.apex_y + acq.depth0_mm * k, acq.orient_deg, k, u0)
 
 
-def render_video(visit: VisitState, acq: Acquisition) -> Rendered:
-    """Render the cine loop of ``acq`` for the heart of ``visit`` (deterministic in ``acq.seed``)."""
+def render_video(visit: VisitState, acq: Acquisition, with_masks: bool = True) -> Rendered:
+    """Render the cine loop of ``acq`` for the heart of ``visit`` (deterministic in ``acq.seed``).
+
+    ``with_masks=False`` skips the LV cavity masks (empty array) when only pixels are wanted.
+    """
     rng = np.random.default_rng(acq.seed)
     s = acq.sector
     x0, y0, x1, y1 = s.bbox
     bh, bw = y1 - y0, x1 - x0
-    weight = s.weight()[y0:y1, x0:x1]
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    dx, dy = xx - s.apex_x, yy - s.apex_y
-    r_mm = np.hypot(dx, dy) * acq.mm_per_px
-    lateral = 1.0 - 0.3 * (np.arctan2(dx, dy) / math.radians(s.half_angle_deg)) ** 4
-    gain_map = acq.gain * np.exp(-acq.atten * r_mm) * lateral * weight
-    full_pose = heart_pose(acq)
-    pose = Pose(full_pose.ox - x0, full_pose.oy - y0, full_pose.theta_deg, full_pose.px_per_mm)
+    weight, r_px, beam = _geometry(s)
+    r_mm = r_px * acq.mm_per_px
+    gain_map = acq.gain * np.exp(-acq.atten * r_mm) * np.clip(1.0 - 0.3 * beam**4, 0.4, 1.0) * weight
     a = visit.anatomy
+    fp = heart_pose(acq, origin_u(acq.view, a))
+    pose = Pose(fp.ox - x0, fp.oy - y0, fp.theta_deg, fp.px_per_mm, fp.u0)
     tex = heart_texture(a.texture_seed, round(a.tex_contrast, 4))
     m = pose.matrix() @ np.array([[TEX_MM, 0, TEX_U0], [0, TEX_MM, TEX_V0], [0, 0, 1]], np.float64)
     tex_img = cv2.warpAffine(tex, m, (bw, bh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    texgain = (tex_img * gain_map * 0.01).astype(np.float32)
-    haze = (acq.haze * np.exp(-r_mm / 10.0) * weight).astype(np.float32)
-    noise = (acq.noise * weight).astype(np.float32)
-    bank = [_speckle(rng, (bh, bw), acq.mm_per_px) for _ in range(_N_SPECKLE)]
+    # per-frame arithmetic is one multiply and one add of precomputed banks (LUT index units: 1/1024)
+    texgain = tex_img * gain_map * (0.01 * 1024.0)
+    haze = acq.haze * np.exp(-r_mm / 10.0) * weight * 1024.0
+    pad = 12  # one speckle field; the bank holds shifted crops of it
+    field = _speckle(rng, (bh + pad, bw + pad), acq.mm_per_px)
+    offs = rng.integers(0, pad + 1, (_N_SPECKLE, 2))
+    speckle = [field[dy:dy + bh, dx:dx + bw] for dy, dx in offs]
+    mult = [(texgain * sp).astype(np.float32) for sp in speckle]
+    hiss = np.abs(rng.standard_normal((bh + pad, bw + pad), dtype=np.float32))
+    hiss *= np.float32(acq.noise * 1024.0)
+    add = [(haze * speckle[(k + 1) % _N_SPECKLE] + hiss[dy:dy + bh, dx:dx + bw] * weight).astype(np.float32)
+           for k, (dy, dx) in enumerate(offs)]
     lut = _lut(acq.dyn_range)
     inside = weight > 0
     sigma = max(0.5, 0.45 / acq.mm_per_px)
     draw = DRAW[acq.view]
     frames = np.zeros((acq.n_frames, s.height, s.width), np.uint8)
-    masks = np.zeros((acq.n_frames, s.height, s.width), bool)
+    masks = np.zeros((acq.n_frames, s.height, s.width) if with_masks else (0, s.height, s.width), bool)
     contraction = np.zeros(acq.n_frames, np.float32)
     canvas = np.empty((bh, bw), np.uint8)
     lvm = np.empty((bh, bw), np.uint8)
+    picks = rng.integers(0, _N_SPECKLE, (acq.n_frames, 2))
     for f in range(acq.n_frames):
         ph = Phase.at(acq.phase0 + f * acq.hr / 60.0 / acq.fps)
         contraction[f] = ph.p
         canvas.fill(CHEST)
         lvm.fill(0)
-        draw(Canvas(canvas, lvm, pose), visit, ph)
-        v = cv2.GaussianBlur(canvas, (0, 0), sigma).astype(np.float32)
-        v *= texgain
-        v *= bank[f % _N_SPECKLE]
-        v += haze * bank[(f + 1) % _N_SPECKLE]
-        v += np.abs(rng.standard_normal((bh, bw), dtype=np.float32)) * noise
-        np.minimum(v, 3.999, out=v)
-        v *= 1024.0
+        draw(Canvas(canvas, lvm if with_masks else None, pose), visit, ph)
+        v = cv2.multiply(cv2.GaussianBlur(canvas, (0, 0), sigma), mult[picks[f, 0]], dtype=cv2.CV_32F)
+        cv2.add(v, add[picks[f, 1]], dst=v)
+        np.clip(v, 0.0, 4095.0, out=v)
         frames[f, y0:y1, x0:x1] = lut[v.astype(np.uint16)]
-        masks[f, y0:y1, x0:x1] = (lvm > 0) & inside
+        if with_masks:
+            np.logical_and(lvm > 0, inside, out=masks[f, y0:y1, x0:x1])
     return Rendered(frames, masks, contraction)

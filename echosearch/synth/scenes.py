@@ -20,7 +20,7 @@ from echosearch.synth.history import VisitState
 
 SHIFT = 4  # fixed-point bits of OpenCV drawing coordinates
 ONE = 1 << SHIFT
-CHEST, MYO, PERI, VALVE, BLOOD, SEC, DEVICE, CALC, SUTURE = 24, 55, 110, 75, 3, 6, 250, 120, 105
+CHEST, MYO, PERI, VALVE, BLOOD, SEC, DEVICE, CALC, SUTURE = 16, 60, 120, 80, 3, 6, 250, 130, 115
 
 
 @dataclass(frozen=True)
@@ -31,16 +31,19 @@ class Pose:
     oy: float
     theta_deg: float
     px_per_mm: float
+    u0: float = 0.0  # heart u that lands on (ox, oy): the LV apex in apical views
 
     def pt(self, u: float, v: float) -> tuple[float, float]:
         c, s = math.cos(math.radians(self.theta_deg)), math.sin(math.radians(self.theta_deg))
+        u = u - self.u0
         return self.ox + self.px_per_mm * (c * u - s * v), self.oy + self.px_per_mm * (s * u + c * v)
 
     def matrix(self) -> np.ndarray:
         """2x3 matrix of the same map, for warping heart-frame rasters."""
         c, s = math.cos(math.radians(self.theta_deg)), math.sin(math.radians(self.theta_deg))
         k = self.px_per_mm
-        return np.array([[k * c, -k * s, self.ox], [k * s, k * c, self.oy]], np.float64)
+        return np.array([[k * c, -k * s, self.ox - k * c * self.u0],
+                         [k * s, k * c, self.oy - k * s * self.u0]], np.float64)
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,9 @@ class Phase:
 
 
 class Canvas:
-    """A reflectivity canvas plus the LV-cavity mask, with drawing in heart millimetres."""
+    """A reflectivity canvas plus (optionally) the LV-cavity mask, with drawing in heart millimetres."""
 
-    def __init__(self, img: np.ndarray, mask: np.ndarray, pose: Pose) -> None:
+    def __init__(self, img: np.ndarray, mask: np.ndarray | None, pose: Pose) -> None:
         self.img, self.mask, self.pose = img, mask, pose
 
     def _c(self, u: float, v: float) -> tuple[int, int]:
@@ -85,20 +88,20 @@ class Canvas:
         t = -1 if thick <= 0 else max(1, int(round(thick * self.pose.px_per_mm)))
         ang = ang + self.pose.theta_deg
         cv2.ellipse(self.img, self._c(u, v), axes, ang, arc[0], arc[1], val, t, cv2.LINE_AA, SHIFT)
-        if lv is not None:
+        if lv is not None and self.mask is not None:
             cv2.ellipse(self.mask, self._c(u, v), axes, ang, arc[0], arc[1], lv, t, cv2.LINE_8, SHIFT)
 
     def line(self, pts: list[tuple[float, float]], val: int, thick: float, lv: int | None = None) -> None:
         arr = np.array([self._c(u, v) for u, v in pts], np.int32).reshape(-1, 1, 2)
         t = max(1, int(round(thick * self.pose.px_per_mm)))
         cv2.polylines(self.img, [arr], False, val, t, cv2.LINE_AA, SHIFT)
-        if lv is not None:
+        if lv is not None and self.mask is not None:
             cv2.polylines(self.mask, [arr], False, lv, t, cv2.LINE_8, SHIFT)
 
     def poly(self, pts: list[tuple[float, float]], val: int, lv: int | None = None) -> None:
         arr = np.array([self._c(u, v) for u, v in pts], np.int32).reshape(-1, 1, 2)
         cv2.fillPoly(self.img, [arr], val, cv2.LINE_AA, SHIFT)
-        if lv is not None:
+        if lv is not None and self.mask is not None:
             cv2.fillPoly(self.mask, [arr], lv, cv2.LINE_8, SHIFT)
 
 
@@ -120,8 +123,11 @@ def _chest(cv: Canvas, a: Anatomy) -> None:
         cv.line([(-120, -a.apex_depth * frac), (120, -a.apex_depth * frac)], val, 2.0)
 
 
-def _mitral(cv: Canvas, hinge_a: tuple[float, float], hinge_p: tuple[float, float], open_a: tuple[float, float],
-            open_p: tuple[float, float], coapt: tuple[float, float], opening: float, clip: bool) -> None:
+Pt = tuple[float, float]
+
+
+def _mitral(cv: Canvas, hinge_a: Pt, hinge_p: Pt, open_a: Pt, open_p: Pt, coapt: Pt, opening: float,
+            clip: bool) -> None:
     """Two leaflets from their hinges; with a MitraClip their tips stay joined under a bright clip."""
     if clip:
         opening *= 0.3
@@ -131,7 +137,7 @@ def _mitral(cv: Canvas, hinge_a: tuple[float, float], hinge_p: tuple[float, floa
     cv.line([hinge_a, ta], VALVE, 2.0, lv=0)
     cv.line([hinge_p, tp], VALVE, 2.0, lv=0)
     if clip:
-        cv.ellipse(ta[0], ta[1], 3.5, 5.5, DEVICE, lv=0)
+        cv.ellipse(ta[0], ta[1], 4.5, 6.5, DEVICE, lv=0)
 
 
 def draw_a4c(cv: Canvas, vs: VisitState, ph: Phase) -> None:
@@ -267,10 +273,16 @@ def draw_a2c(cv: Canvas, vs: VisitState, ph: Phase) -> None:
     hinge_a, hinge_p = (hw * 0.95, base), (-hw * 0.95, base)
     if a.mac > 0:
         cv.ellipse(hinge_p[0] - 2, hinge_p[1] + 1, a.mac, a.mac * 0.7, CALC)
-    _mitral(cv, hinge_a, hinge_p, (hinge_a[0] - 4, base - a.lv_wid * 0.48), (hinge_p[0] + 3, base - a.lv_wid * 0.3),
+    _mitral(cv, hinge_a, hinge_p, (hinge_a[0] - 4, base - a.lv_wid * 0.48),
+            (hinge_p[0] + 3, base - a.lv_wid * 0.3),
             (hw * 0.1, base - 6), ph.mitral * (0.55 if vs.ef < 35 else 1.0), vs.mitraclip)
     if vs.transplanted:
         cv.line([(-la_w, v_la + 2), (la_w, v_la - 2)], SUTURE, 2.2)
+
+
+def origin_u(view: str, a: Anatomy) -> float:
+    """Heart u placed under the probe: near the LV apex in apical views, the mitral hinge in PLAX."""
+    return 0.55 * (a.sept / 2 + a.lv_wid / 2) if view == "A4C" else 0.0
 
 
 DRAW = {"A4C": draw_a4c, "PLAX": draw_plax, "A2C": draw_a2c}

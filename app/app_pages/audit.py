@@ -1,0 +1,120 @@
+"""Identity audit: studies whose recorded patient looks wrong, with evidence, clips and reviewer decisions."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import streamlit as st
+import ui
+
+from echosearch.errors import EchosearchError
+
+st.title("Identity audit")
+st.caption("Studies ranked by how unlikely it is that they show their recorded patient: the study vector is "
+           "compared with the recorded patient's other studies and with the closest studies of every other patient.")
+idx = ui.app_index()
+
+if idx.latest_run("audit") is None:
+    st.info("No identity audit has been run on this index yet.")
+    if st.button("Run the identity audit now", type="primary"):
+        try:
+            with st.spinner("Auditing every study ..."):
+                idx.run_audit()
+            ui.app_index().log(ui.actor(), "run_audit", {})
+        except EchosearchError as exc:
+            st.error(str(exc))
+            st.stop()
+        st.rerun()
+    st.stop()
+
+scope = st.segmented_control("Show", ["awaiting review", "all suspects", "all audited studies"],
+                              default="all suspects") or "all suspects"
+res = idx.audit_results(suspects_only=scope != "all audited studies")
+suspects = res.filter(pl.col("suspect")) if res.height else res
+c1, c2, c3 = st.columns(3)
+c1.metric("Suspect studies", suspects.height)
+c2.metric("Awaiting review", int(suspects["decision"].is_null().sum()) if suspects.height else 0)
+c3.metric("Confirmed wrong ID", int((suspects["decision"] == "confirmed").sum()) if suspects.height else 0)
+if scope == "awaiting review" and res.height:
+    res = res.filter(pl.col("decision").is_null())
+if st.button("Re-run the audit"):
+    with st.spinner("Auditing every study ..."):
+        idx.run_audit()
+    idx.log(ui.actor(), "run_audit", {})
+    st.rerun()
+if res.height == 0:
+    st.success("No suspect studies to show from the latest audit run.")
+    st.stop()
+
+summary = res.select(
+    "rank", pl.col("study_date").alias("study date"), pl.col("recorded_patient").alias("recorded patient"),
+    pl.col("best_other_patient").alias("most resembles"), pl.col("p_same").alias("P(recorded patient)"),
+    pl.col("margin"), "suspect", pl.col("decision").fill_null("awaiting review"), "reviewer")
+st.dataframe(summary, hide_index=True, width="stretch",
+             column_config={"P(recorded patient)": st.column_config.ProgressColumn(min_value=0, max_value=1,
+                                                                                    format="%.2f"),
+                            "margin": st.column_config.NumberColumn(format="%.3f")})
+
+ranks = res["rank"].to_list()
+rank = st.selectbox("Review suspect", ranks, format_func=lambda r: (
+    lambda row: f"#{r} · study of {ui.fmt_date(row['study_date'])} recorded as {row['recorded_patient']}")(
+    res.filter(pl.col("rank") == r).row(0, named=True)))
+s = res.filter(pl.col("rank") == rank).row(0, named=True)
+study_key = int(s["study_key"])
+ui.log_once(f"audit_view:{study_key}", "view_audit_suspect", {"study_key": study_key,
+                                                              "patient": s["recorded_patient"]})
+evidence = json.loads(s["evidence"] or "{}")
+for reason in evidence.get("reasons") or []:
+    st.warning(reason)
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Similarity to recorded patient", "n/a" if s["own_score"] is None else f"{s['own_score']:.3f}")
+m2.metric("Similarity to closest other patient", "n/a" if s["best_other_score"] is None else f"{s['best_other_score']:.3f}")
+m3.metric("Margin", "n/a" if s["margin"] is None else f"{s['margin']:+.3f}")
+m4.metric("P(recorded patient is right)", "n/a" if s["p_same"] is None else f"{s['p_same']:.2f}")
+
+own = [int(k) for k, _ in evidence.get("own_patient_studies") or []]
+other = [int(k) for k, _ in evidence.get("best_other_studies") or []]
+cos = {int(k): c for k, c in (evidence.get("own_patient_studies") or []) + (evidence.get("best_other_studies") or [])}
+keys = [study_key] + own[:1] + other[:1]
+vids = idx.study_videos(keys)
+info = {r["study_key"]: r for r in idx.study_info(keys).iter_rows(named=True)}
+first_view = vids.filter(pl.col("study_key") == study_key)["view"].drop_nulls().to_list()
+view = first_view[0] if first_view else None
+
+st.subheader("Side by side" + (f" ({view})" if view else ""))
+cols = st.columns(3)
+panels = [(study_key, f"This study, recorded as **{s['recorded_patient']}**"),
+          (own[0] if own else None, f"Closest other study of the recorded patient **{s['recorded_patient']}**"),
+          (other[0] if other else None, f"Closest study of **{s['best_other_patient'] or 'another patient'}**, "
+                                        "the patient it most resembles")]
+for col, (key, title) in zip(cols, panels, strict=True):
+    with col:
+        st.markdown(title)
+        if key is None:
+            st.caption("no such study")
+            continue
+        r = info.get(key, {})
+        ui.clip(ui.first_video_of(vids, key, view))
+        extra = f" · cosine {cos[key]:.3f}" if key in cos and key != study_key else ""
+        st.caption(f"study of {ui.fmt_date(r.get('study_date'))}{extra}")
+        if r.get("patient_pseudonym") and st.button("Open patient timeline", key=f"open-{key}"):
+            ui.open_patient(str(r["patient_pseudonym"]))
+
+st.subheader("Decision")
+if s["decision"]:
+    st.info(f"Latest decision: **{s['decision']}** by {s['reviewer']} on {ui.fmt_date(s['decided_at'])}"
+            + (f" — {s['note']}" if s["note"] else ""))
+with st.form(f"decide-{study_key}", clear_on_submit=True):
+    decision = st.radio("Is the recorded patient wrong?", ["confirmed", "dismissed"], horizontal=True,
+                        format_func={"confirmed": "Confirmed: wrong patient ID",
+                                     "dismissed": "Dismissed: the recorded patient is right"}.get)
+    note = st.text_input("Note (optional; no patient names)")
+    if st.form_submit_button("Save decision", type="primary"):
+        idx.record_decision(study_key, str(decision), ui.actor(), note or None)
+        st.toast(f"Saved: {decision}")
+        st.rerun()
+hist = idx.decisions(study_key)
+if hist.height:
+    with st.expander(f"Decision history ({hist.height})"):
+        st.dataframe(hist.select("decision", "reviewer", "occurred_at", "note"), hide_index=True)

@@ -1,0 +1,143 @@
+"""Search: free text, an uploaded clip, or "more like this"; filters; a gallery of playing clips."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import streamlit as st
+import ui
+
+from echosearch import app_api
+from echosearch.errors import EchosearchError
+from echosearch.previews import preview_policy, render_preview
+
+EXAMPLE = "SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION."
+DEVICE_LABELS = {"pacer_lead": "pacemaker/ICD lead", "tavr": "TAVR valve", "mitraclip": "MitraClip"}
+COLUMNS = 4
+
+st.title("Search echoes")
+idx = ui.app_index()
+opts = idx.filter_options()
+
+# ---- filters --------------------------------------------------------------------------------------------
+with st.sidebar:
+    st.header("Filters")
+    lo, hi = opts["date_min"], opts["date_max"]
+    dates: Any = st.date_input("Study dates", value=(lo, hi) if lo and hi else (), min_value=lo, max_value=hi)
+    views = st.multiselect("View", opts["views"])
+    pseudonyms = opts["patients"]["patient_pseudonym"].to_list()
+    patient = st.selectbox("Patient (pseudonym)", ["any", *pseudonyms])
+    ef_band = st.selectbox("Predicted EF", list(app_api.EF_BANDS))
+    devices = st.multiselect("Device present (predicted)", list(DEVICE_LABELS), format_func=DEVICE_LABELS.get)
+    makers = st.multiselect("Manufacturer", opts["manufacturers"]) if opts["manufacturers"] else []
+    level = st.radio("Show", ["video", "study"], format_func={"video": "clips", "study": "studies"}.get,
+                     horizontal=True)
+    k = st.slider("Results", 4, 48, 12, step=4)
+since, until = (dates[0], dates[1]) if isinstance(dates, (tuple, list)) and len(dates) == 2 else (None, None)
+if since == lo and until == hi:
+    since = until = None
+filters = app_api.make_filters(since=since, until=until, views=views, patient=None if patient == "any" else patient,
+                               ef_band=ef_band, devices=devices, manufacturers=makers)
+
+
+def run(req: app_api.SearchRequest, query_clip: bytes | None = None) -> None:
+    """Run a search, keep its results in the session and record it in the access log."""
+    try:
+        with st.spinner("Searching ..."):
+            hits, reports = app_api.run_search(ui.searcher(), req)
+    except (EchosearchError, OSError) as exc:
+        st.error(str(exc))
+        return
+    idx.log(ui.actor(), "search", req.log_detail(hits.height))
+    st.session_state["search"] = {"label": req.label, "hits": hits, "reports": reports, "level": req.level,
+                                  "query_clip": query_clip, "request": req}
+
+
+# ---- query -----------------------------------------------------------------------------------------------
+text_tab, clip_tab = st.tabs(["Describe findings", "Upload a clip"])
+with text_tab, st.form("text-search"):
+    text = st.text_input("Findings to look for (report language works best)", placeholder=EXAMPLE)
+    if st.form_submit_button("Search", type="primary"):
+        run(app_api.SearchRequest("text", k=k, level=level, filters=filters, text=text or EXAMPLE,
+                                  label=f"“{text or EXAMPLE}”"))
+with clip_tab:
+    upload = st.file_uploader("Echo clip: DICOM, AVI or MP4", accept_multiple_files=False)
+    if upload is not None and st.button("Find similar", type="primary"):
+        with tempfile.TemporaryDirectory(prefix="echosearch-upload-") as tmp:
+            path = Path(tmp) / ("query" + Path(upload.name).suffix.lower()[:8])
+            path.write_bytes(upload.getvalue())
+            clip_bytes = None
+            try:
+                policy = preview_policy((idx.manifest().get("model") or {}).get("preprocessing"))
+                prev = render_preview(path, Path(tmp) / "preview.mp4", policy)
+                clip_bytes = prev.path.read_bytes() if prev.media == "video" else None
+            except (EchosearchError, OSError):
+                pass  # the search reports unreadable files itself
+            run(app_api.SearchRequest("file", k=k, level=level, filters=filters, path=path,
+                                      label="the uploaded clip"), clip_bytes)
+
+pending = st.session_state.pop("more_like", None)
+if pending is not None:
+    run(app_api.SearchRequest(k=k, level=level, filters=filters, **pending))
+linked = st.query_params.get("q")  # a shareable link: ?q=findings
+if linked and st.session_state.get("_linked_q") != linked:
+    st.session_state["_linked_q"] = linked
+    run(app_api.SearchRequest("text", k=k, level=level, filters=filters, text=linked, label=f"“{linked}”"))
+
+# ---- results ---------------------------------------------------------------------------------------------
+res = st.session_state.get("search")
+if not res:
+    st.info("Describe what you are looking for (for example “" + EXAMPLE + "”), upload a clip, or use "
+            "“More like this” on any result. Filters are in the sidebar.")
+    st.stop()
+
+hits: pl.DataFrame = res["hits"]
+st.subheader(f"{hits.height} {'clips' if res['level'] == 'video' else 'studies'} most like {res['label']}")
+if res.get("query_clip"):
+    qc, rc = st.columns([1, 3])
+    with qc:
+        st.video(res["query_clip"], autoplay=True, loop=True, muted=True)
+        st.caption("Query clip as the model sees it (sector only)")
+else:
+    rc = st.container()
+reports: pl.DataFrame = res["reports"]
+with rc:
+    if reports.height:
+        st.markdown("**Nearest report sentences**")
+        for r in reports.iter_rows(named=True):
+            st.markdown(f"- {' '.join(app_api.sentences(r.get('report_text'), 3))} "
+                        f"<span style='color:gray'>(score {r['score']:.2f})</span>", unsafe_allow_html=True)
+if hits.height == 0:
+    st.warning("Nothing matches these filters.")
+    st.stop()
+
+study_keys = hits["study_key"].drop_nulls().to_list()
+vids = idx.study_videos(study_keys)
+own_reports = {r["study_key"]: r["text"] for r in idx.reports(study_keys).iter_rows(named=True)}
+raw = {r["patient_pseudonym"]: r["patient_id_raw"] for r in opts["patients"].iter_rows(named=True)}
+rows = hits.rows(named=True)
+for start in range(0, len(rows), COLUMNS):
+    cols = st.columns(COLUMNS)
+    for col, h in zip(cols, rows[start:start + COLUMNS], strict=False):
+        with col, st.container(border=True):
+            vk = h.get("video_key")
+            if vk is None:
+                vk = ui.first_video_of(vids, int(h["study_key"]), views[0] if views else None)
+            ui.clip(vk)
+            ef = f" · EF≈{h['pred_ef']:.0f}%" if h.get("pred_ef") is not None else ""
+            st.markdown(f"**{h['score']:.3f}** · {ui.fmt_date(h['study_date'])} · {h.get('view') or 'view n/a'}{ef}")
+            st.caption(ui.patient_label(h["patient_pseudonym"], raw.get(h["patient_pseudonym"])))
+            sent = app_api.sentences(own_reports.get(h["study_key"]), 2)
+            if sent:
+                st.caption("Report: " + " ".join(sent))
+            b1, b2 = st.columns(2)
+            if b1.button("More like this", key=f"more-{h['rank']}-{h['study_key']}-{vk}"):
+                st.session_state["more_like"] = (
+                    {"kind": "video", "video_key": int(vk), "label": f"clip {vk}"} if h.get("video_key") is not None
+                    else {"kind": "study", "study_uid": h["study_uid"], "label": f"study of {ui.fmt_date(h['study_date'])}"})
+                st.rerun()
+            if b2.button("Patient", key=f"pat-{h['rank']}-{h['study_key']}-{vk}"):
+                ui.open_patient(h["patient_pseudonym"])

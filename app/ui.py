@@ -1,0 +1,155 @@
+"""Shared presentation helpers of the pages: cached resources, login, clips, labels. No domain logic here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from echosearch import app_api
+from echosearch.errors import EchosearchError
+
+APP_DIR = Path(__file__).resolve().parent
+PAGES = {"search": "app_pages/search.py", "patient": "app_pages/patient.py", "audit": "app_pages/audit.py",
+         "index": "app_pages/index_status.py"}
+
+
+# ---- resources shared by every session of this process -------------------------------------------------
+def index_dir() -> Path:
+    return app_api.resolve_index(sys.argv[1:]).resolve()
+
+
+@st.cache_resource(show_spinner="Opening the index ...")
+def _app_index(path: str) -> app_api.AppIndex:
+    return app_api.AppIndex(path)
+
+
+@st.cache_resource(show_spinner="Loading the model and vector indexes ...")
+def _searcher(path: str) -> Any:
+    return app_api.open_searcher(_app_index(path))
+
+
+def app_index() -> app_api.AppIndex:
+    """The process-wide index; stops the page with a readable message when it cannot be opened."""
+    try:
+        return _app_index(str(index_dir()))
+    except EchosearchError as exc:
+        st.error(f"Cannot open the index: {exc}")
+        st.stop()
+        raise  # unreachable; for type checkers
+
+
+def searcher() -> Any:
+    try:
+        return _searcher(str(index_dir()))
+    except EchosearchError as exc:
+        st.error(f"Search is unavailable: {exc}")
+        st.stop()
+        raise
+
+
+# ---- who is using the app -------------------------------------------------------------------------------
+def _listening_on_loopback() -> bool:
+    addr = st.get_option("server.address")
+    return bool(addr) and app_api.is_loopback(str(addr))
+
+
+def require_login() -> str:
+    """The actor name for the audit trail; shows a login and stops the run until one is known."""
+    if st.session_state.get("actor"):
+        return str(st.session_state["actor"])
+    mode = app_api.auth_mode(APP_DIR)
+    if mode == "oidc":
+        if not st.user.is_logged_in:
+            st.title("echosearch")
+            st.write("Sign in to use this echocardiography archive.")
+            st.button("Sign in", on_click=st.login, type="primary")
+            st.stop()
+        actor = str(st.user.get("email") or st.user.get("name") or st.user.get("sub") or "oidc-user")
+        st.session_state["actor"] = actor
+        return actor
+    if mode == "password":
+        st.title("echosearch")
+        with st.form("login"):
+            name = st.text_input("Your name (recorded in the access log)")
+            password = st.text_input("Password", type="password")
+            ok = st.form_submit_button("Sign in", type="primary")
+        if ok:
+            if name.strip() and app_api.check_password(password):
+                st.session_state["actor"] = name.strip()
+                app_index().log(name.strip(), "login", {"method": "password"})
+                st.rerun()
+            app_index().log(name.strip() or "?", "login_failed", {"method": "password"})
+            st.error("Wrong name or password.")
+        st.stop()
+    if not _listening_on_loopback():
+        st.error("This app is reachable from the network but no login is configured. Start it with "
+                 "`echosearch serve` (127.0.0.1 by default) or configure a login (see docs/app.md).")
+        st.stop()
+    actor = app_api.local_actor()
+    st.session_state["actor"] = actor
+    return actor
+
+
+def actor() -> str:
+    return str(st.session_state.get("actor") or app_api.local_actor())
+
+
+def log_once(key: str, action: str, detail: dict[str, Any]) -> None:
+    """Append to the access log once per distinct ``key`` in this session (reruns do not repeat it)."""
+    seen = st.session_state.setdefault("_logged", set())
+    if key in seen:
+        return
+    app_index().log(actor(), action, detail)
+    seen.add(key)
+
+
+# ---- display ------------------------------------------------------------------------------------------
+def patient_label(pseudonym: str | None, raw_id: str | None = None) -> str:
+    """Pseudonym, plus the raw ID only when the index was built with raw identifiers (opt-in)."""
+    if pseudonym is None:
+        return "unknown patient"
+    return f"{pseudonym} ({raw_id})" if raw_id else str(pseudonym)
+
+
+def fmt_date(value: Any) -> str:
+    return value.isoformat() if hasattr(value, "isoformat") else ("no date" if value is None else str(value))
+
+
+def clip(video_key: int | None, caption: str | None = None) -> None:
+    """A looping, muted preview of the prepared (sector-masked) frames of a video."""
+    if video_key is None:
+        st.caption("no clip")
+        return
+    try:
+        with st.spinner("Preparing clip ..."):
+            prev = app_index().preview(int(video_key))
+    except (EchosearchError, OSError) as exc:
+        st.caption(f"clip unavailable: {exc}")
+        return
+    if prev.media == "video":
+        st.video(str(prev.path), autoplay=True, loop=True, muted=True)
+    else:
+        st.image(str(prev.path))
+    if caption:
+        st.caption(caption)
+
+
+def open_patient(pseudonym: str) -> None:
+    """Go to the patient page for ``pseudonym``."""
+    st.session_state["patient"] = pseudonym
+    st.switch_page(PAGES["patient"])
+
+
+def first_video_of(studies_videos: Any, study_key: int, view: str | None = None) -> int | None:
+    """A video of a study, preferring ``view`` (rows from ``AppIndex.study_videos``)."""
+    rows = studies_videos.filter(studies_videos["study_key"] == study_key)
+    if rows.height == 0:
+        return None
+    if view is not None:
+        same = rows.filter(rows["view"] == view)
+        if same.height:
+            return int(same["video_key"][0])
+    return int(rows["video_key"][0])

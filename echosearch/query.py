@@ -1,0 +1,255 @@
+"""The query API: nearest videos, studies or reports to a vector, text, video file or catalog id, with filters.
+
+Every method returns a polars DataFrame, best first: ``rank``, ``score`` (cosine similarity) and the catalog
+metadata of each hit (``RESULT_COLUMNS``), joined by catalog key. The catalog is opened read-only; vector
+indexes are loaded on first use and refused when stale; the encoder is loaded only for text/file queries.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from echosearch.catalog import Catalog
+from echosearch.errors import ModelMismatchError, QueryError
+from echosearch.filters import Filters, resolve_ids
+from echosearch.vectorindex import LEVELS, VectorIndex, build_all, catalog_count, load_index
+
+RESULT_COLUMNS = ("rank", "score", "video_key", "study_key", "study_uid", "patient_pseudonym", "study_date", "view",
+                  "manufacturer", "path", "pred_ef")
+REPORT_COLUMNS = ("rank", "score", "study_key", "study_uid", "patient_pseudonym", "study_date", "report_text")
+
+_VIDEO_META = """
+SELECT v.video_key, v.study_key, s.study_uid, p.patient_pseudonym, s.study_date, v.view, v.manufacturer, v.path,
+       coalesce(vp.value, sp.value) AS pred_ef
+FROM videos v JOIN studies s ON s.study_key = v.study_key JOIN patients p ON p.patient_key = s.patient_key
+LEFT JOIN predictions vp ON vp.level = 'video' AND vp.task = 'ef' AND vp.key = v.video_key
+LEFT JOIN predictions sp ON sp.level = 'study' AND sp.task = 'ef' AND sp.key = v.study_key
+WHERE v.video_key IN (SELECT unnest(?::BIGINT[]))
+"""
+_STUDY_META = """
+SELECT NULL::BIGINT AS video_key, s.study_key, any_value(s.study_uid) AS study_uid,
+       any_value(p.patient_pseudonym) AS patient_pseudonym, any_value(s.study_date) AS study_date,
+       string_agg(DISTINCT v.view, ',' ORDER BY v.view) AS view, min(v.manufacturer) AS manufacturer,
+       NULL::VARCHAR AS path, coalesce(any_value(sp.value), avg(vp.value)) AS pred_ef,
+       any_value(r.text) AS report_text
+FROM studies s JOIN patients p ON p.patient_key = s.patient_key
+LEFT JOIN videos v ON v.study_key = s.study_key
+LEFT JOIN reports r ON r.study_key = s.study_key
+LEFT JOIN predictions sp ON sp.level = 'study' AND sp.task = 'ef' AND sp.key = s.study_key
+LEFT JOIN predictions vp ON vp.level = 'video' AND vp.task = 'ef' AND vp.key = v.video_key
+WHERE s.study_key IN (SELECT unnest(?::BIGINT[]))
+GROUP BY s.study_key
+"""
+
+
+@dataclass
+class SearchInfo:
+    """How the last search ran: ``n_available`` results existed (after filters), ``plan`` exact or ann."""
+
+    level: str
+    k: int
+    n_available: int
+    n_returned: int
+    plan: str
+    filters: dict[str, Any] = field(default_factory=dict)
+
+
+class Searcher:
+    """Search one index folder. Not for concurrent use from several threads without its lock (held per call)."""
+
+    def __init__(self, index_dir: Path | str, *, encoder: Any = None) -> None:
+        self.index_dir = Path(index_dir)
+        self.catalog = Catalog.open(self.index_dir, read_only=True)
+        self._encoder = encoder
+        self._indexes: dict[str, VectorIndex] = {}
+        self._video_study: tuple[np.ndarray, np.ndarray] | None = None
+        self._lock = threading.RLock()
+        self.last_info: SearchInfo | None = None
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- resources ------------------------------------------------------------------------------
+    def index(self, level: str) -> VectorIndex:
+        """The level's vector index, loaded (and checked against the catalog) on first use."""
+        if level not in LEVELS:
+            raise QueryError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+        with self._lock:
+            if level not in self._indexes:
+                if catalog_count(self.catalog, level) == 0:
+                    raise QueryError(f"index {self.index_dir} has no {level} embeddings: run `echosearch index` first")
+                self._indexes[level] = load_index(self.index_dir, level, self.catalog)
+            return self._indexes[level]
+
+    def encoder(self) -> Any:
+        """The encoder this index was built with (loaded on first text/file query)."""
+        if self._encoder is None:
+            from echosearch.encode import encoder_for_index
+
+            self._encoder = encoder_for_index(self.catalog)
+        else:
+            ident, stored = getattr(self._encoder, "identity", None), self.catalog.get_manifest("model")
+            if isinstance(ident, dict) and isinstance(stored, dict) and any(
+                    ident.get(key) != stored.get(key) for key in ("weights_sha256", "embed_dim")):
+                raise ModelMismatchError(f"index {self.index_dir} was built with {stored.get('name')}; "
+                                         f"the given encoder is {ident.get('name')}")
+        return self._encoder
+
+    def _vector(self, level: str, key: int) -> np.ndarray:
+        ids, vecs = self.catalog.embeddings(level, [int(key)])
+        if len(ids) == 0:
+            raise QueryError(f"{level} {key} has no embedding in {self.index_dir} (unknown id or not encoded yet)")
+        return vecs[0]
+
+    def _study_of(self, video_keys: np.ndarray) -> np.ndarray:
+        """Study key of each video key (cached key table)."""
+        if self._video_study is None:
+            t = self.catalog.con.sql("SELECT video_key, study_key FROM videos ORDER BY video_key").to_arrow_table()
+            self._video_study = (t.column(0).to_numpy().astype(np.int64), t.column(1).to_numpy().astype(np.int64))
+        keys, studies = self._video_study
+        pos = np.clip(np.searchsorted(keys, video_keys), 0, max(len(keys) - 1, 0))
+        return studies[pos] if len(keys) else np.zeros(len(video_keys), np.int64)
+
+    def _videos_of_study(self, study_key: int) -> list[int]:
+        rows = self.catalog.con.execute("SELECT video_key FROM videos WHERE study_key = ?", [study_key]).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def _study_key(self, study_uid: str) -> int:
+        key = self.catalog.study_key(study_uid)
+        if key is None:
+            raise QueryError(f"study {study_uid!r} is not in {self.index_dir}")
+        return key
+
+    # ---- the core -----------------------------------------------------------------------------
+    def _search(self, vec: np.ndarray, k: int, level: str, filters: Filters | None, *,
+                exclude: set[int] | None = None, collapse_study: bool = False) -> pl.DataFrame:
+        if k < 1:
+            raise QueryError(f"k must be at least 1, got {k}")
+        with self._lock:
+            vi = self.index(level)
+            q = np.asarray(vec, dtype=np.float32).reshape(1, -1)
+            if q.shape[1] != vi.dim:
+                raise QueryError(f"query vector has width {q.shape[1]}; the {level} index has {vi.dim}")
+            sel = resolve_ids(self.catalog.con, level, filters)
+            drop = np.asarray(sorted(exclude or ()), dtype=np.int64)
+            if sel is not None and len(drop):
+                sel = np.setdiff1d(sel, drop, assume_unique=True)
+            pool = vi.ids if sel is None else vi.ids[vi.rows_of(sel)]
+            raw_available = len(pool) - (int(np.isin(drop, pool).sum()) if sel is None else 0)
+            collapse = collapse_study and level == "video"
+            n_available = raw_available
+            if collapse:
+                kept = pool if sel is not None else np.setdiff1d(pool, drop, assume_unique=True)
+                n_available = len(np.unique(self._study_of(kept)))
+            fetch = min(len(pool), (4 * k if collapse else k) + (len(drop) if sel is None else 0))
+            while True:
+                scores, ids = vi.search(q, fetch, selector_ids=sel)
+                scores, ids = scores[0], ids[0]
+                if len(drop) and sel is None:
+                    keep = ~np.isin(ids, drop)
+                    scores, ids = scores[keep], ids[keep]
+                if collapse:  # best clip per study: first occurrence in score order
+                    _, first = np.unique(self._study_of(ids), return_index=True)
+                    first = np.sort(first)
+                    scores, ids = scores[first], ids[first]
+                if len(ids) >= k or fetch >= len(pool):
+                    break
+                fetch = min(len(pool), fetch * 4)
+            scores, ids = scores[:k], ids[:k]
+            frame = self._frame(level, ids, scores)
+            plan = vi.plan_for(None if sel is None else len(pool))
+            self.last_info = SearchInfo(level, k, n_available, frame.height, plan,
+                                        filters.as_dict() if filters else {})
+            return frame
+
+    def _frame(self, level: str, ids: np.ndarray, scores: np.ndarray) -> pl.DataFrame:
+        """Hits with catalog metadata, in rank order."""
+        key = "video_key" if level == "video" else "study_key"
+        hits = pl.DataFrame({"rank": np.arange(1, len(ids) + 1, dtype=np.int32), "score": scores.astype(np.float64),
+                             key: ids.astype(np.int64)})
+        sql = _VIDEO_META if level == "video" else _STUDY_META
+        meta = self.catalog.con.sql(sql, params=[[int(i) for i in ids]]).pl()
+        meta = meta.with_columns(pl.col("video_key").cast(pl.Int64), pl.col("study_key").cast(pl.Int64))
+        out = hits.join(meta, on=key, how="left").sort("rank")
+        cols = REPORT_COLUMNS if level == "report" else RESULT_COLUMNS
+        return out.select([c for c in cols if c in out.columns])
+
+    # ---- public queries -----------------------------------------------------------------------
+    def by_vector(self, vec: np.ndarray, k: int = 10, level: str = "video", filters: Filters | None = None, *,
+                  collapse_study: bool = False) -> pl.DataFrame:
+        """Nearest items of ``level`` to an embedding (normalised here)."""
+        return self._search(vec, k, level, filters, collapse_study=collapse_study)
+
+    def by_text(self, text: str, k: int = 10, level: str = "video", filters: Filters | None = None, *,
+                collapse_study: bool = False) -> pl.DataFrame:
+        """Nearest items to a text description (the model's text tower; e.g. report phrases)."""
+        if not text.strip():
+            raise QueryError("empty text query")
+        vec = np.asarray(self.encoder().encode_text([text]))[0]
+        return self._search(vec, k, level, filters, collapse_study=collapse_study)
+
+    def embed_file(self, path: Path | str) -> np.ndarray:
+        """The video vector of a DICOM/AVI/MP4 file, prepared and encoded as the index's videos were."""
+        from echosearch.pipeline import embed_file
+
+        if not Path(path).is_file():
+            raise QueryError(f"no such file: {path}")
+        video_vec, _frames = embed_file(Path(path), self.encoder())
+        return np.asarray(video_vec, dtype=np.float32)
+
+    def by_video_file(self, path: Path | str, k: int = 10, level: str = "video", filters: Filters | None = None, *,
+                      collapse_study: bool = False) -> pl.DataFrame:
+        """Nearest items to an uploaded clip (not added to the index)."""
+        return self._search(self.embed_file(path), k, level, filters, collapse_study=collapse_study)
+
+    def like_video(self, video_key: int, k: int = 10, filters: Filters | None = None, *, level: str = "video",
+                   collapse_study: bool = False) -> pl.DataFrame:
+        """Items most like a catalog video, the video itself excluded (its study, at study level)."""
+        vec = self._vector("video", video_key)
+        exclude = {int(video_key)} if level == "video" else {int(self._study_of(np.array([video_key]))[0])}
+        return self._search(vec, k, level, filters, exclude=exclude, collapse_study=collapse_study)
+
+    def like_study(self, study_uid: str, k: int = 10, filters: Filters | None = None, *, level: str = "study",
+                   collapse_study: bool = False) -> pl.DataFrame:
+        """Items most like a catalog study (its study vector), the study and its own videos excluded."""
+        key = self._study_key(study_uid)
+        vec = self._vector("study", key)
+        exclude = {key} if level != "video" else set(self._videos_of_study(key))
+        return self._search(vec, k, level, filters, exclude=exclude, collapse_study=collapse_study)
+
+    def reports_for(self, query: np.ndarray | int | str | Path, k: int = 5, *,
+                    include_self: bool = False) -> pl.DataFrame:
+        """Nearest report texts to a vector, a video key, a study UID or a video file (``Path``).
+
+        For a catalog video or study its own study's report is left out unless ``include_self``.
+        """
+        own: set[int] = set()
+        if isinstance(query, Path):
+            vec = self.embed_file(query)
+        elif isinstance(query, str):
+            key = self._study_key(query)
+            vec, own = self._vector("study", key), {key}
+        elif isinstance(query, (int, np.integer)):
+            vec = self._vector("video", int(query))
+            own = {int(self._study_of(np.array([int(query)]))[0])}
+        else:
+            vec = np.asarray(query, dtype=np.float32)
+        return self._search(vec, k, "report", None, exclude=None if include_self else own)
+
+
+def reindex(index_dir: Path | str, **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """Rebuild every level's vector index from the catalog alone; returns the manifests."""
+    with Catalog.open(index_dir, read_only=True) as cat:
+        return {level: vi.manifest for level, vi in build_all(cat, **kwargs).items()}

@@ -1,0 +1,209 @@
+"""Prepare stage: frame sampling, sector finding (regions and estimation), model-input policies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from echosearch.decode import UltrasoundRegion, decode_video, read_meta
+from echosearch.errors import PrepareError
+from echosearch.prepare import (
+    FramePolicy,
+    Sector,
+    find_sector,
+    policy_manifest,
+    prepare_frames,
+    region_box,
+    sample_indices,
+)
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real-dicom"
+
+
+def real(name: str) -> Path:
+    path = REAL / name
+    if not path.is_file():
+        pytest.skip(f"real DICOM corpus not found at {REAL}")
+    return path
+
+
+@given(n_total=st.integers(1, 5000), n=st.integers(1, 128))
+@settings(max_examples=200, deadline=None)
+def test_sample_indices_properties(n_total: int, n: int) -> None:
+    idx = sample_indices(n_total, FramePolicy(n_frames=n))
+    assert len(idx) == n and idx.dtype == np.int64
+    assert idx.min() >= 0 and idx.max() < n_total
+    assert np.all(np.diff(idx) >= 0)
+    if n_total >= n:
+        assert len(np.unique(idx)) == n  # no repeats when the clip is long enough
+    else:
+        assert set(idx.tolist()) == set(range(n_total))  # every frame used, some repeated
+
+
+def test_sample_indices_uniform_and_errors() -> None:
+    assert sample_indices(65, FramePolicy(n_frames=4)).tolist() == [8, 24, 40, 56]
+    assert sample_indices(1, FramePolicy(n_frames=3)).tolist() == [0, 0, 0]
+    with pytest.raises(PrepareError):
+        sample_indices(0, FramePolicy())
+    with pytest.raises(ValueError):
+        FramePolicy(name="bogus")  # type: ignore[arg-type]
+    manifest = policy_manifest(FramePolicy("echoclip", 16, 224))
+    assert manifest["name"] == "echoclip" and manifest["size"] == 224 and json.dumps(manifest)
+
+
+# ---- synthetic fan: moving speckle, static text, a sweeping ECG trace -------------------------------------
+def fan_clip(t: int = 12, h: int = 240, w: int = 320, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    fan = np.zeros((h, w), np.uint8)
+    cv2.ellipse(fan, (w // 2, 20), (190, 190), 90, -40, 40, 1, -1)
+    frames = np.zeros((t, h, w, 3), np.uint8)
+    for i in range(t):
+        speckle = rng.integers(20, 200, (h, w), dtype=np.uint8)
+        frames[i][fan.astype(bool)] = speckle[fan.astype(bool), None]
+        cv2.putText(frames[i], "HR 61 bpm  4V1c", (5, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
+        cv2.putText(frames[i], "18 Jul 08", (250, 230), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (200, 200, 200), 1)
+        x = 10 + 15 * i  # ECG sweep below the fan
+        cv2.line(frames[i], (10, 225), (x, 225 - (i % 3) * 4), (0, 255, 0), 1)
+    return frames, fan.astype(bool)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def test_estimated_sector_is_the_fan_without_text_or_ecg() -> None:
+    frames, fan = fan_clip()
+    sector = find_sector(frames)
+    assert sector.source == "estimated" and iou(sector.mask, fan) > 0.9
+    text = np.zeros(fan.shape, bool)
+    text[:18, :150] = True
+    text[218:, :] = True  # ECG strip and date
+    assert not (sector.mask & text & ~fan).any()
+    prepared = prepare_frames(frames, sector, FramePolicy(size=112))
+    assert prepared.shape == (12, 112, 112, 3) and prepared.dtype == np.uint8
+
+
+def test_single_frame_intensity_estimate_and_full_fallback() -> None:
+    frames, fan = fan_clip(t=1)
+    sector = find_sector(frames)
+    assert sector.source == "estimated" and iou(sector.mask, fan) > 0.85
+    blank = np.zeros((1, 50, 60, 3), np.uint8)
+    full = find_sector(blank)
+    assert full.source == "full" and full.bbox == (0, 0, 60, 50) and full.mask.all()
+
+
+def test_regions_box_used_and_inconsistent_regions_ignored() -> None:
+    frames, fan = fan_clip()
+    regions = [UltrasoundRegion(40, 18, 280, 212, 1, 1), UltrasoundRegion(0, 215, 319, 239, 4, 9)]  # 2D + ECG
+    sector = find_sector(frames, regions)
+    assert sector.source == "regions"
+    x0, y0, x1, y1 = sector.bbox
+    assert x0 >= 40 and y0 >= 18 and x1 <= 281 and y1 <= 213
+    assert region_box(regions, 240, 320) == (40, 18, 281, 213)
+    assert region_box([UltrasoundRegion(84, 31, 595, 414, 1, 1)], 240, 320) is None  # overruns the image
+    assert find_sector(frames, [UltrasoundRegion(84, 31, 595, 414, 1, 1)]).source == "estimated"
+
+
+def test_prepare_blanks_outside_and_keeps_aspect() -> None:
+    frames = np.full((2, 40, 80, 3), 200, np.uint8)
+    mask = np.zeros((40, 80), bool)
+    mask[10:30, 10:70] = True
+    mask[10, 10] = False
+    out = prepare_frames(frames, Sector(mask, (10, 10, 70, 30), "estimated"), FramePolicy(size=60))
+    assert out.shape == (2, 60, 60, 3)
+    # a 60x20 box padded to 60x60: rows 20..39 hold content, the rest is padding
+    assert out[:, :20].max() == 0 and out[:, 40:].max() == 0 and out[:, 21:39, 1:].min() == 200
+    assert out[0, 20, 0].max() == 0  # the blanked corner pixel
+
+
+def reference_crop_and_scale(img: np.ndarray, size: int, zoom: float = 0.1) -> np.ndarray:
+    """EchoCLIP's public example (``crop_and_scale`` with res=(size,size)), written out independently."""
+    h, w = img.shape[:2]
+    if w / h > 1:
+        pad = int(round((w - h) / 2))
+        img = img[:, pad:-pad]
+    elif w / h < 1:
+        pad = int(round((h - w) / 2))
+        img = img[pad:-pad]
+    pad_x, pad_y = round(int(img.shape[1] * zoom)), round(int(img.shape[0] * zoom))
+    img = img[pad_y:-pad_y, pad_x:-pad_x]
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+@pytest.mark.parametrize("shape", [(456, 576), (600, 430), (224, 224)])
+def test_echoclip_policy_matches_public_example(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(4)
+    frames = rng.integers(0, 256, (2, *shape, 3), dtype=np.uint8)
+    sector = Sector(np.ones(shape, bool), (0, 0, shape[1], shape[0]), "full")
+    out = prepare_frames(frames, sector, FramePolicy("echoclip", size=224))
+    for f, o in zip(frames, out, strict=True):
+        np.testing.assert_array_equal(o, reference_crop_and_scale(f, 224))
+
+
+def test_acuson_sector_from_regions_excludes_ecg_and_text() -> None:
+    path = real("ACUSON_Sequoia_echo_A4C_65f_JPEG.dcm")
+    meta = read_meta(path, "dicom")
+    dec = decode_video(path, "dicom", sample_indices(meta.n_frames, FramePolicy()))
+    sector = find_sector(dec.frames, dec.meta.regions)
+    assert sector.source == "regions"
+    x0, y0, x1, y1 = sector.bbox
+    assert x0 >= 27 and y0 >= 48 and x1 <= 549 and y1 <= 392  # inside the 2D tissue region
+    assert not sector.mask[392:].any()  # ECG trace and the soft-key bar below the region
+    assert not sector.mask[:48].any()  # patient/header text above it
+    # burned-in acquisition text right of the fan (static bright pixels in the header columns)
+    static_bright = (np.ptp(dec.frames, axis=0).max(-1) == 0) & (dec.frames[0].max(-1) > 150)
+    text = static_bright.copy()
+    text[:, :440] = False
+    assert text.sum() > 200 and not (sector.mask & text).any()
+    # the fan itself is kept: most moving pixels are inside the mask
+    moving = np.ptp(dec.frames, axis=0).max(-1) > 40
+    moving[392:] = False
+    assert (sector.mask & moving).sum() > 0.9 * moving.sum()
+
+
+@pytest.mark.parametrize("name", ["SonoSite_echo_A4C_30f_JPEG_small.dcm", "US-PAL-8-10x-echo_JPEGLS.dcm"])
+def test_real_estimated_sector_drops_margins(name: str) -> None:
+    path = real(name)
+    dec = decode_video(path, "dicom", sample_indices(read_meta(path, "dicom").n_frames, FramePolicy()))
+    sector = find_sector(dec.frames, dec.meta.regions)
+    assert sector.source == "estimated"
+    frac = sector.mask.mean()
+    assert 0.2 < frac < 0.7  # the fan, not the whole screen with its text and colour bars
+    assert not sector.mask[: dec.frames.shape[1] // 20].all(axis=1).any()  # top rows (text) not fully kept
+
+
+def fan_from_truth(sector_json: str, height: int, width: int) -> np.ndarray:
+    """The ground-truth fan of a synthetic file (apex, radius, half-angle about the downward vertical)."""
+    sec = json.loads(sector_json)
+    fan = np.zeros((height, width), np.uint8)
+    apex = (int(round(sec["apex_x"])), int(round(sec["apex_y"])))
+    r, half = int(sec["radius"]), float(sec["half_angle_deg"])
+    cv2.ellipse(fan, apex, (r, r), 90, -half, half, 1, -1)
+    return fan.astype(bool)
+
+
+def test_synthetic_cohort_overlays_blank_and_sector_kept(tmp_path: Path) -> None:
+    synth = pytest.importorskip("echosearch.synth", reason="synthetic cohort generator not available")
+    truth = synth.generate_cohort(tmp_path, patients=2, seed=7, fmt="both", visits=(2, 2))
+    kinds = set()
+    for row in truth.iter_rows(named=True):
+        path = tmp_path / row["path"]
+        kind = "avi" if row["format"] == "avi" else "dicom"
+        meta = read_meta(path, kind)
+        dec = decode_video(path, kind, sample_indices(meta.n_frames, FramePolicy()))
+        sector = find_sector(dec.frames, dec.meta.regions)
+        kinds.add((kind, sector.source))
+        for ov in json.loads(row["overlay_boxes"] or "[]"):  # burned-in text, ECG, scale bars: all blank
+            bx0, by0, bx1, by1 = (int(v) for v in ov["box"])
+            assert not sector.mask[by0:by1, bx0:bx1].any(), f"{row['path']}: overlay {ov['kind']} kept"
+        fan = fan_from_truth(row["sector"], meta.height, meta.width)
+        assert iou(sector.mask, fan) > 0.85, row["path"]  # the imaging sector itself is kept
+        prepared = prepare_frames(dec.frames, sector, FramePolicy())
+        assert prepared.shape == (16, 112, 112, 3)
+    assert ("avi", "estimated") in kinds and ("dicom", "regions") in kinds
