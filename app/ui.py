@@ -12,6 +12,7 @@ from echosearch import app_api
 from echosearch.errors import EchosearchError
 
 APP_DIR = Path(__file__).resolve().parent
+MAX_CHOICES = 2000  # longer lists become a search box
 PAGES = {"search": "app_pages/search.py", "patient": "app_pages/patient.py", "audit": "app_pages/audit.py",
          "index": "app_pages/index_status.py"}
 
@@ -126,7 +127,7 @@ def clip(video_key: int | None, caption: str | None = None) -> None:
     try:
         with st.spinner("Preparing clip ..."):
             prev = app_index().preview(int(video_key))
-    except (EchosearchError, OSError) as exc:
+    except Exception as exc:  # a clip that cannot be shown must not break the page
         st.caption(f"clip unavailable: {exc}")
         return
     if prev.media == "video":
@@ -139,7 +140,7 @@ def clip(video_key: int | None, caption: str | None = None) -> None:
 
 def open_patient(pseudonym: str) -> None:
     """Go to the patient page for ``pseudonym``."""
-    st.session_state["patient"] = pseudonym
+    st.session_state["patient_request"] = pseudonym
     st.switch_page(PAGES["patient"])
 
 

@@ -106,8 +106,17 @@ def duckdb_topk(n: int, x: np.ndarray, ids: np.ndarray, queries: np.ndarray) -> 
     return p50, p95
 
 
+class Rows(list):  # type: ignore[type-arg]
+    """Figures of one size, printed as they are measured (a 1M run takes many minutes)."""
+
+    def append(self, row: tuple[str, str]) -> None:
+        super().append(row)
+        print(f"{row[0]:<32}  {row[1]}", flush=True)
+
+
 def bench_size(n: int, args: argparse.Namespace) -> list[tuple[str, str]]:
-    rows: list[tuple[str, str]] = []
+    print(f"\n== {n:,} vectors ==", flush=True)
+    rows: list[tuple[str, str]] = Rows()
     nq = args.queries if n <= 200_000 else max(20, args.queries // 2)
     t0 = time.perf_counter()
     x, queries = synth(n, nq, args.seed)
@@ -174,13 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, GPUs {faiss.get_num_gpus()}")
     report: dict[str, list[tuple[str, str]]] = {}
     for n in sizes:
-        rows = bench_size(n, args)
-        report[str(n)] = rows
-        width = max(len(r[0]) for r in rows)
-        print(f"\n== {n:,} vectors ==")
-        for name, value in rows:
-            print(f"{name:<{width}}  {value}")
-        sys.stdout.flush()
+        report[str(n)] = list(bench_size(n, args))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -329,8 +329,9 @@ class AppIndex:
         if not reviewer.strip():
             raise QueryError("a decision needs a reviewer name")
         with self.writer() as cat:
-            cat.con.execute("INSERT INTO audit_decisions VALUES (?, ?, ?, now()::TIMESTAMP, ?)",
-                            [int(study_key), decision, reviewer, note or None])
+            now = datetime.now(timezone.utc).replace(tzinfo=None)  # UTC, like every catalog timestamp
+            cat.con.execute("INSERT INTO audit_decisions VALUES (?, ?, ?, ?, ?)",
+                            [int(study_key), decision, reviewer, now, note or None])
             cat.log_access(reviewer, "audit_decision", {"study_key": int(study_key), "decision": decision})
 
     def decisions(self, study_key: int | None = None) -> pl.DataFrame:
@@ -377,7 +378,8 @@ def open_searcher(app: AppIndex, encoder: Any = None) -> Any:
     from echosearch.query import Searcher
 
     if "catalog" in inspect.signature(Searcher.__init__).parameters:
-        return Searcher(app.index_dir, catalog=app.dedicated_reader(), encoder=encoder)
+        kwargs: dict[str, Any] = {"catalog": app.dedicated_reader(), "encoder": encoder}
+        return Searcher(app.index_dir, **kwargs)
 
     import echosearch.query as query_module
 

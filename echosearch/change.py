@@ -20,6 +20,7 @@ from echosearch.errors import QueryError
 from echosearch.identity import fit_identity_calibrations, load_studies
 
 K0 = 3.0
+MIN_SCALE = 0.05  # Fisher units; about 0.013 of cosine near 0.85
 BINARY_TASKS = {"pacer_lead": "pacer/ICD lead", "tavr": "TAVR valve", "mitraclip": "MitraClip"}
 FLAG_TASKS = ("pacer_lead", "tavr", "mitraclip")
 TASKS = ("ef", "pacer_lead", "tavr", "mitraclip", "lv_dilated")
@@ -116,6 +117,8 @@ def scan_changes(catalog: Catalog, *, patient: str | int | None = None, z_thresh
     cos_base = np.where(same_prev, np.einsum("ij,ij->i", v, v[base_pos]), np.nan)
     u_prev, u_base = -cal.fisher(cos_prev), -cal.fisher(cos_base)
     c_med, c_s = cal.robust_center_scale(u_prev[same_prev])
+    # small cohorts estimate the spread poorly: never narrower than MIN_SCALE, widened for few pairs
+    c_s = max(c_s, MIN_SCALE) * float(np.sqrt(1 + 10 / max(int(same_prev.sum()), 1)))
     z_prev = np.full(pk.size, np.nan)
     z_base = np.full(pk.size, np.nan)
     for start, end in zip(first, np.r_[first[1:], pk.size], strict=True):
@@ -186,11 +189,11 @@ def scan_changes(catalog: Catalog, *, patient: str | int | None = None, z_thresh
     if store and not catalog.read_only:
         run_id = catalog.new_run("changes", {"patient": patient, "z_threshold": z_threshold,
                                              "thresholds": thr, "cohort_median": c_med, "cohort_scale": c_s})
-        table = out.select(pl.lit(run_id, pl.Int64).alias("run_id"), "patient_key", "study_key", "prev_study_key",
-                           "baseline_study_key", "score_prev", "score_baseline", "z_prev", "z_baseline", "flagged",
-                           "explanation").to_arrow()
+        cols = ["run_id", "patient_key", "study_key", "prev_study_key", "baseline_study_key", "score_prev",
+                "score_baseline", "z_prev", "z_baseline", "flagged", "explanation"]
+        table = out.with_columns(pl.lit(run_id, pl.Int64).alias("run_id")).select(cols).to_arrow()
         with catalog.transaction() as con:
             con.register("_change_rows", table)
-            con.execute("INSERT INTO changes SELECT * FROM _change_rows")
+            con.execute(f"INSERT INTO changes ({', '.join(cols)}) SELECT * FROM _change_rows")
             con.unregister("_change_rows")
     return out.with_columns(pl.lit(run_id, pl.Int64).alias("run_id"))

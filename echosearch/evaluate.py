@@ -57,12 +57,19 @@ def find_truth(catalog: Catalog) -> Path:
 
 
 def load_truth(path: Path) -> pl.DataFrame:
+    """A truth table from Parquet or CSV (CSV ``events`` as ``a;b``, ``a|b`` or ``[a, b]``)."""
     if not path.is_file():
         raise QueryError(f"truth file {path} does not exist")
     df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, try_parse_dates=True)
     if "true_patient_id" not in df.columns or not ({"path", "sop_uid"} & set(df.columns)):
         raise QueryError(f"{path} needs true_patient_id and path or sop_uid columns")
+    if "events" in df.columns and df["events"].dtype == pl.String:  # CSV: "a;b", "[a, b]" or "a|b"
+        df = df.with_columns(pl.col("events").map_elements(_split_events, return_dtype=pl.List(pl.String)))
     return df
+
+
+def _split_events(text: str | None) -> list[str]:
+    return [e.strip() for e in re.split(r"[,;|]", re.sub(r"[\[\]'\"]", "", text or "")) if e.strip()]
 
 
 def join_truth(catalog: Catalog, truth: pl.DataFrame) -> pl.DataFrame:
@@ -135,8 +142,12 @@ def _video_pairs(catalog: Catalog, vt: pl.DataFrame, max_pairs: int, seed: int) 
         pick = np.random.default_rng(seed).choice(i.size, max_pairs, replace=False)
         i, j = i[pick], j[pick]
     ni, nj = cal.between_group_pairs(pid, max_pairs, seed=seed + 1)
-    return {"video_pair_identity_auc": _f(cal.auc(cal.pair_cosines(v, i, j), cal.pair_cosines(v, ni, nj))),
-            "n_pairs": int(i.size)}
+    pos, neg = cal.pair_cosines(v, i, j), cal.pair_cosines(v, ni, nj)
+    out = {"video_pair_identity_auc": _f(cal.auc(pos, neg)), "n_pairs": int(i.size)}
+    if "view" in t.columns:
+        view = t["view"].cast(pl.String).fill_null("").to_numpy()
+        out["same_view_pair_auc"] = _f(cal.auc(pos[view[i] == view[j]], neg[view[ni] == view[nj]]))
+    return out
 
 
 def _baseline_events(st: pl.DataFrame, S: StudySet) -> dict[str, Any]:

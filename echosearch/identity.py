@@ -195,12 +195,15 @@ def fit_identity_calibrations(catalog: Catalog, S: StudySet | None = None, *, fp
     blur the positives slightly). Pairs are sampled with ``seed`` and at most ``max_pairs`` of each kind.
     """
     gen = catalog.generation()
+    row = catalog.con.execute("SELECT count(*), coalesce(sum(hash(study_key, patient_key)), 0) FROM studies").fetchone()
+    fingerprint = f"{row[0]}:{row[1]}" if row else ""  # patients can be relabelled without new vectors
     if not refit:
         a, b = cal.load(catalog, PAIR_CAL, gen), cal.load(catalog, PATIENT_CAL, gen)
-        if a is not None and b is not None:
+        if a is not None and b is not None and a.extra.get("fingerprint") == b.extra.get("fingerprint") == fingerprint:
             return a, b
     S = S if S is not None else load_studies(catalog)
-    params = {"max_pairs": max_pairs, "seed": seed, "aggregate": f"mean of top-{TOP_M} cosines"}
+    params = {"max_pairs": max_pairs, "seed": seed, "aggregate": f"mean of top-{TOP_M} cosines",
+              "fingerprint": fingerprint}
     i, j = cal.within_group_pairs(S.patient, max_pairs=max_pairs, seed=seed)
     ni, nj = cal.between_group_pairs(S.patient, max_pairs, seed=seed + 1)
     pair = cal.fit_calibration(PAIR_CAL, cal.pair_cosines(S.vecs, i, j), cal.pair_cosines(S.vecs, ni, nj),
@@ -356,9 +359,11 @@ def score_studies(S: StudySet, *, fpr: float = 0.01, k: int = 50, max_iter: int 
 
     A study is a suspect when its suspicion exceeds the normal quantile of ``fpr``, unless (given a
     calibration ``p_same``) the recorded patient is still plausible: calibrated probability at least
-    ``max_p_same`` and no other patient more probable. Each round takes, per patient, the most suspicious suspect out of the reference sets
-    (its scores are frozen as they were) and re-scores the rest, so that a mislabelled study stops
-    dragging down its recorded patient's other studies or lending its look to the wrong patient."""
+    ``max_p_same``, and not (suspicion 2 above the threshold and another patient more probable).
+
+    Each round takes, per patient, the most suspicious suspect out of the reference sets (its scores
+    are frozen as they were) and re-scores the rest, so that a mislabelled study stops dragging down its
+    recorded patient's other studies or lending its look to the wrong patient."""
     n = len(S)
     z_thr = cal.z_for_fpr(fpr)
     nbr_rows = neighbours if neighbours is not None else knn(S.vecs, S.vecs, k + 1)[1]
@@ -371,7 +376,8 @@ def score_studies(S: StudySet, *, fpr: float = 0.01, k: int = 50, max_iter: int 
         res["p_best_other"] = p_same(res["best"]) if p_same else np.full(n, np.nan)
         with np.errstate(invalid="ignore"):
             flag = np.nan_to_num(res["suspicion"], nan=-np.inf) > z_thr
-            plausible = (res["p_same"] >= max_p_same) & ~(res["p_best_other"] > res["p_same"])
+            strong = np.nan_to_num(res["suspicion"], nan=-np.inf) > z_thr + 2
+            plausible = (res["p_same"] >= max_p_same) & ~(strong & (res["p_best_other"] > res["p_same"]))
             res["suspect"] = flag & ~plausible
         return res
 
@@ -460,12 +466,11 @@ def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiab
     if store and not catalog.read_only:
         run_id = catalog.new_run("audit", {"fpr": fpr, "k": k, "report_unverifiable": report_unverifiable,
                                            "z_threshold": z_thr, "max_iter": max_iter})
-        table = df.select(
-            pl.lit(run_id, pl.Int64).alias("run_id"), "study_key", pl.col("recorded_patient_key"),
-            "own_score", "best_other_patient_key", "best_other_score", "margin", "p_same", "suspect", "rank",
-            "evidence").to_arrow()
+        cols = ["run_id", "study_key", "recorded_patient_key", "own_score", "best_other_patient_key",
+                "best_other_score", "margin", "p_same", "suspect", "rank", "evidence"]
+        table = df.with_columns(pl.lit(run_id, pl.Int64).alias("run_id")).select(cols).to_arrow()
         with catalog.transaction() as con:
             con.register("_audit_rows", table)
-            con.execute("INSERT INTO identity_audit SELECT * FROM _audit_rows")
+            con.execute(f"INSERT INTO identity_audit ({', '.join(cols)}) SELECT * FROM _audit_rows")
             con.unregister("_audit_rows")
     return df.with_columns(pl.lit(run_id, pl.Int64).alias("run_id"))

@@ -69,6 +69,7 @@ class Searcher:
         self._encoder = encoder
         self._indexes: dict[str, VectorIndex] = {}
         self._video_study: tuple[np.ndarray, np.ndarray] | None = None
+        self._row_study: np.ndarray | None = None
         self._lock = threading.RLock()
         self.last_info: SearchInfo | None = None
 
@@ -122,6 +123,12 @@ class Searcher:
         pos = np.clip(np.searchsorted(keys, video_keys), 0, max(len(keys) - 1, 0))
         return studies[pos] if len(keys) else np.zeros(len(video_keys), np.int64)
 
+    def _row_studies(self, vi: VectorIndex) -> np.ndarray:
+        """Study key of each row of the video index (cached like the index)."""
+        if self._row_study is None:
+            self._row_study = self._study_of(vi.ids)
+        return self._row_study
+
     def _videos_of_study(self, study_key: int) -> list[int]:
         rows = self.catalog.con.execute("SELECT video_key FROM videos WHERE study_key = ?", [study_key]).fetchall()
         return [int(r[0]) for r in rows]
@@ -146,13 +153,15 @@ class Searcher:
             drop = np.asarray(sorted(exclude or ()), dtype=np.int64)
             if sel is not None and len(drop):
                 sel = np.setdiff1d(sel, drop, assume_unique=True)
-            pool = vi.ids if sel is None else vi.ids[vi.rows_of(sel)]
-            raw_available = len(pool) - (int(np.isin(drop, pool).sum()) if sel is None else 0)
+            rows = np.arange(vi.ntotal) if sel is None else vi.rows_of(sel)
+            pool = vi.ids[rows]
+            dropped = vi.rows_of(drop) if sel is None else np.zeros(0, np.int64)
+            n_available = len(pool) - len(dropped)
             collapse = collapse_study and level == "video"
-            n_available = raw_available
-            if collapse:
-                kept = pool if sel is not None else np.setdiff1d(pool, drop, assume_unique=True)
-                n_available = len(np.unique(self._study_of(kept)))
+            if collapse:  # distinct studies among the available clips, in O(n)
+                per_study = np.bincount(self._row_studies(vi)[rows])
+                np.subtract.at(per_study, self._row_studies(vi)[dropped], 1)
+                n_available = int(np.count_nonzero(per_study))
             fetch = min(len(pool), (4 * k if collapse else k) + (len(drop) if sel is None else 0))
             while True:
                 scores, ids = vi.search(q, fetch, selector_ids=sel)

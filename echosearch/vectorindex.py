@@ -39,6 +39,7 @@ HNSW_M = 32
 _TABLES = {"video": ("video_embeddings", "video_key"), "study": ("study_embeddings", "study_key"),
            "report": ("report_embeddings", "study_key")}
 
+
 def normalise(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero), float32 C-contiguous: inner product = cosine."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))

@@ -120,6 +120,11 @@ def test_text_search_shows_a_gallery_and_is_logged(app_env: Path) -> None:
     ok(at)
     assert any("most like clip" in s.value for s in at.subheader)
     assert log_rows(app_env, "search").height == before + 1
+    # "Patient" on the first result opens that patient's timeline
+    first_patient = at.session_state["search"]["hits"]["patient_pseudonym"][0]
+    next(b for b in at.button if b.label == "Patient").click().run()
+    ok(at)
+    assert at.title[0].value == "Patient timeline" and at.selectbox[0].value == first_patient
 
 
 def test_upload_search_with_a_real_dicom(app_env: Path) -> None:

@@ -3,6 +3,8 @@ data is built so, and the truth table found next to the indexed source by defaul
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,5 +118,52 @@ def test_truth_by_sop_and_missing_truth(evaluated: tuple[Path, dict[str, Any]], 
     again = evaluate(index, tmp_path / "by_sop.parquet", text=False)
     assert again["n"]["videos"] == res["n"]["videos"]
     assert again["echosearch"]["identity"] == res["echosearch"]["identity"]
+    csv = pl.read_parquet(Path(res["truth"])).with_columns(pl.col("events").list.join(";"))
+    csv.write_csv(tmp_path / "truth.csv")
+    from_csv = evaluate(index, tmp_path / "truth.csv", text=False)
+    assert from_csv["echosearch"]["change_auc"]["transplant"] == res["echosearch"]["change_auc"]["transplant"]
     with pytest.raises(QueryError):
         evaluate(index, tmp_path / "missing.parquet", text=False)
+
+
+def _demo_model_present() -> bool:
+    try:
+        from echosearch.models import DEMO_MODEL_DIR, WEIGHT_NAMES
+    except ImportError:
+        return False
+    return any((DEMO_MODEL_DIR / n).is_file() for n in WEIGHT_NAMES)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ECHOSEARCH_SLOW_TESTS"), reason="set ECHOSEARCH_SLOW_TESTS=1 to run")
+@pytest.mark.skipif(not _demo_model_present(), reason="the shipped demo model is not built yet")
+def test_end_to_end_synthetic_cohort(tmp_path: Path) -> None:
+    """Synthetic cohort -> index with the demo model -> audit, changes and evaluation (minutes on 2 cores)."""
+    from echosearch.config import load_settings
+    from echosearch.pipeline import index_sources
+    from echosearch.synth import generate_cohort
+
+    generate_cohort(tmp_path / "cohort", patients=24, seed=7, visits=(2, 4), mislabel_rate=0.08)
+    index_sources([tmp_path / "cohort"], tmp_path / "index", load_settings(mode="demo", workers=0), progress=False)
+    res = evaluate(tmp_path / "index")
+    assert res["n"]["patients"] == 24
+    assert res["echosearch"]["identity"]["study_patient_auc"] > 0.8
+    assert res["zero_shot"]["ef_mae"] is not None
+
+
+def test_cli_commands(evaluated: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
+    from echosearch.cli import main
+
+    index, _ = evaluated
+    assert main(["audit", "--index", str(index), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["suspects"] >= 3 and out["studies"][0]["evidence"]["reasons"]
+    assert main(["changes", "--index", str(index), "--patient", "P0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["flagged"] >= 1
+    assert main(["match", "--index", str(index), "--study", "P5.S1", "-k", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["candidates"][0]["patient_pseudonym"] == "P5"
+    assert main(["eval", "--index", str(index), "--no-text", "--json"]) == 0
+    assert "echosearch" in json.loads(capsys.readouterr().out)
+    assert main(["match", "--index", str(index), "--study", "nope"]) == 8
+    assert main(["changes", "--index", str(index)]) == 0
+    assert "flagged" in capsys.readouterr().out

@@ -20,7 +20,8 @@ from echosearch.pipeline import index_sources
 
 
 def _index(cohort: Path, index_dir: Path, model_dir: Path, **kw: object) -> object:
-    settings = load_settings(model=f"local-dir:{model_dir}", workers=1, batch_size=24, frames_per_video=4, **kw)
+    opts: dict[str, object] = {"model": f"local-dir:{model_dir}", "workers": 1, "batch_size": 24, "frames_per_video": 4}
+    settings = load_settings(**{**opts, **kw})
     return index_sources([cohort], index_dir, settings, progress=False)
 
 

@@ -28,8 +28,9 @@ if idx.latest_run("audit") is None:
         st.rerun()
     st.stop()
 
-scope = st.segmented_control("Show", ["awaiting review", "all suspects", "all audited studies"],
-                              default="all suspects") or "all suspects"
+SCOPES = ["awaiting review", "all suspects", "all audited studies"]
+linked = {"awaiting": SCOPES[0], "suspects": SCOPES[1], "all": SCOPES[2]}.get(str(st.query_params.get("show")))
+scope = st.segmented_control("Show", SCOPES, default=linked or SCOPES[1]) or SCOPES[1]
 res = idx.audit_results(suspects_only=scope != "all audited studies")
 suspects = res.filter(pl.col("suspect")) if res.height else res
 c1, c2, c3 = st.columns(3)
@@ -47,6 +48,9 @@ if res.height == 0:
     st.success("No suspect studies to show from the latest audit run.")
     st.stop()
 
+if res.height > ui.MAX_CHOICES:
+    st.caption(f"Showing the first {ui.MAX_CHOICES} of {res.height} studies in rank order.")
+    res = res.head(ui.MAX_CHOICES)
 summary = res.select(
     "rank", pl.col("study_date").alias("study date"), pl.col("recorded_patient").alias("recorded patient"),
     pl.col("best_other_patient").alias("most resembles"), pl.col("p_same").alias("P(recorded patient)"),
@@ -54,7 +58,8 @@ summary = res.select(
 st.dataframe(summary, hide_index=True, width="stretch",
              column_config={"P(recorded patient)": st.column_config.ProgressColumn(min_value=0, max_value=1,
                                                                                     format="%.2f"),
-                            "margin": st.column_config.NumberColumn(format="%.3f")})
+                            "margin": st.column_config.NumberColumn(format="%.3f"),
+                            "study date": st.column_config.DateColumn(format="YYYY-MM-DD")})
 
 ranks = res["rank"].to_list()
 rank = st.selectbox("Review suspect", ranks, format_func=lambda r: (
@@ -67,11 +72,12 @@ ui.log_once(f"audit_view:{study_key}", "view_audit_suspect", {"study_key": study
 evidence = json.loads(s["evidence"] or "{}")
 for reason in evidence.get("reasons") or []:
     st.warning(reason)
+st.caption("Similarity (cosine) of this study to the studies of ...")
 m1, m2, m3, m4 = st.columns(4)
-m1.metric("Similarity to recorded patient", "n/a" if s["own_score"] is None else f"{s['own_score']:.3f}")
-m2.metric("Similarity to closest other patient", "n/a" if s["best_other_score"] is None else f"{s['best_other_score']:.3f}")
+m1.metric("... its recorded patient", "n/a" if s["own_score"] is None else f"{s['own_score']:.3f}")
+m2.metric("... the closest other patient", "n/a" if s["best_other_score"] is None else f"{s['best_other_score']:.3f}")
 m3.metric("Margin", "n/a" if s["margin"] is None else f"{s['margin']:+.3f}")
-m4.metric("P(recorded patient is right)", "n/a" if s["p_same"] is None else f"{s['p_same']:.2f}")
+m4.metric("P(recorded is right)", "n/a" if s["p_same"] is None else f"{s['p_same']:.2f}")
 
 own = [int(k) for k, _ in evidence.get("own_patient_studies") or []]
 other = [int(k) for k, _ in evidence.get("best_other_studies") or []]

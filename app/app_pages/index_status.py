@@ -26,11 +26,12 @@ c[3].metric("Reports", counts.get("reports", 0))
 c[4].metric("Ingest errors", counts.get("ingest_errors", 0))
 
 st.subheader("Model and preprocessing")
-m = st.columns(4)
+m = st.columns(5)
 m[0].metric("Model", str(model.get("name", "none")))
 m[1].metric("Embedding size", str(model.get("embed_dim", "n/a")))
-m[2].metric("Frame policy", f"{pp.get('name', 'n/a')}, {pp.get('n_frames', '?')} frames")
-m[3].metric("Input size", f"{pp.get('size', '?')} px")
+m[2].metric("Frame policy", str(pp.get("name", "n/a")))
+m[3].metric("Frames per clip", str(pp.get("n_frames", "n/a")))
+m[4].metric("Input size", f"{pp.get('size', '?')} px")
 st.caption(f"Weights sha256 `{str(model.get('weights_sha256'))[:16]}…` · model source "
            f"`{manifest.get('model_source', 'n/a')}` · created {manifest.get('created_at', 'n/a')} · "
            f"generation {manifest.get('generation', 'n/a')} · schema v{manifest.get('schema_version', '?')} · "
@@ -82,8 +83,9 @@ if dist.height:
     auc = pair["auc"][0] if pair.height else None
     hist = alt.Chart(dist.to_pandas()).transform_density(
         "score", groupby=["group"], as_=["score", "density"]).mark_area(opacity=0.5).encode(
-        x=alt.X("score:Q", title="cosine similarity of two studies"), y=alt.Y("density:Q"),
-        color=alt.Color("group:N", title=None, legend=alt.Legend(orient="top")))
+        x=alt.X("score:Q", title="cosine similarity of two studies"), y=alt.Y("density:Q", stack=None),
+        color=alt.Color("group:N", title=None, legend=alt.Legend(orient="top"),
+                        scale=alt.Scale(domain=["same patient", "different patients"], range=["#1f77b4", "#ff7f0e"])))
     layers = [hist]
     if thr is not None:
         layers.append(alt.Chart().mark_rule(strokeDash=[4, 4], color="#444").encode(x=alt.datum(float(thr))))
@@ -95,10 +97,11 @@ if dist.height:
         params = json.loads(pair["params"][0] or "{}")
         if params.get("x") and params.get("y"):
             curve = pl.DataFrame({"score": params["x"], "p_same": params["y"]}).to_pandas()
-            st.altair_chart(alt.Chart(curve).mark_line().encode(
-                x=alt.X("score:Q", title="cosine similarity"),
+            st.markdown("**Calibrated probability that two studies show the same patient**")
+            st.altair_chart(alt.Chart(curve).mark_line(interpolate="step-after").encode(
+                x=alt.X("score:Q", title="cosine similarity of two studies", scale=alt.Scale(zero=False)),
                 y=alt.Y("p_same:Q", title="P(same patient)", scale=alt.Scale(domain=[0, 1]))
-            ).properties(height=180, title="Calibrated probability of same patient"), width="stretch")
+            ).properties(height=220), width="stretch")
 
 st.subheader("Access log")
 log = idx.access_log(100)

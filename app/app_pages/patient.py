@@ -18,14 +18,24 @@ if patients.height == 0:
     st.info("This index has no studies yet.")
     st.stop()
 
+if patients.height > ui.MAX_CHOICES:  # a large archive: find the patient by pseudonym first
+    prefix = st.text_input("Find a patient by pseudonym", value=st.session_state.get("patient_last") or "P-")
+    patients = patients.filter(pl.col("patient_pseudonym").str.starts_with(prefix.strip())).head(ui.MAX_CHOICES)
+    if patients.height == 0:
+        st.info("No patient pseudonym starts with that.")
+        st.stop()
 names = patients["patient_pseudonym"].to_list()
-wanted = st.query_params.get("patient") or st.session_state.get("patient")
 labels = {r["patient_pseudonym"]: f"{ui.patient_label(r['patient_pseudonym'], r['patient_id_raw'])} · "
           f"{r['n_studies']} studies · {ui.fmt_date(r['first_study'])} to {ui.fmt_date(r['last_study'])}"
           for r in patients.iter_rows(named=True)}
-choice = st.selectbox("Patient", names, index=names.index(wanted) if wanted in names else 0,
-                      format_func=lambda p: labels.get(p, p))
-st.session_state["patient"] = choice
+requested = st.session_state.pop("patient_request", None)  # from "Patient" buttons on other pages
+if requested in labels:
+    st.session_state["patient_choice"] = requested
+elif st.session_state.get("patient_choice") not in labels:
+    first = st.query_params.get("patient") or st.session_state.get("patient_last")
+    st.session_state["patient_choice"] = first if first in labels else names[0]
+choice = st.selectbox("Patient", names, key="patient_choice", format_func=lambda p: labels.get(p, p))
+st.session_state["patient_last"] = choice
 row = patients.filter(pl.col("patient_pseudonym") == choice).row(0, named=True)
 ui.log_once(f"view_patient:{choice}", "view_patient", {"patient": choice, "patient_key": row["patient_key"]})
 
@@ -91,7 +101,7 @@ with right:
             pl.col("task").replace_strict(TASK_LABELS, default=pl.col("task")).alias("finding"))
         chart = alt.Chart(dev.to_pandas()).mark_line(point=True).encode(
             x=date_x, y=alt.Y("score:Q", title="zero-shot score (> 0 = present)"),
-            color=alt.Color("finding:N", legend=alt.Legend(orient="top")),
+            color=alt.Color("finding:N", legend=alt.Legend(orient="bottom", columns=2, title=None)),
             tooltip=["visit", alt.Tooltip("study_date:T"), "finding", alt.Tooltip("score:Q", format=".3f")])
         zero = alt.Chart().mark_rule(color="#444").encode(y=alt.datum(0))
         st.altair_chart(alt.layer(chart, zero).properties(height=240), width="stretch")

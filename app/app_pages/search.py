@@ -12,11 +12,11 @@ import ui
 
 from echosearch import app_api
 from echosearch.errors import EchosearchError
-from echosearch.previews import preview_policy, render_preview
+from echosearch.previews import preferred_extension, preview_policy, render_preview
 
 EXAMPLE = "SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION."
 DEVICE_LABELS = {"pacer_lead": "pacemaker/ICD lead", "tavr": "TAVR valve", "mitraclip": "MitraClip"}
-COLUMNS = 4
+COLUMNS = 3
 
 st.title("Search echoes")
 idx = ui.app_index()
@@ -29,13 +29,16 @@ with st.sidebar:
     dates: Any = st.date_input("Study dates", value=(lo, hi) if lo and hi else (), min_value=lo, max_value=hi)
     views = st.multiselect("View", opts["views"])
     pseudonyms = opts["patients"]["patient_pseudonym"].to_list()
-    patient = st.selectbox("Patient (pseudonym)", ["any", *pseudonyms])
+    if len(pseudonyms) <= ui.MAX_CHOICES:
+        patient = st.selectbox("Patient (pseudonym)", ["any", *pseudonyms])
+    else:
+        patient = st.text_input("Patient (pseudonym)", placeholder="P-...").strip() or "any"
     ef_band = st.selectbox("Predicted EF", list(app_api.EF_BANDS))
     devices = st.multiselect("Device present (predicted)", list(DEVICE_LABELS), format_func=DEVICE_LABELS.get)
     makers = st.multiselect("Manufacturer", opts["manufacturers"]) if opts["manufacturers"] else []
     level = st.radio("Show", ["video", "study"], format_func={"video": "clips", "study": "studies"}.get,
                      horizontal=True)
-    k = st.slider("Results", 4, 48, 12, step=4)
+    k = st.slider("Results", 3, 48, 12, step=3)
 since, until = (dates[0], dates[1]) if isinstance(dates, (tuple, list)) and len(dates) == 2 else (None, None)
 if since == lo and until == hi:
     since = until = None
@@ -43,7 +46,7 @@ filters = app_api.make_filters(since=since, until=until, views=views, patient=No
                                ef_band=ef_band, devices=devices, manufacturers=makers)
 
 
-def run(req: app_api.SearchRequest, query_clip: bytes | None = None) -> None:
+def run(req: app_api.SearchRequest, query_clip: tuple[str, bytes] | None = None) -> None:
     """Run a search, keep its results in the session and record it in the access log."""
     try:
         with st.spinner("Searching ..."):
@@ -69,15 +72,15 @@ with clip_tab:
         with tempfile.TemporaryDirectory(prefix="echosearch-upload-") as tmp:
             path = Path(tmp) / ("query" + Path(upload.name).suffix.lower()[:8])
             path.write_bytes(upload.getvalue())
-            clip_bytes = None
+            clip = None
             try:
                 policy = preview_policy((idx.manifest().get("model") or {}).get("preprocessing"))
-                prev = render_preview(path, Path(tmp) / "preview.mp4", policy)
-                clip_bytes = prev.path.read_bytes() if prev.media == "video" else None
-            except (EchosearchError, OSError):
-                pass  # the search reports unreadable files itself
+                prev = render_preview(path, Path(tmp) / f"preview{preferred_extension()}", policy)
+                clip = (prev.media, prev.path.read_bytes())
+            except Exception:  # no preview is no reason to fail; the search reports unreadable files
+                clip = None
             run(app_api.SearchRequest("file", k=k, level=level, filters=filters, path=path,
-                                      label="the uploaded clip"), clip_bytes)
+                                      label="the uploaded clip"), clip)
 
 pending = st.session_state.pop("more_like", None)
 if pending is not None:
@@ -99,7 +102,11 @@ st.subheader(f"{hits.height} {'clips' if res['level'] == 'video' else 'studies'}
 if res.get("query_clip"):
     qc, rc = st.columns([1, 3])
     with qc:
-        st.video(res["query_clip"], autoplay=True, loop=True, muted=True)
+        media, data = res["query_clip"]
+        if media == "video":
+            st.video(data, autoplay=True, loop=True, muted=True)
+        else:
+            st.image(data)
         st.caption("Query clip as the model sees it (sector only)")
 else:
     rc = st.container()

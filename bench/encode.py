@@ -1,0 +1,121 @@
+"""Encode benchmark: (a) model-only throughput, (b) the full ``index`` pipeline, (c) a per-video loop in the
+style of EchoCLIP's example code — same machine, same run, same frames per video. Prints ratios.
+
+Targets: (b) >= 0.9 x (a) for the demo model and the EchoCLIP architecture; (b) >= 2 x (c) for the demo model.
+
+    python bench/encode.py [--patients 12] [--frames 16] [--skip-convnext]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def model_only(enc, n_frames_total: int, batch: int) -> float:  # type: ignore[no-untyped-def]
+    """(a) frames/s of encode_frames on pre-made uint8 tensors."""
+    frames = np.random.default_rng(0).integers(0, 255, (batch, enc.image_size, enc.image_size, 3), dtype=np.uint8)
+    enc.encode_frames(frames[:2])  # warm-up
+    done, t0 = 0, time.perf_counter()
+    while done < n_frames_total:
+        enc.encode_frames(frames, batch_size=batch)
+        done += batch
+    return done / (time.perf_counter() - t0)
+
+
+def full_pipeline(enc, cohort: Path, frames: int, batch: int, workers: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+    """(b) frames/s of the whole index run (decode + prepare + encode + catalog + vector index)."""
+    from echosearch.config import load_settings
+    from echosearch.pipeline import index_sources
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(mode="demo", frames_per_video=frames, batch_size=batch, workers=workers)
+        t0 = time.perf_counter()
+        s = index_sources([cohort], Path(tmp) / "idx", settings, encoder=enc, progress=False)
+        return s.frames_encoded / (time.perf_counter() - t0), s.videos_encoded
+
+
+def per_video_loop(enc, paths: list[Path], frames: int) -> float:  # type: ignore[no-untyped-def]
+    """(c) EchoCLIP-example style: read the whole video, PIL/torchvision per frame, one video per forward."""
+    import pydicom
+    from PIL import Image
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.Resize(enc.image_size), transforms.CenterCrop(enc.image_size),
+                             transforms.ToTensor(), transforms.Normalize(enc.mean, enc.std)])
+    done, t0 = 0, time.perf_counter()
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        arr = ds.pixel_array
+        if ds.PhotometricInterpretation.startswith("YBR"):
+            arr = pydicom.pixels.convert_color_space(arr, ds.PhotometricInterpretation, "RGB")
+        if arr.ndim == 3 and int(getattr(ds, "SamplesPerPixel", 1)) == 1:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        idx = np.linspace(0, len(arr) - 1, frames).round().astype(int)
+        x = torch.stack([tf(Image.fromarray(arr[i])) for i in idx])
+        with torch.inference_mode():
+            enc.model.encode_image(x)
+        done += frames
+    return done / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--patients", type=int, default=12)
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--skip-convnext", action="store_true")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    os.environ.setdefault("ECHOSEARCH_SECRET", "bench-secret-0123456789")
+    from echosearch.encode import load_encoder
+    from echosearch.models import write_model_folder
+    from echosearch.synth import generate_cohort
+
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cohort = Path(tmp) / "cohort"
+        truth = generate_cohort(cohort, patients=a.patients, seed=77, visits=(1, 2), views=("A4C", "PLAX"))
+        paths = [cohort / p for p in truth["path"]]
+        models = {"echosearch-demo": "echosearch-demo"}
+        if not a.skip_convnext:
+            import open_clip
+
+            cfg = open_clip.get_model_config("convnext_base")
+            torch.manual_seed(0)
+            folder = write_model_folder(open_clip.CLIP(**cfg), cfg, Path(tmp) / "convnext_base",
+                                        hints={"name": "echoclip-arch-random", "frame_policy": "echoclip"})
+            models["convnext_base (EchoCLIP arch, random)"] = f"local-dir:{folder}"
+        for label, name in models.items():
+            enc = load_encoder(name, device="auto", frames_per_video=a.frames)
+            small = label != "echosearch-demo"
+            sub = paths[: max(4, len(paths) // 6)] if small else paths
+            sub_cohort = cohort
+            if small:  # keep the slow model's pipeline run short: index a subset folder
+                sub_cohort = Path(tmp) / "subset"
+                sub_cohort.mkdir(exist_ok=True)
+                for p in sub:  # copies: discover follows no symlink out of a source tree
+                    shutil.copy2(p, sub_cohort / f"{p.parent.name}_{p.name}")
+            fa = model_only(enc, a.frames * min(len(sub), 24), a.batch)
+            fb, nv = full_pipeline(enc, sub_cohort, a.frames, a.batch, a.workers)
+            fc = per_video_loop(enc, sub, a.frames)
+            results[label] = {"model_only_fps": fa, "pipeline_fps": fb, "per_video_loop_fps": fc,
+                              "pipeline_vs_model": fb / fa, "pipeline_vs_loop": fb / fc, "videos": nv}
+            print(f"{label}: (a) model-only {fa:.1f} frames/s | (b) pipeline {fb:.1f} frames/s ({nv} videos) | "
+                  f"(c) per-video loop {fc:.1f} frames/s | b/a = {fb / fa:.2f} (target >= 0.9) | "
+                  f"b/c = {fb / fc:.2f} (target >= 2 for the demo model)", flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
