@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-$(DEPS_HASH)
 DEMO_DIR ?= indexes/demo
 export ECHOSEARCH_LOG_LEVEL ?= WARNING
 
-.PHONY: setup demo test bench app lint typecheck clean-demo demo-model
+.PHONY: setup demo test browser bench app lint typecheck clean-demo demo-model
 
 setup: $(STAMP)
 
@@ -41,8 +41,15 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python -m echosearch.demo --out $(DEMO_DIR)
 
-test: setup
+# The browser test drives Debian's Chromium; install it when missing (these machines run as root).
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium: the browser test will be skipped"; }
 
 bench: setup
 	$(BIN)/python bench/decode.py

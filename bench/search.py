@@ -29,10 +29,16 @@ VIDEOS_PER_STUDY = 8
 STUDIES_PER_PATIENT = 3
 N_VIEWS = 8
 SELECTIVITIES = (0.001, 0.01, 0.10, 0.50)
+# weights of the (view, patient, study, clip noise) components of a clip vector
+STRUCTURES = {
+    "patient": (0.4, 1.0, 0.6, 0.5),  # clusters per patient, sub-clusters per study, a weaker shared view axis
+    "view": (0.9, 0.7, 0.5, 0.45),  # view-dominated: nearest clips are a crowd of same-view clips (harder for ANN)
+}
 
 
-def synth(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def synth(n: int, n_queries: int, seed: int, structure: str = "patient") -> tuple[np.ndarray, np.ndarray]:
     """(indexed vectors (n, D), held-out query vectors) with view/patient/study structure."""
+    w_view, w_patient, w_study, w_noise = STRUCTURES[structure]
     rng = np.random.default_rng(seed)
     views = normalise(rng.standard_normal((N_VIEWS, D), dtype=np.float32))
     per_patient = VIDEOS_PER_STUDY * STUDIES_PER_PATIENT
@@ -48,8 +54,8 @@ def synth(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         srng = np.random.default_rng([seed, start])
         study_noise = srng.standard_normal((study[-1] - study[0] + 1, D), dtype=np.float32) / np.sqrt(D)
         noise = srng.standard_normal((len(idx), D), dtype=np.float32) / np.sqrt(D)
-        block = (0.9 * views[srng.integers(0, N_VIEWS, len(idx))] + 0.7 * patients[pat]
-                 + 0.5 * study_noise[study - study[0]] + 0.45 * noise)
+        block = (w_view * views[srng.integers(0, N_VIEWS, len(idx))] + w_patient * patients[pat]
+                 + w_study * study_noise[study - study[0]] + w_noise * noise)
         out[start:stop] = normalise(block)
     # held-out queries: take every (n // n_queries)-th clip position out of the indexed set
     qpos = np.linspace(0, total - 1, n_queries).astype(np.int64)
@@ -119,9 +125,10 @@ def bench_size(n: int, args: argparse.Namespace) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = Rows()
     nq = args.queries if n <= 200_000 else max(20, args.queries // 2)
     t0 = time.perf_counter()
-    x, queries = synth(n, nq, args.seed)
+    x, queries = synth(n, nq, args.seed, args.structure)
     ids = np.arange(1, n + 1, dtype=np.int64) * 3  # non-contiguous catalog-like keys
-    rows.append(("data", f"{n:,} x {D} (synth {time.perf_counter() - t0:.1f} s), {nq} held-out queries"))
+    rows.append(("data", f"{n:,} x {D}, {args.structure}-clustered (synth {time.perf_counter() - t0:.1f} s), "
+                         f"{nq} held-out queries"))
 
     # exact references and numpy brute force
     np_p50, np_p95, truth = timed(lambda q: numpy_topk(x, q, ids), queries)
@@ -173,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="run 100k and 1M")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--force-type", default=None, help="flat | hnsw | ivf | ivf_sq8 (default: automatic)")
+    ap.add_argument("--force-type", default=None, help="flat | hnsw | ivf | ivf_fp16 (default: automatic)")
+    ap.add_argument("--structure", choices=sorted(STRUCTURES), default="patient",
+                    help="patient: clusters per patient (default); view: view-dominated, harder for ANN")
     ap.add_argument("--skip-duckdb", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)

@@ -265,18 +265,18 @@ class Catalog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _one(self, sql: str, params: list[Any] | None = None) -> tuple[Any, ...] | None:
+    def one(self, sql: str, params: list[Any] | None = None) -> tuple[Any, ...] | None:
         """First row of a query, with the result fully consumed (DuckDB 2.0 forbids dangling results)."""
         rows = self.con.execute(sql, params or []).fetchall()
         return rows[0] if rows else None
 
     def schema_version(self) -> int:
-        exists = self._one(
+        exists = self.one(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
         )
         if not exists or exists[0] == 0:
             return 0
-        row = self._one("SELECT max(version) FROM schema_migrations")
+        row = self.one("SELECT max(version) FROM schema_migrations")
         return int(row[0]) if row and row[0] is not None else 0
 
     def _migrate(self, current: int) -> None:
@@ -325,7 +325,7 @@ class Catalog:
             self._set_manifest_raw(key, json.dumps(value, sort_keys=True, default=str))
 
     def get_manifest(self, key: str, default: Any = None) -> Any:
-        row = self._one("SELECT value FROM manifest WHERE key = ?", [key])
+        row = self.one("SELECT value FROM manifest WHERE key = ?", [key])
         if row is None:
             return default
         try:
@@ -390,7 +390,7 @@ class Catalog:
         return int(dim) if dim is not None else None
 
     def has_table(self, name: str) -> bool:
-        row = self._one(
+        row = self.one(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]
         )
         return bool(row and row[0])
@@ -402,12 +402,12 @@ class Catalog:
         return {r[0] for r in rows}
 
     def _patient_key(self, rec: VideoRecord) -> int:
-        row = self._one(
+        row = self.one(
             "SELECT patient_key FROM patients WHERE patient_pseudonym = ?", [rec.patient_pseudonym]
         )
         if row:
             return int(row[0])
-        row = self._one(
+        row = self.one(
             "INSERT INTO patients (patient_pseudonym, patient_id_raw, patient_name, birth_date) "
             "VALUES (?, ?, ?, ?) RETURNING patient_key",
             [rec.patient_pseudonym, rec.patient_id_raw, rec.patient_name, rec.birth_date],
@@ -416,10 +416,10 @@ class Catalog:
         return int(row[0])
 
     def _study_key(self, study_uid: str, patient_key: int, accession: str | None, study_date: date | None) -> int:
-        row = self._one("SELECT study_key FROM studies WHERE study_uid = ?", [study_uid])
+        row = self.one("SELECT study_key FROM studies WHERE study_uid = ?", [study_uid])
         if row:
             return int(row[0])
-        row = self._one(
+        row = self.one(
             "INSERT INTO studies (study_uid, patient_key, accession_pseudonym, study_date) VALUES (?, ?, ?, ?) "
             "RETURNING study_key",
             [study_uid, patient_key, accession, study_date],
@@ -430,12 +430,12 @@ class Catalog:
     def record_video(self, rec: VideoRecord) -> int:
         """Upsert patient, study and video in one transaction; returns the video key (= FAISS id)."""
         with self.transaction():
-            existing = self._one("SELECT video_key FROM videos WHERE sha256 = ?", [rec.sha256])
+            existing = self.one("SELECT video_key FROM videos WHERE sha256 = ?", [rec.sha256])
             if existing:
                 return int(existing[0])
             patient_key = self._patient_key(rec)
             study_key = self._study_key(rec.study_uid, patient_key, rec.accession_pseudonym, rec.study_date)
-            row = self._one(
+            row = self.one(
                 """INSERT INTO videos (sha256, path, size_bytes, kind, study_key, series_uid, sop_uid, view,
                    n_frames, height, width, fps, manufacturer, manufacturer_model, photometric,
                    transfer_syntax, sector_bbox, sector_source, scanned_at)
@@ -467,7 +467,7 @@ class Catalog:
         self.con.execute("DELETE FROM ingest_errors WHERE path = ? AND stage <> 'report-object'", [path])
 
     def study_key(self, study_uid: str) -> int | None:
-        row = self._one("SELECT study_key FROM studies WHERE study_uid = ?", [study_uid])
+        row = self.one("SELECT study_key FROM studies WHERE study_uid = ?", [study_uid])
         return int(row[0]) if row else None
 
     def record_report(self, study_uid: str, text: str, source: str) -> bool:
@@ -567,7 +567,7 @@ class Catalog:
             sql += f" WHERE {table[1]} IN (SELECT unnest(?::BIGINT[]))"
             params.append([int(k) for k in keys])
         sql += " ORDER BY id"
-        arrow = self.con.execute(sql, params).to_arrow_table() if params else self.con.sql(sql).to_arrow_table()
+        arrow = self.con.sql(sql, params=params).to_arrow_table() if params else self.con.sql(sql).to_arrow_table()
         ids = arrow.column("id").to_numpy().astype(np.int64)
         if len(ids) == 0:
             return ids, np.zeros((0, dim), dtype=np.float32)
@@ -582,7 +582,7 @@ class Catalog:
     # ---- runs and results ----------------------------------------------------------------------
     def new_run(self, kind: str, params: dict[str, Any]) -> int:
         with self.transaction():
-            row = self._one("SELECT nextval('run_id_seq')")
+            row = self.one("SELECT nextval('run_id_seq')")
             assert row is not None
             run_id = int(row[0])
             self.con.execute(
@@ -591,7 +591,7 @@ class Catalog:
         return run_id
 
     def latest_run(self, kind: str) -> int | None:
-        row = self._one("SELECT max(run_id) FROM runs WHERE kind = ?", [kind])
+        row = self.one("SELECT max(run_id) FROM runs WHERE kind = ?", [kind])
         return int(row[0]) if row and row[0] is not None else None
 
     def save_calibration(self, name: str, n_pos: int, n_neg: int, auc: float | None, threshold: float | None,
@@ -603,7 +603,7 @@ class Catalog:
             )
 
     def load_calibration(self, name: str) -> dict[str, Any] | None:
-        row = self._one("SELECT * FROM calibrations WHERE name = ?", [name])
+        row = self.one("SELECT * FROM calibrations WHERE name = ?", [name])
         if row is None:
             return None
         return {"name": row[0], "created_at": row[1], "n_positive": row[2], "n_negative": row[3], "auc": row[4],
@@ -623,7 +623,7 @@ class Catalog:
         out: dict[str, int] = {}
         for t in tables:
             if self.has_table(t):
-                row = self._one(f"SELECT count(*) FROM {t}")
+                row = self.one(f"SELECT count(*) FROM {t}")
                 out[t] = int(row[0]) if row else 0
             else:
                 out[t] = 0

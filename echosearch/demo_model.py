@@ -17,7 +17,7 @@ from typing import Any
 
 TRAIN_COHORT: dict[str, Any] = {"patients": 260, "seed": 9001, "visits": (1, 5), "views": ("A4C", "PLAX", "A2C"),
                                 "mislabel_rate": 0.0, "size": "small"}
-TRAIN_EPOCHS = 14
+TRAIN_EPOCHS = 15
 TRAIN_SEED = 7
 
 
@@ -39,7 +39,8 @@ def build(out: Path, workdir: Path | None = None, epochs: int = TRAIN_EPOCHS, pa
     if not (cohort / "ground_truth.parquet").exists():
         generate_cohort(cohort, **kw)
     print(f"cohort ready in {time.time() - t0:.0f} s")
-    settings = load_settings(mode="demo", workers=2)
+    # a fixed key: this throwaway index holds synthetic patients only, and re-runs must reuse it
+    settings = load_settings(mode="demo", workers=2, secret="demo-model-training-synthetic-only")
     with Catalog.open(tmp / "index", create=True) as cat:
         summary = scan([cohort], cat, settings, policy=FramePolicy("sector", 8, 112), progress=True)
     print(f"scanned {summary.videos_added} videos, {summary.reports_attached} reports in {time.time() - t0:.0f} s")

@@ -195,7 +195,7 @@ def fit_identity_calibrations(catalog: Catalog, S: StudySet | None = None, *, fp
     blur the positives slightly). Pairs are sampled with ``seed`` and at most ``max_pairs`` of each kind.
     """
     gen = catalog.generation()
-    row = catalog.con.execute("SELECT count(*), coalesce(sum(hash(study_key, patient_key)), 0) FROM studies").fetchone()
+    row = catalog.one("SELECT count(*), coalesce(sum(hash(study_key, patient_key)), 0) FROM studies")
     fingerprint = f"{row[0]}:{row[1]}" if row else ""  # patients can be relabelled without new vectors
     if not refit:
         a, b = cal.load(catalog, PAIR_CAL, gen), cal.load(catalog, PATIENT_CAL, gen)
@@ -245,7 +245,7 @@ def resolve_study(catalog: Catalog, study: int | str) -> int:
     text = str(study)
     key = catalog.study_key(text)
     if key is None and text.isdigit():
-        row = catalog.con.execute("SELECT study_key FROM studies WHERE study_key = ?", [int(text)]).fetchone()
+        row = catalog.one("SELECT study_key FROM studies WHERE study_key = ?", [int(text)])
         key = int(row[0]) if row else None
     if key is None:
         raise QueryError(f"unknown study {text!r} (give a Study Instance UID or study key)")

@@ -118,10 +118,11 @@ def resolve_model(name: str) -> ModelSource:
         spec = ModelSpec(name=path.stem, description=f"{arch} weights from {path}", arch=arch,
                          frame_policy="echoclip" if arch == "convnext_base" else "sector")
         return ModelSource(spec.name, arch, path, spec)
-    spec = REGISTRY.get(name)
-    if spec is None:
+    found = REGISTRY.get(name)
+    if found is None:
         known = ", ".join(sorted(REGISTRY))
         raise ModelLoadError(f"unknown model {name!r}: use one of {known}, local-dir:DIR, or ARCH@WEIGHTS_FILE")
+    spec = found
     if spec.local_dir is not None:
         weights = _find_weights(spec.local_dir)
         if weights is None:

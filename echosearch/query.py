@@ -63,9 +63,11 @@ class SearchInfo:
 class Searcher:
     """Search one index folder. Not for concurrent use from several threads without its lock (held per call)."""
 
-    def __init__(self, index_dir: Path | str, *, encoder: Any = None) -> None:
+    def __init__(self, index_dir: Path | str, *, encoder: Any = None, catalog: Catalog | None = None) -> None:
+        """Open ``index_dir``'s catalog read-only, or use ``catalog`` (a reader the caller owns and closes)."""
         self.index_dir = Path(index_dir)
-        self.catalog = Catalog.open(self.index_dir, read_only=True)
+        self._owns_catalog = catalog is None
+        self.catalog = Catalog.open(self.index_dir, read_only=True) if catalog is None else catalog
         self._encoder = encoder
         self._indexes: dict[str, VectorIndex] = {}
         self._video_study: tuple[np.ndarray, np.ndarray] | None = None
@@ -74,7 +76,8 @@ class Searcher:
         self.last_info: SearchInfo | None = None
 
     def close(self) -> None:
-        self.catalog.close()
+        if self._owns_catalog:
+            self.catalog.close()
 
     def __enter__(self) -> Searcher:
         return self
@@ -153,16 +156,17 @@ class Searcher:
             drop = np.asarray(sorted(exclude or ()), dtype=np.int64)
             if sel is not None and len(drop):
                 sel = np.setdiff1d(sel, drop, assume_unique=True)
-            rows = np.arange(vi.ntotal) if sel is None else vi.rows_of(sel)
-            pool = vi.ids[rows]
+            rows = None if sel is None else vi.rows_of(sel)
+            n_pool = vi.ntotal if rows is None else len(rows)
             dropped = vi.rows_of(drop) if sel is None else np.zeros(0, np.int64)
-            n_available = len(pool) - len(dropped)
+            n_available = n_pool - len(dropped)
             collapse = collapse_study and level == "video"
             if collapse:  # distinct studies among the available clips, in O(n)
-                per_study = np.bincount(self._row_studies(vi)[rows])
-                np.subtract.at(per_study, self._row_studies(vi)[dropped], 1)
+                studies = self._row_studies(vi)
+                per_study = np.bincount(studies if rows is None else studies[rows])
+                np.subtract.at(per_study, studies[dropped], 1)
                 n_available = int(np.count_nonzero(per_study))
-            fetch = min(len(pool), (4 * k if collapse else k) + (len(drop) if sel is None else 0))
+            fetch = min(n_pool, (4 * k if collapse else k) + (len(drop) if sel is None else 0))
             while True:
                 scores, ids = vi.search(q, fetch, selector_ids=sel)
                 scores, ids = scores[0], ids[0]
@@ -173,12 +177,12 @@ class Searcher:
                     _, first = np.unique(self._study_of(ids), return_index=True)
                     first = np.sort(first)
                     scores, ids = scores[first], ids[first]
-                if len(ids) >= k or fetch >= len(pool):
+                if len(ids) >= k or fetch >= n_pool:
                     break
-                fetch = min(len(pool), fetch * 4)
+                fetch = min(n_pool, fetch * 4)
             scores, ids = scores[:k], ids[:k]
             frame = self._frame(level, ids, scores)
-            plan = vi.plan_for(None if sel is None else len(pool))
+            plan = vi.plan_for(None if sel is None else n_pool)
             self.last_info = SearchInfo(level, k, n_available, frame.height, plan,
                                         filters.as_dict() if filters else {})
             return frame

@@ -38,7 +38,7 @@ DEMO_MODEL_CFG: dict[str, Any] = {
 @dataclass
 class TrainConfig:
     epochs: int = 15
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.1
     frames_per_video: int = 8
@@ -65,24 +65,37 @@ def split_sentences(report: str) -> list[str]:
     return parts or [report]
 
 
-def augment_report(report: str, rng: random.Random) -> str:
-    """Half of the time the whole report, otherwise a random non-empty subset of its sentences."""
+VIEW_PHRASES = {"A4C": "APICAL FOUR CHAMBER VIEW.", "A2C": "APICAL TWO CHAMBER VIEW.",
+                "A3C": "APICAL THREE CHAMBER VIEW.", "A5C": "APICAL FIVE CHAMBER VIEW.",
+                "PLAX": "PARASTERNAL LONG AXIS VIEW.", "PSAX": "PARASTERNAL SHORT AXIS VIEW.",
+                "SC4C": "SUBCOSTAL FOUR CHAMBER VIEW."}
+
+
+def augment_report(report: str, rng: random.Random, view: str | None = None) -> str:
+    """Half of the time the whole report, otherwise a random non-empty subset of its sentences.
+
+    When the clip's view is known its phrase is prepended most of the time: the view is the most visible
+    property of a frame, and this easy signal gets contrastive training from scratch off its initial
+    plateau (a report alone is shared by every view of a study and differs mostly in numbers).
+    """
     sents = split_sentences(report)
-    if rng.random() < 0.5 or len(sents) == 1:
-        return " ".join(sents)
-    k = rng.randint(1, len(sents))
-    keep = sorted(rng.sample(range(len(sents)), k))
-    return " ".join(sents[i] for i in keep)
+    if rng.random() >= 0.5 and len(sents) > 1:
+        k = rng.randint(1, len(sents))
+        sents = [sents[i] for i in sorted(rng.sample(range(len(sents)), k))]
+    if view in VIEW_PHRASES and rng.random() < 0.7:
+        sents = [VIEW_PHRASES[view], *sents]
+    return " ".join(sents)
 
 
 def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
-                progress: Callable[[int, int], None] | None) -> tuple[list[np.ndarray], list[str], list[int]]:
+                progress: Callable[[int, int], None] | None
+                ) -> tuple[list[np.ndarray], list[str], list[int], list[str | None]]:
     from echosearch.discover import FileRecord
     from echosearch.ingest import FailedFile, iter_processed
     from echosearch.prepare import FramePolicy
 
     rows = cat.con.sql(
-        "SELECT v.video_key, v.path, v.kind, v.sha256, v.size_bytes, r.text, s.patient_key FROM videos v "
+        "SELECT v.video_key, v.path, v.kind, v.sha256, v.size_bytes, r.text, s.patient_key, v.view FROM videos v "
         "JOIN studies s USING (study_key) JOIN reports r USING (study_key) ORDER BY v.video_key"
     ).fetchall()
     if not rows:
@@ -92,6 +105,7 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
     frames: list[np.ndarray] = []
     texts: list[str] = []
     patients: list[int] = []
+    views: list[str | None] = []
     by_sha = {r[3]: r for r in rows}
     for i, item in enumerate(iter_processed(records, policy, workers=workers)):
         if progress:
@@ -103,7 +117,8 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
         frames.append(item.frames)
         texts.append(row[5])
         patients.append(int(row[6]))
-    return frames, texts, patients
+        views.append(row[7])
+    return frames, texts, patients, views
 
 
 def _augment_frame(frame: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -173,7 +188,7 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
         return (t - mean_t) / std_t
 
     with Catalog.open(index_dir, read_only=True) as cat:
-        frames, texts, patients = _load_pairs(cat, cfg.frames_per_video, size, cfg.workers,
+        frames, texts, patients, views = _load_pairs(cat, cfg.frames_per_video, size, cfg.workers,
                                               (lambda i, n: progress("decode", i, n, {})) if progress else None)
     uniq_patients = sorted(set(patients))
     prng = random.Random(cfg.seed)
@@ -205,7 +220,7 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
                 break
             batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             imgs = np.stack([_augment_frame(frames[i][nrng.integers(len(frames[i]))], nrng) for i in batch])
-            txt = tokenizer([augment_report(texts[i], rng) for i in batch])
+            txt = tokenizer([augment_report(texts[i], rng, views[i]) for i in batch])
             img_f, txt_f, scale = model(to_tensor(imgs), txt)[:3]
             loss = loss_fn(img_f, txt_f, scale)
             opt.zero_grad(set_to_none=True)

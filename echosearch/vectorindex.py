@@ -89,16 +89,13 @@ class VectorIndex:
     """One level's FAISS index plus its manifest; :meth:`search` returns catalog keys."""
 
     def __init__(self, level: str, index: Any, manifest: dict[str, Any]) -> None:
-        self.level = level
-        self.index = index
-        self.manifest = manifest
+        self.level, self.index, self.manifest = level, index, manifest
         self.kind: str = manifest["kind"]
         self.params: dict[str, float] = dict(manifest.get("params") or {})
         idmap = faiss.downcast_index(index)
         self._inner = faiss.downcast_index(idmap.index)
         self.ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
-        self.ntotal = int(index.ntotal)
-        self.dim = int(index.d)
+        self.ntotal, self.dim = int(index.ntotal), int(index.d)
         if not _strictly_increasing(self.ids):  # build_vectors adds rows in key order
             raise IndexMismatchError(f"{level} index rows are not in key order: run `echosearch reindex`")
         self._lut: np.ndarray | None = None  # key -> row table when keys are dense enough (catalog sequences)
@@ -158,32 +155,27 @@ class VectorIndex:
         return scores, self.ids[found]
 
     def plan_for(self, n_selected: int | None) -> str:
-        """``exact`` (scan exactly the selected vectors, or all of a flat index) or ``ann`` (index + selector)."""
+        """``exact``: scan exactly the selected vectors (few selected, or any search of a flat index);
+        ``ann``: the ANN index restricted by a selector."""
         if n_selected is not None and n_selected <= max(EXACT_MAX_ROWS, EXACT_MAX_FRACTION * self.ntotal):
             return "exact"
         return "exact" if self.kind == "flat" and (self._gpu is None or n_selected is not None) else "ann"
 
     def _exact(self, q: np.ndarray, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scan of exactly ``rows`` (all when None) with BLAS; returns (scores, rows).
+        """Exact scan of exactly ``rows`` (all when None); returns (scores, rows).
 
-        Few rows: gather their vectors; many rows of stored vectors: one matmul over all, then select.
+        Few rows: gather their vectors and scan them (``faiss.knn``, one thread per query: BLAS thread
+        wake-ups cost milliseconds on a busy machine). Many rows of a flat index: the index with a bitmap.
         """
-        n_rows = self.ntotal if rows is None else len(rows)
-        scores, found = np.empty((len(q), k), dtype=np.float32), np.empty((len(q), k), dtype=np.int64)
-        gather = self._xb is None or (rows is not None and n_rows <= 0.05 * self.ntotal)
-        mat = self._full_vectors(np.arange(self.ntotal) if rows is None else rows) if gather else self._xb
-        assert mat is not None
-        for lo in range(0, len(q), 64):  # bounded memory for batches of queries
-            sims = q[lo:lo + 64] @ mat.T
-            sims = sims[:, rows] if not gather and rows is not None else sims
-            part = (np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n_rows
-                    else np.broadcast_to(np.arange(n_rows), sims.shape).copy())
-            top = np.take_along_axis(sims, part, axis=1)
-            order = np.argsort(-top, axis=1, kind="stable")
-            part = np.take_along_axis(part, order, axis=1)
-            scores[lo:lo + 64] = np.take_along_axis(top, order, axis=1)
-            found[lo:lo + 64] = part if rows is None else rows[part]
-        return scores, found
+        if self.kind == "flat" and rows is not None and len(rows) > max(EXACT_MAX_ROWS, 0.05 * self.ntotal):
+            return self._ann(q, k, rows, {})
+        if rows is None and self._xb is not None:
+            mat = self._xb
+        else:
+            mat = self._full_vectors(np.arange(self.ntotal) if rows is None else rows)
+        with _omp_threads(len(q)):
+            scores, found = faiss.knn(q, mat, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return scores.astype(np.float32), found if rows is None else rows[found]
 
     def _faiss_params(self, p: Mapping[str, float], sel: Any) -> tuple[Any, list[Any]]:
         """Per-call search parameter objects (the shared index is never mutated); returns (params, keep-alive)."""
@@ -288,9 +280,7 @@ def _strictly_increasing(a: np.ndarray) -> bool:
 
 def _vector_store(inner: Any, kind: str, d: int) -> tuple[Any, np.ndarray | None]:
     """The sub-index holding full vectors by row, and a zero-copy (ntotal, d) view when they are float32."""
-    store = {"flat": lambda: inner, "hnsw": lambda: inner.storage, "ivf": lambda: inner.refine_index,
-             "ivf_fp16": lambda: inner.refine_index}[kind]()
-    store = faiss.downcast_index(store)
+    store = faiss.downcast_index(inner if kind == "flat" else inner.storage if kind == "hnsw" else inner.refine_index)
     if kind == "ivf_fp16":
         return store, None
     if store.ntotal == 0:
@@ -342,11 +332,13 @@ def build_vectors(ids: np.ndarray, vecs: np.ndarray, *, level: str = "video", ta
     kind, reason = ("flat", "empty level") if n == 0 else (kind, reason)
     desc = factory_string(kind, n)
     index = faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:  # k-means on a sample of 64 points per list (>= 20k)
-        n_train = min(n, max(64 * nlist_for(n), 20_000))
+    if not index.is_trained:  # k-means on a sample of 40 points per list (>= 20k)
+        n_train = min(n, max(40 * nlist_for(n), 20_000))
         index.train(x if n_train >= n else x[np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))])
+    t_train = time.perf_counter()
     if n:
         index.add_with_ids(x, ids)
+    t_add = time.perf_counter()
     manifest: dict[str, Any] = {
         "level": level, "kind": kind, "index_type": desc, "choice_reason": reason, "metric": "inner_product",
         "normalised": True, "dim": d, "ntotal": n, "params": {}, "target_recall": target_recall,
@@ -354,8 +346,15 @@ def build_vectors(ids: np.ndarray, vecs: np.ndarray, *, level: str = "video", ta
     }
     vi = VectorIndex(level, index, manifest)
     recall, n_q = (1.0, 0) if kind == "flat" or n < 2 else _tune(vi, x, ids, target_recall, tune_queries, seed)
+    if force_type is None and kind == "ivf" and vi.params["nprobe"] * 4 >= vi._nlist:  # scans >= 1/4: exact instead
+        flat = build_vectors(ids, x, level=level, target_recall=target_recall, latency_ms=1e12)
+        flat.manifest.update(build_seconds=round(time.perf_counter() - start, 3), choice_reason=(
+            f"IVF needed nprobe {vi.params['nprobe']:.0f} of {vi._nlist} for recall@10 {target_recall}: exact instead"))
+        return flat
     manifest.update(params=vi.params, recall_at_10=recall if n else None, recall_queries=n_q,
                     latency_p50_ms=_latency_p50(vi, x, seed), build_seconds=round(time.perf_counter() - start, 3),
+                    phase_seconds={"train": round(t_train - start, 3), "add": round(t_add - t_train, 3),
+                                   "tune": round(time.perf_counter() - t_add, 3)},
                     created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return vi
 

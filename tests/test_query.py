@@ -269,6 +269,14 @@ def test_text_query_uses_the_given_encoder(index: tuple[Path, pl.DataFrame]) -> 
             s.by_text("x", 3)
 
 
+def test_searcher_on_a_callers_catalog(index: tuple[Path, pl.DataFrame]) -> None:
+    with Catalog.open(index[0], read_only=True) as cat:
+        s = Searcher(index[0], catalog=cat)
+        assert s.like_video(int(index[1]["video_key"][0]), 2).height == 2
+        s.close()  # the caller's catalog stays open
+        assert cat.study_key(index[1]["study_uid"][0]) is not None
+
+
 def test_no_embeddings_and_stale_index(tmp_path: Path) -> None:
     root = tmp_path / "bare"
     cat = Catalog.open(root, create=True)

@@ -121,6 +121,12 @@ def test_choice_rules() -> None:
     assert vx.choose_kind(1_000_000, 512, memory_budget=1 << 30)[0] == "ivf_fp16"
     assert vx.nlist_for(1_000_000) == 4096 and vx.nlist_for(50) == 1
     assert vx.factory_string("ivf", 1_000_000) == "IDMap2,IVF4096,SQ8,RFlat"
+    keys = np.arange(3000, dtype=np.int64)
+    easy = vx.build_vectors(keys, clustered(3000, seed=5), latency_ms=1e-3, tune_queries=100)
+    assert easy.kind == "ivf" and easy.manifest["recall_at_10"] >= 0.95
+    noise = vx.normalise(np.random.default_rng(6).standard_normal((3000, D)).astype(np.float32))
+    hard = vx.build_vectors(keys, noise, latency_ms=1e-3, tune_queries=100)  # IVF would scan most lists
+    assert hard.kind == "flat" and "exact instead" in hard.manifest["choice_reason"]
 
 
 # ---- catalog-backed persistence -------------------------------------------------------------

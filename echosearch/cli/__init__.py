@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("aborted", err=True)
         return 130
     except _CLICK_ERRORS as exc:  # usage errors: typer bundles its own click
-        exc.show()
-        return int(exc.exit_code)
+        exc.show()  # type: ignore[attr-defined]
+        return int(exc.exit_code)  # type: ignore[attr-defined]
     return 0
 
 

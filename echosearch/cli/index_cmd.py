@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from echosearch.cli.common import console, print_json
 from echosearch.errors import SomeInputsFailed
@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Output model folder (open_clip format)."),
         init: str = typer.Option(None, "--init", help="Model to fine-tune (default: demo architecture from scratch)."),
         epochs: int = typer.Option(15, "--epochs"),
-        batch_size: int = typer.Option(64, "--batch-size"),
+        batch_size: int = typer.Option(32, "--batch-size"),
         lr: float = typer.Option(1e-3, "--lr"),
         seed: int = typer.Option(0, "--seed"),
         max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many steps (smoke runs)."),
@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
                           workers=workers)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=console) as bar:
-            tasks: dict[str, int] = {}
+            tasks: dict[str, TaskID] = {}
 
             def cb(phase: str, i: int, n: int, metrics: dict[str, float]) -> None:
                 if phase == "epoch":
