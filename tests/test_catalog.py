@@ -128,3 +128,9 @@ def test_console_script_version() -> None:
 
     out = subprocess.run([sys.executable, "-m", "echosearch", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("echosearch ")
+
+
+def test_cli_bad_argument_is_a_usage_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["synth", str(tmp_path / "c"), "--visits", "3:1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "visits" in err
