@@ -69,37 +69,46 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
     console.print(f"encoded {summary.videos_encoded} new videos ({summary.frames_encoded} frames) in "
                   f"{summary.elapsed_s:.1f} s; failed inputs: {summary.failed}")
 
-    console.rule("[bold]3. search")
-    searcher = Searcher(index_dir)
-    text = "SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION."
-    hits = searcher.by_text(text, k=8, level="study")
-    t_study = truth.group_by("study_uid").agg(pl.col("ef").first().round(0).alias("true_ef"))
-    shown = hits.join(t_study, on="study_uid", how="left")
-    console.print(frame_table(shown.select([c for c in ("score", "patient_pseudonym", "study_date", "true_ef",
-                                                        "pred_ef") if c in shown.columns]),
-                              title=f"text search: {text}"))
-    clip = next(iter(sorted(REAL_DICOM.glob("ACUSON*.dcm"))), None) if REAL_DICOM.is_dir() else None
-    if clip is None:
-        clip = cohort / truth.filter(pl.col("view") == "A4C")["path"][0]
-    vhits = searcher.by_video_file(clip, k=5)
-    console.print(frame_table(vhits.select([c for c in ("score", "patient_pseudonym", "study_date", "view", "path")
-                                            if c in vhits.columns]),
-                              title=f"video search: {clip.name}"))
-
+    # one read-write connection for the rest: DuckDB refuses mixing read-only and read-write in a process
     with Catalog.open(index_dir) as cat:
+        console.rule("[bold]3. search")
+        searcher = Searcher(index_dir, catalog=cat)
+        text = "SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION."
+        hits = searcher.by_text(text, k=8, level="study")
+        t_study = truth.group_by("study_uid").agg(pl.col("ef").first().round(0).alias("true_ef"))
+        shown = hits.join(t_study, on="study_uid", how="left")
+        console.print(frame_table(shown.select([c for c in ("score", "patient_pseudonym", "study_date", "true_ef",
+                                                            "pred_ef") if c in shown.columns]),
+                                  title=f"text search: {text}"))
+        clip = next(iter(sorted(REAL_DICOM.glob("ACUSON*.dcm"))), None) if REAL_DICOM.is_dir() else None
+        if clip is None:
+            clip = cohort / truth.filter(pl.col("view") == "A4C")["path"][0]
+        vhits = searcher.by_video_file(clip, k=5)
+        console.print(frame_table(vhits.select([c for c in ("score", "patient_pseudonym", "study_date", "view", "path")
+                                                if c in vhits.columns]),
+                                  title=f"video search: {clip.name} (a real scanner file; the demo model knows only "
+                                        "synthetic echoes)" if clip.parent == REAL_DICOM else f"video search: {clip.name}"))
+
         console.rule("[bold]4. identity audit")
         suspects = audit(cat)
-        flagged = suspects.filter(pl.col("suspect")) if "suspect" in suspects.columns else suspects
-        console.print(frame_table(flagged.head(10), title=f"{flagged.height} suspect studies (top 10)"))
+        flagged = suspects.filter(pl.col("suspect"))
+        true_mis = set(truth.filter(pl.col("mislabelled"))["study_uid"].to_list())
+        uid_of = dict(cat.con.sql("SELECT study_key, study_uid FROM studies").fetchall())
+        cols = [c for c in ("rank", "study_key", "own_score", "best_other_score", "margin", "p_same") if c in flagged.columns]
+        table = flagged.select(cols).with_columns(
+            pl.col("study_key").map_elements(lambda k: "yes" if uid_of.get(k) in true_mis else "no",
+                                             return_dtype=pl.String).alias("truly mislabelled"))
+        console.print(frame_table(table.head(12), title=f"{flagged.height} suspect studies (top 12; truth column from "
+                                                        "the synthetic ground truth)"))
         console.rule("[bold]5. change scan")
         changes = scan_changes(cat)
-        fl = changes.filter(pl.col("flagged")) if "flagged" in changes.columns else changes
+        fl = changes.filter(pl.col("flagged"))
         cols = [c for c in ("patient_pseudonym", "study_date", "z_prev", "z_baseline", "explanation") if c in fl.columns]
         console.print(frame_table(fl.select(cols).head(12), title=f"{fl.height} flagged visits (top 12)"))
 
-    console.rule("[bold]6. evaluation against ground truth (EchoCLIP anchors in brackets)")
-    result = evaluate(index_dir, truth=cohort / "ground_truth.parquet")
-    console.print(format_table(result))
+        console.rule("[bold]6. evaluation against ground truth (EchoCLIP's published figures as anchors)")
+        result = evaluate(cat, truth=cohort / "ground_truth.parquet")
+        console.print(format_table(result))
     console.print(Panel(f"done in {time.time() - t0:.0f} s; index at {index_dir}; open the app with `make app`",
                         title="echosearch demo"))
     return result
