@@ -196,6 +196,7 @@ def write_model_folder(model: Any, model_cfg: dict[str, Any], folder: Path, *, h
              for k, v in model.state_dict().items()}
     tmp = folder / "open_clip_model.safetensors.tmp"
     save_file(state, str(tmp))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, folder / "open_clip_model.safetensors")
     cfg: dict[str, Any] = {"model_cfg": model_cfg}
     if preprocess_cfg:
