@@ -590,6 +590,14 @@ class Catalog:
             )
         return run_id
 
+    def insert_frame(self, table: str, df: pl.DataFrame, columns: list[str]) -> None:
+        """Append the ``columns`` of a polars frame to ``table`` in one transaction (matched by name)."""
+        arrow = df.select(columns).to_arrow()
+        with self.transaction() as con:
+            con.register("_insert_rows", arrow)
+            con.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM _insert_rows")
+            con.unregister("_insert_rows")
+
     def latest_run(self, kind: str) -> int | None:
         row = self.one("SELECT max(run_id) FROM runs WHERE kind = ?", [kind])
         return int(row[0]) if row and row[0] is not None else None

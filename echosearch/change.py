@@ -191,9 +191,5 @@ def scan_changes(catalog: Catalog, *, patient: str | int | None = None, z_thresh
                                              "thresholds": thr, "cohort_median": c_med, "cohort_scale": c_s})
         cols = ["run_id", "patient_key", "study_key", "prev_study_key", "baseline_study_key", "score_prev",
                 "score_baseline", "z_prev", "z_baseline", "flagged", "explanation"]
-        table = out.with_columns(pl.lit(run_id, pl.Int64).alias("run_id")).select(cols).to_arrow()
-        with catalog.transaction() as con:
-            con.register("_change_rows", table)
-            con.execute(f"INSERT INTO changes ({', '.join(cols)}) SELECT * FROM _change_rows")
-            con.unregister("_change_rows")
+        catalog.insert_frame("changes", out.with_columns(pl.lit(run_id, pl.Int64).alias("run_id")), cols)
     return out.with_columns(pl.lit(run_id, pl.Int64).alias("run_id"))

@@ -468,9 +468,5 @@ def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiab
                                            "z_threshold": z_thr, "max_iter": max_iter})
         cols = ["run_id", "study_key", "recorded_patient_key", "own_score", "best_other_patient_key",
                 "best_other_score", "margin", "p_same", "suspect", "rank", "evidence"]
-        table = df.with_columns(pl.lit(run_id, pl.Int64).alias("run_id")).select(cols).to_arrow()
-        with catalog.transaction() as con:
-            con.register("_audit_rows", table)
-            con.execute(f"INSERT INTO identity_audit ({', '.join(cols)}) SELECT * FROM _audit_rows")
-            con.unregister("_audit_rows")
+        catalog.insert_frame("identity_audit", df.with_columns(pl.lit(run_id, pl.Int64).alias("run_id")), cols)
     return df.with_columns(pl.lit(run_id, pl.Int64).alias("run_id"))
