@@ -103,8 +103,8 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
         console.rule("[bold]5. change scan")
         changes = scan_changes(cat)
         fl = changes.filter(pl.col("flagged"))
-        cols = [c for c in ("patient_pseudonym", "study_date", "z_prev", "z_baseline", "explanation") if c in fl.columns]
-        console.print(frame_table(fl.select(cols).head(12), title=f"{fl.height} flagged visits (top 12)"))
+        change_cols = [c for c in ("patient_pseudonym", "study_date", "z_prev", "z_baseline", "explanation") if c in fl.columns]
+        console.print(frame_table(fl.select(change_cols).head(12), title=f"{fl.height} flagged visits (top 12)"))
 
         console.rule("[bold]6. evaluation against ground truth (EchoCLIP's published figures as anchors)")
         result = evaluate(cat, truth=cohort / "ground_truth.parquet")
