@@ -8,7 +8,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_DICOM = ROOT.parent / "shared" / "testdata" / "real-dicom"
+
+
+def _find_real_dicom() -> Path:
+    """The real-DICOM corpus: ``ECHOSEARCH_REAL_DICOM``, else ``shared/testdata/real-dicom`` beside the checkout
+    (or beside any folder above it), else the workplace's ``/work/shared``."""
+    env = os.environ.get("ECHOSEARCH_REAL_DICOM")
+    if env:
+        return Path(env)
+    for base in ROOT.parents:
+        cand = base / "shared" / "testdata" / "real-dicom"
+        if cand.is_dir():
+            return cand
+    return Path("/work/shared/testdata/real-dicom")
+
+
+REAL_DICOM = _find_real_dicom()
 
 os.environ.setdefault("ECHOSEARCH_SECRET", "test-secret-0123456789abcdef")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import REAL_DICOM
 
 from echosearch import app_api
 from echosearch.catalog import Catalog
@@ -21,7 +22,7 @@ from echosearch.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "app" / "main.py"
-REAL_CLIP = Path(__file__).resolve().parents[2] / "shared/testdata/real-dicom/SonoSite_echo_A4C_30f_JPEG_small.dcm"
+REAL_CLIP = REAL_DICOM / "SonoSite_echo_A4C_30f_JPEG_small.dcm"
 TIMEOUT = 180
 
 

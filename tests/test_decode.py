@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+from conftest import REAL_DICOM
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_color_lut, convert_color_space
@@ -25,7 +26,7 @@ from pydicom.uid import (
 from echosearch.decode import decode_video, read_meta
 from echosearch.errors import DecodeError, NotUltrasoundError, ReportObjectFound
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real-dicom"
+REAL = REAL_DICOM
 
 # file -> (frames, rows, cols, lossy JPEG?)  (from the corpus README)
 ULTRASOUND = {

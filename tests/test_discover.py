@@ -10,10 +10,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import REAL_DICOM
 
 from echosearch.discover import DiscoverFailure, FileRecord, discover, sniff_kind
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real-dicom"
+REAL = REAL_DICOM
 DICOM_NAME = "US-MONO2-8-8x-execho.dcm"
 
 

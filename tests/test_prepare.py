@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import REAL_DICOM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,7 @@ from echosearch.prepare import (
     sample_indices,
 )
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real-dicom"
+REAL = REAL_DICOM
 
 
 def real(name: str) -> Path:

@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import pydicom
 import pytest
+from conftest import REAL_DICOM
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -20,7 +21,7 @@ from echosearch.discover import FileRecord, discover, inspect_file
 from echosearch.ingest import FailedFile, PreparedVideo, iter_processed, process_file, scan
 from echosearch.prepare import FramePolicy
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real-dicom"
+REAL = REAL_DICOM
 N_ULTRASOUND, N_NOT_ULTRASOUND = 9, 4
 SMALL = ["US-MONO2-8-8x-execho.dcm", "SonoSite_echo_A4C_30f_JPEG_small.dcm", "US-RGB-8-esopecho.dcm"]
 
