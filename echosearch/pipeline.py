@@ -109,10 +109,11 @@ def store_predictions(catalog: Catalog, level: str, keys: Sequence[int], preds: 
     rows = [(level, int(k), task, float(v), model) for k, p in zip(keys, preds, strict=True) for task, v in p.items()]
     if not rows:
         return
-    with catalog.transaction():
-        catalog.con.executemany(
-            "INSERT INTO predictions VALUES (?, ?, ?, ?, ?) ON CONFLICT (level, key, task) DO UPDATE SET "
-            "value = excluded.value, model = excluded.model", rows)
+    import polars as pl
+
+    frame = pl.DataFrame(rows, schema=[("level", pl.String), ("key", pl.Int64), ("task", pl.String),
+                                       ("value", pl.Float64), ("model", pl.String)], orient="row")
+    catalog.upsert_frame("predictions", frame)
 
 
 def pool_studies(catalog: Catalog, model_name: str) -> int:
