@@ -40,10 +40,8 @@ INDEX_ENV = "ECHOSEARCH_INDEX"
 PASSWORD_ENV = "ECHOSEARCH_APP_PASSWORD"
 USER_ENV = "ECHOSEARCH_APP_USER"
 DECISIONS = ("confirmed", "dismissed")
-BINARY_TASKS = ("pacer_lead", "tavr", "mitraclip", "lv_dilated")
 TASK_LABELS = {"ef": "EF (%)", "pacer_lead": "pacemaker lead", "tavr": "TAVR valve", "mitraclip": "MitraClip",
                "lv_dilated": "dilated LV"}
-_SEARCHER_PATCH_LOCK = threading.Lock()
 EF_BANDS: dict[str, tuple[float, float]] = {"any": (0, 100), "severely reduced (<30%)": (0, 30),
                                             "reduced (30-40%)": (30, 40), "mildly reduced (40-50%)": (40, 50),
                                             "normal (>=50%)": (50, 100)}
@@ -370,33 +368,11 @@ class AppIndex:
 def open_searcher(app: AppIndex, encoder: Any = None) -> Any:
     """A :class:`~echosearch.query.Searcher` that reads through ``app``'s connection.
 
-    ``Searcher(index_dir)`` opens its own read-only connection, which DuckDB refuses in a process that already
-    holds the same file read-write; the app's Searcher gets a cursor of the shared connection instead (its
-    own lock serialises its calls, so one cursor is enough)."""
-    import inspect
-
+    ``Searcher(index_dir)`` would open its own read-only connection, which DuckDB refuses in a process that
+    already holds the same file read-write; the app's Searcher gets a dedicated cursor of the shared one."""
     from echosearch.query import Searcher
 
-    if "catalog" in inspect.signature(Searcher.__init__).parameters:
-        kwargs: dict[str, Any] = {"catalog": app.dedicated_reader(), "encoder": encoder}
-        return Searcher(app.index_dir, **kwargs)
-
-    import echosearch.query as query_module
-
-    shared = app.dedicated_reader()
-
-    class _Shim:  # Searcher.__init__ calls Catalog.open(index_dir, read_only=True): hand it the shared cursor
-        @staticmethod
-        def open(*_args: Any, **_kwargs: Any) -> Catalog:
-            return shared
-
-    with _SEARCHER_PATCH_LOCK:
-        saved = query_module.Catalog
-        query_module.Catalog = _Shim  # type: ignore[misc,assignment]
-        try:
-            return Searcher(app.index_dir, encoder=encoder)
-        finally:
-            query_module.Catalog = saved  # type: ignore[misc]
+    return Searcher(app.index_dir, catalog=app.dedicated_reader(), encoder=encoder)
 
 
 @dataclass

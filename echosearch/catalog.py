@@ -512,30 +512,25 @@ class Catalog:
         table = pl.DataFrame(
             {"video_key": keys, "embedding": vecs, "n_frames_used": n_frames},
             schema={"video_key": pl.Int64, "embedding": pl.Array(pl.Float32, dim), "n_frames_used": pl.Int32},
-        ).to_arrow()
+        )
         with self.transaction():
-            self.con.register("_new_video_emb", table)
-            self.con.execute("INSERT OR REPLACE INTO video_embeddings SELECT * FROM _new_video_emb")
-            self.con.unregister("_new_video_emb")
+            self.insert_frame("video_embeddings", table, replace=True)
             if frame_vectors is not None:
-                rows_k, rows_i, rows_v = [], [], []
-                for key, fv in zip(keys, frame_vectors, strict=True):
-                    for i, v in enumerate(np.asarray(fv, dtype=np.float32)):
-                        rows_k.append(key)
-                        rows_i.append(i)
-                        rows_v.append(v)
-                ft = pl.DataFrame(
-                    {"video_key": rows_k, "frame_index": rows_i, "embedding": np.stack(rows_v) if rows_v else np.zeros((0, dim), np.float32)},
+                per_video = [np.asarray(fv, dtype=np.float32).reshape(-1, dim) for fv in frame_vectors]
+                if len(per_video) != len(keys):
+                    raise CatalogError(f"{len(per_video)} frame-vector sets for {len(keys)} videos")
+                counts = [len(fv) for fv in per_video]
+                frames = pl.DataFrame(
+                    {"video_key": np.repeat(np.asarray(keys, dtype=np.int64), counts),
+                     "frame_index": np.concatenate([np.arange(c) for c in counts]) if counts else [],
+                     "embedding": np.concatenate(per_video) if per_video else np.zeros((0, dim), np.float32)},
                     schema={"video_key": pl.Int64, "frame_index": pl.Int32, "embedding": pl.Array(pl.Float32, dim)},
-                ).to_arrow()
-                self.con.register("_new_frame_emb", ft)
-                self.con.execute("INSERT OR REPLACE INTO frame_embeddings SELECT * FROM _new_frame_emb")
-                self.con.unregister("_new_frame_emb")
+                )
+                self.insert_frame("frame_embeddings", frames, replace=True)
             self.con.execute(
                 "UPDATE videos SET encoded_at = ? WHERE video_key IN (SELECT unnest(?::BIGINT[]))", [_now(), keys]
             )
-            gen = self.generation() + 1
-            self._set_manifest_raw("generation", str(gen))
+            self.bump_generation()
 
     def store_level_embeddings(self, level: str, keys: list[int], vectors: np.ndarray, counts: list[int] | None = None) -> None:
         """Replace study or report vectors for ``keys`` (study keys)."""
@@ -548,13 +543,9 @@ class Catalog:
         if level == "study":
             data["n_videos"] = counts if counts is not None else [1] * len(keys)
             schema["n_videos"] = pl.Int32
-        table = pl.DataFrame(data, schema=schema).to_arrow()
         with self.transaction():
-            self.con.register("_new_level_emb", table)
-            self.con.execute(f"INSERT OR REPLACE INTO {level}_embeddings SELECT * FROM _new_level_emb")
-            self.con.unregister("_new_level_emb")
-            gen = self.generation() + 1
-            self._set_manifest_raw("generation", str(gen))
+            self.insert_frame(f"{level}_embeddings", pl.DataFrame(data, schema=schema), replace=True)
+            self.bump_generation()
 
     def embeddings(self, level: str, keys: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64, vectors float32) of a level, ordered by id; optionally only ``keys``."""
@@ -590,22 +581,18 @@ class Catalog:
             )
         return run_id
 
-    def insert_frame(self, table: str, df: pl.DataFrame, columns: list[str]) -> None:
-        """Append the ``columns`` of a polars frame to ``table`` in one transaction (matched by name)."""
-        arrow = df.select(columns).to_arrow()
+    def insert_frame(self, table: str, df: pl.DataFrame, columns: list[str] | None = None, *,
+                     replace: bool = False) -> None:
+        """Append (or with ``replace`` insert-or-replace by primary key) a polars frame's ``columns`` to
+        ``table`` through one Arrow scan, in one transaction; columns are matched by name."""
+        cols = list(columns or df.columns)
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
         with self.transaction() as con:
-            con.register("_insert_rows", arrow)
-            con.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM _insert_rows")
-            con.unregister("_insert_rows")
-
-    def upsert_frame(self, table: str, df: pl.DataFrame) -> None:
-        """Insert or replace (by primary key) the rows of a frame whose columns are the table's, in order.
-
-        One Arrow scan instead of ``executemany``: ~50x faster for thousands of prediction rows."""
-        with self.transaction() as con:
-            con.register("_upsert_rows", df.to_arrow())
-            con.execute(f"INSERT OR REPLACE INTO {table} SELECT {', '.join(df.columns)} FROM _upsert_rows")
-            con.unregister("_upsert_rows")
+            con.register("_frame_rows", df.select(cols).to_arrow())
+            try:
+                con.execute(f"{verb} INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM _frame_rows")
+            finally:
+                con.unregister("_frame_rows")
 
     def latest_run(self, kind: str) -> int | None:
         row = self.one("SELECT max(run_id) FROM runs WHERE kind = ?", [kind])

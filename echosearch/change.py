@@ -18,12 +18,12 @@ from echosearch import calibration as cal
 from echosearch.catalog import Catalog
 from echosearch.errors import QueryError
 from echosearch.identity import fit_identity_calibrations, load_studies
+from echosearch.zeroshot import TASKS
 
 K0 = 3.0
 MIN_SCALE = 0.05  # Fisher units; about 0.013 of cosine near 0.85
 BINARY_TASKS = {"pacer_lead": "pacer/ICD lead", "tavr": "TAVR valve", "mitraclip": "MitraClip"}
 FLAG_TASKS = ("pacer_lead", "tavr", "mitraclip")
-TASKS = ("ef", "pacer_lead", "tavr", "mitraclip", "lv_dilated")
 
 
 def study_predictions(catalog: Catalog) -> pl.DataFrame:
@@ -46,12 +46,6 @@ def study_predictions(catalog: Catalog) -> pl.DataFrame:
         if t not in wide.columns:
             wide = wide.with_columns(pl.lit(None, pl.Float64).alias(t))
     return wide.select("study_key", *TASKS).with_columns(pl.col("study_key").cast(pl.Int64))
-
-
-def _robust(vals: list[float]) -> tuple[float, float]:
-    a = np.asarray(vals, dtype=np.float64)
-    med = float(np.median(a))
-    return med, 1.4826 * float(np.median(np.abs(a - med)))
 
 
 def _delta_threshold(deltas: np.ndarray, floor: float, k: float = 3.0) -> float:
@@ -126,7 +120,7 @@ def scan_changes(catalog: Catalog, *, patient: str | int | None = None, z_thresh
         for i in pairs:
             others = [float(u_prev[j]) for j in pairs if j != i]
             m = len(others)
-            med, s = _robust(others) if m else (c_med, c_s)
+            med, s = cal.robust_center_scale(others, floor=0.0) if m else (c_med, c_s)
             ms = m if m >= 2 else 0
             centre = (m * med + K0 * c_med) / (m + K0)
             scale = max(np.sqrt((ms * s**2 + K0 * c_s**2) / (ms + K0)), 0.5 * c_s, 1e-6)

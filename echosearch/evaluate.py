@@ -22,10 +22,11 @@ from echosearch.catalog import Catalog
 from echosearch.change import scan_changes, study_predictions
 from echosearch.errors import QueryError
 from echosearch.identity import StudySet, audit, load_studies, own_scores, patient_scores
+from echosearch.zeroshot import BINARY_TASKS
 
 TRUTH_FILE = "ground_truth.parquet"
 EVENTS = ("ef_decline", "ef_recovery", "pacer_implant", "tavr_implant", "mitraclip_implant", "transplant")
-DEVICE_TASKS = ("pacer_lead", "tavr", "mitraclip", "lv_dilated")
+DEVICE_TASKS = BINARY_TASKS  # every binary zero-shot finding is scored against its truth column
 ANCHORS = {"identity_auc": 0.86, "transplant_auc": 0.79, "cardiac_surgery_auc": 0.77}
 DEFAULT_FINDINGS = {
     "severely reduced EF": ("SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION.", "ef < 35"),

@@ -18,9 +18,10 @@ import duckdb
 import numpy as np
 
 from echosearch.errors import QueryError
+from echosearch.zeroshot import TASKS
 
 DEVICE_TASKS = ("pacer_lead", "tavr", "mitraclip")
-PREDICTION_TASKS = ("ef", *DEVICE_TASKS, "lv_dilated")
+PREDICTION_TASKS = TASKS  # every zero-shot task is a filterable column
 KEY_COLUMN = {"video": "video_key", "study": "study_key", "report": "study_key"}
 WHERE_COLUMNS = (
     "video_key", "study_key", "study_uid", "study_date", "accession_pseudonym", "patient_key", "patient_pseudonym",

@@ -113,22 +113,43 @@ def store_predictions(catalog: Catalog, level: str, keys: Sequence[int], preds: 
 
     frame = pl.DataFrame(rows, schema=[("level", pl.String), ("key", pl.Int64), ("task", pl.String),
                                        ("value", pl.Float64), ("model", pl.String)], orient="row")
-    catalog.upsert_frame("predictions", frame)
+    catalog.insert_frame("predictions", frame, replace=True)
 
 
-def pool_studies(catalog: Catalog, model_name: str) -> int:
-    """Study vectors (mean of video vectors, re-normalised) and study predictions, for every study."""
-    ids, vecs = catalog.embeddings("video")
-    if len(ids) == 0:
+def stale_studies(catalog: Catalog) -> list[int]:
+    """Studies whose vector is missing or pools a different number of encoded videos than they now have.
+
+    Derived from the catalog rather than from what this run encoded, so a run killed between encoding and
+    pooling is completed by the next one."""
+    rows = catalog.con.sql(
+        "SELECT v.study_key FROM videos v JOIN video_embeddings e USING (video_key) "
+        "LEFT JOIN study_embeddings s USING (study_key) "
+        "GROUP BY v.study_key HAVING count(*) <> coalesce(any_value(s.n_videos), 0) ORDER BY v.study_key"
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def pool_studies(catalog: Catalog, model_name: str, study_keys: list[int] | None = None) -> int:
+    """Study vectors (mean of video vectors, re-normalised) and study predictions for ``study_keys``
+    (default: the stale ones); only those studies' videos are read."""
+    study_keys = stale_studies(catalog) if study_keys is None else sorted(study_keys)
+    if not study_keys:
         return 0
-    owner = dict(catalog.con.sql("SELECT video_key, study_key FROM videos").fetchall())
+    owner = dict(catalog.con.execute(
+        "SELECT video_key, study_key FROM videos WHERE study_key IN (SELECT unnest(?::BIGINT[]))",
+        [study_keys]).fetchall())
+    ids, vecs = catalog.embeddings("video", list(owner))
     by_study: dict[int, list[int]] = {}
     for i, vk in enumerate(ids):
         by_study.setdefault(int(owner[int(vk)]), []).append(i)
     study_keys = sorted(by_study)
+    if not study_keys:
+        return 0
     study_vecs = np.stack([l2_normalise(vecs[by_study[s]].mean(axis=0)) for s in study_keys])
     counts = [len(by_study[s]) for s in study_keys]
-    pred_rows = catalog.con.sql("SELECT key, task, value FROM predictions WHERE level = 'video'").fetchall()
+    pred_rows = catalog.con.execute(
+        "SELECT key, task, value FROM predictions WHERE level = 'video' AND key IN (SELECT unnest(?::BIGINT[]))",
+        [[int(k) for k in ids]]).fetchall()
     vpreds: dict[int, dict[str, float]] = {}
     for k, task, v in pred_rows:
         vpreds.setdefault(int(k), {})[task] = float(v)
@@ -200,8 +221,7 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
         summary.videos_encoded = batcher.videos
         summary.frames_encoded = batcher.total_frames
         summary.model_seconds = round(batcher.model_seconds, 3)
-        if batcher.videos or cat.counts()["study_embeddings"] == 0:
-            summary.studies_pooled = pool_studies(cat, enc.name)
+        summary.studies_pooled = pool_studies(cat, enc.name)
         summary.reports_embedded = embed_reports(cat, enc)
         if build_vectors:
             from echosearch.vectorindex import build_all

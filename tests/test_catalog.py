@@ -134,3 +134,17 @@ def test_cli_bad_argument_is_a_usage_error_not_a_traceback(tmp_path: Path, capsy
     code = main(["synth", str(tmp_path / "c"), "--visits", "3:1"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "visits" in err
+
+
+def test_frame_vectors_are_stored_by_key_and_position(tmp_path: Path) -> None:
+    with Catalog.open(tmp_path / "idx", create=True) as cat:
+        k1, k2 = cat.record_video(_record(1)), cat.record_video(_record(2))
+        cat.bind_model(IDENTITY)
+        f1 = np.eye(8, dtype=np.float32)[:3]
+        f2 = np.eye(8, dtype=np.float32)[5:7]
+        cat.store_video_embeddings([k2, k1], np.stack([f2.mean(0), f1.mean(0)]), [2, 3], [f2, f1])
+        rows = cat.con.sql("SELECT video_key, frame_index, embedding FROM frame_embeddings "
+                           "ORDER BY video_key, frame_index").fetchall()
+        assert [(r[0], r[1]) for r in rows] == [(k1, 0), (k1, 1), (k1, 2), (k2, 0), (k2, 1)]
+        assert np.allclose(rows[4][2], f2[1]) and np.allclose(rows[0][2], f1[0])
+        assert cat.generation() == 1  # one atomic write, one generation

@@ -52,6 +52,7 @@ def test_index_stores_every_video_once_with_vectors_predictions_and_indexes(
         assert (tmp_path / "idx" / "vectors" / f"{level}.faiss").is_file()
     again = _index(small_cohort, tmp_path / "idx", random_model_dir)
     assert again.videos_encoded == 0 and again.scan["skipped_known"] == truth.height
+    assert again.studies_pooled == 0  # nothing stale: no study is pooled again
 
 
 def test_index_with_another_model_is_refused(small_cohort: Path, random_model_dir: Path, tmp_path: Path) -> None:

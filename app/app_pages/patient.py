@@ -7,7 +7,8 @@ import polars as pl
 import streamlit as st
 import ui
 
-from echosearch.app_api import BINARY_TASKS, TASK_LABELS
+from echosearch.app_api import TASK_LABELS
+from echosearch.zeroshot import BINARY_TASKS
 
 Z_THRESHOLD = 3.0
 
