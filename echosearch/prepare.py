@@ -26,6 +26,7 @@ SectorSource = Literal["regions", "estimated", "full"]
 VARIATION_THRESHOLD = 8  # blurred temporal range (grey levels) that counts as "moving" (above JPEG noise)
 STATIC_RANGE = 4  # a pixel this constant over >= 4 frames is not tissue (speckle always moves)
 OVERLAY_BRIGHTNESS = 100  # ... and if it is also this bright it is a burned-in overlay
+BORDER_BAND = 0.05  # ... and only near the hull's edge (share of the image's short side); deeper is anatomy
 INTENSITY_THRESHOLD = 8  # blurred brightness that counts as "not background" in a single frame
 MIN_SECTOR_FRACTION = 0.04  # an estimate smaller than this share of the image is not trusted
 
@@ -143,12 +144,27 @@ def _estimate_mask(frames: np.ndarray) -> np.ndarray | None:
         rng = _channel_max(cv2.absdiff(hi, lo))
         hull = _hull_of_largest(cv2.blur(rng, (k, k)) > VARIATION_THRESHOLD, k)
         if hull is not None:
-            if frames.shape[0] >= 4:  # static bright pixels inside the hull are overlays (text, markers)
-                static = (rng <= STATIC_RANGE) & (_channel_max(hi) >= OVERLAY_BRIGHTNESS)
-                hull &= ~cv2.dilate(static.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+            if frames.shape[0] >= 4:
+                hull &= ~_border_overlays(hull, (rng <= STATIC_RANGE) & (_channel_max(hi) >= OVERLAY_BRIGHTNESS))
             return hull
     grey = _channel_max(frames[0])
     return _hull_of_largest(cv2.blur(grey, (k, k)) > INTENSITY_THRESHOLD, k)
+
+
+def _border_overlays(hull: np.ndarray, static: np.ndarray) -> np.ndarray:
+    """Static bright blobs that reach the hull's outer band: burned-in labels and markers the hull took in.
+
+    Static bright structures deeper inside the fan are kept: metal (leads, stent valves, clips),
+    calcification and slow-moving tissue can be as constant as text, and erasing them hides findings.
+    """
+    if not static.any():
+        return static
+    blobs = cv2.dilate(static.astype(np.uint8), np.ones((5, 5), np.uint8))
+    band = max(3, int(round(BORDER_BAND * min(hull.shape))))
+    inner = cv2.erode(hull.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1,) * 2))
+    n, labels = cv2.connectedComponents(blobs, connectivity=8)
+    reach = np.unique(labels[(blobs > 0) & (inner == 0)])
+    return np.isin(labels, reach[reach > 0])
 
 
 def _channel_max(img: np.ndarray) -> np.ndarray:

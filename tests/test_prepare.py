@@ -90,6 +90,23 @@ def test_estimated_sector_is_the_fan_without_text_or_ecg() -> None:
     assert prepared.shape == (12, 112, 112, 3) and prepared.dtype == np.uint8
 
 
+def test_static_bright_structure_inside_fan_is_kept_but_border_label_is_not() -> None:
+    """Metal (a lead, a stent valve) is as constant as text; only labels at the fan's edge are overlays."""
+    frames, fan = fan_clip()
+    device = np.zeros(fan.shape, np.uint8)
+    cv2.line(device, (150, 110), (175, 140), 1, 4)  # deep inside the fan
+    label = np.zeros(fan.shape, np.uint8)
+    cv2.putText(label, "R", (236, 125), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1, 2)  # orientation marker on the edge
+    assert (label.astype(bool) & fan).any()
+    for f in frames:
+        f[device.astype(bool)] = 250
+        f[label.astype(bool)] = 255
+    sector = find_sector(frames)
+    assert sector.source == "estimated"
+    assert sector.mask[device.astype(bool)].all()  # the device stays visible to the model
+    assert not (sector.mask & label.astype(bool)).any()
+
+
 def test_single_frame_intensity_estimate_and_full_fallback() -> None:
     frames, fan = fan_clip(t=1)
     sector = find_sector(frames)
