@@ -25,8 +25,7 @@ from echosearch.errors import PrepareError
 SectorSource = Literal["regions", "estimated", "full"]
 VARIATION_THRESHOLD = 8  # blurred temporal range (grey levels) that counts as "moving" (above JPEG noise)
 STATIC_RANGE = 4  # a pixel this constant over >= 4 frames is not tissue (speckle always moves)
-OVERLAY_BRIGHTNESS = 100  # ... and if it is also this bright it is a burned-in overlay
-BORDER_BAND = 0.05  # ... and only near the hull's edge (share of the image's short side); deeper is anatomy
+OVERLAY_BRIGHTNESS = 100  # ... and if it is also this bright and crosses the fan's edge, an overlay
 INTENSITY_THRESHOLD = 8  # blurred brightness that counts as "not background" in a single frame
 MIN_SECTOR_FRACTION = 0.04  # an estimate smaller than this share of the image is not trusted
 
@@ -152,18 +151,16 @@ def _estimate_mask(frames: np.ndarray) -> np.ndarray | None:
 
 
 def _border_overlays(hull: np.ndarray, static: np.ndarray) -> np.ndarray:
-    """Static bright blobs that reach the hull's outer band: burned-in labels and markers the hull took in.
+    """Static bright blobs that cross the hull's edge: burned-in labels and markers the hull took in.
 
-    Static bright structures deeper inside the fan are kept: metal (leads, stent valves, clips),
+    Static bright structures wholly inside the fan are kept: metal (leads, stent valves, clips),
     calcification and slow-moving tissue can be as constant as text, and erasing them hides findings.
     """
     if not static.any():
         return static
     blobs = cv2.dilate(static.astype(np.uint8), np.ones((5, 5), np.uint8))
-    band = max(3, int(round(BORDER_BAND * min(hull.shape))))
-    inner = cv2.erode(hull.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1,) * 2))
     n, labels = cv2.connectedComponents(blobs, connectivity=8)
-    reach = np.unique(labels[(blobs > 0) & (inner == 0)])
+    reach = np.unique(labels[(blobs > 0) & ~hull])
     return np.isin(labels, reach[reach > 0])
 
 
