@@ -1,9 +1,12 @@
 """CLIP-style contrastive training on an index's (video, report) pairs (``echosearch train``).
 
 Frames are decoded and prepared once (the same ingest path as indexing), held in memory as uint8, and
-paired with their study's report. Reports are augmented by sentence sampling so that single finding
-phrases (the zero-shot prompts) align with images. A held-out split by patient gives retrieval metrics
-per epoch. The result is an open_clip folder (``local-dir:`` loadable).
+paired with their study's report. Reports are augmented by sentence sampling and each batch also carries
+single-statement texts (the shape of queries and zero-shot prompts). With ``soft_targets`` every text is
+scored against every clip of the batch from the reports' facts (``report_facts``), so that two reports of
+the same finding are not pushed apart; auxiliary heads (dropped on export) predict the reports' facts
+from image vectors. A held-out split by patient gives retrieval metrics per epoch. The result is an
+open_clip folder (``local-dir:`` loadable).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,10 +22,22 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from echosearch.catalog import Catalog
 from echosearch.errors import EchosearchError
 from echosearch.models import write_model_folder
+from echosearch.report_facts import (
+    PromptSampler,
+    ReportLabels,
+    augment_report,
+    relevance,
+    report_facts,
+    split_sentences,
+)
+
+__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "augment_report", "soft_clip_loss", "split_sentences",
+           "train"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +51,7 @@ DEMO_MODEL_CFG: dict[str, Any] = {
 
 @dataclass
 class TrainConfig:
-    epochs: int = 15
+    epochs: int = 24
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -47,6 +61,9 @@ class TrainConfig:
     workers: int = 1
     max_steps: int | None = None
     init: str | None = None  # None = demo architecture from scratch; else a model name to fine-tune
+    soft_targets: bool = True  # score every text against every clip from the reports' facts
+    extra_texts: int = 16  # single-statement texts added to each batch
+    aux_weight: float = 1.0  # auxiliary fact/quantity heads on the image vectors (0 = off)
 
 
 @dataclass
@@ -57,34 +74,6 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     n_train: int = 0
     n_holdout: int = 0
-
-
-def split_sentences(report: str) -> list[str]:
-    """Report text -> sentences (reports are upper-case template phrases ending in '.')."""
-    parts = [p.strip() for p in re.split(r"(?<=\.)\s+", report.strip()) if p.strip()]
-    return parts or [report]
-
-
-VIEW_PHRASES = {"A4C": "APICAL FOUR CHAMBER VIEW.", "A2C": "APICAL TWO CHAMBER VIEW.",
-                "A3C": "APICAL THREE CHAMBER VIEW.", "A5C": "APICAL FIVE CHAMBER VIEW.",
-                "PLAX": "PARASTERNAL LONG AXIS VIEW.", "PSAX": "PARASTERNAL SHORT AXIS VIEW.",
-                "SC4C": "SUBCOSTAL FOUR CHAMBER VIEW."}
-
-
-def augment_report(report: str, rng: random.Random, view: str | None = None) -> str:
-    """Half of the time the whole report, otherwise a random non-empty subset of its sentences.
-
-    When the clip's view is known its phrase is prepended most of the time: the view is the most visible
-    property of a frame, and this easy signal gets contrastive training from scratch off its initial
-    plateau (a report alone is shared by every view of a study and differs mostly in numbers).
-    """
-    sents = split_sentences(report)
-    if rng.random() >= 0.5 and len(sents) > 1:
-        k = rng.randint(1, len(sents))
-        sents = [sents[i] for i in sorted(rng.sample(range(len(sents)), k))]
-    if view in VIEW_PHRASES and rng.random() < 0.7:
-        sents = [VIEW_PHRASES[view], *sents]
-    return " ".join(sents)
 
 
 def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
@@ -128,6 +117,19 @@ def _augment_frame(frame: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     dx, dy = rng.integers(-4, 5, size=2)
     f = np.roll(f, (int(dy), int(dx)), axis=(0, 1))
     return np.clip(f, 0, 255).astype(np.uint8)
+
+
+def soft_clip_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy of image->text and text->image softmaxes against normalised target weights.
+
+    ``logits`` and ``targets`` are (images, texts); with an identity target this is open_clip's ClipLoss.
+    Text columns that describe no image of the batch take part only as negatives.
+    """
+    li = -(F.log_softmax(logits, 1) * (targets / targets.sum(1, keepdim=True).clamp(min=1e-12))).sum(1).mean()
+    cols = targets.sum(0) > 0
+    tc = targets[:, cols].T
+    lt = -(F.log_softmax(logits[:, cols].T, 1) * (tc / tc.sum(1, keepdim=True))).sum(1).mean()
+    return (li + lt) / 2
 
 
 def _retrieval_metrics(model: Any, tokenizer: Any, frames: list[np.ndarray], texts: list[str],
@@ -200,15 +202,22 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     if not train_idx:
         raise EchosearchError("no training pairs after the held-out split")
 
+    facts = [report_facts(t, v) for t, v in zip(texts, views, strict=True)]
+    prompts = PromptSampler.from_reports([texts[i] for i in train_idx], [views[i] for i in train_idx])
+    labels = ReportLabels.build(facts)
+    embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else int(model_cfg["embed_dim"])
+    heads = torch.nn.ModuleDict({"facts": torch.nn.Linear(embed_dim, max(1, len(labels.keys))),
+                                 "quantities": torch.nn.Linear(embed_dim, max(1, len(labels.quantities)))})
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters()) + (list(heads.parameters()) if cfg.aux_weight > 0 else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train_idx) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.1)
-    loss_fn = open_clip.ClipLoss()
     result = TrainResult(out_dir=Path(out_dir), epochs_run=0, steps=0, n_train=len(train_idx), n_holdout=len(hold_idx))
     ckpt_dir = Path(out_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    present, values, stated = (torch.from_numpy(x) for x in (labels.present, labels.values, labels.stated))
     step = 0
     t0 = time.time()
     for epoch in range(cfg.epochs):
@@ -220,9 +229,24 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
                 break
             batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             imgs = np.stack([_augment_frame(frames[i][nrng.integers(len(frames[i]))], nrng) for i in batch])
-            txt = tokenizer([augment_report(texts[i], rng, views[i]) for i in batch])
-            img_f, txt_f, scale = model(to_tensor(imgs), txt)[:3]
-            loss = loss_fn(img_f, txt_f, scale)
+            txts = [augment_report(texts[i], rng, views[i]) for i in batch]
+            txts += [prompts.sample(rng) for _ in range(cfg.extra_texts)]
+            img_f = model.encode_image(to_tensor(imgs), normalize=True)
+            txt_f = model.encode_text(tokenizer(txts), normalize=True)
+            logits = model.logit_scale.exp() * img_f @ txt_f.T
+            if cfg.soft_targets:
+                target = torch.tensor([[relevance(facts[i], t) for t in txts] for i in batch], dtype=torch.float32)
+                target[torch.arange(len(batch)), torch.arange(len(batch))] = 1.0
+            else:
+                target = torch.zeros(logits.shape)
+                target[torch.arange(len(batch)), torch.arange(len(batch))] = 1.0
+            loss = soft_clip_loss(logits, target)
+            if cfg.aux_weight > 0:
+                ii = torch.tensor(batch)
+                z = img_f * 8.0  # unit vectors scaled to a useful logit range
+                aux = F.binary_cross_entropy_with_logits(heads["facts"](z), present[ii])
+                err = ((heads["quantities"](z) - values[ii]) ** 2) * stated[ii]
+                loss = loss + cfg.aux_weight * (aux + err.sum() / stated[ii].sum().clamp(min=1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

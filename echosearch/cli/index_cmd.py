@@ -54,19 +54,24 @@ def register(app: typer.Typer) -> None:
         index_dir: Path = typer.Option(..., "--index", "-i", help="Index with videos and reports."),
         out: Path = typer.Option(..., "--out", "-o", help="Output model folder (open_clip format)."),
         init: str = typer.Option(None, "--init", help="Model to fine-tune (default: demo architecture from scratch)."),
-        epochs: int = typer.Option(15, "--epochs"),
+        epochs: int = typer.Option(24, "--epochs"),
         batch_size: int = typer.Option(32, "--batch-size"),
         lr: float = typer.Option(1e-3, "--lr"),
         seed: int = typer.Option(0, "--seed"),
         max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many steps (smoke runs)."),
         workers: int = typer.Option(1, "--workers"),
+        soft_targets: bool = typer.Option(True, "--soft-targets/--hard-targets",
+                                          help="Score every text against every clip from the reports' facts "
+                                               "(shared findings are positives), or one positive per row."),
+        aux_weight: float = typer.Option(1.0, "--aux-weight", help="Weight of the report-fact heads (0 = off)."),
+        extra_texts: int = typer.Option(16, "--extra-texts", help="Single-statement texts added to each batch."),
     ) -> None:
         """Contrastive training (or fine-tuning) on the index's (video, report) pairs."""
         from echosearch.train import TrainConfig
         from echosearch.train import train as run_train
 
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, init=init,
-                          workers=workers)
+                          workers=workers, soft_targets=soft_targets, aux_weight=aux_weight, extra_texts=extra_texts)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=console) as bar:
             tasks: dict[str, TaskID] = {}

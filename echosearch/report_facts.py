@@ -1,0 +1,158 @@
+"""Report text -> facts, for training: which texts describe which clip, and labels read from reports.
+
+Contrastive training from scratch with one positive per row treats every other clip in the batch as a
+negative, although reports of the same finding (two pacemaker patients, two EFs of 50 %) say the same
+thing. Here a report becomes a set of facts — template sentences, and quantities whose sentences differ
+only in their numbers — so that a training text is scored against every clip of the batch
+(:func:`relevance`): shared findings are positives, near values are partly positive. The same facts are
+multi-label and regression targets for auxiliary heads (:class:`ReportLabels`), which give the image
+tower a dense signal early in training. Everything is read from the reports themselves; nothing here
+knows the synthetic cohort's ground truth.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+VIEW_PHRASES = {"A4C": "APICAL FOUR CHAMBER VIEW.", "A2C": "APICAL TWO CHAMBER VIEW.",
+                "A3C": "APICAL THREE CHAMBER VIEW.", "A5C": "APICAL FIVE CHAMBER VIEW.",
+                "PLAX": "PARASTERNAL LONG AXIS VIEW.", "PSAX": "PARASTERNAL SHORT AXIS VIEW.",
+                "SC4C": "SUBCOSTAL FOUR CHAMBER VIEW."}
+_VIEW_OF_PHRASE = {p: v for v, p in VIEW_PHRASES.items()}
+# numeric sentences that name one of these are the same quantity however they are phrased
+QUANTITY_ALIASES = ("EJECTION FRACTION",)
+
+Facts = dict[str, float | None]
+
+
+def split_sentences(report: str) -> list[str]:
+    """Report text -> sentences (reports are upper-case template phrases ending in '.')."""
+    parts = [p.strip() for p in re.split(r"(?<=\.)\s+", report.strip()) if p.strip()]
+    return parts or [report]
+
+
+def sentence_fact(sentence: str) -> tuple[str, float | None]:
+    """A sentence -> (key, value): the view, a quantity with its number, or the template sentence itself."""
+    s = sentence.strip()
+    if s in _VIEW_OF_PHRASE:
+        return "VIEW:" + _VIEW_OF_PHRASE[s], None
+    nums = NUMBER.findall(s)
+    if not nums:
+        return s, None
+    key = NUMBER.sub("#", s)
+    for alias in QUANTITY_ALIASES:
+        if alias in key:
+            key = alias
+    return key, float(nums[0])
+
+
+def report_facts(report: str, view: str | None = None) -> Facts:
+    """All facts of one clip: its report's sentences, plus its view when known."""
+    facts: Facts = dict(sentence_fact(s) for s in split_sentences(report))
+    if view:
+        facts["VIEW:" + view] = None
+    return facts
+
+
+def value_tolerance(value: float) -> float:
+    """Scale on which two reported numbers count as the same (8 % of the value, at least 2 units)."""
+    return max(2.0, 0.08 * abs(value))
+
+
+def relevance(facts: Facts, text: str) -> float:
+    """How well ``text`` describes a clip with ``facts``: 1 if every statement holds, decaying with
+    numeric distance for quantities, 0 if it states something the clip's report does not."""
+    r = 1.0
+    for s in split_sentences(text):
+        key, value = sentence_fact(s)
+        if key not in facts:
+            return 0.0
+        known = facts[key]
+        if value is not None and known is not None:
+            r *= math.exp(-abs(known - value) / value_tolerance(value))
+    return r
+
+
+def augment_report(report: str, rng: random.Random, view: str | None = None, view_rate: float = 0.5) -> str:
+    """Half of the time the whole report, otherwise a random non-empty subset of its sentences.
+
+    When the clip's view is known its phrase is prepended at ``view_rate``: the view is the most visible
+    property of a frame, an easy signal that gets training from scratch going.
+    """
+    sents = split_sentences(report)
+    if rng.random() >= 0.5 and len(sents) > 1:
+        k = rng.randint(1, len(sents))
+        sents = [sents[i] for i in sorted(rng.sample(range(len(sents)), k))]
+    if view in VIEW_PHRASES and rng.random() < view_rate:
+        sents = [VIEW_PHRASES[view], *sents]
+    return " ".join(sents)
+
+
+@dataclass
+class PromptSampler:
+    """Single-statement texts drawn from the training reports: every template sentence, every numeric
+    template at values across its observed range, and the view phrases — the shape of search queries and
+    zero-shot prompts, added to each batch so that they, not only whole reports, align with images."""
+
+    sentences: list[str]
+    numeric: list[tuple[str, float, float]]  # (template with '{}', low, high)
+    views: list[str]
+
+    @classmethod
+    def from_reports(cls, reports: Sequence[str], views: Sequence[str | None] = ()) -> PromptSampler:
+        plain: set[str] = set()
+        ranges: dict[str, list[float]] = {}
+        for rep in reports:
+            for s in split_sentences(rep):
+                nums = NUMBER.findall(s)
+                if not nums:
+                    plain.add(s)
+                elif len(nums) == 1:
+                    ranges.setdefault(NUMBER.sub("{}", s), []).append(float(nums[0]))
+        numeric = [(t, min(v), max(v)) for t, v in sorted(ranges.items())]
+        vp = sorted({VIEW_PHRASES[v] for v in views if v in VIEW_PHRASES})
+        return cls(sorted(plain), numeric, vp)
+
+    def sample(self, rng: random.Random) -> str:
+        u = rng.random()
+        if self.numeric and (u < 0.4 or not self.sentences):
+            tpl, lo, hi = rng.choice(self.numeric)
+            return tpl.format(int(round(rng.uniform(lo, hi))))
+        if self.views and u > 0.9:
+            return rng.choice(self.views)
+        return rng.choice(self.sentences) if self.sentences else ""
+
+
+@dataclass
+class ReportLabels:
+    """Per-clip targets read from reports: presence of each fact (multi-label) and standardised values of
+    each quantity (regression, masked where a report does not state it)."""
+
+    keys: list[str]
+    quantities: list[str]
+    present: np.ndarray  # (N, K) float32
+    values: np.ndarray  # (N, Q) float32, standardised
+    stated: np.ndarray  # (N, Q) float32 mask
+
+    @classmethod
+    def build(cls, facts: Sequence[Facts]) -> ReportLabels:
+        keys = sorted({k for f in facts for k, v in f.items() if v is None})
+        quants = sorted({k for f in facts for k, v in f.items() if v is not None})
+        present = np.array([[k in f for k in keys] for f in facts], np.float32).reshape(len(facts), len(keys))
+        vals = np.zeros((len(facts), len(quants)), np.float32)
+        stated = np.zeros_like(vals)
+        for j, q in enumerate(quants):
+            col = [(i, f[q]) for i, f in enumerate(facts) if f.get(q) is not None]
+            xs = np.array([v for _, v in col], np.float64)
+            mu, sd = float(xs.mean()), float(xs.std()) + 1e-6
+            for i, v in col:
+                vals[i, j] = (float(v) - mu) / sd  # type: ignore[arg-type]
+                stated[i, j] = 1.0
+        return cls(keys, quants, present, vals, stated)

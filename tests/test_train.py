@@ -1,0 +1,130 @@
+"""Training: facts read from reports, the soft-target loss, and a few real steps of `echosearch train`."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from echosearch.report_facts import (
+    PromptSampler,
+    ReportLabels,
+    augment_report,
+    relevance,
+    report_facts,
+    sentence_fact,
+)
+from echosearch.train import soft_clip_loss
+
+PACER = "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD."
+SENTENCES = [PACER, "MITRACLIP IN PLACE.", "NORMAL LEFT VENTRICULAR SYSTOLIC FUNCTION.",
+             "THE LEFT VENTRICLE IS MILDLY DILATED.", "STATUS POST ORTHOTOPIC HEART TRANSPLANT."]
+
+
+def test_quantities_are_one_fact_however_phrased() -> None:
+    assert sentence_fact("LV EJECTION FRACTION IS 50%.") == ("EJECTION FRACTION", 50.0)
+    assert sentence_fact("LEFT VENTRICULAR EJECTION FRACTION ESTIMATED AT 35%.") == ("EJECTION FRACTION", 35.0)
+    assert sentence_fact("LVIDD 41 MM.") == ("LVIDD # MM.", 41.0)
+    assert sentence_fact("APICAL FOUR CHAMBER VIEW.") == ("VIEW:A4C", None)
+    assert sentence_fact(PACER) == (PACER, None)
+
+
+def test_relevance_of_findings_values_and_views() -> None:
+    facts = report_facts(f"LV EJECTION FRACTION IS 50%. {PACER} LVIDD 41 MM.", view="PLAX")
+    assert relevance(facts, PACER) == 1.0
+    assert relevance(facts, "MITRACLIP IN PLACE.") == 0.0  # states what the report does not
+    assert relevance(facts, "PARASTERNAL LONG AXIS VIEW. " + PACER) == 1.0
+    assert relevance(facts, "APICAL FOUR CHAMBER VIEW.") == 0.0
+    near = relevance(facts, "LEFT VENTRICULAR EJECTION FRACTION ESTIMATED AT 52%.")
+    far = relevance(facts, "LV EJECTION FRACTION IS 30%.")
+    assert relevance(facts, "LV EJECTION FRACTION IS 50%.") == 1.0 and 0.5 < near < 1.0 and far < 0.01
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(SENTENCES), min_size=1, max_size=5, unique=True), st.integers(5, 80),
+       st.sampled_from([None, "A4C", "PLAX"]), st.integers(0, 10_000))
+def test_a_clip_is_always_fully_described_by_its_own_augmented_report(sents: list[str], ef: int, view: str | None,
+                                                                      seed: int) -> None:
+    report = " ".join([f"LV EJECTION FRACTION IS {ef}%.", *sents])
+    facts = report_facts(report, view)
+    text = augment_report(report, random.Random(seed), view)
+    assert relevance(facts, text) == 1.0
+    other = relevance(report_facts("LV EJECTION FRACTION IS 60%. NO INTRACARDIAC MASS OR DEVICE IS SEEN."), text)
+    assert 0.0 <= other <= 1.0 and (other < 1.0 or ef == 60)  # another patient's report never fits unless equal
+
+
+def test_prompt_sampler_draws_statements_across_observed_ranges() -> None:
+    reports = [f"LV EJECTION FRACTION IS {ef}%. {PACER}" for ef in (20, 45, 70)]
+    sampler = PromptSampler.from_reports(reports, ["A4C", "PLAX", None])
+    assert sampler.sentences == [PACER] and sampler.numeric == [("LV EJECTION FRACTION IS {}%.", 20.0, 70.0)]
+    assert set(sampler.views) == {"APICAL FOUR CHAMBER VIEW.", "PARASTERNAL LONG AXIS VIEW."}
+    rng = random.Random(0)
+    drawn = [sampler.sample(rng) for _ in range(300)]
+    efs = [sentence_fact(t)[1] for t in drawn if t.startswith("LV EJECTION")]
+    assert efs and min(efs) >= 20 and max(efs) <= 70 and max(efs) - min(efs) > 30  # type: ignore[operator]
+    assert PACER in drawn and "PARASTERNAL LONG AXIS VIEW." in drawn
+
+
+def test_report_labels_are_standardised_and_masked() -> None:
+    facts = [report_facts("LV EJECTION FRACTION IS 30%. " + PACER), report_facts("LV EJECTION FRACTION IS 60%."),
+             report_facts("MITRACLIP IN PLACE.")]
+    lab = ReportLabels.build(facts)
+    assert lab.quantities == ["EJECTION FRACTION"] and PACER in lab.keys
+    assert lab.stated[:, 0].tolist() == [1.0, 1.0, 0.0]
+    assert lab.values[0, 0] < 0 < lab.values[1, 0] and abs(lab.values[:2, 0].mean()) < 1e-5
+    assert lab.present[:, lab.keys.index(PACER)].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_soft_loss_with_identity_targets_is_open_clip_loss() -> None:
+    import open_clip
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    ours = soft_clip_loss(scale * img @ txt.T, torch.eye(6))
+    ref = open_clip.ClipLoss()(img, txt, scale)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    # two clips with the same report: scoring both as positives removes the penalty for confusing them
+    dup = torch.stack([img[0], img[0], img[2]])
+    logits = (30.0 * dup @ dup.T).requires_grad_()
+    block = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    g_soft = torch.autograd.grad(soft_clip_loss(logits, block), logits)[0]
+    g_hard = torch.autograd.grad(soft_clip_loss(logits, torch.eye(3)), logits)[0]
+    assert g_soft.abs().max() < 1e-3 < g_hard.abs().max()
+    extra = torch.cat([torch.eye(6), torch.zeros(6, 2)], 1)  # texts that describe no clip: negatives only
+    assert torch.isfinite(soft_clip_loss(scale * img @ torch.cat([txt, txt[:2]]).T, extra))
+
+
+def test_train_command_runs_steps_and_writes_a_loadable_model(small_cohort: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from echosearch.catalog import Catalog
+    from echosearch.cli import main
+    from echosearch.config import load_settings
+    from echosearch.encode import load_encoder
+    from echosearch.ingest import scan
+    from echosearch.prepare import FramePolicy
+
+    monkeypatch.setenv("ECHOSEARCH_SECRET", "test-secret-0123456789abcdef")
+    with Catalog.open(tmp_path / "idx", create=True) as cat:
+        summary = scan([small_cohort], cat, load_settings(workers=0), policy=FramePolicy("sector", 4, 112),
+                       progress=False)
+    assert summary.reports_attached > 0
+    out = tmp_path / "model"
+    rc = main(["train", "--index", str(tmp_path / "idx"), "--out", str(out), "--epochs", "2", "--batch-size", "4",
+               "--max-steps", "3", "--workers", "0"])
+    assert rc == 0
+    cfg = json.loads((out / "open_clip_config.json").read_text())
+    history = cfg["echosearch"]["history"] if "echosearch" in cfg else cfg.get("history")
+    assert history and {"loss", "v2t_r1", "v2t_mean_rank"} <= set(history[-1])
+    assert np.isfinite(history[-1]["loss"])
+    enc = load_encoder(f"local-dir:{out}", device="cpu")
+    vec = enc.encode_text(["MITRACLIP IN PLACE."])
+    assert vec.shape == (1, 256) and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-3
+    assert (out / "checkpoints" / "last.pt").is_file()
