@@ -18,25 +18,34 @@ from echosearch import calibration as cal
 from echosearch.catalog import Catalog
 from echosearch.errors import QueryError
 from echosearch.identity import fit_identity_calibrations, load_studies
+from echosearch.zeroshot import BINARY_TASKS as FINDING_TASKS
 from echosearch.zeroshot import TASKS
 
 K0 = 3.0
 MIN_SCALE = 0.05  # Fisher units; about 0.013 of cosine near 0.85
-BINARY_TASKS = {"pacer_lead": "pacer/ICD lead", "tavr": "TAVR valve", "mitraclip": "MitraClip"}
+DEVICE_NAMES = {"pacer_lead": "pacer/ICD lead", "tavr": "TAVR valve", "mitraclip": "MitraClip"}
 FLAG_TASKS = ("pacer_lead", "tavr", "mitraclip")
 
 
 def study_predictions(catalog: Catalog) -> pl.DataFrame:
-    """Study-level predictions, one column per task (video-level means fill studies without study rows)."""
+    """Study-level predictions, one column per task.
+
+    Studies without study rows are filled from their videos by the pipeline's rule
+    (:func:`echosearch.zeroshot.study_predictions`): the mean for regressions, the maximum over views for
+    findings (a device is seen only in the views that show it).
+    """
     rows = catalog.con.sql(
         """
         WITH s AS (SELECT key AS study_key, task, value FROM predictions WHERE level = 'study'),
-             v AS (SELECT vi.study_key, p.task, avg(p.value) AS value FROM predictions p
-                   JOIN videos vi ON p.level = 'video' AND p.key = vi.video_key GROUP BY ALL)
+             v AS (SELECT vi.study_key, p.task,
+                          CASE WHEN list_contains(?, p.task) THEN max(p.value) ELSE avg(p.value) END AS value
+                   FROM predictions p JOIN videos vi ON p.level = 'video' AND p.key = vi.video_key
+                   GROUP BY vi.study_key, p.task)
         SELECT * FROM s
         UNION ALL
         SELECT * FROM v WHERE NOT EXISTS (SELECT 1 FROM s WHERE s.study_key = v.study_key AND s.task = v.task)
-        """
+        """,
+        params=[sorted(FINDING_TASKS)],
     ).pl()
     base = pl.DataFrame(schema={"study_key": pl.Int64, **{t: pl.Float64 for t in TASKS}})
     if rows.height == 0:
@@ -66,11 +75,11 @@ def _explain(r: dict[str, Any], thr: dict[str, float]) -> tuple[list[str], list[
             phrases.append(f"EF {ef0:.0f}% -> {ef:.0f}% ({d:+.0f})")
         if d <= -thr["ef"]:
             reasons.append("EF fall")
-    for task in (*BINARY_TASKS, "lv_dilated"):
+    for task in (*DEVICE_NAMES, "lv_dilated"):
         cur, prev = r.get(task), r.get(f"{task}_prev")
         if cur is None or prev is None or not (np.isfinite(cur) and np.isfinite(prev)):
             continue
-        name = BINARY_TASKS.get(task)
+        name = DEVICE_NAMES.get(task)
         if cur > 0 >= prev and cur - prev > thr[task]:
             phrases.append(f"new {name}" if name else "LV newly dilated")
             if task in FLAG_TASKS:

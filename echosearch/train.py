@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 DEMO_MODEL_CFG: dict[str, Any] = {
     "embed_dim": 256,
-    "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "avg",
+    "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "max",
                    "timm_proj": "linear", "image_size": 112},
     "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 192, "heads": 3, "layers": 4},
 }

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from echosearch.catalog import Catalog
-from echosearch.change import scan_changes
+from echosearch.change import scan_changes, study_predictions
 from echosearch.errors import QueryError
 
 try:
@@ -88,3 +88,26 @@ def test_single_patient_scan(scanned: tuple[Path, pl.DataFrame]) -> None:
         assert one["run_id"].null_count() == one.height
         with pytest.raises(QueryError):
             scan_changes(cat, patient="nobody")
+
+
+def test_study_predictions_from_videos_follow_the_pipeline_rule(tmp_path: Path) -> None:
+    """A catalog with only video rows: EF is the mean over views, a finding the strongest view."""
+    from echosearch.zeroshot import study_predictions as pipeline_rule
+
+    gen = Cohort(seed=3)
+    studies = gen.patients(2, visits=(1, 1))
+    index = build_catalog(tmp_path, studies, videos_per_study=3)
+    video_preds = {0: {"ef": 30.0, "pacer_lead": -0.2}, 1: {"ef": 50.0, "pacer_lead": 0.3}, 2: {"ef": 40.0}}
+    with Catalog.open(index) as cat:
+        cat.con.execute("DELETE FROM predictions")  # a hand-made catalog: video rows only
+        keys = cat.con.execute("SELECT video_key, study_key FROM videos ORDER BY video_key").fetchall()
+        rows = [("video", vk, task, val, "test") for i, (vk, _) in enumerate(keys)
+                for task, val in video_preds[i % 3].items()]
+        cat.insert_frame("predictions", pl.DataFrame(rows, schema=["level", "key", "task", "value", "model"],
+                                                     orient="row"))
+        got = study_predictions(cat)
+    expected = pipeline_rule(list(video_preds.values()))
+    assert got.height == 2
+    for row in got.iter_rows(named=True):
+        assert row["ef"] == pytest.approx(expected["ef"]) and row["pacer_lead"] == pytest.approx(0.3)
+        assert row["tavr"] is None
