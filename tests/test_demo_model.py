@@ -1,8 +1,9 @@
 """The shipped demo model on a fresh synthetic cohort (seed unseen in training).
 
-The encode issue's targets (text->video recall@10 >= 0.8 for finding phrases, zero-shot EF MAE <= 10) are
-not reached by the model shipped now (see the closing note: ~0.37 and ~12); they are kept here as
-non-strict expected failures so that a better model turns them green, next to guards on what it does reach.
+The encode issue's targets: zero-shot EF MAE <= 10 (the shipped model gives ~8.4 on this cohort) and
+text->video recall@10 >= 0.8 for finding phrases (it gives ~0.68: EF bands, pacer lead and dilation are
+found, TAVR, MitraClip and transplant are not yet). Unmet targets are kept as non-strict expected failures
+so that a better model turns them green, next to guards on what it does reach.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from conftest import demo_model_available
 
 pytestmark = pytest.mark.skipif(not demo_model_available(), reason="shipped demo model missing: run `make demo-model`")
-TARGET_GAP = "the shipped demo model is under-trained (2-core CPU budget); see the closing note"
+TARGET_GAP = "the shipped demo model does not yet see small devices (2-core CPU budget); see docs/training.md"
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +38,15 @@ def test_demo_model_identity_and_predictions_are_sane(evaluated: dict) -> None:
     assert src.weights is not None and src.weights.stat().st_size < 40 * 2**20  # ships under 40 MB
     zs = evaluated["zero_shot"]
     assert zs["n_studies"] == evaluated["n"]["studies"]
-    assert math.isfinite(zs["ef_mae"]) and zs["ef_mae"] <= 15.0  # guard: no worse than what ships now (~12)
+    assert math.isfinite(zs["ef_mae"])
+    assert zs["pacer_lead_auc"] >= 0.85 and zs["lv_dilated_auc"] >= 0.85, zs  # ~0.96 each with the shipped model
+    tv = evaluated["retrieval"]["text_to_video"]
+    assert tv["mean"] >= 0.55 and tv["pacer lead"]["recall_at_10"] >= 0.8, tv  # guard: ~0.68 and 1.0 now
+    assert evaluated["echosearch"]["identity"]["study_patient_auc"] >= 0.7  # ~0.79 now
     rr = evaluated["retrieval"]["study_to_report"]
     assert rr["n_queries"] == evaluated["n"]["studies"]
 
 
-@pytest.mark.xfail(reason=TARGET_GAP, strict=False)
 def test_zero_shot_ef_within_target(evaluated: dict) -> None:
     assert evaluated["zero_shot"]["ef_mae"] <= 10.0, evaluated["zero_shot"]
 
@@ -52,6 +56,6 @@ def test_text_to_video_retrieval_of_findings(evaluated: dict) -> None:
     assert evaluated["retrieval"]["text_to_video"]["mean"] >= 0.8, evaluated["retrieval"]["text_to_video"]
 
 
-@pytest.mark.xfail(reason=TARGET_GAP, strict=False)
+@pytest.mark.xfail(reason="identity is learnt only implicitly (no patient-contrastive term yet); ~0.79", strict=False)
 def test_identity_target(evaluated: dict) -> None:
     assert evaluated["echosearch"]["identity"]["study_patient_auc"] >= 0.95, evaluated["echosearch"]["identity"]
