@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
     from echosearch.catalog import Catalog
     from echosearch.change import scan_changes
     from echosearch.config import load_settings
+    from echosearch.errors import ModelMismatchError
     from echosearch.evaluate import evaluate, format_table
     from echosearch.identity import audit
     from echosearch.pipeline import index_sources
@@ -65,7 +67,12 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
 
     console.rule("[bold]2. index (scan + encode + vector indexes)")
     settings = load_settings(mode="demo")
-    summary = index_sources([cohort], index_dir, settings, progress=True)
+    try:
+        summary = index_sources([cohort], index_dir, settings, progress=True)
+    except ModelMismatchError as exc:  # the demo index is derived data: rebuild it for the model shipped now
+        console.print(f"[yellow]the demo index was built with another model ({exc}); rebuilding it")
+        shutil.rmtree(index_dir)
+        summary = index_sources([cohort], index_dir, settings, progress=True)
     console.print(f"encoded {summary.videos_encoded} new videos ({summary.frames_encoded} frames) in "
                   f"{summary.elapsed_s:.1f} s; failed inputs: {summary.failed}")
 
