@@ -24,7 +24,6 @@ from echosearch.zeroshot import TASKS
 K0 = 3.0
 MIN_SCALE = 0.05  # Fisher units; about 0.013 of cosine near 0.85
 DEVICE_NAMES = {"pacer_lead": "pacer/ICD lead", "tavr": "TAVR valve", "mitraclip": "MitraClip"}
-FLAG_TASKS = ("pacer_lead", "tavr", "mitraclip")
 
 
 def study_predictions(catalog: Catalog) -> pl.DataFrame:
@@ -82,7 +81,7 @@ def _explain(r: dict[str, Any], thr: dict[str, float]) -> tuple[list[str], list[
         name = DEVICE_NAMES.get(task)
         if cur > 0 >= prev and cur - prev > thr[task]:
             phrases.append(f"new {name}" if name else "LV newly dilated")
-            if task in FLAG_TASKS:
+            if task in DEVICE_NAMES:
                 reasons.append(f"new {name}")
         elif prev > 0 >= cur and prev - cur > thr[task]:
             phrases.append(f"{name} no longer seen" if name else "LV no longer dilated")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from echosearch.catalog import Catalog
 from echosearch.config import Settings
@@ -109,8 +110,6 @@ def store_predictions(catalog: Catalog, level: str, keys: Sequence[int], preds: 
     rows = [(level, int(k), task, float(v), model) for k, p in zip(keys, preds, strict=True) for task, v in p.items()]
     if not rows:
         return
-    import polars as pl
-
     frame = pl.DataFrame(rows, schema=[("level", pl.String), ("key", pl.Int64), ("task", pl.String),
                                        ("value", pl.Float64), ("model", pl.String)], orient="row")
     catalog.insert_frame("predictions", frame, replace=True)

@@ -159,7 +159,7 @@ def _border_overlays(hull: np.ndarray, static: np.ndarray) -> np.ndarray:
     if not static.any():
         return static
     blobs = cv2.dilate(static.astype(np.uint8), np.ones((5, 5), np.uint8))
-    n, labels = cv2.connectedComponents(blobs, connectivity=8)
+    _, labels = cv2.connectedComponents(blobs, connectivity=8)
     reach = np.unique(labels[(blobs > 0) & ~hull])
     return np.isin(labels, reach[reach > 0])
 

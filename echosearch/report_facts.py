@@ -66,12 +66,19 @@ def value_tolerance(value: float) -> float:
     return max(2.0, 0.08 * abs(value))
 
 
-def relevance(facts: Facts, text: str) -> float:
-    """How well ``text`` describes a clip with ``facts``: 1 if every statement holds, decaying with
-    numeric distance for quantities, 0 if it states something the clip's report does not."""
+Statements = list[tuple[str, float | None]]
+
+
+def statements(text: str) -> Statements:
+    """A text's statements as (key, value) facts, parsed once per text of a batch."""
+    return [sentence_fact(s) for s in split_sentences(text)]
+
+
+def relevance(facts: Facts, text: str | Statements) -> float:
+    """How well ``text`` (or its :func:`statements`) describes a clip with ``facts``: 1 if every statement
+    holds, decaying with numeric distance for quantities, 0 if it states something the report does not."""
     r = 1.0
-    for s in split_sentences(text):
-        key, value = sentence_fact(s)
+    for key, value in statements(text) if isinstance(text, str) else text:
         if key not in facts:
             return 0.0
         known = facts[key]

@@ -33,11 +33,10 @@ from echosearch.report_facts import (
     augment_report,
     relevance,
     report_facts,
-    split_sentences,
+    statements,
 )
 
-__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "augment_report", "soft_clip_loss", "split_sentences",
-           "train"]
+__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "soft_clip_loss", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +234,11 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             txt_f = model.encode_text(tokenizer(txts), normalize=True)
             logits = model.logit_scale.exp() * img_f @ txt_f.T
             if cfg.soft_targets:
-                target = torch.tensor([[relevance(facts[i], t) for t in txts] for i in batch], dtype=torch.float32)
-                target[torch.arange(len(batch)), torch.arange(len(batch))] = 1.0
+                parsed = [statements(t) for t in txts]
+                target = torch.tensor([[relevance(facts[i], st) for st in parsed] for i in batch], dtype=torch.float32)
             else:
                 target = torch.zeros(logits.shape)
-                target[torch.arange(len(batch)), torch.arange(len(batch))] = 1.0
+            target[torch.arange(len(batch)), torch.arange(len(batch))] = 1.0  # each clip's own report
             loss = soft_clip_loss(logits, target)
             if cfg.aux_weight > 0:
                 ii = torch.tensor(batch)

@@ -19,6 +19,7 @@ from echosearch.report_facts import (
     relevance,
     report_facts,
     sentence_fact,
+    statements,
 )
 from echosearch.train import soft_clip_loss
 
@@ -54,9 +55,11 @@ def test_a_clip_is_always_fully_described_by_its_own_augmented_report(sents: lis
     report = " ".join([f"LV EJECTION FRACTION IS {ef}%.", *sents])
     facts = report_facts(report, view)
     text = augment_report(report, random.Random(seed), view)
-    assert relevance(facts, text) == 1.0
+    assert relevance(facts, text) == 1.0 == relevance(facts, statements(text))
     other = relevance(report_facts("LV EJECTION FRACTION IS 60%. NO INTRACARDIAC MASS OR DEVICE IS SEEN."), text)
     assert 0.0 <= other <= 1.0 and (other < 1.0 or ef == 60)  # another patient's report never fits unless equal
+    assert other == relevance(report_facts("LV EJECTION FRACTION IS 60%. NO INTRACARDIAC MASS OR DEVICE IS SEEN."),
+                              statements(text))  # pre-parsed statements score the same
 
 
 def test_prompt_sampler_draws_statements_across_observed_ranges() -> None:
@@ -121,7 +124,7 @@ def test_train_command_runs_steps_and_writes_a_loadable_model(small_cohort: Path
                "--max-steps", "3", "--workers", "0"])
     assert rc == 0
     cfg = json.loads((out / "open_clip_config.json").read_text())
-    history = cfg["echosearch"]["history"] if "echosearch" in cfg else cfg.get("history")
+    history = cfg["echosearch"]["history"]
     assert history and {"loss", "v2t_r1", "v2t_mean_rank"} <= set(history[-1])
     assert np.isfinite(history[-1]["loss"])
     enc = load_encoder(f"local-dir:{out}", device="cpu")
