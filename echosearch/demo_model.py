@@ -17,7 +17,7 @@ from typing import Any
 
 TRAIN_COHORT: dict[str, Any] = {"patients": 260, "seed": 9001, "visits": (1, 5), "views": ("A4C", "PLAX", "A2C"),
                                 "mislabel_rate": 0.0, "size": "small"}
-TRAIN_EPOCHS = 24
+TRAIN_EPOCHS = 26
 TRAIN_SEED = 7
 
 

@@ -39,6 +39,8 @@ class IndexSummary:
     reports_embedded: int = 0
     elapsed_s: float = 0.0
     model_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # setup / scan_encode / finalize
+    steady_frames_per_s: float | None = None  # between the first and the last batch: the pipeline when full
     vector_indexes: dict[str, Any] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -62,6 +64,8 @@ class _Batcher:
         self.model_seconds = 0.0
         self.on_progress = on_progress
         self.flushes = 0
+        self.first_done: tuple[float, int] | None = None  # (time, frames) when the first batch was committed
+        self.last_done: tuple[float, int] | None = None
         self.kill_after = int(os.environ.get("ECHOSEARCH_FAULT_KILL_AFTER_COMMITS", "0") or 0)
 
     def add(self, key: int, prepared: PreparedVideo) -> None:
@@ -94,11 +98,13 @@ class _Batcher:
         self.videos += len(self.keys)
         self.flushes += 1
         if self.kill_after and self.flushes >= self.kill_after:  # fault injection for the resume test
-            import os
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
         self.total_frames += len(allf)
+        now = (time.perf_counter(), self.total_frames)
+        self.first_done = self.first_done or now
+        self.last_done = now
         if self.on_progress:
             self.on_progress(self.videos, self.total_frames)
         self.keys, self.frames, self.n_frames = [], [], 0
@@ -198,6 +204,7 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
             cat.set_manifest("model_source", settings.model)
         bank = PromptBank.build(enc)
         batcher = _Batcher(cat, enc, bank, settings.batch_size, settings.keep_frame_embeddings)
+        t_setup = time.perf_counter()
         scan_summary: ScanSummary = scan(list(sources), cat, settings, policy=enc.policy, reports=reports,
                                          labels=labels, progress=progress, on_video=batcher.add)
         batcher.flush()
@@ -216,6 +223,7 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
                     continue
                 batcher.add(key_of[item.record.sha256], item)
             batcher.flush()
+        t_encoded = time.perf_counter()
         summary.scan = asdict(scan_summary)
         summary.videos_encoded = batcher.videos
         summary.frames_encoded = batcher.total_frames
@@ -228,5 +236,11 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
             built = build_all(cat)
             summary.vector_indexes = {lvl: vi.manifest for lvl, vi in built.items()}
         summary.counts = cat.counts()
-    summary.elapsed_s = round(time.perf_counter() - t0, 3)
+    t_end = time.perf_counter()
+    summary.elapsed_s = round(t_end - t0, 3)
+    summary.stage_seconds = {"setup": round(t_setup - t0, 3), "scan_encode": round(t_encoded - t_setup, 3),
+                             "finalize": round(t_end - t_encoded, 3)}
+    if batcher.first_done and batcher.last_done and batcher.last_done[0] > batcher.first_done[0]:
+        summary.steady_frames_per_s = round((batcher.last_done[1] - batcher.first_done[1])
+                                            / (batcher.last_done[0] - batcher.first_done[0]), 2)
     return summary

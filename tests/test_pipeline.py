@@ -30,6 +30,10 @@ def test_index_stores_every_video_once_with_vectors_predictions_and_indexes(
     truth = pl.read_parquet(small_cohort / "ground_truth.parquet")
     summary = _index(small_cohort, tmp_path / "idx", random_model_dir)
     assert summary.videos_encoded == truth.height and summary.failed == 0
+    stages = summary.stage_seconds  # where the time went: fixed costs apart from the encoding loop
+    assert set(stages) == {"setup", "scan_encode", "finalize"} and min(stages.values()) >= 0
+    assert sum(stages.values()) == pytest.approx(summary.elapsed_s, abs=0.05)
+    assert summary.steady_frames_per_s is not None and summary.steady_frames_per_s > 0  # several batches of 24
     with Catalog.open(tmp_path / "idx", read_only=True) as cat:
         counts = cat.counts()
         assert counts["videos"] == counts["video_embeddings"] == truth.height
@@ -53,6 +57,7 @@ def test_index_stores_every_video_once_with_vectors_predictions_and_indexes(
     again = _index(small_cohort, tmp_path / "idx", random_model_dir)
     assert again.videos_encoded == 0 and again.scan["skipped_known"] == truth.height
     assert again.studies_pooled == 0  # nothing stale: no study is pooled again
+    assert again.steady_frames_per_s is None  # nothing encoded: no rate to report
 
 
 def test_index_with_another_model_is_refused(small_cohort: Path, random_model_dir: Path, tmp_path: Path) -> None:

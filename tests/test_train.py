@@ -21,7 +21,7 @@ from echosearch.report_facts import (
     sentence_fact,
     statements,
 )
-from echosearch.train import soft_clip_loss
+from echosearch.train import DEMO_MODEL_CFG, encode_text_bucketed, fact_pos_weight, soft_clip_loss
 
 PACER = "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD."
 SENTENCES = [PACER, "MITRACLIP IN PLACE.", "NORMAL LEFT VENTRICULAR SYSTOLIC FUNCTION.",
@@ -103,6 +103,32 @@ def test_soft_loss_with_identity_targets_is_open_clip_loss() -> None:
     assert g_soft.abs().max() < 1e-3 < g_hard.abs().max()
     extra = torch.cat([torch.eye(6), torch.zeros(6, 2)], 1)  # texts that describe no clip: negatives only
     assert torch.isfinite(soft_clip_loss(scale * img @ torch.cat([txt, txt[:2]]).T, extra))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(SENTENCES), min_size=0, max_size=6), min_size=1, max_size=9),
+       st.integers(1, 4))
+def test_bucketed_text_encoding_equals_open_clip_and_keeps_gradients(docs: list[list[str]], buckets: int) -> None:
+    """Trimming padding per length bucket is exact (causal text tower, pooled at end-of-text), in any order."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**{**DEMO_MODEL_CFG, "text_cfg": {**DEMO_MODEL_CFG["text_cfg"], "layers": 2}})
+    model.eval()
+    tokens = open_clip.SimpleTokenizer(context_length=64)([" ".join(d) for d in docs])
+    ours = encode_text_bucketed(model, tokens, buckets=buckets)
+    ref = model.encode_text(tokens, normalize=True)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    ours.sum().backward()
+    assert model.token_embedding.weight.grad is not None and model.transformer.resblocks[0].mlp.c_fc.weight.grad.abs().sum() > 0
+
+
+def test_fact_pos_weight_balances_rare_facts() -> None:
+    present = np.zeros((100, 3), np.float32)
+    present[:50, 0], present[:5, 1] = 1, 1  # common (50 %), rare (5 %), never seen
+    w = fact_pos_weight(present, cap=8.0)
+    assert w.tolist() == [1.0, 8.0, 8.0]  # 50/50 -> 1; 95/5 = 19 -> capped; an unseen fact does not divide by 0
+    assert fact_pos_weight(present, cap=100.0)[1] == pytest.approx(19.0)
 
 
 def test_train_command_runs_steps_and_writes_a_loadable_model(small_cohort: Path, tmp_path: Path,
