@@ -41,7 +41,9 @@ def register(app: typer.Typer) -> None:
         else:
             console.print(
                 f"indexed {summary.videos_encoded} videos ({summary.frames_encoded} frames, "
-                f"{summary.frames_encoded / max(summary.model_seconds, 1e-9):.0f} frames/s in the model), "
+                f"{summary.frames_encoded / max(summary.model_seconds, 1e-9):.0f} frames/s in the model"
+                + (f", {summary.steady_frames_per_s:.0f} through the pipeline" if summary.steady_frames_per_s else "")
+                + "), "
                 f"{summary.studies_pooled} studies, {summary.reports_embedded} reports in {summary.elapsed_s:.1f} s; "
                 f"failed inputs: {summary.failed}"
             )
