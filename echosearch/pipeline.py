@@ -40,7 +40,7 @@ class IndexSummary:
     elapsed_s: float = 0.0
     model_seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)  # setup / scan_encode / finalize
-    steady_frames_per_s: float | None = None  # between the first and the last batch: the pipeline when full
+    steady_frames_per_s: float | None = None  # first to last batch of a phase (>= 3): the pipeline when full
     vector_indexes: dict[str, Any] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -64,8 +64,8 @@ class _Batcher:
         self.model_seconds = 0.0
         self.on_progress = on_progress
         self.flushes = 0
-        self.first_done: tuple[float, int] | None = None  # (time, frames) when the first batch was committed
-        self.last_done: tuple[float, int] | None = None
+        self.commits: list[tuple[float, int]] = []  # (time, frames so far) per committed batch, this phase
+        self.best_rate: tuple[int, float] | None = None  # (batches, frames/s) of the longest phase so far
         self.kill_after = int(os.environ.get("ECHOSEARCH_FAULT_KILL_AFTER_COMMITS", "0") or 0)
 
     def add(self, key: int, prepared: PreparedVideo) -> None:
@@ -74,6 +74,14 @@ class _Batcher:
         self.n_frames += len(prepared.frames)
         if self.n_frames >= self.batch_size:
             self.flush()
+
+    def end_phase(self) -> None:
+        """Close a run of batches (scan, then videos left by an earlier run): the pause between phases is
+        not pipeline throughput. A phase needs 3 commits (2 intervals) to give a rate."""
+        c = self.commits
+        if len(c) >= 3 and c[-1][0] > c[0][0] and (self.best_rate is None or len(c) > self.best_rate[0]):
+            self.best_rate = (len(c), (c[-1][1] - c[0][1]) / (c[-1][0] - c[0][0]))
+        self.commits = []
 
     def flush(self) -> None:
         if not self.keys:
@@ -102,9 +110,7 @@ class _Batcher:
 
             os.kill(os.getpid(), signal.SIGKILL)
         self.total_frames += len(allf)
-        now = (time.perf_counter(), self.total_frames)
-        self.first_done = self.first_done or now
-        self.last_done = now
+        self.commits.append((time.perf_counter(), self.total_frames))
         if self.on_progress:
             self.on_progress(self.videos, self.total_frames)
         self.keys, self.frames, self.n_frames = [], [], 0
@@ -208,6 +214,7 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
         scan_summary: ScanSummary = scan(list(sources), cat, settings, policy=enc.policy, reports=reports,
                                          labels=labels, progress=progress, on_video=batcher.add)
         batcher.flush()
+        batcher.end_phase()
         # videos scanned earlier (or by an interrupted run) but not yet encoded
         pending = cat.unencoded_videos()
         if pending.height:
@@ -223,6 +230,7 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
                     continue
                 batcher.add(key_of[item.record.sha256], item)
             batcher.flush()
+            batcher.end_phase()
         t_encoded = time.perf_counter()
         summary.scan = asdict(scan_summary)
         summary.videos_encoded = batcher.videos
@@ -240,7 +248,6 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
     summary.elapsed_s = round(t_end - t0, 3)
     summary.stage_seconds = {"setup": round(t_setup - t0, 3), "scan_encode": round(t_encoded - t_setup, 3),
                              "finalize": round(t_end - t_encoded, 3)}
-    if batcher.first_done and batcher.last_done and batcher.last_done[0] > batcher.first_done[0]:
-        summary.steady_frames_per_s = round((batcher.last_done[1] - batcher.first_done[1])
-                                            / (batcher.last_done[0] - batcher.first_done[0]), 2)
+    if batcher.best_rate:
+        summary.steady_frames_per_s = round(batcher.best_rate[1], 2)
     return summary

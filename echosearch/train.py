@@ -131,32 +131,33 @@ def fact_pos_weight(present: np.ndarray, cap: float = 8.0) -> np.ndarray:
 def encode_text_bucketed(model: Any, tokens: torch.Tensor, buckets: int = 3) -> torch.Tensor:
     """Normalised text vectors, computed in length buckets trimmed to their longest text.
 
-    The CLIP text tower is causal and pools at the end-of-text token, so padding after it never changes a
-    vector: trimming is exact and saves most of the text tower's cost for short statements. Models
-    without the standard text tower fall back to ``encode_text``.
+    The CLIP text tower is causal and pools at the end-of-text token (``argmax``/``eos``) or the first
+    one, so padding after the last token never changes a vector: trimming is exact and saves most of the
+    text tower's cost for short statements. Other towers and pooling types fall back to ``encode_text``.
     """
     need = ("token_embedding", "positional_embedding", "attn_mask", "transformer", "ln_final", "text_projection")
-    if not all(getattr(model, a, None) is not None for a in need):
+    exact = getattr(model, "text_pool_type", None) in ("argmax", "eos", "first")
+    if len(tokens) == 0 or not exact or not all(getattr(model, a, None) is not None for a in need):
         return model.encode_text(tokens, normalize=True)
     from open_clip.transformer import text_global_pool
 
-    lengths = (tokens != 0).sum(1)
+    cast = model.transformer.get_cast_dtype()
+    lengths = (tokens != 0).int().cumsum(1).argmax(1) + 1  # through the last non-pad token (0 may occur inside)
     order = torch.argsort(lengths)
-    parts = []
+    chunks, vecs = [], []
     for chunk in torch.tensor_split(order, min(buckets, len(order))):
         if chunk.numel() == 0:
             continue
-        n = max(1, int(lengths[chunk].max()))
+        n = int(lengths[chunk].max())
         text = tokens[chunk, :n]
-        x = model.token_embedding(text) + model.positional_embedding[:n]
+        x = model.token_embedding(text).to(cast) + model.positional_embedding[:n].to(cast)
         x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
         x = text_global_pool(model.ln_final(x), text, model.text_pool_type,
                              eos_token_id=getattr(model, "text_eos_id", None))
         proj = model.text_projection
-        parts.append((chunk, proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj))
-    out = torch.empty(len(tokens), parts[0][1].shape[1], dtype=parts[0][1].dtype)
-    for chunk, vec in parts:
-        out = out.index_copy(0, chunk, vec)
+        chunks.append(chunk)
+        vecs.append(proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj)
+    out = torch.cat(vecs)[torch.argsort(torch.cat(chunks))]  # back to the input order, on the model's device
     return F.normalize(out, dim=-1)
 
 
@@ -314,7 +315,6 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             break
     result.steps = step
     model.eval()
-    model.visual.to(memory_format=torch.contiguous_format)
     hints = {"name": Path(out_dir).name, "frame_policy": "sector", "arch": "echosearch-demo" if not cfg.init else cfg.init,
              "description": f"trained by `echosearch train` on {index_dir} (seed {cfg.seed}, {result.epochs_run} epochs)",
              "tokenizer": "clip", "history": result.history}
