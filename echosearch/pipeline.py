@@ -64,7 +64,8 @@ class _Batcher:
         self.model_seconds = 0.0
         self.on_progress = on_progress
         self.flushes = 0
-        self.commits: list[tuple[float, int]] = []  # (time, frames so far) per committed batch, this phase
+        self.phase_start: tuple[float, int, int] | None = None  # (time, frames, flushes) at this phase's 1st commit
+        self.last_commit = 0.0
         self.best_rate: tuple[int, float] | None = None  # (batches, frames/s) of the longest phase so far
         self.kill_after = int(os.environ.get("ECHOSEARCH_FAULT_KILL_AFTER_COMMITS", "0") or 0)
 
@@ -78,10 +79,12 @@ class _Batcher:
     def end_phase(self) -> None:
         """Close a run of batches (scan, then videos left by an earlier run): the pause between phases is
         not pipeline throughput. A phase needs 3 commits (2 intervals) to give a rate."""
-        c = self.commits
-        if len(c) >= 3 and c[-1][0] > c[0][0] and (self.best_rate is None or len(c) > self.best_rate[0]):
-            self.best_rate = (len(c), (c[-1][1] - c[0][1]) / (c[-1][0] - c[0][0]))
-        self.commits = []
+        if self.phase_start is not None:
+            t0, frames0, flushes0 = self.phase_start
+            n = self.flushes - flushes0 + 1
+            if n >= 3 and self.last_commit > t0 and (self.best_rate is None or n > self.best_rate[0]):
+                self.best_rate = (n, (self.total_frames - frames0) / (self.last_commit - t0))
+        self.phase_start = None
 
     def flush(self) -> None:
         if not self.keys:
@@ -110,7 +113,8 @@ class _Batcher:
 
             os.kill(os.getpid(), signal.SIGKILL)
         self.total_frames += len(allf)
-        self.commits.append((time.perf_counter(), self.total_frames))
+        self.last_commit = time.perf_counter()
+        self.phase_start = self.phase_start or (self.last_commit, self.total_frames, self.flushes)
         if self.on_progress:
             self.on_progress(self.videos, self.total_frames)
         self.keys, self.frames, self.n_frames = [], [], 0

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from echosearch.catalog import Catalog
+from echosearch.encode import OPENAI_MEAN, OPENAI_STD, encode_text_bucketed, load_encoder
 from echosearch.errors import EchosearchError
 from echosearch.models import write_model_folder
 from echosearch.report_facts import (
@@ -36,8 +37,7 @@ from echosearch.report_facts import (
     statements,
 )
 
-__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "encode_text_bucketed", "fact_pos_weight",
-           "soft_clip_loss", "train"]
+__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "fact_pos_weight", "soft_clip_loss", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -128,39 +128,6 @@ def fact_pos_weight(present: np.ndarray, cap: float = 8.0) -> np.ndarray:
     return np.clip(w, 1.0, cap).astype(np.float32)
 
 
-def encode_text_bucketed(model: Any, tokens: torch.Tensor, buckets: int = 3) -> torch.Tensor:
-    """Normalised text vectors, computed in length buckets trimmed to their longest text.
-
-    The CLIP text tower is causal and pools at the end-of-text token (``argmax``/``eos``) or the first
-    one, so padding after the last token never changes a vector: trimming is exact and saves most of the
-    text tower's cost for short statements. Other towers and pooling types fall back to ``encode_text``.
-    """
-    need = ("token_embedding", "positional_embedding", "attn_mask", "transformer", "ln_final", "text_projection")
-    exact = getattr(model, "text_pool_type", None) in ("argmax", "eos", "first")
-    if len(tokens) == 0 or not exact or not all(getattr(model, a, None) is not None for a in need):
-        return model.encode_text(tokens, normalize=True)
-    from open_clip.transformer import text_global_pool
-
-    cast = model.transformer.get_cast_dtype()
-    lengths = (tokens != 0).int().cumsum(1).argmax(1) + 1  # through the last non-pad token (0 may occur inside)
-    order = torch.argsort(lengths)
-    chunks, vecs = [], []
-    for chunk in torch.tensor_split(order, min(buckets, len(order))):
-        if chunk.numel() == 0:
-            continue
-        n = int(lengths[chunk].max())
-        text = tokens[chunk, :n]
-        x = model.token_embedding(text).to(cast) + model.positional_embedding[:n].to(cast)
-        x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
-        x = text_global_pool(model.ln_final(x), text, model.text_pool_type,
-                             eos_token_id=getattr(model, "text_eos_id", None))
-        proj = model.text_projection
-        chunks.append(chunk)
-        vecs.append(proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj)
-    out = torch.cat(vecs)[torch.argsort(torch.cat(chunks))]  # back to the input order, on the model's device
-    return F.normalize(out, dim=-1)
-
-
 def soft_clip_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy of image->text and text->image softmaxes against normalised target weights.
 
@@ -188,7 +155,7 @@ def _retrieval_metrics(model: Any, tokenizer: Any, frames: list[np.ndarray], tex
         v = torch.stack(vids)
         uniq = sorted(set(texts))
         idx = torch.tensor([uniq.index(t) for t in texts])
-        tv = torch.nn.functional.normalize(model.encode_text(tokenizer(uniq)), dim=-1)
+        tv = encode_text_bucketed(model, tokenizer(uniq))
         sims = v @ tv.T
         ranks = (sims > sims[torch.arange(len(idx)), idx].unsqueeze(1)).sum(1)
     model.train()
@@ -209,21 +176,17 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     nrng = np.random.default_rng(cfg.seed)
 
     if cfg.init:
-        from echosearch.encode import load_encoder
-
         enc = load_encoder(cfg.init, device="cpu")
         model, tokenizer = enc.model, enc.tokenizer
         cfg_json = json.loads((enc.source.folder / "open_clip_config.json").read_text()) if enc.source.folder else {}
         model_cfg = cfg_json.get("model_cfg", {})
-        size, mean, std = enc.image_size, enc.mean, enc.std
+        size, mean, std, embed_dim = enc.image_size, enc.mean, enc.std, enc.embed_dim
     else:
         model_cfg = DEMO_MODEL_CFG
         model = open_clip.CLIP(**model_cfg)
         tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
         size = int(model_cfg["vision_cfg"]["image_size"])
-        from echosearch.encode import OPENAI_MEAN, OPENAI_STD
-
-        mean, std = OPENAI_MEAN, OPENAI_STD
+        mean, std, embed_dim = OPENAI_MEAN, OPENAI_STD, int(model_cfg["embed_dim"])
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
 
@@ -247,7 +210,6 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     facts = [report_facts(t, v) for t, v in zip(texts, views, strict=True)]
     prompts = PromptSampler.from_reports([texts[i] for i in train_idx], [views[i] for i in train_idx])
     labels = ReportLabels.build(facts)
-    embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else int(model_cfg["embed_dim"])
     heads = torch.nn.ModuleDict({"facts": torch.nn.Linear(embed_dim, max(1, len(labels.keys))),
                                  "quantities": torch.nn.Linear(embed_dim, max(1, len(labels.quantities)))})
     model.train()

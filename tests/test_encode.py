@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echosearch.encode import load_encoder
+from echosearch.encode import encode_text_bucketed, load_encoder
 from echosearch.errors import ModelLoadError
 from echosearch.models import resolve_model, write_model_folder
 from echosearch.train import DEMO_MODEL_CFG
@@ -34,6 +34,11 @@ def echoclip_arch_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _random_folder(tmp_path_factory.mktemp("echoclip") / "model", cfg, hints={"frame_policy": "echoclip"})
 
 
+REPORT_SENTENCES = ["ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD.",
+                    "MITRACLIP IN PLACE.", "NORMAL LEFT VENTRICULAR SYSTOLIC FUNCTION.",
+                    "THE LEFT VENTRICLE IS MILDLY DILATED.", "LV EJECTION FRACTION IS 35%."]
+
+
 def _frames(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, size=(n, size, size, 3), dtype=np.uint8)
 
@@ -46,6 +51,9 @@ def test_echoclip_architecture_loads_from_every_source(echoclip_arch_folder: Pat
     v_ref = ref.encode_frames(frames)
     assert v_ref.shape == (2, 512) and np.allclose(np.linalg.norm(v_ref, axis=1), 1, atol=1e-5)
     t_ref = ref.encode_text(["LV EJECTION FRACTION IS 35%."])
+    with torch.inference_mode():  # the encoder trims padding; open_clip's full 77-token pass agrees
+        full = ref.model.encode_text(ref.tokenize(["LV EJECTION FRACTION IS 35%."]), normalize=True).numpy()
+    assert np.allclose(t_ref, full, atol=1e-5)
 
     # Hugging Face cache layout (offline): models--owner--name/snapshots/<rev>/ + refs/main
     cache = tmp_path / "hub"
@@ -105,3 +113,25 @@ def test_regression_recovers_the_value_whose_prompt_matches(mix: list[float], n_
 def test_study_predictions_take_max_for_findings_and_mean_for_ef() -> None:
     out = study_predictions([{"ef": 30.0, "pacer_lead": -0.1}, {"ef": 40.0, "pacer_lead": 0.2}])
     assert out == {"ef": 35.0, "pacer_lead": 0.2}
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(REPORT_SENTENCES), min_size=0, max_size=6), min_size=1, max_size=9),
+       st.integers(1, 4), st.sampled_from(["argmax", "last"]))
+def test_bucketed_text_encoding_equals_open_clip_and_keeps_gradients(docs: list[list[str]], buckets: int,
+                                                                     pool: str) -> None:
+    """Trimming padding per length bucket is exact (causal text tower, pooled at end-of-text), in any order;
+    a pooling that trimming would change ('last') falls back to open_clip's own path."""
+    import open_clip
+
+    torch.manual_seed(0)
+    text_cfg = {**DEMO_MODEL_CFG["text_cfg"], "layers": 2, "pool_type": pool}
+    model = open_clip.CLIP(**{**DEMO_MODEL_CFG, "text_cfg": text_cfg})
+    model.eval()
+    tokens = open_clip.SimpleTokenizer(context_length=64)([" ".join(d) for d in docs])
+    tokens[0, 3:5] = torch.where(tokens[0, 3:5] == 49407, tokens[0, 3:5], 0)  # token 0 is a real BPE piece
+    ours = encode_text_bucketed(model, tokens, buckets=buckets)
+    ref = model.encode_text(tokens, normalize=True)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    ours.sum().backward()
+    assert model.token_embedding.weight.grad is not None and model.transformer.resblocks[0].mlp.c_fc.weight.grad.abs().sum() > 0
