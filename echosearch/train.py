@@ -1,8 +1,10 @@
 """CLIP-style contrastive training on an index's (video, report) pairs (``echosearch train``).
 
 Frames are decoded and prepared once (the same ingest path as indexing), held in memory as uint8, and
-paired with their study's report. Reports are augmented by sentence sampling and each batch also carries
-single-statement texts (the shape of queries and zero-shot prompts). With ``soft_targets`` every text is
+paired with their study's report. A clip is one random frame, or in the last ``clip_epochs`` epochs
+``clip_frames`` frames spread over the cycle whose vectors are mean-pooled as the index pools a video (EF
+is read from the change between frames, which no single frame shows). Reports are augmented by sentence
+sampling and each batch also carries single-statement texts (the shape of queries and zero-shot prompts). With ``soft_targets`` every text is
 scored against every clip of the batch from the reports' facts (``report_facts``), so that two reports of
 the same finding are not pushed apart; auxiliary heads (dropped on export) predict the reports' facts
 from image vectors. A held-out split by patient gives retrieval metrics per epoch. The result is an
@@ -37,7 +39,7 @@ from echosearch.report_facts import (
     statements,
 )
 
-__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "fact_pos_weight", "soft_clip_loss", "train"]
+__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "clip_frame_indices", "fact_pos_weight", "soft_clip_loss", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,9 @@ class TrainConfig:
     extra_texts: int = 16  # single-statement texts added to each batch
     aux_weight: float = 1.0  # auxiliary fact/quantity heads on the image vectors (0 = off)
     balance_facts: bool = True  # weight each fact's positives by its rarity in the auxiliary loss
+    clip_frames: int = 3  # frames per training clip, spread over the cycle and mean-pooled as at index time
+    clip_epochs: int | None = 3  # only the last N epochs use clip_frames (earlier: one frame); None = all
+    frame_loss_weight: float = 0.5  # weight of the same loss on one frame of each clip (zero-shot is per frame)
 
 
 @dataclass
@@ -112,12 +117,25 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
 
 
 def _augment_frame(frame: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Mild gain/contrast jitter and a small shift: what differs between acquisitions."""
+    """Mild gain/contrast jitter and a small shift: what differs between acquisitions.
+
+    ``frame`` is (..., H, W, C); every frame of a stack gets the same jitter (one acquisition).
+    """
     f = frame.astype(np.float32)
     f = (f - 128.0) * rng.uniform(0.85, 1.15) + 128.0 + rng.uniform(-12, 12)
     dx, dy = rng.integers(-4, 5, size=2)
-    f = np.roll(f, (int(dy), int(dx)), axis=(0, 1))
+    f = np.roll(f, (int(dy), int(dx)), axis=(-3, -2))
     return np.clip(f, 0, 255).astype(np.uint8)
+
+
+def clip_frame_indices(n: int, k: int, offset: int) -> np.ndarray:
+    """``k`` of a video's ``n`` prepared frames, evenly spaced from ``offset`` and wrapping around.
+
+    The prepared frames cover the clip (about one cardiac cycle), so the chosen frames sample the whole
+    cycle: end-diastole and end-systole both near one of them, which is what EF is read from.
+    """
+    k = max(1, min(k, n))
+    return np.sort((offset + np.round(np.arange(k) * n / k).astype(int)) % n)
 
 
 def fact_pos_weight(present: np.ndarray, cap: float = 8.0) -> np.ndarray:
@@ -234,12 +252,19 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             if step >= total:
                 break
             batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            imgs = np.stack([_augment_frame(frames[i][nrng.integers(len(frames[i]))], nrng) for i in batch])
+            multi = cfg.clip_epochs is None or epoch >= cfg.epochs - cfg.clip_epochs
+            k = max(1, min(cfg.clip_frames if multi else 1, min(len(frames[i]) for i in batch)))
+            imgs = np.concatenate([_augment_frame(frames[i][clip_frame_indices(len(frames[i]), k,
+                                                                               int(nrng.integers(len(frames[i]))))], nrng)
+                                   for i in batch])
             txts = [augment_report(texts[i], rng, views[i]) for i in batch]
             txts += [prompts.sample(rng) for _ in range(cfg.extra_texts)]
-            img_f = model.encode_image(to_tensor(imgs).contiguous(memory_format=torch.channels_last), normalize=True)
+            frame_f = model.encode_image(to_tensor(imgs).contiguous(memory_format=torch.channels_last), normalize=True)
+            frame_f = frame_f.view(len(batch), k, -1)
+            img_f = F.normalize(frame_f.mean(1), dim=-1)  # the video vector, as the index pools it
             txt_f = encode_text_bucketed(model, tokenizer(txts))
-            logits = model.logit_scale.exp() * img_f @ txt_f.T
+            scale = model.logit_scale.exp()
+            logits = scale * img_f @ txt_f.T
             if cfg.soft_targets:
                 parsed = [statements(t) for t in txts]
                 target = torch.tensor([[relevance(facts[i], st) for st in parsed] for i in batch], dtype=torch.float32)
@@ -247,6 +272,8 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
                 target = torch.zeros(logits.shape)
             target[torch.arange(len(batch)), torch.arange(len(batch))] = 1.0  # each clip's own report
             loss = soft_clip_loss(logits, target)
+            if k > 1 and cfg.frame_loss_weight > 0:
+                loss = loss + cfg.frame_loss_weight * soft_clip_loss(scale * frame_f[:, 0] @ txt_f.T, target)
             if cfg.aux_weight > 0:
                 ii = torch.tensor(batch)
                 z = img_f * 8.0  # unit vectors scaled to a useful logit range

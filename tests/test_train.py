@@ -21,7 +21,7 @@ from echosearch.report_facts import (
     sentence_fact,
     statements,
 )
-from echosearch.train import fact_pos_weight, soft_clip_loss
+from echosearch.train import _augment_frame, clip_frame_indices, fact_pos_weight, soft_clip_loss
 
 PACER = "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD."
 SENTENCES = [PACER, "MITRACLIP IN PLACE.", "NORMAL LEFT VENTRICULAR SYSTOLIC FUNCTION.",
@@ -113,23 +113,48 @@ def test_fact_pos_weight_balances_rare_facts() -> None:
     assert fact_pos_weight(present, cap=100.0)[1] == pytest.approx(19.0)
 
 
-def test_train_command_runs_steps_and_writes_a_loadable_model(small_cohort: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 64), st.integers(1, 16), st.integers(0, 1000))
+def test_clip_frames_cover_the_cycle_evenly(n: int, k: int, offset: int) -> None:
+    idx = clip_frame_indices(n, k, offset % n)
+    assert len(idx) == min(n, k) == len(set(idx.tolist())) and idx.min() >= 0 and idx.max() < n
+    assert offset % n in idx.tolist() and (np.diff(idx) > 0).all()
+    gaps = np.diff(np.r_[idx, idx[0] + n])  # circular: the clip holds about one cardiac cycle
+    assert gaps.sum() == n and gaps.max() - gaps.min() <= 1
+
+
+def test_one_clip_gets_one_acquisition_jitter() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    clip = np.stack([base, base, np.roll(base, 5, axis=0)])
+    out = _augment_frame(clip, np.random.default_rng(1))
+    assert not np.array_equal(out[0], base) and np.array_equal(out[0], out[1])  # same gain and shift
+    assert np.array_equal(out[2], np.roll(out[0], 5, axis=0))  # the shift is shared too: rolls commute
+
+
+@pytest.fixture(scope="module")
+def train_index(small_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small cohort scanned (with its reports) into an index at 4 frames of 112 px per video."""
     from echosearch.catalog import Catalog
-    from echosearch.cli import main
     from echosearch.config import load_settings
-    from echosearch.encode import load_encoder
     from echosearch.ingest import scan
     from echosearch.prepare import FramePolicy
 
-    monkeypatch.setenv("ECHOSEARCH_SECRET", "test-secret-0123456789abcdef")
-    with Catalog.open(tmp_path / "idx", create=True) as cat:
-        summary = scan([small_cohort], cat, load_settings(workers=0), policy=FramePolicy("sector", 4, 112),
-                       progress=False)
+    idx = tmp_path_factory.mktemp("train") / "idx"
+    with Catalog.open(idx, create=True) as cat:
+        summary = scan([small_cohort], cat, load_settings(workers=0, secret="test-secret-0123456789abcdef"),
+                       policy=FramePolicy("sector", 4, 112), progress=False)
     assert summary.reports_attached > 0
+    return idx
+
+
+def test_train_command_runs_steps_and_writes_a_loadable_model(train_index: Path, tmp_path: Path) -> None:
+    from echosearch.cli import main
+    from echosearch.encode import load_encoder
+
     out = tmp_path / "model"
-    rc = main(["train", "--index", str(tmp_path / "idx"), "--out", str(out), "--epochs", "2", "--batch-size", "4",
-               "--max-steps", "3", "--workers", "0"])
+    rc = main(["train", "--index", str(train_index), "--out", str(out), "--epochs", "2", "--batch-size", "4",
+               "--max-steps", "3", "--workers", "0", "--clip-frames", "3"])
     assert rc == 0
     cfg = json.loads((out / "open_clip_config.json").read_text())
     history = cfg["echosearch"]["history"]
@@ -139,3 +164,29 @@ def test_train_command_runs_steps_and_writes_a_loadable_model(small_cohort: Path
     vec = enc.encode_text(["MITRACLIP IN PLACE."])
     assert vec.shape == (1, 256) and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-3
     assert (out / "checkpoints" / "last.pt").is_file()
+
+
+def test_only_the_last_epochs_train_pooled_clips(train_index: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import open_clip
+
+    from echosearch.train import TrainConfig, train
+
+    seen: list[tuple[int, int]] = []  # (epoch, images in a training forward)
+    epoch = [1]
+    original = open_clip.CLIP.encode_image
+
+    def spy(self: open_clip.CLIP, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        if self.training:
+            seen.append((epoch[0], int(image.shape[0])))
+        return original(self, image, normalize=normalize)
+
+    def progress(phase: str, i: int, n: int, metrics: dict[str, float]) -> None:
+        if phase == "epoch":
+            epoch[0] = i + 1
+
+    monkeypatch.setattr(open_clip.CLIP, "encode_image", spy)
+    cfg = TrainConfig(epochs=3, batch_size=4, workers=0, clip_frames=3, clip_epochs=1, aux_weight=0.0)
+    result = train(train_index, tmp_path / "m", cfg, progress=progress)
+    assert result.epochs_run == 3 and seen
+    assert {n for e, n in seen if e < 3} == {4} and {n for e, n in seen if e == 3} == {12}  # 4 clips x 3 frames

@@ -67,13 +67,19 @@ def register(app: typer.Typer) -> None:
                                                "(shared findings are positives), or one positive per row."),
         aux_weight: float = typer.Option(1.0, "--aux-weight", help="Weight of the report-fact heads (0 = off)."),
         extra_texts: int = typer.Option(16, "--extra-texts", help="Single-statement texts added to each batch."),
+        clip_frames: int = typer.Option(3, "--clip-frames", min=1,
+                                        help="Frames per training clip, mean-pooled like the index's video vectors."),
+        clip_epochs: int = typer.Option(3, "--clip-epochs", min=0,
+                                        help="Only the last N epochs train multi-frame clips (earlier ones: one "
+                                             "frame per clip, about half the step time); 0 = every epoch."),
     ) -> None:
         """Contrastive training (or fine-tuning) on the index's (video, report) pairs."""
         from echosearch.train import TrainConfig
         from echosearch.train import train as run_train
 
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, init=init,
-                          workers=workers, soft_targets=soft_targets, aux_weight=aux_weight, extra_texts=extra_texts)
+                          workers=workers, soft_targets=soft_targets, aux_weight=aux_weight, extra_texts=extra_texts,
+                          clip_frames=clip_frames, clip_epochs=clip_epochs or None)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=console) as bar:
             tasks: dict[str, TaskID] = {}
