@@ -19,7 +19,7 @@ TRAIN_COHORT: dict[str, Any] = {"patients": 260, "seed": 9001, "visits": (1, 5),
                                 "mislabel_rate": 0.0, "size": "small"}
 TRAIN_EPOCHS = 23
 TRAIN_SEED = 7
-CLIP_EPOCHS = 3  # the last epochs train 3-frame clips pooled like the index's video vectors
+CLIP_EPOCHS = 5  # the last epochs train 3-frame clips pooled like the index's video vectors
 
 
 def build(out: Path, workdir: Path | None = None, epochs: int = TRAIN_EPOCHS, patients: int | None = None) -> Path:

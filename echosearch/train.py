@@ -68,7 +68,7 @@ class TrainConfig:
     aux_weight: float = 1.0  # auxiliary fact/quantity heads on the image vectors (0 = off)
     balance_facts: bool = True  # weight each fact's positives by its rarity in the auxiliary loss
     clip_frames: int = 3  # frames per training clip, spread over the cycle and mean-pooled as at index time
-    clip_epochs: int | None = 3  # only the last N epochs use clip_frames (earlier: one frame); None = all
+    clip_epochs: int | None = 5  # only the last N epochs use clip_frames (earlier: one frame); None = all
     frame_loss_weight: float = 0.5  # weight of the same loss on one frame of each clip (zero-shot is per frame)
 
 

@@ -1,7 +1,7 @@
 """The shipped demo model on a fresh synthetic cohort (seed unseen in training).
 
-The encode issue's targets: zero-shot EF MAE <= 10 (the shipped model gives ~9.0 on this cohort) and
-text->video recall@10 >= 0.8 for finding phrases (it gives ~0.66 here and on a 40-patient cohort: pacer
+The encode issue's targets: zero-shot EF MAE <= 10 (the shipped model gives ~8.9 on this cohort) and
+text->video recall@10 >= 0.8 for finding phrases (it gives ~0.66 here and ~0.64 on a 40-patient cohort: pacer
 lead, dilation and the EF bands are found; TAVR and MitraClip are not yet). Unmet targets
 are kept as non-strict expected failures so that a better model turns them green, next to guards on what
 it does reach.
@@ -43,7 +43,7 @@ def test_demo_model_identity_and_predictions_are_sane(evaluated: dict) -> None:
     assert zs["pacer_lead_auc"] >= 0.85 and zs["lv_dilated_auc"] >= 0.85, zs  # ~0.95 / 0.96 with the shipped model
     tv = evaluated["retrieval"]["text_to_video"]
     assert tv["mean"] >= 0.6 and tv["pacer lead"]["recall_at_10"] >= 0.8, tv  # guard: ~0.66 and 0.9 now
-    assert evaluated["echosearch"]["identity"]["study_patient_auc"] >= 0.7  # ~0.80 now
+    assert evaluated["echosearch"]["identity"]["study_patient_auc"] >= 0.7  # ~0.81 now
     rr = evaluated["retrieval"]["study_to_report"]
     assert rr["n_queries"] == evaluated["n"]["studies"]
 
@@ -57,6 +57,6 @@ def test_text_to_video_retrieval_of_findings(evaluated: dict) -> None:
     assert evaluated["retrieval"]["text_to_video"]["mean"] >= 0.8, evaluated["retrieval"]["text_to_video"]
 
 
-@pytest.mark.xfail(reason="identity is learnt only implicitly (no patient-contrastive term yet); ~0.80", strict=False)
+@pytest.mark.xfail(reason="identity is learnt only implicitly (no patient-contrastive term yet); ~0.81", strict=False)
 def test_identity_target(evaluated: dict) -> None:
     assert evaluated["echosearch"]["identity"]["study_patient_auc"] >= 0.95, evaluated["echosearch"]["identity"]

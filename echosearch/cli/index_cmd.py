@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         extra_texts: int = typer.Option(16, "--extra-texts", help="Single-statement texts added to each batch."),
         clip_frames: int = typer.Option(3, "--clip-frames", min=1,
                                         help="Frames per training clip, mean-pooled like the index's video vectors."),
-        clip_epochs: int = typer.Option(3, "--clip-epochs", min=0,
+        clip_epochs: int = typer.Option(5, "--clip-epochs", min=0,
                                         help="Only the last N epochs train multi-frame clips (earlier ones: one "
                                              "frame per clip, about half the step time); 0 = every epoch."),
     ) -> None:
