@@ -51,7 +51,8 @@ def build(out: Path, workdir: Path | None = None, epochs: int = TRAIN_EPOCHS, pa
             print(f"epoch {i}/{n} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
 
     stage = tmp / "model"
-    train(tmp / "index", stage, TrainConfig(epochs=epochs, seed=TRAIN_SEED, workers=2, clip_epochs=min(CLIP_EPOCHS, epochs)), progress=progress)
+    cfg = TrainConfig(epochs=epochs, seed=TRAIN_SEED, workers=2, clip_epochs=CLIP_EPOCHS)
+    train(tmp / "index", stage, cfg, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("open_clip_config.json", "open_clip_model.safetensors"):
         shutil.copy2(stage / name, out / name)

@@ -39,7 +39,8 @@ from echosearch.report_facts import (
     statements,
 )
 
-__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "clip_frame_indices", "fact_pos_weight", "soft_clip_loss", "train"]
+__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "clip_frame_indices", "fact_pos_weight", "pool_clips",
+           "soft_clip_loss", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class TrainConfig:
     aux_weight: float = 1.0  # auxiliary fact/quantity heads on the image vectors (0 = off)
     balance_facts: bool = True  # weight each fact's positives by its rarity in the auxiliary loss
     clip_frames: int = 3  # frames per training clip, spread over the cycle and mean-pooled as at index time
-    clip_epochs: int | None = 5  # only the last N epochs use clip_frames (earlier: one frame); None = all
+    clip_epochs: int | None = 5  # the last N epochs' steps use clip_frames (else one frame); 0 = never, None = all
     frame_loss_weight: float = 0.5  # weight of the same loss on one frame of each clip (zero-shot is per frame)
 
 
@@ -132,10 +133,18 @@ def clip_frame_indices(n: int, k: int, offset: int) -> np.ndarray:
     """``k`` of a video's ``n`` prepared frames, evenly spaced from ``offset`` and wrapping around.
 
     The prepared frames cover the clip (about one cardiac cycle), so the chosen frames sample the whole
-    cycle: end-diastole and end-systole both near one of them, which is what EF is read from.
+    cycle: end-diastole and end-systole both near one of them, which is what EF is read from. The first
+    index is ``offset`` (a random phase when the offset is random, also where clips start at the ECG
+    trigger).
     """
     k = max(1, min(k, n))
-    return np.sort((offset + np.round(np.arange(k) * n / k).astype(int)) % n)
+    return (offset + np.round(np.arange(k) * n / k).astype(int)) % n
+
+
+def pool_clips(frame_vecs: torch.Tensor, k: int) -> torch.Tensor:
+    """(B*k, d) frame vectors, k consecutive per clip -> (B, d) clip vectors: mean then re-normalise, as
+    the index makes a video vector."""
+    return F.normalize(frame_vecs.view(-1, k, frame_vecs.shape[-1]).mean(1), dim=-1)
 
 
 def fact_pos_weight(present: np.ndarray, cap: float = 8.0) -> np.ndarray:
@@ -242,6 +251,9 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     present, values, stated = (torch.from_numpy(x) for x in (labels.present, labels.values, labels.stated))
     pos_weight = torch.from_numpy(fact_pos_weight(labels.present[train_idx])) if cfg.balance_facts else None
+    if cfg.clip_frames > cfg.frames_per_video:
+        log.warning("clip_frames %d > frames_per_video %d: clips use %d frames", cfg.clip_frames,
+                    cfg.frames_per_video, cfg.frames_per_video)
     step = 0
     t0 = time.time()
     for epoch in range(cfg.epochs):
@@ -252,7 +264,7 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             if step >= total:
                 break
             batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            multi = cfg.clip_epochs is None or epoch >= cfg.epochs - cfg.clip_epochs
+            multi = cfg.clip_epochs is None or step >= total - cfg.clip_epochs * steps_per_epoch
             k = max(1, min(cfg.clip_frames if multi else 1, min(len(frames[i]) for i in batch)))
             imgs = np.concatenate([_augment_frame(frames[i][clip_frame_indices(len(frames[i]), k,
                                                                                int(nrng.integers(len(frames[i]))))], nrng)
@@ -260,8 +272,8 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             txts = [augment_report(texts[i], rng, views[i]) for i in batch]
             txts += [prompts.sample(rng) for _ in range(cfg.extra_texts)]
             frame_f = model.encode_image(to_tensor(imgs).contiguous(memory_format=torch.channels_last), normalize=True)
+            img_f = pool_clips(frame_f, k)  # the video vector, as the index pools it
             frame_f = frame_f.view(len(batch), k, -1)
-            img_f = F.normalize(frame_f.mean(1), dim=-1)  # the video vector, as the index pools it
             txt_f = encode_text_bucketed(model, tokenizer(txts))
             scale = model.logit_scale.exp()
             logits = scale * img_f @ txt_f.T
@@ -273,10 +285,11 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             target[torch.arange(len(batch)), torch.arange(len(batch))] = 1.0  # each clip's own report
             loss = soft_clip_loss(logits, target)
             if k > 1 and cfg.frame_loss_weight > 0:
+                # column 0 is each clip's random-offset frame: per-frame zero-shot stays trained at every phase
                 loss = loss + cfg.frame_loss_weight * soft_clip_loss(scale * frame_f[:, 0] @ txt_f.T, target)
             if cfg.aux_weight > 0:
                 ii = torch.tensor(batch)
-                z = img_f * 8.0  # unit vectors scaled to a useful logit range
+                z = img_f * 8.0  # unit vectors scaled to a useful logit range (pooled clips in clip epochs)
                 aux = F.binary_cross_entropy_with_logits(heads["facts"](z), present[ii], pos_weight=pos_weight)
                 err = ((heads["quantities"](z) - values[ii]) ** 2) * stated[ii]
                 loss = loss + cfg.aux_weight * (aux + err.sum() / stated[ii].sum().clamp(min=1))

@@ -71,7 +71,8 @@ def register(app: typer.Typer) -> None:
                                         help="Frames per training clip, mean-pooled like the index's video vectors."),
         clip_epochs: int = typer.Option(5, "--clip-epochs", min=0,
                                         help="Only the last N epochs train multi-frame clips (earlier ones: one "
-                                             "frame per clip, about half the step time); 0 = every epoch."),
+                                             "frame per clip, about half the step time); 0 = never, >= --epochs "
+                                             "= every epoch."),
     ) -> None:
         """Contrastive training (or fine-tuning) on the index's (video, report) pairs."""
         from echosearch.train import TrainConfig
@@ -79,7 +80,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, init=init,
                           workers=workers, soft_targets=soft_targets, aux_weight=aux_weight, extra_texts=extra_texts,
-                          clip_frames=clip_frames, clip_epochs=clip_epochs or None)
+                          clip_frames=clip_frames, clip_epochs=clip_epochs)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=console) as bar:
             tasks: dict[str, TaskID] = {}
