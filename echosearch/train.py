@@ -175,11 +175,7 @@ def _retrieval_metrics(model: Any, tokenizer: Any, frames: list[np.ndarray], tex
         return {}
     model.eval()
     with torch.inference_mode():
-        vids = []
-        for f in frames:
-            e = torch.nn.functional.normalize(model.encode_image(to_tensor(f)), dim=-1).mean(0)
-            vids.append(torch.nn.functional.normalize(e, dim=-1))
-        v = torch.stack(vids)
+        v = torch.cat([pool_clips(model.encode_image(to_tensor(f), normalize=True), len(f)) for f in frames])
         uniq = sorted(set(texts))
         idx = torch.tensor([uniq.index(t) for t in texts])
         tv = encode_text_bucketed(model, tokenizer(uniq))
@@ -251,9 +247,11 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     present, values, stated = (torch.from_numpy(x) for x in (labels.present, labels.values, labels.stated))
     pos_weight = torch.from_numpy(fact_pos_weight(labels.present[train_idx])) if cfg.balance_facts else None
-    if cfg.clip_frames > cfg.frames_per_video:
+    # prepare gives every video frames_per_video frames (short clips repeat frames), so k is one number
+    k_clip = max(1, min(cfg.clip_frames, cfg.frames_per_video))
+    if k_clip < cfg.clip_frames:
         log.warning("clip_frames %d > frames_per_video %d: clips use %d frames", cfg.clip_frames,
-                    cfg.frames_per_video, cfg.frames_per_video)
+                    cfg.frames_per_video, k_clip)
     step = 0
     t0 = time.time()
     for epoch in range(cfg.epochs):
@@ -265,7 +263,7 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
                 break
             batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             multi = cfg.clip_epochs is None or step >= total - cfg.clip_epochs * steps_per_epoch
-            k = max(1, min(cfg.clip_frames if multi else 1, min(len(frames[i]) for i in batch)))
+            k = k_clip if multi else 1
             imgs = np.concatenate([_augment_frame(frames[i][clip_frame_indices(len(frames[i]), k,
                                                                                int(nrng.integers(len(frames[i]))))], nrng)
                                    for i in batch])
