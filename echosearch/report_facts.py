@@ -53,6 +53,33 @@ def sentence_fact(sentence: str) -> tuple[str, float | None]:
     return key, float(nums[0])
 
 
+# Structures a report sentence may name -> the standard transthoracic views that show them. A sentence
+# that names only structures out of a clip's view describes the clip's study but not the clip: a
+# TAVR stent is not in an apical four-chamber view, a pacing lead in the right ventricle not in A2C.
+STRUCTURE_VIEWS: dict[str, frozenset[str]] = {
+    "AORTIC": frozenset({"PLAX", "PSAX", "A3C", "A5C"}),
+    "RIGHT VENTRIC": frozenset({"A4C", "A5C", "PLAX", "PSAX", "SC4C"}),
+    "RIGHT ATRI": frozenset({"A4C", "A5C", "PSAX", "SC4C"}),
+    "TRICUSPID": frozenset({"A4C", "A5C", "PSAX", "SC4C"}),
+}
+
+
+def visible_in_view(sentence: str, view: str | None) -> bool:
+    """Whether a clip of ``view`` can show what ``sentence`` describes (True when the view is unknown or
+    the sentence names no view-limited structure; with several structures, any one in view suffices)."""
+    if view not in VIEW_PHRASES:
+        return True
+    named = [views for key, views in STRUCTURE_VIEWS.items() if key in sentence.upper()]
+    return not named or any(view in views for views in named)
+
+
+def visible_report(report: str, view: str | None) -> str:
+    """The sentences of a study's report that a clip of ``view`` can show (the report itself when none)."""
+    sents = split_sentences(report)
+    keep = [s for s in sents if visible_in_view(s, view)]
+    return " ".join(keep) if keep else report.strip()
+
+
 def report_facts(report: str, view: str | None = None) -> Facts:
     """All facts of one clip: its report's sentences, plus its view when known."""
     facts: Facts = dict(sentence_fact(s) for s in split_sentences(report))

@@ -3,10 +3,11 @@
 Frames are decoded and prepared once (the same ingest path as indexing), held in memory as uint8, and
 paired with their study's report. A clip is one random frame, or in the last ``clip_epochs`` epochs
 ``clip_frames`` frames spread over the cycle whose vectors are mean-pooled as the index pools a video (EF
-is read from the change between frames, which no single frame shows). Reports are augmented by sentence
-sampling and each batch also carries single-statement texts (the shape of queries and zero-shot prompts). With ``soft_targets`` every text is
-scored against every clip of the batch from the reports' facts (``report_facts``), so that two reports of
-the same finding are not pushed apart; auxiliary heads (dropped on export) predict the reports' facts
+is read from the change between frames, which no single frame shows). A clip is paired with the sentences
+of its study's report that its view can show (``visible_report``: no TAVR in an A4C clip). Reports are
+augmented by sentence sampling and each batch also carries single-statement texts (the shape of queries
+and zero-shot prompts). With ``soft_targets`` every text is scored against every clip of the batch from
+the reports' facts (``report_facts``), so that two reports of the same finding are not pushed apart; auxiliary heads (dropped on export) predict the reports' facts
 from image vectors. A held-out split by patient gives retrieval metrics per epoch. The result is an
 open_clip folder (``local-dir:`` loadable).
 """
@@ -37,6 +38,7 @@ from echosearch.report_facts import (
     relevance,
     report_facts,
     statements,
+    visible_report,
 )
 
 __all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "clip_frame_indices", "fact_pos_weight", "pool_clips",
@@ -71,6 +73,7 @@ class TrainConfig:
     clip_frames: int = 3  # frames per training clip, spread over the cycle and mean-pooled as at index time
     clip_epochs: int | None = 5  # the last N epochs' steps use clip_frames (else one frame); 0 = never, None = all
     frame_loss_weight: float = 0.5  # weight of the same loss on one frame of each clip (zero-shot is per frame)
+    view_visibility: bool = True  # pair each clip with the report sentences its view can show
 
 
 @dataclass
@@ -220,6 +223,8 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     with Catalog.open(index_dir, read_only=True) as cat:
         frames, texts, patients, views = _load_pairs(cat, cfg.frames_per_video, size, cfg.workers,
                                               (lambda i, n: progress("decode", i, n, {})) if progress else None)
+    if cfg.view_visibility:  # a study's TAVR sentence does not describe its A4C clip
+        texts = [visible_report(t, v) for t, v in zip(texts, views, strict=True)]
     uniq_patients = sorted(set(patients))
     prng = random.Random(cfg.seed)
     prng.shuffle(uniq_patients)

@@ -1,8 +1,8 @@
 """The shipped demo model on a fresh synthetic cohort (seed unseen in training).
 
 The encode issue's targets: zero-shot EF MAE <= 10 (the shipped model gives ~8.6 on this cohort) and
-text->video recall@10 >= 0.8 for finding phrases (it gives ~0.66 here and ~0.67 on a 40-patient cohort: pacer
-lead, dilation and the EF bands are found; TAVR and MitraClip are not yet). Unmet targets
+text->video recall@10 >= 0.8 for finding phrases (it gives ~0.68 here, ~0.70 on a 40-patient cohort and 0.84
+on the demo cohort: pacer lead, dilation, TAVR and the EF bands are found; MitraClip is not yet). Unmet targets
 are kept as non-strict expected failures so that a better model turns them green, next to guards on what
 it does reach.
 """
@@ -15,7 +15,7 @@ import pytest
 from conftest import demo_model_available
 
 pytestmark = pytest.mark.skipif(not demo_model_available(), reason="shipped demo model missing: run `make demo-model`")
-TARGET_GAP = "the shipped demo model does not yet see small devices (2-core CPU budget); see docs/training.md"
+TARGET_GAP = "the shipped demo model does not yet tell a MitraClip from other devices; see docs/training.md"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,9 @@ def test_demo_model_identity_and_predictions_are_sane(evaluated: dict) -> None:
     assert math.isfinite(zs["ef_mae"])
     assert zs["pacer_lead_auc"] >= 0.85 and zs["lv_dilated_auc"] >= 0.85, zs  # ~0.95 / 0.96 with the shipped model
     tv = evaluated["retrieval"]["text_to_video"]
-    assert tv["mean"] >= 0.6 and tv["pacer lead"]["recall_at_10"] >= 0.8, tv  # guard: ~0.66 and 0.9 now
+    assert tv["mean"] >= 0.6 and tv["pacer lead"]["recall_at_10"] >= 0.8, tv  # guard: ~0.68 and 1.0 now
+    # TAVR is drawn in PLAX only: 8 of its 16 relevant videos here can show it (0.7 now, 0.8 reachable)
+    assert tv["TAVR"]["recall_at_10"] >= 0.6 and zs["tavr_auc"] >= 0.85, (tv, zs)  # ~0.94 AUC now
     assert evaluated["echosearch"]["identity"]["study_patient_auc"] >= 0.7  # ~0.81 now
     rr = evaluated["retrieval"]["study_to_report"]
     assert rr["n_queries"] == evaluated["n"]["studies"]

@@ -20,8 +20,16 @@ from echosearch.report_facts import (
     report_facts,
     sentence_fact,
     statements,
+    visible_in_view,
+    visible_report,
 )
-from echosearch.train import _augment_frame, clip_frame_indices, fact_pos_weight, pool_clips, soft_clip_loss
+from echosearch.train import (
+    _augment_frame,
+    clip_frame_indices,
+    fact_pos_weight,
+    pool_clips,
+    soft_clip_loss,
+)
 
 PACER = "ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD."
 SENTENCES = [PACER, "MITRACLIP IN PLACE.", "NORMAL LEFT VENTRICULAR SYSTOLIC FUNCTION.",
@@ -60,6 +68,21 @@ def test_a_clip_is_always_fully_described_by_its_own_augmented_report(sents: lis
     assert 0.0 <= other <= 1.0 and (other < 1.0 or ef == 60)  # another patient's report never fits unless equal
     assert other == relevance(report_facts("LV EJECTION FRACTION IS 60%. NO INTRACARDIAC MASS OR DEVICE IS SEEN."),
                               statements(text))  # pre-parsed statements score the same
+
+
+TAVR = "A BIOPROSTHETIC STENT-VALVE IS PRESENT IN THE AORTIC POSITION."
+
+
+def test_a_clip_is_paired_with_the_sentences_its_view_can_show() -> None:
+    report = f"LV EJECTION FRACTION IS 40%. {PACER} {TAVR} MITRACLIP IN PLACE."
+    assert visible_report(report, "PLAX") == report  # RV outflow and aortic valve are both in PLAX
+    assert visible_report(report, "A4C") == f"LV EJECTION FRACTION IS 40%. {PACER} MITRACLIP IN PLACE."
+    assert visible_report(report, "A2C") == "LV EJECTION FRACTION IS 40%. MITRACLIP IN PLACE."
+    assert visible_report(report, "A5C") == report  # the five-chamber view adds the aortic valve to A4C
+    assert visible_report(report, None) == report == visible_report(report, "NOT-A-VIEW")  # unknown: keep all
+    assert visible_report(TAVR, "A4C") == TAVR  # nothing visible: the report rather than an empty text
+    assert visible_in_view("AORTIC REGURGITATION INTO THE RIGHT VENTRICLE.", "A4C")  # one named structure in view
+    assert not visible_in_view("TRICUSPID REGURGITATION.", "A2C")
 
 
 def test_prompt_sampler_draws_statements_across_observed_ranges() -> None:
@@ -202,3 +225,28 @@ def test_only_the_last_epochs_train_pooled_clips(train_index: Path, tmp_path: Pa
     result = train(train_index, tmp_path / "m", cfg, progress=progress)
     assert result.epochs_run == 3 and seen
     assert {n for e, n in seen if e < 3} == {4} and {n for e, n in seen if e == 3} == {12}  # 4 clips x 3 frames
+
+
+@pytest.mark.parametrize("visibility", [True, False])
+def test_training_texts_hold_only_what_the_clip_view_shows(train_index: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, visibility: bool) -> None:
+    import echosearch.train as train_mod
+    from echosearch.catalog import Catalog
+
+    with Catalog.open(train_index, read_only=True) as cat:
+        pairs = cat.con.sql("SELECT r.text, v.view FROM videos v JOIN reports r USING (study_key)").fetchall()
+    hidden = {(t, v) for t, v in pairs if visible_report(t, v) != t}
+    assert hidden, "the small cohort should hold a finding some of its views cannot show"
+    seen: list[tuple[str, str | None]] = []
+    original = train_mod.augment_report
+
+    def spy(report: str, rng: random.Random, view: str | None = None, view_rate: float = 0.5) -> str:
+        seen.append((report, view))
+        return original(report, rng, view, view_rate)
+
+    monkeypatch.setattr(train_mod, "augment_report", spy)
+    cfg = train_mod.TrainConfig(epochs=1, batch_size=4, workers=0, clip_epochs=0, view_visibility=visibility)
+    train_mod.train(train_index, tmp_path / "m", cfg)
+    assert seen
+    invisible = [(t, v) for t, v in seen if any(not visible_in_view(s, v) for s in t.split(". "))]
+    assert (not invisible) if visibility else bool(invisible)

@@ -73,6 +73,9 @@ def register(app: typer.Typer) -> None:
                                         help="Only the last N epochs train multi-frame clips (earlier ones: one "
                                              "frame per clip, about half the step time); 0 = never, >= --epochs "
                                              "= every epoch."),
+        view_visibility: bool = typer.Option(True, "--view-visibility/--whole-report",
+                                             help="Pair each clip with the report sentences its view can show "
+                                                  "(no aortic-valve sentence for an A4C clip), or the whole report."),
     ) -> None:
         """Contrastive training (or fine-tuning) on the index's (video, report) pairs."""
         from echosearch.train import TrainConfig
@@ -80,7 +83,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, init=init,
                           workers=workers, soft_targets=soft_targets, aux_weight=aux_weight, extra_texts=extra_texts,
-                          clip_frames=clip_frames, clip_epochs=clip_epochs)
+                          clip_frames=clip_frames, clip_epochs=clip_epochs, view_visibility=view_visibility)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=console) as bar:
             tasks: dict[str, TaskID] = {}
