@@ -22,6 +22,7 @@ from echosearch.catalog import Catalog
 from echosearch.change import scan_changes, study_predictions
 from echosearch.errors import QueryError
 from echosearch.identity import StudySet, audit, load_studies, own_scores, patient_scores
+from echosearch.report_facts import visible_in_view
 from echosearch.zeroshot import BINARY_TASKS
 
 TRUTH_FILE = "ground_truth.parquet"
@@ -265,16 +266,25 @@ def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int) -> dict[str, Any
     ids, vecs = catalog.embeddings("video", vt["video_key"].to_list())
     t = vt.filter(pl.col("video_key").is_in(ids.tolist())).sort("video_key")
     out: dict[str, Any] = {}
+    views = t["view"].to_list() if "view" in t.columns else None
     text = encoder.encode_text([f[0] for f in findings.values()])
-    for (name, (_, rule)), tv in zip(findings.items(), text, strict=True):
+    for (name, (phrase, rule)), tv in zip(findings.items(), text, strict=True):
         rel = _relevant(t, rule)
         if rel is None or not rel.any():
             continue
         top = np.argsort(-(vecs @ tv), kind="stable")[:k]
         hits = int(rel[top].sum())
         out[name] = {f"recall_at_{k}": _f(hits / min(k, int(rel.sum()))), "n_relevant": int(rel.sum())}
+        if views is not None:  # the truth is per study; a second figure counts only views that can show it
+            seen = rel & np.array([visible_in_view(phrase, v) for v in views])
+            if seen.any():
+                out[name] |= {f"recall_at_{k}_in_view": _f(int(seen[top].sum()) / min(k, int(seen.sum()))),
+                              "n_relevant_in_view": int(seen.sum())}
     vals = [v[f"recall_at_{k}"] for v in out.values()]
     out["mean"] = _f(float(np.mean(vals))) if vals else None
+    in_view = [v[f"recall_at_{k}_in_view"] for v in out.values() if isinstance(v, dict) and f"recall_at_{k}_in_view" in v]
+    if in_view and len(in_view) == len(vals):
+        out["mean_in_view"] = _f(float(np.mean(in_view)))
     return out
 
 
@@ -360,6 +370,8 @@ def format_table(result: dict[str, Any]) -> Table:
             t.add_row(f"{d} AUC", fmt(zs[f"{d}_auc"]), "", "")
     tv = result["retrieval"]["text_to_video"]
     t.add_row("text -> video recall@k", tv.get("skipped", fmt(tv.get("mean"))), "", "")
+    if "mean_in_view" in tv:
+        t.add_row("  counting only views that can show the finding", fmt(tv["mean_in_view"]), "", "")
     rr = result["retrieval"]["study_to_report"]
     t.add_row("true report mean rank", rr.get("skipped", f"{fmt(rr.get('mean_rank'))} of {rr.get('n_reports')}"),
               "", "")

@@ -50,6 +50,20 @@ def test_demo_model_identity_and_predictions_are_sane(evaluated: dict) -> None:
     assert rr["n_queries"] == evaluated["n"]["studies"]
 
 
+def test_in_view_recall_counts_only_videos_that_can_show_the_finding(evaluated: dict) -> None:
+    import polars as pl
+
+    truth = pl.read_parquet(evaluated["truth"])
+    tv = evaluated["retrieval"]["text_to_video"]
+    tavr = truth.filter(pl.col("tavr"))
+    assert tv["TAVR"]["n_relevant"] == tavr.height
+    assert tv["TAVR"]["n_relevant_in_view"] == tavr.filter(pl.col("view") == "PLAX").height < tavr.height
+    for name in ("normal EF", "MitraClip", "transplant"):  # seen in every view: the two figures agree
+        assert tv[name]["recall_at_10_in_view"] == tv[name]["recall_at_10"]
+        assert tv[name]["n_relevant_in_view"] == tv[name]["n_relevant"]
+    assert 0.0 <= tv["mean_in_view"] <= 1.0
+
+
 def test_zero_shot_ef_within_target(evaluated: dict) -> None:
     assert evaluated["zero_shot"]["ef_mae"] <= 10.0, evaluated["zero_shot"]
 
