@@ -7,9 +7,9 @@ is read from the change between frames, which no single frame shows). A clip is 
 of its study's report that its view can show (``visible_report``: no TAVR in an A4C clip). Reports are
 augmented by sentence sampling and each batch also carries single-statement texts (the shape of queries
 and zero-shot prompts). With ``soft_targets`` every text is scored against every clip of the batch from
-the reports' facts (``report_facts``), so that two reports of the same finding are not pushed apart; auxiliary heads (dropped on export) predict the reports' facts
-from image vectors. A held-out split by patient gives retrieval metrics per epoch. The result is an
-open_clip folder (``local-dir:`` loadable).
+the reports' facts (``report_facts``), so that two reports of the same finding are not pushed apart;
+auxiliary heads (dropped on export) predict the reports' facts from image vectors. A held-out split by
+patient gives retrieval metrics per epoch. The result is an open_clip folder (``local-dir:`` loadable).
 """
 
 from __future__ import annotations

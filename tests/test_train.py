@@ -19,6 +19,7 @@ from echosearch.report_facts import (
     relevance,
     report_facts,
     sentence_fact,
+    split_sentences,
     statements,
     visible_in_view,
     visible_report,
@@ -248,5 +249,5 @@ def test_training_texts_hold_only_what_the_clip_view_shows(train_index: Path, tm
     cfg = train_mod.TrainConfig(epochs=1, batch_size=4, workers=0, clip_epochs=0, view_visibility=visibility)
     train_mod.train(train_index, tmp_path / "m", cfg)
     assert seen
-    invisible = [(t, v) for t, v in seen if any(not visible_in_view(s, v) for s in t.split(". "))]
+    invisible = [(t, v) for t, v in seen if any(not visible_in_view(s, v) for s in split_sentences(t))]
     assert (not invisible) if visibility else bool(invisible)
