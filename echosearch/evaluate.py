@@ -266,7 +266,10 @@ def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int) -> dict[str, Any
     ids, vecs = catalog.embeddings("video", vt["video_key"].to_list())
     t = vt.filter(pl.col("video_key").is_in(ids.tolist())).sort("video_key")
     out: dict[str, Any] = {}
-    views = t["view"].to_list() if "view" in t.columns else None
+    # views coded once: the visibility rule is asked per distinct view, not per video
+    view_names, view_code = (np.unique(t["view"].fill_null("").to_numpy().astype(str), return_inverse=True)
+                             if "view" in t.columns else (None, None))
+    vals, in_view = [], []
     text = encoder.encode_text([f[0] for f in findings.values()])
     for (name, (phrase, rule)), tv in zip(findings.items(), text, strict=True):
         rel = _relevant(t, rule)
@@ -275,14 +278,15 @@ def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int) -> dict[str, Any
         top = np.argsort(-(vecs @ tv), kind="stable")[:k]
         hits = int(rel[top].sum())
         out[name] = {f"recall_at_{k}": _f(hits / min(k, int(rel.sum()))), "n_relevant": int(rel.sum())}
-        if views is not None:  # the truth is per study; a second figure counts only views that can show it
-            seen = rel & np.array([visible_in_view(phrase, v) for v in views])
+        vals.append(out[name][f"recall_at_{k}"])
+        if view_names is not None:  # the truth is per study; a second figure counts only views that can show it
+            shows = np.array([visible_in_view(phrase, v or None) for v in view_names])
+            seen = rel & shows[view_code]
             if seen.any():
                 out[name] |= {f"recall_at_{k}_in_view": _f(int(seen[top].sum()) / min(k, int(seen.sum()))),
                               "n_relevant_in_view": int(seen.sum())}
-    vals = [v[f"recall_at_{k}"] for v in out.values()]
+                in_view.append(out[name][f"recall_at_{k}_in_view"])
     out["mean"] = _f(float(np.mean(vals))) if vals else None
-    in_view = [v[f"recall_at_{k}_in_view"] for v in out.values() if isinstance(v, dict) and f"recall_at_{k}_in_view" in v]
     if in_view and len(in_view) == len(vals):
         out["mean_in_view"] = _f(float(np.mean(in_view)))
     return out

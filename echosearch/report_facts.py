@@ -69,7 +69,8 @@ def visible_in_view(sentence: str, view: str | None) -> bool:
     the sentence names no view-limited structure; with several structures, any one in view suffices)."""
     if view not in VIEW_PHRASES:
         return True
-    named = [views for key, views in STRUCTURE_VIEWS.items() if key in sentence.upper()]
+    upper = sentence.upper()
+    named = [views for key, views in STRUCTURE_VIEWS.items() if key in upper]
     return not named or any(view in views for views in named)
 
 

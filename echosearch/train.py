@@ -276,7 +276,6 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             txts += [prompts.sample(rng) for _ in range(cfg.extra_texts)]
             frame_f = model.encode_image(to_tensor(imgs).contiguous(memory_format=torch.channels_last), normalize=True)
             img_f = pool_clips(frame_f, k)  # the video vector, as the index pools it
-            frame_f = frame_f.view(len(batch), k, -1)
             txt_f = encode_text_bucketed(model, tokenizer(txts))
             scale = model.logit_scale.exp()
             logits = scale * img_f @ txt_f.T
@@ -288,8 +287,8 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             target[torch.arange(len(batch)), torch.arange(len(batch))] = 1.0  # each clip's own report
             loss = soft_clip_loss(logits, target)
             if k > 1 and cfg.frame_loss_weight > 0:
-                # column 0 is each clip's random-offset frame: per-frame zero-shot stays trained at every phase
-                loss = loss + cfg.frame_loss_weight * soft_clip_loss(scale * frame_f[:, 0] @ txt_f.T, target)
+                # each clip's first frame is its random-offset one: per-frame zero-shot stays trained at every phase
+                loss = loss + cfg.frame_loss_weight * soft_clip_loss(scale * frame_f[::k] @ txt_f.T, target)
             if cfg.aux_weight > 0:
                 ii = torch.tensor(batch)
                 z = img_f * 8.0  # unit vectors scaled to a useful logit range (pooled clips in clip epochs)

@@ -62,6 +62,9 @@ def test_in_view_recall_counts_only_videos_that_can_show_the_finding(evaluated: 
         assert tv[name]["recall_at_10_in_view"] == tv[name]["recall_at_10"]
         assert tv[name]["n_relevant_in_view"] == tv[name]["n_relevant"]
     assert 0.0 <= tv["mean_in_view"] <= 1.0
+    r = tv["TAVR"]
+    hits, hits_in_view = r["recall_at_10"] * min(10, r["n_relevant"]), r["recall_at_10_in_view"] * min(10, r["n_relevant_in_view"])
+    assert hits_in_view <= hits + 1e-6  # the in-view hits are a subset of the same top 10
 
 
 def test_zero_shot_ef_within_target(evaluated: dict) -> None:

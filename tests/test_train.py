@@ -251,3 +251,6 @@ def test_training_texts_hold_only_what_the_clip_view_shows(train_index: Path, tm
     assert seen
     invisible = [(t, v) for t, v in seen if any(not visible_in_view(s, v) for s in split_sentences(t))]
     assert (not invisible) if visibility else bool(invisible)
+    # every clip got its own study's report, cut to its view (or whole): nothing else was dropped or added
+    expected = {(visible_report(t, v), v) if visibility else (t, v) for t, v in pairs}
+    assert set(seen) <= expected
