@@ -17,7 +17,8 @@ import typer
 from typer.testing import CliRunner
 
 from echosearch.synth import EVENTS, SynthConfig, generate_cohort, plan_cohort, render_video, video_jobs
-from echosearch.synth.render import Sector
+from echosearch.synth.render import Sector, metal_artifacts
+from echosearch.synth.scenes import BLOOD, DEVICE, MYO
 from echosearch.synth.video import echonet_crop
 from echosearch.synth.writers import _packbits_frames, packbits
 
@@ -191,6 +192,35 @@ def test_devices_and_transplant_are_visible() -> None:
         off = render_video(base, job.acq).frames
         on = render_video(dataclasses.replace(base, **{flag: True}), job.acq).frames
         assert (on >= 250).sum() - (off >= 250).sum() > 20 * len(on), (view, flag)
+
+
+@pytest.mark.parametrize("angle_deg", [-25.0, 0.0, 20.0])
+def test_metal_shadows_and_rings_only_deeper_along_its_beam(angle_deg: float) -> None:
+    sector = Sector(100.0, 5.0, 180.0, 40.0, 200, 200)
+    x0, y0, x1, y1 = sector.bbox
+    tissue = np.random.default_rng(3).integers(MYO - 10, MYO + 10, (y1 - y0, x1 - x0)).astype(np.uint8)
+    assert np.array_equal(metal_artifacts(tissue.copy(), sector, 1.0), tissue)  # no metal: untouched
+
+    def xy(r: float, beam_deg: float = angle_deg) -> tuple[int, int]:
+        b = np.radians(beam_deg)
+        return round(sector.apex_x - x0 + r * np.sin(b)), round(sector.apex_y - y0 + r * np.cos(b))
+
+    ref = tissue.copy()
+    cv2.circle(ref, xy(80), 4, DEVICE, -1)  # a metal disc on the beam, 80 px deep
+    cv2.circle(ref, xy(108), 14, BLOOD, -1)  # a blood pool behind it, as the LA behind a MitraClip
+    out = metal_artifacts(ref.copy(), sector, 1.0)
+
+    def at(img: np.ndarray, r: float, beam_deg: float = angle_deg) -> int:
+        x, y = xy(r, beam_deg)
+        return int(img[y, x])
+
+    assert at(out, 80) == DEVICE  # the metal itself stays
+    assert all(at(out, r) == at(ref, r) for r in (20, 50, 70))  # shallower: untouched
+    assert all(at(out, r) < 0.5 * at(ref, r) for r in (135, 160))  # tissue deeper on the beam: shadowed
+    assert at(out, 150, angle_deg + 15) == at(ref, 150, angle_deg + 15)  # another beam: untouched
+    assert at(out, 88) > at(ref, 88) + 30  # a comet tail just behind the metal, in the blood ...
+    assert at(out, 88) > at(out, 94) > at(out, 102)  # ... that fades with depth
+    assert at(out, 102) <= at(ref, 102)  # and ends: past ~12 mm only the shadow is left
 
 
 def test_visits_of_a_patient_are_not_pixel_identical() -> None:

@@ -1,7 +1,8 @@
 """Render one cine loop of one view: sector geometry, acquisition settings and the ultrasound look.
 
 Pipeline per frame (vectorised, ~1 ms at size small): draw the heart at this instant of the cycle
-(:mod:`scenes`), blur to the system's resolution, multiply by the patient's heart-attached texture, the
+(:mod:`scenes`), add the acoustic shadow and reverberation tail behind any metal device along its beams,
+blur to the system's resolution, multiply by the patient's heart-attached texture, the
 visit's gain/attenuation map and an image-attached speckle field, add near-field haze and electronic noise,
 then log-compress through a lookup table. Everything outside the sector is exactly 0.
 """
@@ -19,11 +20,12 @@ import numpy as np
 from echosearch.synth.anatomy import TEX_MM, TEX_U0, TEX_V0, heart_texture
 from echosearch.synth.config import Profile, Size
 from echosearch.synth.history import VisitState
-from echosearch.synth.scenes import CHEST, DRAW, Canvas, Phase, Pose, origin_u
+from echosearch.synth.scenes import CHEST, DEVICE, DRAW, Canvas, Phase, Pose, origin_u
 
 _BASE_DEPTH = {"A4C": 170.0, "A2C": 165.0, "PLAX": 155.0}
 _BASE_ORIENT = {"A4C": 0.0, "A2C": 0.0, "PLAX": -8.0}
 _N_SPECKLE = 4
+_METAL = (DEVICE + 130) // 2  # canvas values at or above this are metal (all tissue is <= 130)
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,47 @@ def _geometry(s: Sector) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return weight, np.hypot(dx, dy), np.arctan2(dx, dy) / math.radians(s.half_angle_deg)
 
 
+@functools.lru_cache(maxsize=32)
+def _beam_maps(s: Sector) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """cv2.remap maps between the bbox raster and a beam raster (rows: beam angle, columns: depth, 1 px)."""
+    x0, y0, x1, y1 = s.bbox
+    half = math.radians(s.half_angle_deg) + 0.02
+    n_r, n_a = int(math.ceil(s.radius)) + 2, int(math.ceil(2 * half * s.radius)) + 2
+    ang = np.linspace(-half, half, n_a, dtype=np.float32)[:, None]
+    r = np.arange(n_r, dtype=np.float32)[None, :]
+    to_beam = ((s.apex_x - x0 + r * np.sin(ang)).astype(np.float32), (s.apex_y - y0 + r * np.cos(ang)).astype(np.float32))
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dx, dy = xx - s.apex_x, yy - s.apex_y
+    from_beam = (np.hypot(dx, dy), (np.arctan2(dx, dy) + half) * ((n_a - 1) / (2 * half)))
+    return to_beam[0], to_beam[1], from_beam[0].astype(np.float32), from_beam[1].astype(np.float32)
+
+
+def metal_artifacts(canvas: np.ndarray, sector: Sector, mm_per_px: float) -> np.ndarray:
+    """Acoustic shadow and reverberation distal to metal, along each beam from the probe (in place).
+
+    Metal reflects nearly all the sound that reaches it: tissue behind it along the same beam is dimmed
+    (shadow), and echoes ringing between the metal's surfaces come back late, drawn as a comet tail of
+    decaying bright bands behind it. Canvases without metal are returned unchanged.
+    """
+    if int(canvas.max()) < _METAL:
+        return canvas
+    bx, by, rx, ry = _beam_maps(sector)
+    pol = cv2.remap(canvas, bx, by, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT).astype(np.float32)
+    metal = np.clip((pol - _METAL) / (DEVICE - _METAL), 0.0, 1.0)
+    depth = np.cumsum(metal, axis=1) * mm_per_px  # metal crossed so far along each beam, mm
+    behind = np.concatenate([np.zeros_like(depth[:, :1]), depth[:, :-1]], axis=1)
+    shadow = np.maximum(np.exp(-behind / 3.0), 0.25)
+    d = np.arange(1, int(math.ceil(12.0 / mm_per_px)) + 1, dtype=np.float32) * mm_per_px  # 12 mm tail
+    ring = np.exp(-d / 6.0) * (0.6 + 0.4 * np.cos(2.0 * math.pi * d / max(2.5, 3.0 * mm_per_px)))
+    kern = np.concatenate([np.zeros(len(d) + 1, np.float32), ring])[::-1]  # causal: only deeper pixels
+    tail = cv2.filter2D(metal, -1, kern.reshape(1, -1), borderType=cv2.BORDER_CONSTANT)
+    tail = np.minimum(tail * (mm_per_px / 1.5), 1.0) * (metal < 0.5)
+    delta = (np.where(metal > 0, 0.0, pol * (shadow - 1.0)) + 120.0 * tail).astype(np.float32)
+    back = cv2.remap(delta, rx, ry, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    np.copyto(canvas, np.clip(canvas + back, 0, 255).round().astype(np.uint8))
+    return canvas
+
+
 def heart_pose(acq: Acquisition, u0: float = 0.0) -> Pose:
     """Heart-millimetre to frame-pixel map of this acquisition (``u0``: see :func:`scenes.origin_u`)."""
     s = acq.sector
@@ -239,6 +282,7 @@ def render_video(visit: VisitState, acq: Acquisition, with_masks: bool = True) -
         canvas.fill(CHEST)
         lvm.fill(0)
         draw(Canvas(canvas, lvm if with_masks else None, pose), visit, ph)
+        metal_artifacts(canvas, s, acq.mm_per_px)
         v = cv2.multiply(cv2.GaussianBlur(canvas, (0, 0), sigma), mult[picks[f, 0]], dtype=cv2.CV_32F)
         cv2.add(v, add[picks[f, 1]], dst=v)
         np.clip(v, 0.0, 4095.0, out=v)

@@ -3,7 +3,7 @@
 Shapes are drawn with OpenCV primitives (sub-pixel, anti-aliased) onto a uint8 *reflectivity* canvas
 (100 = 1.0) in heart millimetres mapped to image pixels by :class:`Pose`; the LV cavity is drawn into a
 separate mask at the same time. Devices are drawn far brighter than tissue (they saturate, as metal
-does), so a small model at 112 px can see them.
+does); the renderer adds what metal does to the beams behind it (shadow, comet-tail reverberation).
 """
 
 from __future__ import annotations
