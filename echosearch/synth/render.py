@@ -1,6 +1,6 @@
 """Render one cine loop of one view: sector geometry, acquisition settings and the ultrasound look.
 
-Pipeline per frame (vectorised, ~1 ms at size small): draw the heart at this instant of the cycle
+Pipeline per frame (vectorised, ~0.8 ms at size small, ~2 ms with metal in view): draw the heart at this instant of the cycle
 (:mod:`scenes`), add the acoustic shadow and reverberation tail behind any metal device along its beams,
 blur to the system's resolution, multiply by the patient's heart-attached texture, the
 visit's gain/attenuation map and an image-attached speckle field, add near-field haze and electronic noise,
@@ -217,7 +217,7 @@ def metal_artifacts(canvas: np.ndarray, sector: Sector, mm_per_px: float) -> np.
     metal = np.clip((pol - _METAL) / (DEVICE - _METAL), 0.0, 1.0)
     depth = np.cumsum(metal, axis=1) * mm_per_px  # metal crossed so far along each beam, mm
     behind = np.concatenate([np.zeros_like(depth[:, :1]), depth[:, :-1]], axis=1)
-    shadow = np.maximum(np.exp(-behind / 3.0), 0.25)
+    shadow = np.maximum(np.exp(-behind / 6.0), 0.35)
     d = np.arange(1, int(math.ceil(12.0 / mm_per_px)) + 1, dtype=np.float32) * mm_per_px  # 12 mm tail
     ring = np.exp(-d / 6.0) * (0.6 + 0.4 * np.cos(2.0 * math.pi * d / max(2.5, 3.0 * mm_per_px)))
     kern = np.concatenate([np.zeros(len(d) + 1, np.float32), ring])[::-1]  # causal: only deeper pixels
