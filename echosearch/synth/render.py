@@ -1,10 +1,10 @@
 """Render one cine loop of one view: sector geometry, acquisition settings and the ultrasound look.
 
-Pipeline per frame (vectorised, ~0.8 ms at size small, ~2 ms with metal in view): draw the heart at this instant of the cycle
-(:mod:`scenes`), add the acoustic shadow and reverberation tail behind any metal device along its beams,
-blur to the system's resolution, multiply by the patient's heart-attached texture, the
-visit's gain/attenuation map and an image-attached speckle field, add near-field haze and electronic noise,
-then log-compress through a lookup table. Everything outside the sector is exactly 0.
+Pipeline per frame (vectorised, ~0.8 ms at size small, ~2 ms with metal in view): draw the heart at this
+instant of the cycle (:mod:`scenes`), add the acoustic shadow and reverberation tail behind any metal
+device along its beams, blur to the system's resolution, multiply by the patient's heart-attached texture,
+the visit's gain/attenuation map and an image-attached speckle field, add near-field haze and electronic
+noise, then log-compress through a lookup table. Everything outside the sector is exactly 0.
 """
 
 from __future__ import annotations
