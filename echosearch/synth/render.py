@@ -25,7 +25,7 @@ from echosearch.synth.scenes import CHEST, DEVICE, DRAW, Canvas, Phase, Pose, or
 _BASE_DEPTH = {"A4C": 170.0, "A2C": 165.0, "PLAX": 155.0}
 _BASE_ORIENT = {"A4C": 0.0, "A2C": 0.0, "PLAX": -8.0}
 _N_SPECKLE = 4
-_METAL = (DEVICE + 130) // 2  # canvas values at or above this are metal (all tissue is <= 130)
+_METAL = (DEVICE + 130) // 2  # canvas values above this are metal (all tissue is <= 130)
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,10 @@ def _beam_maps(s: Sector) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     dx, dy = xx - s.apex_x, yy - s.apex_y
     from_beam = (np.hypot(dx, dy), (np.arctan2(dx, dy) + half) * ((n_a - 1) / (2 * half)))
-    return to_beam[0], to_beam[1], from_beam[0].astype(np.float32), from_beam[1].astype(np.float32)
+    maps = (to_beam[0], to_beam[1], from_beam[0].astype(np.float32), from_beam[1].astype(np.float32))
+    for m in maps:
+        m.flags.writeable = False  # shared by every caller through the cache
+    return maps
 
 
 def metal_artifacts(canvas: np.ndarray, sector: Sector, mm_per_px: float) -> np.ndarray:
