@@ -4,7 +4,8 @@ No real longitudinal echo archive ships with the project, so this package writes
 persistent, slowly drifting anatomy, several visits over years, EF changes, device implants and
 transplants, rendered as ultrasound cine loops (fan sector, speckle, shadow and reverberation behind
 metal, burned-in text, scale and ECG) and exported as DICOM (several vendors' transfer syntaxes and
-photometrics) and/or EchoNet-style AVI, with report text and a ground-truth table. The generator knows nothing of any model.
+photometrics) and/or EchoNet-style AVI, with report text and a ground-truth table. The generator knows
+nothing of any model.
 """
 
 from echosearch.synth.cohort import generate, generate_cohort, plan_cohort, video_jobs

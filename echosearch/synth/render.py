@@ -20,12 +20,12 @@ import numpy as np
 from echosearch.synth.anatomy import TEX_MM, TEX_U0, TEX_V0, heart_texture
 from echosearch.synth.config import Profile, Size
 from echosearch.synth.history import VisitState
-from echosearch.synth.scenes import CHEST, DEVICE, DRAW, Canvas, Phase, Pose, origin_u
+from echosearch.synth.scenes import CALC, CHEST, DEVICE, DRAW, Canvas, Phase, Pose, origin_u
 
 _BASE_DEPTH = {"A4C": 170.0, "A2C": 165.0, "PLAX": 155.0}
 _BASE_ORIENT = {"A4C": 0.0, "A2C": 0.0, "PLAX": -8.0}
 _N_SPECKLE = 4
-_METAL = (DEVICE + 130) // 2  # canvas values above this are metal (all tissue is <= 130)
+_METAL = (DEVICE + CALC) // 2  # canvas values above this are metal (calcium is the brightest tissue)
 
 
 @dataclass(frozen=True)
@@ -179,28 +179,35 @@ def _mask(s: Sector) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
+def _polar(s: Sector) -> tuple[np.ndarray, np.ndarray]:
+    """Distance to the apex (pixels) and beam angle (radians, 0 = straight down) of every bbox pixel."""
+    x0, y0, x1, y1 = s.bbox
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dx, dy = xx - s.apex_x, yy - s.apex_y
+    r, ang = np.hypot(dx, dy), np.arctan2(dx, dy)
+    r.flags.writeable = ang.flags.writeable = False  # shared by every caller through the cache
+    return r, ang
+
+
+@functools.lru_cache(maxsize=32)
 def _geometry(s: Sector) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Soft weight, distance to the apex (pixels) and beam angle / half-angle, cropped to the bbox."""
     x0, y0, x1, y1 = s.bbox
-    weight = s.weight()[y0:y1, x0:x1]
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    dx, dy = xx - s.apex_x, yy - s.apex_y
-    return weight, np.hypot(dx, dy), np.arctan2(dx, dy) / math.radians(s.half_angle_deg)
+    r, ang = _polar(s)
+    return s.weight()[y0:y1, x0:x1], r, ang / math.radians(s.half_angle_deg)
 
 
 @functools.lru_cache(maxsize=32)
 def _beam_maps(s: Sector) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """cv2.remap maps between the bbox raster and a beam raster (rows: beam angle, columns: depth, 1 px)."""
-    x0, y0, x1, y1 = s.bbox
+    x0, y0, _, _ = s.bbox
     half = math.radians(s.half_angle_deg) + 0.02
     n_r, n_a = int(math.ceil(s.radius)) + 2, int(math.ceil(2 * half * s.radius)) + 2
     ang = np.linspace(-half, half, n_a, dtype=np.float32)[:, None]
     r = np.arange(n_r, dtype=np.float32)[None, :]
-    to_beam = ((s.apex_x - x0 + r * np.sin(ang)).astype(np.float32), (s.apex_y - y0 + r * np.cos(ang)).astype(np.float32))
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    dx, dy = xx - s.apex_x, yy - s.apex_y
-    from_beam = (np.hypot(dx, dy), (np.arctan2(dx, dy) + half) * ((n_a - 1) / (2 * half)))
-    maps = (to_beam[0], to_beam[1], from_beam[0].astype(np.float32), from_beam[1].astype(np.float32))
+    r_px, beam = _polar(s)
+    maps = ((s.apex_x - x0 + r * np.sin(ang)).astype(np.float32), (s.apex_y - y0 + r * np.cos(ang)).astype(np.float32),
+            r_px, ((beam + half) * ((n_a - 1) / (2 * half))).astype(np.float32))
     for m in maps:
         m.flags.writeable = False  # shared by every caller through the cache
     return maps
