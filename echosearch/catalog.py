@@ -8,7 +8,7 @@ is the model's embedding dimension. ``docs/catalog.md`` documents every table (a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
@@ -214,6 +214,15 @@ class VideoRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# the videos columns a VideoRecord fills as they are (keys and scan time are added by record_videos)
+_VIDEO_COLUMNS: dict[str, Any] = {
+    "sha256": pl.String, "path": pl.String, "size_bytes": pl.Int64, "kind": pl.String, "series_uid": pl.String,
+    "sop_uid": pl.String, "view": pl.String, "n_frames": pl.Int32, "height": pl.Int32, "width": pl.Int32,
+    "fps": pl.Float64, "manufacturer": pl.String, "manufacturer_model": pl.String, "photometric": pl.String,
+    "transfer_syntax": pl.String, "sector_bbox": pl.List(pl.Int32), "sector_source": pl.String,
+}
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -401,54 +410,76 @@ class Catalog:
         rows = self.con.sql("SELECT sha256 FROM videos").fetchall()
         return {r[0] for r in rows}
 
-    def _patient_key(self, rec: VideoRecord) -> int:
-        row = self.one(
-            "SELECT patient_key FROM patients WHERE patient_pseudonym = ?", [rec.patient_pseudonym]
-        )
-        if row:
-            return int(row[0])
-        row = self.one(
-            "INSERT INTO patients (patient_pseudonym, patient_id_raw, patient_name, birth_date) "
-            "VALUES (?, ?, ?, ?) RETURNING patient_key",
-            [rec.patient_pseudonym, rec.patient_id_raw, rec.patient_name, rec.birth_date],
-        )
-        assert row is not None
-        return int(row[0])
+    def _reserve_keys(self, sequence: str, n: int) -> list[int]:
+        """``n`` fresh values of ``sequence``, ascending (explicit keys for a bulk insert)."""
+        rows = self.con.execute(f"SELECT nextval('{sequence}') FROM range(?)", [n]).fetchall()
+        return sorted(int(r[0]) for r in rows)
 
-    def _study_key(self, study_uid: str, patient_key: int, accession: str | None, study_date: date | None) -> int:
-        row = self.one("SELECT study_key FROM studies WHERE study_uid = ?", [study_uid])
-        if row:
-            return int(row[0])
-        row = self.one(
-            "INSERT INTO studies (study_uid, patient_key, accession_pseudonym, study_date) VALUES (?, ?, ?, ?) "
-            "RETURNING study_key",
-            [study_uid, patient_key, accession, study_date],
-        )
-        assert row is not None
-        return int(row[0])
+    def _existing(self, table: str, column: str, key: str, values: list[str]) -> dict[str, int]:
+        rows = self.con.execute(f"SELECT {column}, {key} FROM {table} WHERE {column} IN (SELECT unnest(?::VARCHAR[]))",
+                                [values]).fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def record_videos(self, recs: Sequence[VideoRecord]) -> dict[str, int]:
+        """Upsert videos with their patients and studies in one transaction; returns sha256 -> video key
+        (= FAISS id) for every record. A known file keeps its key; a new patient or study takes the
+        values of its first record; new keys follow the order of ``recs`` (a re-run numbers alike).
+        A constant number of statements per call: per-video statements cost ~1 ms each, which is as much
+        as a GPU spends encoding the video."""
+        if not recs:
+            return {}
+        with self.transaction():
+            keys = self._existing("videos", "sha256", "video_key", sorted({r.sha256 for r in recs}))
+            new: dict[str, VideoRecord] = {}
+            for r in recs:
+                if r.sha256 not in keys:
+                    new.setdefault(r.sha256, r)
+            if not new:
+                return keys
+            first_of_patient: dict[str, VideoRecord] = {}
+            first_of_study: dict[str, VideoRecord] = {}
+            for r in new.values():
+                first_of_patient.setdefault(r.patient_pseudonym, r)
+                first_of_study.setdefault(r.study_uid, r)
+            patients = self._existing("patients", "patient_pseudonym", "patient_key", list(first_of_patient))
+            fresh = [r for p, r in first_of_patient.items() if p not in patients]
+            if fresh:
+                patients.update(zip((r.patient_pseudonym for r in fresh),
+                                    self._reserve_keys("patient_key_seq", len(fresh)), strict=True))
+                self.insert_frame("patients", pl.DataFrame(
+                    {"patient_key": [patients[r.patient_pseudonym] for r in fresh],
+                     "patient_pseudonym": [r.patient_pseudonym for r in fresh],
+                     "patient_id_raw": [r.patient_id_raw for r in fresh],
+                     "patient_name": [r.patient_name for r in fresh],
+                     "birth_date": [r.birth_date for r in fresh]},
+                    schema={"patient_key": pl.Int64, "patient_pseudonym": pl.String, "patient_id_raw": pl.String,
+                            "patient_name": pl.String, "birth_date": pl.Date}))
+            studies = self._existing("studies", "study_uid", "study_key", list(first_of_study))
+            fresh = [r for u, r in first_of_study.items() if u not in studies]
+            if fresh:
+                studies.update(zip((r.study_uid for r in fresh), self._reserve_keys("study_key_seq", len(fresh)),
+                                   strict=True))
+                self.insert_frame("studies", pl.DataFrame(
+                    {"study_key": [studies[r.study_uid] for r in fresh], "study_uid": [r.study_uid for r in fresh],
+                     "patient_key": [patients[r.patient_pseudonym] for r in fresh],
+                     "accession_pseudonym": [r.accession_pseudonym for r in fresh],
+                     "study_date": [r.study_date for r in fresh]},
+                    schema={"study_key": pl.Int64, "study_uid": pl.String, "patient_key": pl.Int64,
+                            "accession_pseudonym": pl.String, "study_date": pl.Date}))
+            vids = list(new.values())
+            keys.update(zip(new, self._reserve_keys("video_key_seq", len(vids)), strict=True))
+            now = _now()
+            self.insert_frame("videos", pl.DataFrame(
+                {"video_key": [keys[r.sha256] for r in vids], "study_key": [studies[r.study_uid] for r in vids],
+                 "scanned_at": [now] * len(vids)}
+                | {c: [getattr(r, c) for r in vids] for c in _VIDEO_COLUMNS},
+                schema={"video_key": pl.Int64, "study_key": pl.Int64, "scanned_at": pl.Datetime("us")}
+                | _VIDEO_COLUMNS))
+        return keys
 
     def record_video(self, rec: VideoRecord) -> int:
-        """Upsert patient, study and video in one transaction; returns the video key (= FAISS id)."""
-        with self.transaction():
-            existing = self.one("SELECT video_key FROM videos WHERE sha256 = ?", [rec.sha256])
-            if existing:
-                return int(existing[0])
-            patient_key = self._patient_key(rec)
-            study_key = self._study_key(rec.study_uid, patient_key, rec.accession_pseudonym, rec.study_date)
-            row = self.one(
-                """INSERT INTO videos (sha256, path, size_bytes, kind, study_key, series_uid, sop_uid, view,
-                   n_frames, height, width, fps, manufacturer, manufacturer_model, photometric,
-                   transfer_syntax, sector_bbox, sector_source, scanned_at)
-                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING video_key""",
-                [
-                    rec.sha256, rec.path, rec.size_bytes, rec.kind, study_key, rec.series_uid, rec.sop_uid,
-                    rec.view, rec.n_frames, rec.height, rec.width, rec.fps, rec.manufacturer,
-                    rec.manufacturer_model, rec.photometric, rec.transfer_syntax, rec.sector_bbox,
-                    rec.sector_source, _now(),
-                ],
-            )
-            assert row is not None
-            return int(row[0])
+        """Upsert one video (see :meth:`record_videos`); returns its key (= FAISS id)."""
+        return self.record_videos([rec])[rec.sha256]
 
     def record_error(self, path: str, sha256: str | None, stage: str, reason: str) -> None:
         """One row per failed input; never raises for a duplicate (a re-run records it again with a new time)."""
@@ -462,9 +493,11 @@ class Catalog:
                 [path, sha256, stage, reason, _now()],
             )
 
-    def clear_error(self, path: str) -> None:
-        """Forget earlier failures of ``path`` once it has been ingested successfully."""
-        self.con.execute("DELETE FROM ingest_errors WHERE path = ? AND stage <> 'report-object'", [path])
+    def clear_errors(self, paths: Sequence[str]) -> None:
+        """Forget earlier failures of ``paths`` once they have been ingested successfully (one statement)."""
+        if paths:
+            self.con.execute("DELETE FROM ingest_errors WHERE path IN (SELECT unnest(?::VARCHAR[])) "
+                             "AND stage <> 'report-object'", [list(paths)])
 
     def study_key(self, study_uid: str) -> int | None:
         row = self.one("SELECT study_key FROM studies WHERE study_uid = ?", [study_uid])

@@ -330,11 +330,15 @@ def scan(
     labels: Path | None = None,
     progress: bool = True,
     on_video: Callable[[int, PreparedVideo], None] | None = None,
+    record_batch: int = 8,
 ) -> ScanSummary:
     """Ingest ``sources`` into ``catalog``; a bad file becomes an ``ingest_errors`` row, never an exception.
 
     ``on_video(video_key, prepared)`` is called after each new video is committed (the encode pipeline
-    can hook in here to embed the already-prepared frames instead of decoding them again).
+    can hook in here to embed the already-prepared frames instead of decoding them again). Videos are
+    committed ``record_batch`` at a time (a few statements per batch instead of several per video); keep
+    it within the decode prefetch so that the model never waits on it. An interrupted scan loses at
+    most the uncommitted batch, which the next run finds again.
     """
     from echosearch.discover import count_candidates
     from echosearch.pseudonym import Pseudonymizer
@@ -348,6 +352,20 @@ def scan(
     catalog.new_run("scan", {"sources": [str(s) for s in sources], "policy": policy_manifest(policy)})
     known = _CountingKnown(catalog.known_hashes())
     summary = ScanSummary()
+    pending: list[tuple[VideoRecord, PreparedVideo]] = []
+
+    def commit() -> None:
+        if not pending:
+            return
+        with catalog.transaction():
+            keys = catalog.record_videos([rec for rec, _ in pending])
+            catalog.clear_errors([rec.path for rec, _ in pending])
+        summary.videos_added += len(pending)
+        for rec, item in pending:
+            if on_video is not None:
+                on_video(keys[rec.sha256], item)
+        pending.clear()
+
     with _progress(progress, count_candidates(sources) if progress else None) as advance:
         for item in iter_processed(discover(sources, known), policy, settings.workers):
             summary.discovered += 1
@@ -365,12 +383,10 @@ def scan(
                     side.reports.append(("study_uid", item.report.study_uid, item.report.text, "dicom-sr"))
                 continue
             advance(item.record.path.name)
-            rec = video_record(item, side, pz, settings.store_raw_identifiers)
-            key = catalog.record_video(rec)
-            catalog.clear_error(rec.path)
-            summary.videos_added += 1
-            if on_video is not None:
-                on_video(key, item)
+            pending.append((video_record(item, side, pz, settings.store_raw_identifiers), item))
+            if len(pending) >= record_batch:
+                commit()
+        commit()
     summary.skipped_known = known.hits
     attach_sidecars(catalog, side, pz, summary)
     summary.elapsed_s = round(time.perf_counter() - t0, 3)

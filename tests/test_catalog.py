@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from echosearch.catalog import SCHEMA_VERSION, Catalog, VideoRecord
 from echosearch.cli import main
@@ -89,6 +91,36 @@ def test_record_video_is_idempotent_and_keys_are_explicit(tmp_path: Path) -> Non
         assert list(ids) == sorted([k1, k2])
         assert np.allclose(got[list(ids).index(k2)], vecs[0])
         assert cat.generation() == 1
+
+
+_VIDEO_ROWS = ("SELECT v.video_key, v.sha256, v.path, v.view, v.n_frames, v.fps, v.sector_bbox, s.study_key, s.study_uid, "
+               "s.study_date, p.patient_key, p.patient_pseudonym, p.patient_name FROM videos v JOIN studies s "
+               "USING (study_key) JOIN patients p ON p.patient_key = s.patient_key ORDER BY v.video_key")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 3), st.integers(0, 2)), min_size=1, max_size=24),
+       batch=st.integers(1, 9))
+def test_bulk_recording_equals_one_by_one(tmp_path_factory: pytest.TempPathFactory, files: list[tuple[int, int, int]],
+                                          batch: int) -> None:
+    """Recording in batches (what scan does) gives the same keys and rows as one file at a time, whatever
+    the repeats: a known file keeps its key, a patient and a study take their first record's values."""
+    recs = [VideoRecord(sha256=f"h{f}", path=f"/x/{f}-{i}.dcm", size_bytes=f, kind="dicom",
+                        patient_pseudonym=f"P{s // 2}", study_uid=f"1.2.{s}", study_date=date(2020, 1, 1 + i % 28),
+                        view=("A4C", "PLAX", None)[v], n_frames=f or None, fps=30.0 if v else None,
+                        sector_bbox=[f, 2, 3, 4] if v != 1 else None, patient_name=f"name{i}")
+            for i, (f, s, v) in enumerate(files)]
+    root = tmp_path_factory.mktemp("bulk")
+    with Catalog.open(root / "one", create=True) as one, Catalog.open(root / "bulk", create=True) as bulk:
+        keys_one = {r.sha256: one.record_video(r) for r in recs}
+        keys_bulk: dict[str, int] = {}
+        for i in range(0, len(recs), batch):
+            got = bulk.record_videos(recs[i:i + batch])
+            assert set(got) == {r.sha256 for r in recs[i:i + batch]}
+            assert all(keys_bulk.setdefault(k, v) == v for k, v in got.items())  # a key never changes
+        assert keys_bulk == keys_one
+        assert bulk.con.execute(_VIDEO_ROWS).fetchall() == one.con.execute(_VIDEO_ROWS).fetchall()
+        assert bulk.counts() == one.counts()
 
 
 def test_failed_transaction_changes_nothing(tmp_path: Path) -> None:

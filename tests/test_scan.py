@@ -277,8 +277,9 @@ def test_scan_synthetic_cohort_identity_and_sidecars(tmp_path: Path, settings: S
         assert views == [(0,)]
 
 
+@pytest.mark.parametrize("record_batch", [1, 8])
 def test_interrupted_scan_keeps_committed_files_and_resumes(
-    tmp_path: Path, real_dir: Path, settings: Settings
+    tmp_path: Path, real_dir: Path, settings: Settings, record_batch: int
 ) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -290,8 +291,11 @@ def test_interrupted_scan_keeps_committed_files_and_resumes(
             raise KeyboardInterrupt  # stands in for Ctrl-C / kill between two files
 
     with Catalog.open(tmp_path / "idx", create=True) as cat, pytest.raises(KeyboardInterrupt):
-        scan([src], cat, settings, progress=False, on_video=crash_after_two)
+        scan([src], cat, settings, progress=False, on_video=crash_after_two, record_batch=record_batch)
+    # one file per commit: the two handed on survived; one commit of all three: every file survived
+    committed = 2 if record_batch == 1 else len(SMALL)
     with Catalog.open(tmp_path / "idx") as cat:
-        assert cat.counts()["videos"] == 2  # both committed files survived
-        summary = scan([src], cat, settings, progress=False)
-        assert summary.skipped_known == 2 and summary.videos_added == 1 and cat.counts()["videos"] == 3
+        assert cat.counts()["videos"] == committed
+        summary = scan([src], cat, settings, progress=False, record_batch=record_batch)
+        assert summary.skipped_known == committed and summary.videos_added == len(SMALL) - committed
+        assert cat.counts()["videos"] == len(SMALL)
