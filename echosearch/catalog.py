@@ -222,6 +222,9 @@ _VIDEO_COLUMNS: dict[str, Any] = {
     "transfer_syntax": pl.String, "sector_bbox": pl.List(pl.Int32), "sector_source": pl.String,
 }
 
+_VIDEO_SCHEMA: dict[str, Any] = {"video_key": pl.Int64, "study_key": pl.Int64, "scanned_at": pl.Datetime("us"),
+                                 **_VIDEO_COLUMNS}
+
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
@@ -473,8 +476,7 @@ class Catalog:
                 {"video_key": [keys[r.sha256] for r in vids], "study_key": [studies[r.study_uid] for r in vids],
                  "scanned_at": [now] * len(vids)}
                 | {c: [getattr(r, c) for r in vids] for c in _VIDEO_COLUMNS},
-                schema={"video_key": pl.Int64, "study_key": pl.Int64, "scanned_at": pl.Datetime("us")}
-                | _VIDEO_COLUMNS))
+                schema=_VIDEO_SCHEMA))
         return keys
 
     def record_video(self, rec: VideoRecord) -> int:
