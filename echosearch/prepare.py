@@ -160,7 +160,9 @@ def _border_overlays(hull: np.ndarray, static: np.ndarray) -> np.ndarray:
         return static
     blobs = cv2.dilate(static.astype(np.uint8), np.ones((5, 5), np.uint8))
     _, labels = cv2.connectedComponents(blobs, connectivity=8)
-    reach = np.unique(labels[(blobs > 0) & ~hull])
+    # a blob continues beyond the edge, not merely comes within the dilation's reach of it: a stent valve
+    # or clip in the fan's far corner, whose shadow (static, dark) pulls the edge onto it, stays
+    reach = np.unique(labels[static & ~hull])
     return np.isin(labels, reach[reach > 0])
 
 

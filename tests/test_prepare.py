@@ -91,10 +91,16 @@ def test_estimated_sector_is_the_fan_without_text_or_ecg() -> None:
 
 
 def test_static_bright_structure_inside_fan_is_kept_but_border_label_is_not() -> None:
-    """Metal (a lead, a stent valve) is as constant as text; only labels at the fan's edge are overlays."""
+    """Metal (a lead, a stent valve) is as constant as text; only labels that cross the fan's edge are
+    overlays, not metal that reaches it from inside."""
     frames, fan = fan_clip()
     device = np.zeros(fan.shape, np.uint8)
     cv2.line(device, (150, 110), (175, 140), 1, 4)  # deep inside the fan
+    # a stent in the fan's lateral corner: a band from the edge 4 px inwards, wholly inside the fan
+    f8 = fan.astype(np.uint8)
+    band = f8.astype(bool) & ~cv2.erode(f8, np.ones((9, 9), np.uint8)).astype(bool)
+    yy, xx = np.mgrid[:fan.shape[0], :fan.shape[1]]
+    device[band & (yy > 100) & (yy < 150) & (xx < 160)] = 1  # (the label is on the right edge)
     label = np.zeros(fan.shape, np.uint8)
     cv2.putText(label, "R", (236, 125), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1, 2)  # orientation marker on the edge
     assert (label.astype(bool) & fan).any()
