@@ -8,7 +8,7 @@ is the model's embedding dimension. ``docs/catalog.md`` documents every table (a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
@@ -224,6 +224,10 @@ _VIDEO_COLUMNS: dict[str, Any] = {
 
 _VIDEO_SCHEMA: dict[str, Any] = {"video_key": pl.Int64, "study_key": pl.Int64, "scanned_at": pl.Datetime("us"),
                                  **_VIDEO_COLUMNS}
+_STUDY_SCHEMA: dict[str, Any] = {"study_key": pl.Int64, "study_uid": pl.String, "patient_key": pl.Int64,
+                                 "accession_pseudonym": pl.String, "study_date": pl.Date}
+_PATIENT_SCHEMA: dict[str, Any] = {"patient_key": pl.Int64, "patient_pseudonym": pl.String,
+                                   "patient_id_raw": pl.String, "patient_name": pl.String, "birth_date": pl.Date}
 
 
 def _now() -> datetime:
@@ -413,15 +417,22 @@ class Catalog:
         rows = self.con.sql("SELECT sha256 FROM videos").fetchall()
         return {r[0] for r in rows}
 
-    def _reserve_keys(self, sequence: str, n: int) -> list[int]:
-        """``n`` fresh values of ``sequence``, ascending (explicit keys for a bulk insert)."""
-        rows = self.con.execute(f"SELECT nextval('{sequence}') FROM range(?)", [n]).fetchall()
-        return sorted(int(r[0]) for r in rows)
-
     def _existing(self, table: str, column: str, key: str, values: list[str]) -> dict[str, int]:
         rows = self.con.execute(f"SELECT {column}, {key} FROM {table} WHERE {column} IN (SELECT unnest(?::VARCHAR[]))",
                                 [values]).fetchall()
         return {str(r[0]): int(r[1]) for r in rows}
+
+    def _add_rows(self, table: str, key: str, fresh: dict[str, VideoRecord],
+                  row: Callable[[VideoRecord], dict[str, Any]], schema: dict[str, Any]) -> dict[str, int]:
+        """Insert one row per ``fresh`` record under new keys of ``{key}_seq``, ascending in ``fresh``'s order;
+        returns natural value -> key."""
+        if not fresh:
+            return {}
+        got = self.con.execute(f"SELECT nextval('{key}_seq') FROM range(?)", [len(fresh)]).fetchall()
+        keys = dict(zip(fresh, sorted(int(r[0]) for r in got), strict=True))
+        rows = [{key: keys[k]} | row(r) for k, r in fresh.items()]
+        self.insert_frame(table, pl.DataFrame(rows, schema=schema))
+        return keys
 
     def record_videos(self, recs: Sequence[VideoRecord]) -> dict[str, int]:
         """Upsert videos with their patients and studies in one transaction; returns sha256 -> video key
@@ -432,7 +443,7 @@ class Catalog:
         if not recs:
             return {}
         with self.transaction():
-            keys = self._existing("videos", "sha256", "video_key", sorted({r.sha256 for r in recs}))
+            keys = self._existing("videos", "sha256", "video_key", list({r.sha256 for r in recs}))
             new: dict[str, VideoRecord] = {}
             for r in recs:
                 if r.sha256 not in keys:
@@ -445,38 +456,20 @@ class Catalog:
                 first_of_patient.setdefault(r.patient_pseudonym, r)
                 first_of_study.setdefault(r.study_uid, r)
             patients = self._existing("patients", "patient_pseudonym", "patient_key", list(first_of_patient))
-            fresh = [r for p, r in first_of_patient.items() if p not in patients]
-            if fresh:
-                patients.update(zip((r.patient_pseudonym for r in fresh),
-                                    self._reserve_keys("patient_key_seq", len(fresh)), strict=True))
-                self.insert_frame("patients", pl.DataFrame(
-                    {"patient_key": [patients[r.patient_pseudonym] for r in fresh],
-                     "patient_pseudonym": [r.patient_pseudonym for r in fresh],
-                     "patient_id_raw": [r.patient_id_raw for r in fresh],
-                     "patient_name": [r.patient_name for r in fresh],
-                     "birth_date": [r.birth_date for r in fresh]},
-                    schema={"patient_key": pl.Int64, "patient_pseudonym": pl.String, "patient_id_raw": pl.String,
-                            "patient_name": pl.String, "birth_date": pl.Date}))
+            patients |= self._add_rows(
+                "patients", "patient_key", {p: r for p, r in first_of_patient.items() if p not in patients},
+                lambda r: {"patient_pseudonym": r.patient_pseudonym, "patient_id_raw": r.patient_id_raw,
+                           "patient_name": r.patient_name, "birth_date": r.birth_date}, _PATIENT_SCHEMA)
             studies = self._existing("studies", "study_uid", "study_key", list(first_of_study))
-            fresh = [r for u, r in first_of_study.items() if u not in studies]
-            if fresh:
-                studies.update(zip((r.study_uid for r in fresh), self._reserve_keys("study_key_seq", len(fresh)),
-                                   strict=True))
-                self.insert_frame("studies", pl.DataFrame(
-                    {"study_key": [studies[r.study_uid] for r in fresh], "study_uid": [r.study_uid for r in fresh],
-                     "patient_key": [patients[r.patient_pseudonym] for r in fresh],
-                     "accession_pseudonym": [r.accession_pseudonym for r in fresh],
-                     "study_date": [r.study_date for r in fresh]},
-                    schema={"study_key": pl.Int64, "study_uid": pl.String, "patient_key": pl.Int64,
-                            "accession_pseudonym": pl.String, "study_date": pl.Date}))
-            vids = list(new.values())
-            keys.update(zip(new, self._reserve_keys("video_key_seq", len(vids)), strict=True))
+            studies |= self._add_rows(
+                "studies", "study_key", {u: r for u, r in first_of_study.items() if u not in studies},
+                lambda r: {"study_uid": r.study_uid, "patient_key": patients[r.patient_pseudonym],
+                           "accession_pseudonym": r.accession_pseudonym, "study_date": r.study_date}, _STUDY_SCHEMA)
             now = _now()
-            self.insert_frame("videos", pl.DataFrame(
-                {"video_key": [keys[r.sha256] for r in vids], "study_key": [studies[r.study_uid] for r in vids],
-                 "scanned_at": [now] * len(vids)}
-                | {c: [getattr(r, c) for r in vids] for c in _VIDEO_COLUMNS},
-                schema=_VIDEO_SCHEMA))
+            keys |= self._add_rows(
+                "videos", "video_key", new,
+                lambda r: {"study_key": studies[r.study_uid], "scanned_at": now} | {c: getattr(r, c) for c in _VIDEO_COLUMNS},
+                _VIDEO_SCHEMA)
         return keys
 
     def record_video(self, rec: VideoRecord) -> int:

@@ -361,8 +361,8 @@ def scan(
             keys = catalog.record_videos([rec for rec, _ in pending])
             catalog.clear_errors([rec.path for rec, _ in pending])
         summary.videos_added += len(pending)
-        for rec, item in pending:
-            if on_video is not None:
+        if on_video is not None:
+            for rec, item in pending:
                 on_video(keys[rec.sha256], item)
         pending.clear()
 

@@ -119,8 +119,22 @@ def test_bulk_recording_equals_one_by_one(tmp_path_factory: pytest.TempPathFacto
             assert set(got) == {r.sha256 for r in recs[i:i + batch]}
             assert all(keys_bulk.setdefault(k, v) == v for k, v in got.items())  # a key never changes
         assert keys_bulk == keys_one
-        assert bulk.con.execute(_VIDEO_ROWS).fetchall() == one.con.execute(_VIDEO_ROWS).fetchall()
+        rows = bulk.con.execute(_VIDEO_ROWS).fetchall()
+        assert rows == one.con.execute(_VIDEO_ROWS).fetchall()
         assert bulk.counts() == one.counts()
+    # and both are what the rules say, computed here independently of the catalog
+    first: dict[str, VideoRecord] = {}
+    for r in recs:
+        first.setdefault(r.sha256, r)
+    study_first = {r.study_uid: r for r in reversed(list(first.values()))}  # first video of each study
+    patient_first = {r.patient_pseudonym: r for r in reversed(list(first.values()))}
+    assert [row[1] for row in rows] == list(first)  # keys ascend in order of first appearance
+    for row in rows:
+        v = first[row[1]]
+        s0 = study_first[v.study_uid]
+        assert (row[2], row[3], row[4], row[5], row[6]) == (v.path, v.view, v.n_frames, v.fps, v.sector_bbox)
+        assert (row[8], row[9], row[11]) == (v.study_uid, s0.study_date, s0.patient_pseudonym)
+        assert row[12] == patient_first[s0.patient_pseudonym].patient_name
 
 
 def test_failed_transaction_changes_nothing(tmp_path: Path) -> None:
