@@ -120,29 +120,37 @@ def read_meta(path: Path, kind: str) -> VideoMeta:
     raise DecodeError(f"unrecognised file format {kind!r}: not a DICOM, AVI or MP4 file")
 
 
-def decode_video(
-    path: Path, kind: str, frame_indices: Sequence[int] | np.ndarray | None = None
-) -> DecodedVideo:
+FramePick = Sequence[int] | np.ndarray | Callable[[VideoMeta], Sequence[int] | np.ndarray] | None
+
+
+def decode_video(path: Path, kind: str, frame_indices: FramePick = None) -> DecodedVideo:
     """Decode the frames at ``frame_indices`` (all when None) to RGB uint8; only those are decoded.
 
-    A repeated index (short clips sampled to a fixed length) is decoded once and copied.
+    ``frame_indices`` may be a function of the header's metadata (e.g. sampling spread over the clip's
+    length): the header is then read once, not once to count frames and again to decode. A repeated index
+    (short clips sampled to a fixed length) is decoded once and copied.
     """
     if kind not in ("dicom", "avi", "mp4"):
         raise DecodeError(f"unrecognised file format {kind!r}: not a DICOM, AVI or MP4 file")
-    inverse: np.ndarray | None = None
-    if frame_indices is not None:
-        req = np.asarray(frame_indices, dtype=np.int64)
-        uniq, inverse = np.unique(req, return_inverse=True)
-        if len(uniq) == len(req) and np.all(uniq == req):
-            inverse = None
-        frame_indices = [int(i) for i in (uniq if inverse is not None else req)]
+    pick = frame_indices if callable(frame_indices) else (lambda _meta: frame_indices)
     if kind == "dicom":
-        out = _decode_dicom(path, frame_indices)
+        out, inverse = _decode_dicom(path, pick)
     else:
-        out = _decode_container(path, kind, frame_indices)  # type: ignore[arg-type]
+        out, inverse = _decode_container(path, kind, pick)  # type: ignore[arg-type]
     if inverse is not None:
         out = DecodedVideo(out.frames[inverse], out.frame_indices[inverse], out.meta)
     return out
+
+
+def _unique_request(req: Sequence[int] | np.ndarray | None) -> tuple[Sequence[int] | None, np.ndarray | None]:
+    """Indices to decode (each once) and how to expand them back to the request (None: as requested)."""
+    if req is None:
+        return None, None
+    arr = np.asarray(req, dtype=np.int64)
+    uniq, inverse = np.unique(arr, return_inverse=True)
+    if len(uniq) == len(arr) and np.all(uniq == arr):
+        return [int(i) for i in arr], None
+    return [int(i) for i in uniq], inverse
 
 
 # ---- DICOM header ---------------------------------------------------------------------------------
@@ -249,9 +257,10 @@ def _transfer_syntax(ds: Dataset) -> UID:
 
 
 # ---- DICOM pixels -------------------------------------------------------------------------------------
-def _decode_dicom(path: Path, frame_indices: Sequence[int] | None) -> DecodedVideo:
+def _decode_dicom(path: Path, pick: Callable[[VideoMeta], Any]) -> tuple[DecodedVideo, np.ndarray | None]:
     header, pixel_pos, size = _read_header(path)
     meta = _dicom_meta(header)
+    frame_indices, inverse = _unique_request(pick(meta))
     idx = _check_indices(frame_indices, meta)
     ts = UID(meta.transfer_syntax or "")
     if pixel_pos + 8 > size:
@@ -296,7 +305,7 @@ def _decode_dicom(path: Path, frame_indices: Sequence[int] | None) -> DecodedVid
                           f"{type(exc).__name__}: {_short(exc)}") from exc
     if n_done != len(idx):
         raise DecodeError(f"pixel data truncated: {n_done} of {len(idx)} requested frames decoded")
-    return DecodedVideo(out, idx, meta)
+    return DecodedVideo(out, idx, meta), inverse
 
 
 def _check_indices(frame_indices: Sequence[int] | None, meta: VideoMeta) -> np.ndarray:
@@ -423,7 +432,8 @@ def _video_meta(container: Any, path: Path, kind: VideoKind) -> VideoMeta:
                      transfer_syntax=f"{kind}:{stream.codec_context.name}")
 
 
-def _decode_container(path: Path, kind: VideoKind, frame_indices: Sequence[int] | None) -> DecodedVideo:
+def _decode_container(path: Path, kind: VideoKind, pick: Callable[[VideoMeta], Any]
+                      ) -> tuple[DecodedVideo, np.ndarray | None]:
     """Sequential decode that converts only the wanted frames and stops after the last one.
 
     Timestamp seeking is inexact in AVI (and costs a keyframe decode anyway for echo-length clips), so
@@ -433,6 +443,7 @@ def _decode_container(path: Path, kind: VideoKind, frame_indices: Sequence[int] 
     with _open_container(path) as container:
         meta = _video_meta(container, path, kind)
         container.seek(0)
+        frame_indices, inverse = _unique_request(pick(meta))
         idx = _check_indices(frame_indices, meta)
         wanted = set(int(i) for i in idx)
         last_wanted = int(idx.max())
@@ -463,7 +474,7 @@ def _decode_container(path: Path, kind: VideoKind, frame_indices: Sequence[int] 
     if frames.shape[1:3] != (meta.height, meta.width):
         raise DecodeError(f"decoded frames are {frames.shape[1]}x{frames.shape[2]}, container says "
                           f"{meta.height}x{meta.width}")
-    return DecodedVideo(frames, idx, meta)
+    return DecodedVideo(frames, idx, meta), inverse
 
 
 # ---- small helpers ----------------------------------------------------------------------------------

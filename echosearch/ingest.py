@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from echosearch.decode import VideoMeta, _date, _s, decode_video, read_dicom_header, read_meta
+from echosearch.decode import VideoMeta, _date, _s, decode_video, read_dicom_header
 from echosearch.discover import DiscoverFailure, FileRecord, Sidecars, discover, load_sidecars, pick
 from echosearch.errors import IngestError, ReportObjectFound
 from echosearch.prepare import FramePolicy, find_sector, policy_manifest, prepare_frames, sample_indices
@@ -112,9 +112,7 @@ def process_file(record: FileRecord, policy: FramePolicy) -> PreparedVideo:
         empty = record.size == 0
         raise IngestError("empty file (0 bytes)" if empty else "unrecognised file format: not DICOM (no DICM "
                           "marker), AVI or MP4", "discover")
-    meta = read_meta(record.path, record.kind)
-    idx = sample_indices(meta.n_frames, policy)
-    decoded = decode_video(record.path, record.kind, idx)
+    decoded = decode_video(record.path, record.kind, lambda meta: sample_indices(meta.n_frames, policy))
     first_of_each = np.sort(np.unique(decoded.frame_indices, return_index=True)[1])
     sector = find_sector(decoded.frames[first_of_each], decoded.meta.regions)  # repeats add nothing
     frames = prepare_frames(decoded.frames, sector, policy)

@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from echosearch.decode import decode_video, read_meta
+from echosearch.decode import decode_video
 from echosearch.discover import inspect_file
 from echosearch.errors import DecodeError
 from echosearch.prepare import FramePolicy, find_sector, prepare_frames, sample_indices
@@ -38,8 +38,7 @@ def render_preview(path: Path, out_png: Path, policy: FramePolicy | None = None)
     kind = inspect_file(Path(path)).kind
     if kind == "unknown":
         raise DecodeError(f"{path}: unrecognised file format (not DICOM, AVI or MP4)")
-    meta = read_meta(Path(path), kind)
-    decoded = decode_video(Path(path), kind, sample_indices(meta.n_frames, policy))
+    decoded = decode_video(Path(path), kind, lambda meta: sample_indices(meta.n_frames, policy))
     sector = find_sector(decoded.frames, decoded.meta.regions)
     model_input = prepare_frames(decoded.frames[:1], sector, policy)[0]
     original = decoded.frames[0]
@@ -65,9 +64,8 @@ def render_preview(path: Path, out_png: Path, policy: FramePolicy | None = None)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out_png), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {out_png}")
-    return PreviewInfo(
-        out_png, meta.n_frames, meta.height, meta.width, sector.bbox_list, sector.source, policy.name
-    )
+    meta = decoded.meta
+    return PreviewInfo(out_png, meta.n_frames, meta.height, meta.width, sector.bbox_list, sector.source, policy.name)
 
 
 def _fit(img: np.ndarray, nearest: bool = False) -> np.ndarray:

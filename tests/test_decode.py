@@ -23,6 +23,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+import echosearch.decode as decode_mod
 from echosearch.decode import decode_video, read_meta
 from echosearch.errors import DecodeError, NotUltrasoundError, ReportObjectFound
 
@@ -113,6 +114,19 @@ def test_sampled_frames_equal_full_decode(name: str) -> None:
     part = decode_video(path, "dicom", idx)
     assert list(part.frame_indices) == idx
     np.testing.assert_array_equal(part.frames, full.frames[idx])
+
+
+def test_frames_picked_from_the_header_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pick function sees the header's metadata and gets what explicit indices get, from one header read."""
+    path = real("SonoSite_echo_A4C_30f_JPEG_small.dcm")
+    pick = lambda meta: [meta.n_frames - 1, 0, 0]  # noqa: E731
+    expected = decode_video(path, "dicom", [29, 0, 0])
+    reads = []
+    real_read = decode_mod._read_header
+    monkeypatch.setattr(decode_mod, "_read_header", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    got = decode_video(path, "dicom", pick)
+    assert len(reads) == 1 and list(got.frame_indices) == [29, 0, 0]
+    np.testing.assert_array_equal(got.frames, expected.frames)
 
 
 def test_real_metadata() -> None:
@@ -310,6 +324,8 @@ def test_video_containers(tmp_path: Path, suffix: str, fourcc: str, kind: str) -
     assert np.abs(full.frames.astype(int) - clip).mean() < 12  # lossy codecs
     part = decode_video(path, kind, [1, 5, 5, 11])
     np.testing.assert_array_equal(part.frames, full.frames[[1, 5, 5, 11]])
+    picked = decode_video(path, kind, lambda m: [1, 5, 5, m.n_frames - 1])
+    np.testing.assert_array_equal(picked.frames, part.frames)
 
 
 def test_corrupt_video_container(tmp_path: Path) -> None:
