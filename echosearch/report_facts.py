@@ -81,6 +81,11 @@ def visible_report(report: str, view: str | None) -> str:
     return " ".join(keep) if keep else report.strip()
 
 
+def fact_sentence(key: str) -> str:
+    """The sentence that states a (non-quantity) fact: its template sentence, or its view phrase."""
+    return VIEW_PHRASES.get(key.removeprefix("VIEW:"), key) if key.startswith("VIEW:") else key
+
+
 def report_facts(report: str, view: str | None = None) -> Facts:
     """All facts of one clip: its report's sentences, plus its view when known."""
     facts: Facts = dict(sentence_fact(s) for s in split_sentences(report))

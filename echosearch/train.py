@@ -35,14 +35,15 @@ from echosearch.report_facts import (
     PromptSampler,
     ReportLabels,
     augment_report,
+    fact_sentence,
     relevance,
     report_facts,
     statements,
     visible_report,
 )
 
-__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "clip_frame_indices", "fact_pos_weight", "pool_clips",
-           "soft_clip_loss", "train"]
+__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "clip_frame_indices", "fact_anchor_loss", "fact_pos_weight",
+           "pool_clips", "soft_clip_loss", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class TrainConfig:
     clip_epochs: int | None = 5  # the last N epochs' steps use clip_frames (else one frame); 0 = never, None = all
     frame_loss_weight: float = 0.5  # weight of the same loss on one frame of each clip (zero-shot is per frame)
     view_visibility: bool = True  # pair each clip with the report sentences its view can show
+    anchor_weight: float = 1.0  # per-fact sigmoid loss of each fact's own sentence against every clip (0 = off)
 
 
 @dataclass
@@ -158,6 +160,20 @@ def fact_pos_weight(present: np.ndarray, cap: float = 8.0) -> np.ndarray:
     return np.clip(w, 1.0, cap).astype(np.float32)
 
 
+def fact_anchor_loss(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-fact sigmoid loss of each fact's own sentence (``fact_txt``, one row per fact) against every clip.
+
+    A search for a finding types its sentence, and what it needs is that sentence's vector above the clips
+    that show the finding and below all others. The softmax of the contrastive loss sees a rare finding's
+    sentence in some batches, against the 1-2 clips of it there; here every fact's sentence is scored
+    against every clip at every step, and with ``pos_weight`` (:func:`fact_pos_weight`) a device present
+    in 5 % of clips weighs as much as its absence. Unlike the free linear fact heads, the classifier *is*
+    the text vector, so what this trains is the retrieval score itself.
+    """
+    return F.binary_cross_entropy_with_logits(scale * img @ fact_txt.T + bias, present, pos_weight=pos_weight)
+
+
 def soft_clip_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy of image->text and text->image softmaxes against normalised target weights.
 
@@ -240,10 +256,18 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     labels = ReportLabels.build(facts)
     heads = torch.nn.ModuleDict({"facts": torch.nn.Linear(embed_dim, max(1, len(labels.keys))),
                                  "quantities": torch.nn.Linear(embed_dim, max(1, len(labels.quantities)))})
+    anchor_texts = [fact_sentence(k) for k in labels.keys]
+    anchor_tokens = tokenizer(anchor_texts) if cfg.anchor_weight > 0 and anchor_texts else None
+    prior = labels.present[train_idx].mean(0).clip(1e-3, 1 - 1e-3) if labels.keys else np.zeros(0)
+    anchor = torch.nn.ParameterDict({"scale": torch.nn.Parameter(torch.tensor(10.0)),
+                                     "bias": torch.nn.Parameter(torch.from_numpy(np.log(prior / (1 - prior))).float())})
     model.train()
     model.visual.to(memory_format=torch.channels_last)  # ~25 % faster convolutions on CPU
     params = list(model.parameters()) + (list(heads.parameters()) if cfg.aux_weight > 0 else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if anchor_tokens is not None:  # a temperature and per-fact biases: not decayed towards 0
+        groups.append({"params": list(anchor.parameters()), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train_idx) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.1)
@@ -276,7 +300,11 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             txts += [prompts.sample(rng) for _ in range(cfg.extra_texts)]
             frame_f = model.encode_image(to_tensor(imgs).contiguous(memory_format=torch.channels_last), normalize=True)
             img_f = pool_clips(frame_f, k)  # the video vector, as the index pools it
-            txt_f = encode_text_bucketed(model, tokenizer(txts))
+            tokens = tokenizer(txts)
+            if anchor_tokens is not None:  # one text-tower pass for the batch's texts and the fact sentences
+                tokens = torch.cat([tokens, anchor_tokens])
+            txt_all = encode_text_bucketed(model, tokens)
+            txt_f = txt_all[:len(txts)]
             scale = model.logit_scale.exp()
             logits = scale * img_f @ txt_f.T
             if cfg.soft_targets:
@@ -295,6 +323,9 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
                 aux = F.binary_cross_entropy_with_logits(heads["facts"](z), present[ii], pos_weight=pos_weight)
                 err = ((heads["quantities"](z) - values[ii]) ** 2) * stated[ii]
                 loss = loss + cfg.aux_weight * (aux + err.sum() / stated[ii].sum().clamp(min=1))
+            if anchor_tokens is not None:  # each fact's own sentence (what a search types) against every clip
+                loss = loss + cfg.anchor_weight * fact_anchor_loss(
+                    img_f, txt_all[len(txts):], present[torch.tensor(batch)], anchor["scale"], anchor["bias"], pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,8 +1,8 @@
 """The shipped demo model on a fresh synthetic cohort (seed unseen in training).
 
-The encode issue's targets: zero-shot EF MAE <= 10 (the shipped model gives ~9.3 on this cohort) and
-text->video recall@10 >= 0.8 for finding phrases (it gives ~0.70 here, ~0.76 on a 40-patient cohort and 0.89
-on the demo cohort; MitraClip and transplant, 6 relevant videos each, are missed on this small cohort). Unmet
+The encode issue's targets: zero-shot EF MAE <= 10 (the shipped model gives ~9.6 on this cohort) and
+text->video recall@10 >= 0.8 for finding phrases (it gives ~0.75 here, ~0.86 on a 40-patient cohort and 0.93
+on the demo cohort; this small cohort's one MitraClip patient, 6 videos, also has a pacer lead and is missed). Unmet
 targets are kept as non-strict expected failures so that a better model turns them green, next to guards on
 what it does reach.
 """
@@ -15,7 +15,7 @@ import pytest
 from conftest import demo_model_available
 
 pytestmark = pytest.mark.skipif(not demo_model_available(), reason="shipped demo model missing: run `make demo-model`")
-TARGET_GAP = "recall 0.70 here (0.76 / 0.89 on 40 / 80 patients): MitraClip is missed on this cohort; see docs/training.md"
+TARGET_GAP = "recall 0.75 here (0.86 / 0.93 on 40 / 80 patients): MitraClip is missed on this cohort; see docs/training.md"
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +40,12 @@ def test_demo_model_identity_and_predictions_are_sane(evaluated: dict) -> None:
     zs = evaluated["zero_shot"]
     assert zs["n_studies"] == evaluated["n"]["studies"]
     assert math.isfinite(zs["ef_mae"])
-    assert zs["pacer_lead_auc"] >= 0.85 and zs["lv_dilated_auc"] >= 0.85, zs  # ~1.0 / 0.97 with the shipped model
+    assert zs["pacer_lead_auc"] >= 0.85 and zs["lv_dilated_auc"] >= 0.85, zs  # ~1.0 / 0.94 with the shipped model
     tv = evaluated["retrieval"]["text_to_video"]
-    assert tv["mean"] >= 0.6 and tv["pacer lead"]["recall_at_10"] >= 0.8, tv  # guard: ~0.70 and 1.0 now
+    assert tv["mean"] >= 0.6 and tv["pacer lead"]["recall_at_10"] >= 0.8, tv  # guard: ~0.75 and 1.0 now
     # TAVR is drawn in PLAX only: 8 of its 16 relevant videos here can show it (0.8 now, all that is reachable)
-    assert tv["TAVR"]["recall_at_10"] >= 0.6 and zs["tavr_auc"] >= 0.85, (tv, zs)  # ~0.98 AUC now
-    assert evaluated["echosearch"]["identity"]["study_patient_auc"] >= 0.7  # ~0.90 now
+    assert tv["TAVR"]["recall_at_10"] >= 0.6 and zs["tavr_auc"] >= 0.85, (tv, zs)  # ~1.0 AUC now
+    assert evaluated["echosearch"]["identity"]["study_patient_auc"] >= 0.7  # ~0.88 now
     rr = evaluated["retrieval"]["study_to_report"]
     assert rr["n_queries"] == evaluated["n"]["studies"]
 
@@ -76,6 +76,6 @@ def test_text_to_video_retrieval_of_findings(evaluated: dict) -> None:
     assert evaluated["retrieval"]["text_to_video"]["mean"] >= 0.8, evaluated["retrieval"]["text_to_video"]
 
 
-@pytest.mark.xfail(reason="identity is learnt only implicitly (no patient-contrastive term yet); ~0.79-0.89", strict=False)
+@pytest.mark.xfail(reason="identity is learnt only implicitly (no patient-contrastive term yet); ~0.78-0.88", strict=False)
 def test_identity_target(evaluated: dict) -> None:
     assert evaluated["echosearch"]["identity"]["study_patient_auc"] >= 0.95, evaluated["echosearch"]["identity"]

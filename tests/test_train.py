@@ -16,6 +16,7 @@ from echosearch.report_facts import (
     PromptSampler,
     ReportLabels,
     augment_report,
+    fact_sentence,
     relevance,
     report_facts,
     sentence_fact,
@@ -27,6 +28,7 @@ from echosearch.report_facts import (
 from echosearch.train import (
     _augment_frame,
     clip_frame_indices,
+    fact_anchor_loss,
     fact_pos_weight,
     pool_clips,
     soft_clip_loss,
@@ -69,6 +71,44 @@ def test_a_clip_is_always_fully_described_by_its_own_augmented_report(sents: lis
     assert 0.0 <= other <= 1.0 and (other < 1.0 or ef == 60)  # another patient's report never fits unless equal
     assert other == relevance(report_facts("LV EJECTION FRACTION IS 60%. NO INTRACARDIAC MASS OR DEVICE IS SEEN."),
                               statements(text))  # pre-parsed statements score the same
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(SENTENCES), min_size=1, max_size=5, unique=True), st.integers(5, 80),
+       st.sampled_from([None, "A4C", "PLAX"]))
+def test_each_fact_sentence_states_exactly_its_fact(sents: list[str], ef: int, view: str | None) -> None:
+    """The anchor loss scores a fact's sentence against clips as the fact's label: it must state that fact."""
+    facts = report_facts(" ".join([f"LV EJECTION FRACTION IS {ef}%.", *sents]), view)
+    keys = [k for k, v in facts.items() if v is None]
+    assert len(keys) == len(sents) + (view is not None)
+    for key in keys:
+        assert statements(fact_sentence(key)) == [(key, None)]
+        assert relevance(facts, fact_sentence(key)) == 1.0
+        assert relevance(report_facts("LV EJECTION FRACTION IS 60%."), fact_sentence(key)) == 0.0
+
+
+def test_fact_anchor_loss_puts_a_rare_device_sentence_above_other_devices() -> None:
+    """Trained with the anchor loss alone, a sentence that starts as "some device" (equally close to clip
+    and pacer clips) ranks the 2 clip videos of a batch of 32 above the 6 pacer videos and the rest."""
+    g = torch.Generator().manual_seed(0)
+    d, clip, lead, tissue = torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=1)
+    kinds = [0] * 2 + [1] * 6 + [2] * 24  # MitraClip, pacer, no device
+    base = {0: d + 0.6 * clip, 1: d + 0.6 * lead, 2: tissue}
+    img = torch.nn.functional.normalize(torch.stack([base[k] + 0.3 * torch.randn(32, generator=g) for k in kinds]), dim=1)
+    present = torch.tensor([[1.0] if k == 0 else [0.0] for k in kinds])
+    text = torch.nn.Parameter(d.clone()[None])
+    before = img @ torch.nn.functional.normalize(text, dim=1).detach().T
+    assert before[:8].std() < 0.2 and before[2:8].max() > before[:2].min()  # clip and pacer not told apart
+    opt = torch.optim.Adam([text], lr=0.05)
+    pos_weight = torch.from_numpy(fact_pos_weight(present.numpy()))
+    for _ in range(150):
+        loss = fact_anchor_loss(img, torch.nn.functional.normalize(text, dim=1), present, torch.tensor(10.0),
+                                torch.tensor([-2.7]), pos_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sims = (img @ torch.nn.functional.normalize(text, dim=1).detach().T)[:, 0]
+    assert set(torch.argsort(sims, descending=True)[:2].tolist()) == {0, 1}
 
 
 TAVR = "A BIOPROSTHETIC STENT-VALVE IS PRESENT IN THE AORTIC POSITION."
