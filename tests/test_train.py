@@ -294,3 +294,35 @@ def test_training_texts_hold_only_what_the_clip_view_shows(train_index: Path, tm
     # every clip got its own study's report, cut to its view (or whole): nothing else was dropped or added
     expected = {(visible_report(t, v), v) if visibility else (t, v) for t, v in pairs}
     assert set(seen) <= expected
+
+
+def test_every_step_scores_each_fact_sentence_against_the_batch(train_index: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With anchors on, each training step's text pass ends with every fact's sentence (views included)."""
+    import open_clip
+
+    import echosearch.train as train_mod
+    from echosearch.catalog import Catalog
+
+    with Catalog.open(train_index, read_only=True) as cat:
+        pairs = cat.con.sql("SELECT r.text, v.view FROM videos v JOIN reports r USING (study_key)").fetchall()
+    facts = {k for t, v in pairs for k, val in report_facts(visible_report(t, v), v).items() if val is None}
+    passes: list[list[str]] = []
+    original = train_mod.encode_text_bucketed
+    tok = open_clip.SimpleTokenizer(context_length=64)
+
+    def spy(model: torch.nn.Module, tokens: torch.Tensor, buckets: int = 3) -> torch.Tensor:
+        if model.training:
+            passes.append([tok.decode([int(i) for i in row if int(i) not in (0, tok.sot_token_id, tok.eot_token_id)])
+                           for row in tokens])
+        return original(model, tokens, buckets)
+
+    monkeypatch.setattr(train_mod, "encode_text_bucketed", spy)
+    for weight in (1.0, 0.0):
+        passes.clear()
+        train_mod.train(train_index, tmp_path / f"m{weight}", train_mod.TrainConfig(
+            epochs=1, batch_size=4, workers=0, max_steps=2, clip_epochs=0, extra_texts=2, anchor_weight=weight))
+        assert len(passes) == 2 and all(len(p) == 4 + 2 + (len(facts) if weight else 0) for p in passes)
+        if weight:  # the BPE decoder spaces out punctuation: compare without spaces
+            squash = lambda s: s.replace(" ", "").upper()  # noqa: E731
+            assert {frozenset(map(squash, p[6:])) for p in passes} == {frozenset(squash(fact_sentence(k)) for k in facts)}
