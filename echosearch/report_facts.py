@@ -81,9 +81,10 @@ def visible_report(report: str, view: str | None) -> str:
     return " ".join(keep) if keep else report.strip()
 
 
-def fact_sentence(key: str) -> str:
-    """The sentence that states a (non-quantity) fact: its template sentence, or its view phrase."""
-    return VIEW_PHRASES.get(key.removeprefix("VIEW:"), key) if key.startswith("VIEW:") else key
+def fact_sentence(key: str) -> str | None:
+    """The sentence that states a (non-quantity) fact: its template sentence, or its view's phrase (None
+    for a view without a standard phrase, e.g. a sidecar's own view label)."""
+    return VIEW_PHRASES.get(key.removeprefix("VIEW:")) if key.startswith("VIEW:") else key
 
 
 def report_facts(report: str, view: str | None = None) -> Facts:

@@ -256,9 +256,13 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     labels = ReportLabels.build(facts)
     heads = torch.nn.ModuleDict({"facts": torch.nn.Linear(embed_dim, max(1, len(labels.keys))),
                                  "quantities": torch.nn.Linear(embed_dim, max(1, len(labels.quantities)))})
-    anchor_texts = [fact_sentence(k) for k in labels.keys]
-    anchor_tokens = tokenizer(anchor_texts) if cfg.anchor_weight > 0 and anchor_texts else None
-    prior = labels.present[train_idx].mean(0).clip(1e-3, 1 - 1e-3) if labels.keys else np.zeros(0)
+    # anchored: the facts the training clips show (a finding only held-out patients have would leak their
+    # reports into training) that have a sentence (a view without a standard phrase has none)
+    seen = labels.present[train_idx].sum(0) > 0 if labels.keys else np.zeros(0, bool)
+    anchored = [j for j, k in enumerate(labels.keys) if seen[j] and fact_sentence(k) is not None]
+    anchor_tokens = (tokenizer([str(fact_sentence(labels.keys[j])) for j in anchored])
+                     if cfg.anchor_weight > 0 and anchored else None)
+    prior = labels.present[train_idx][:, anchored].mean(0).clip(1e-3, 1 - 1e-3)
     anchor = torch.nn.ParameterDict({"scale": torch.nn.Parameter(torch.tensor(10.0)),
                                      "bias": torch.nn.Parameter(torch.from_numpy(np.log(prior / (1 - prior))).float())})
     model.train()
@@ -324,8 +328,10 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
                 err = ((heads["quantities"](z) - values[ii]) ** 2) * stated[ii]
                 loss = loss + cfg.aux_weight * (aux + err.sum() / stated[ii].sum().clamp(min=1))
             if anchor_tokens is not None:  # each fact's own sentence (what a search types) against every clip
+                cols = torch.tensor(anchored)
                 loss = loss + cfg.anchor_weight * fact_anchor_loss(
-                    img_f, txt_all[len(txts):], present[torch.tensor(batch)], anchor["scale"], anchor["bias"], pos_weight)
+                    img_f, txt_all[len(txts):], present[torch.tensor(batch)][:, cols], anchor["scale"], anchor["bias"],
+                    None if pos_weight is None else pos_weight[cols])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -117,16 +117,23 @@ def test_sampled_frames_equal_full_decode(name: str) -> None:
 
 
 def test_frames_picked_from_the_header_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pick function sees the header's metadata and gets what explicit indices get, from one header read."""
+    """A pick function sees the header's metadata and gets what explicit indices get; ingesting a file reads
+    its header once."""
+    from echosearch.discover import inspect_file
+    from echosearch.ingest import process_file
+    from echosearch.prepare import FramePolicy
+
     path = real("SonoSite_echo_A4C_30f_JPEG_small.dcm")
-    pick = lambda meta: [meta.n_frames - 1, 0, 0]  # noqa: E731
     expected = decode_video(path, "dicom", [29, 0, 0])
+    got = decode_video(path, "dicom", lambda meta: [meta.n_frames - 1, 0, 0])
+    assert list(got.frame_indices) == [29, 0, 0]
+    np.testing.assert_array_equal(got.frames, expected.frames)
+    record = inspect_file(path)
     reads = []
     real_read = decode_mod._read_header
     monkeypatch.setattr(decode_mod, "_read_header", lambda *a, **k: reads.append(a) or real_read(*a, **k))
-    got = decode_video(path, "dicom", pick)
-    assert len(reads) == 1 and list(got.frame_indices) == [29, 0, 0]
-    np.testing.assert_array_equal(got.frames, expected.frames)
+    prepared = process_file(record, FramePolicy("sector", 8, 112))
+    assert len(reads) == 1 and prepared.frames.shape == (8, 112, 112, 3)
 
 
 def test_real_metadata() -> None:

@@ -82,9 +82,11 @@ def test_each_fact_sentence_states_exactly_its_fact(sents: list[str], ef: int, v
     keys = [k for k, v in facts.items() if v is None]
     assert len(keys) == len(sents) + (view is not None)
     for key in keys:
-        assert statements(fact_sentence(key)) == [(key, None)]
-        assert relevance(facts, fact_sentence(key)) == 1.0
-        assert relevance(report_facts("LV EJECTION FRACTION IS 60%."), fact_sentence(key)) == 0.0
+        sentence = fact_sentence(key)
+        assert sentence is not None and statements(sentence) == [(key, None)]
+        assert relevance(facts, sentence) == 1.0
+        assert relevance(report_facts("LV EJECTION FRACTION IS 60%."), sentence) == 0.0
+    assert fact_sentence("VIEW:PSAX-AV") is None  # a sidecar's own view label has no sentence to anchor
 
 
 def test_fact_anchor_loss_puts_a_rare_device_sentence_above_other_devices() -> None:
@@ -317,12 +319,36 @@ def test_every_step_scores_each_fact_sentence_against_the_batch(train_index: Pat
                            for row in tokens])
         return original(model, tokens, buckets)
 
+    anchor_calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (present, pos_weight) per call
+    real_loss = train_mod.fact_anchor_loss
+
+    def loss_spy(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+        assert pos_weight is not None and fact_txt.shape[0] == present.shape[1] == bias.shape[0] == pos_weight.shape[0]
+        anchor_calls.append((present, pos_weight))
+        return real_loss(img, fact_txt, present, scale, bias, pos_weight)
+
+    groups: list[int] = []
+    real_adamw = torch.optim.AdamW
+
+    def adamw_spy(params: list[dict[str, object]], **kw: object) -> torch.optim.Optimizer:
+        groups.append(len(params))
+        return real_adamw(params, **kw)  # type: ignore[arg-type]
+
     monkeypatch.setattr(train_mod, "encode_text_bucketed", spy)
+    monkeypatch.setattr(train_mod, "fact_anchor_loss", loss_spy)
+    monkeypatch.setattr(torch.optim, "AdamW", adamw_spy)
     for weight in (1.0, 0.0):
         passes.clear()
+        anchor_calls.clear()
         train_mod.train(train_index, tmp_path / f"m{weight}", train_mod.TrainConfig(
             epochs=1, batch_size=4, workers=0, max_steps=2, clip_epochs=0, extra_texts=2, anchor_weight=weight))
         assert len(passes) == 2 and all(len(p) == 4 + 2 + (len(facts) if weight else 0) for p in passes)
+        # anchors: one loss term per step over every fact, and their scale/biases in an undecayed group
+        assert len(anchor_calls) == (2 if weight else 0) and groups.pop() == (2 if weight else 1)
+        for present, _ in anchor_calls:
+            assert present.shape == (4, len(facts)) and set(present.unique().tolist()) <= {0.0, 1.0}
+            assert present.sum() >= 4  # every clip has its view at least
         if weight:  # the BPE decoder spaces out punctuation: compare without spaces
             squash = lambda s: s.replace(" ", "").upper()  # noqa: E731
             assert {frozenset(map(squash, p[6:])) for p in passes} == {frozenset(squash(fact_sentence(k)) for k in facts)}
