@@ -258,11 +258,11 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
                                  "quantities": torch.nn.Linear(embed_dim, max(1, len(labels.quantities)))})
     # anchored: the facts the training clips show (a finding only held-out patients have would leak their
     # reports into training) that have a sentence (a view without a standard phrase has none)
-    seen = labels.present[train_idx].sum(0) > 0 if labels.keys else np.zeros(0, bool)
-    anchored = [j for j, k in enumerate(labels.keys) if seen[j] and fact_sentence(k) is not None]
-    anchor_tokens = (tokenizer([str(fact_sentence(labels.keys[j])) for j in anchored])
-                     if cfg.anchor_weight > 0 and anchored else None)
-    prior = labels.present[train_idx][:, anchored].mean(0).clip(1e-3, 1 - 1e-3)
+    seen = labels.present[train_idx].sum(0) > 0
+    anchored = {j: sent for j, k in enumerate(labels.keys) if seen[j] and (sent := fact_sentence(k)) is not None}
+    anchor_tokens = tokenizer(list(anchored.values())) if cfg.anchor_weight > 0 and anchored else None
+    anchor_cols = torch.tensor(list(anchored), dtype=torch.long)
+    prior = labels.present[train_idx][:, list(anchored)].mean(0).clip(1e-3, 1 - 1e-3)
     anchor = torch.nn.ParameterDict({"scale": torch.nn.Parameter(torch.tensor(10.0)),
                                      "bias": torch.nn.Parameter(torch.from_numpy(np.log(prior / (1 - prior))).float())})
     model.train()
@@ -280,6 +280,7 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     present, values, stated = (torch.from_numpy(x) for x in (labels.present, labels.values, labels.stated))
     pos_weight = torch.from_numpy(fact_pos_weight(labels.present[train_idx])) if cfg.balance_facts else None
+    anchor_pos_weight = None if pos_weight is None else pos_weight[anchor_cols]
     # prepare gives every video frames_per_video frames (short clips repeat frames), so k is one number
     k_clip = max(1, min(cfg.clip_frames, cfg.frames_per_video))
     if k_clip < cfg.clip_frames:
@@ -321,17 +322,16 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             if k > 1 and cfg.frame_loss_weight > 0:
                 # each clip's first frame is its random-offset one: per-frame zero-shot stays trained at every phase
                 loss = loss + cfg.frame_loss_weight * soft_clip_loss(scale * frame_f[::k] @ txt_f.T, target)
+            ii = torch.tensor(batch)
             if cfg.aux_weight > 0:
-                ii = torch.tensor(batch)
                 z = img_f * 8.0  # unit vectors scaled to a useful logit range (pooled clips in clip epochs)
                 aux = F.binary_cross_entropy_with_logits(heads["facts"](z), present[ii], pos_weight=pos_weight)
                 err = ((heads["quantities"](z) - values[ii]) ** 2) * stated[ii]
                 loss = loss + cfg.aux_weight * (aux + err.sum() / stated[ii].sum().clamp(min=1))
             if anchor_tokens is not None:  # each fact's own sentence (what a search types) against every clip
-                cols = torch.tensor(anchored)
                 loss = loss + cfg.anchor_weight * fact_anchor_loss(
-                    img_f, txt_all[len(txts):], present[torch.tensor(batch)][:, cols], anchor["scale"], anchor["bias"],
-                    None if pos_weight is None else pos_weight[cols])
+                    img_f, txt_all[len(txts):], present[ii][:, anchor_cols], anchor["scale"], anchor["bias"],
+                    anchor_pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
