@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-$(DEPS_HASH)
 DEMO_DIR ?= indexes/demo
 export ECHOSEARCH_LOG_LEVEL ?= WARNING
 
-.PHONY: setup demo test browser bench app lint typecheck clean-demo demo-model
+.PHONY: setup demo test browser bench bench-model app lint typecheck clean-demo demo-model
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ bench: setup
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/encode.py
 	$(BIN)/python bench/search.py
+
+# Model quality over several fresh small cohorts (mean and spread; ~20 s per cohort and model).
+bench-model: setup
+	$(BIN)/python bench/model_quality.py
 
 app: setup
 	@test -f $(DEMO_DIR)/index/catalog.duckdb || $(MAKE) demo

@@ -76,6 +76,9 @@ class TrainConfig:
     frame_loss_weight: float = 0.5  # weight of the same loss on one frame of each clip (zero-shot is per frame)
     view_visibility: bool = True  # pair each clip with the report sentences its view can show
     anchor_weight: float = 1.0  # per-fact sigmoid loss of each fact's own sentence against every clip (0 = off)
+    zoom: float = 0.0  # training frames zoomed by up to +-zoom (imaging depth)
+    lowres_p: float = 0.0  # share of training clips seen through a 0.4-0.8 resolution source
+    gamma: float = 0.0  # grey-map jitter: gamma in [1/(1+gamma), 1+gamma]
 
 
 @dataclass
@@ -122,8 +125,12 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
     return frames, texts, patients, views
 
 
-def _augment_frame(frame: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Mild gain/contrast jitter and a small shift: what differs between acquisitions.
+def _augment_frame(frame: np.ndarray, rng: np.random.Generator, zoom: float = 0.0, lowres_p: float = 0.0,
+                   gamma: float = 0.0) -> np.ndarray:
+    """Jitter one acquisition: gain/contrast and a small shift, and optionally what else differs between
+    scanners and studies: a zoom of ``±zoom`` (imaging depth sets the heart's size in the sector), with
+    probability ``lowres_p`` a source of 0.4-0.8 of the model's resolution (small exports, where a clip or
+    lead is a few blurred pixels), and a gamma in ``[1/(1+gamma), 1+gamma]`` (vendor grey maps).
 
     ``frame`` is (..., H, W, C); every frame of a stack gets the same jitter (one acquisition).
     """
@@ -131,7 +138,31 @@ def _augment_frame(frame: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     f = (f - 128.0) * rng.uniform(0.85, 1.15) + 128.0 + rng.uniform(-12, 12)
     dx, dy = rng.integers(-4, 5, size=2)
     f = np.roll(f, (int(dy), int(dx)), axis=(-3, -2))
-    return np.clip(f, 0, 255).astype(np.uint8)
+    out = np.clip(f, 0, 255).astype(np.uint8)
+    if gamma > 0:  # a look-up table: the power of 256 values, not of every pixel
+        g = float(np.exp(rng.uniform(-1.0, 1.0) * np.log1p(gamma)))
+        out = np.round(255.0 * (np.arange(256) / 255.0) ** g).astype(np.uint8)[out]
+    if zoom > 0 or lowres_p > 0:
+        r = _resample(out.astype(np.float32), 1.0 + rng.uniform(-zoom, zoom) if zoom > 0 else 1.0,
+                      float(rng.uniform(0.4, 0.8)) if rng.random() < lowres_p else 1.0)
+        out = np.clip(np.round(r), 0, 255).astype(np.uint8)
+    return out
+
+
+def _resample(f: np.ndarray, scale: float, res: float) -> np.ndarray:
+    """Zoom (..., H, W, C) frames by ``scale`` about the centre (black outside), then pass them through a
+    ``res`` fraction of their resolution and back (bilinear both ways)."""
+    shape = f.shape
+    t = torch.from_numpy(np.ascontiguousarray(f.reshape(-1, *shape[-3:]))).permute(0, 3, 1, 2)
+    if scale != 1.0:
+        theta = torch.tensor([[1.0 / scale, 0.0, 0.0], [0.0, 1.0 / scale, 0.0]]).expand(t.shape[0], 2, 3)
+        grid = F.affine_grid(theta, list(t.shape), align_corners=False)
+        t = F.grid_sample(t, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if res < 1.0:
+        h, w = t.shape[-2:]
+        t = F.interpolate(t, size=(max(2, round(h * res)), max(2, round(w * res))), mode="bilinear", antialias=True)
+        t = F.interpolate(t, size=(h, w), mode="bilinear")
+    return t.permute(0, 2, 3, 1).reshape(shape).numpy()
 
 
 def clip_frame_indices(n: int, k: int, offset: int) -> np.ndarray:
@@ -299,7 +330,8 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             multi = cfg.clip_epochs is None or step >= total - cfg.clip_epochs * steps_per_epoch
             k = k_clip if multi else 1
             imgs = np.concatenate([_augment_frame(frames[i][clip_frame_indices(len(frames[i]), k,
-                                                                               int(nrng.integers(len(frames[i]))))], nrng)
+                                                                               int(nrng.integers(len(frames[i]))))], nrng,
+                                                  cfg.zoom, cfg.lowres_p, cfg.gamma)
                                    for i in batch])
             txts = [augment_report(texts[i], rng, views[i]) for i in batch]
             txts += [prompts.sample(rng) for _ in range(cfg.extra_texts)]

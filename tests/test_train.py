@@ -27,6 +27,7 @@ from echosearch.report_facts import (
 )
 from echosearch.train import (
     _augment_frame,
+    _resample,
     clip_frame_indices,
     fact_anchor_loss,
     fact_pos_weight,
@@ -208,6 +209,38 @@ def test_one_clip_gets_one_acquisition_jitter() -> None:
     out = _augment_frame(clip, np.random.default_rng(1))
     assert not np.array_equal(out[0], base) and np.array_equal(out[0], out[1])  # same gain and shift
     assert np.array_equal(out[2], np.roll(out[0], 5, axis=0))  # the shift is shared too: rolls commute
+
+
+def test_acquisition_jitter_is_shared_by_a_clip_and_keeps_the_image_range() -> None:
+    yy, xx = np.mgrid[:64, :64]
+    disc = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 12**2, 220, 20).astype(np.uint8)
+    clip = np.repeat(np.stack([disc, disc])[..., None], 3, axis=-1)
+    for seed in range(5):
+        out = _augment_frame(clip, np.random.default_rng(seed), zoom=0.2, lowres_p=1.0, gamma=0.3)
+        assert out.dtype == np.uint8 and out.shape == clip.shape
+        assert np.array_equal(out[0], out[1])  # one acquisition: the same zoom, resolution and gamma
+        assert not np.array_equal(out[0], clip[0])
+
+
+@given(scale=st.floats(0.8, 1.25))
+@settings(max_examples=15, deadline=None)
+def test_zoom_scales_a_disc_about_the_centre(scale: float) -> None:
+    yy, xx = np.mgrid[:96, :96]
+    disc = np.where((yy - 47.5) ** 2 + (xx - 47.5) ** 2 < 16**2, 255.0, 0.0)[None, :, :, None].astype(np.float32)
+    out = _resample(disc, scale, 1.0)[0, :, :, 0]
+    area = (out > 127).sum()
+    assert abs(area / (disc > 127).sum() - scale**2) < 0.08  # the area follows the zoom
+    cy, cx = np.argwhere(out > 127).mean(0)
+    assert abs(cy - 47.5) < 1 and abs(cx - 47.5) < 1  # about the centre
+
+
+def test_low_resolution_pass_blurs_fine_detail_but_keeps_brightness() -> None:
+    fine = np.indices((64, 64)).sum(0) % 2 * 255.0  # a one-pixel checkerboard: detail only a full-res source keeps
+    frame = fine[None, :, :, None].astype(np.float32)
+    out = _resample(frame, 1.0, 0.5)
+    assert out.std() < 0.2 * frame.std()
+    assert abs(out.mean() - frame.mean()) < 5
+    assert np.allclose(_resample(frame, 1.0, 1.0), frame)  # neither zoom nor resolution: unchanged
 
 
 @pytest.fixture(scope="module")
