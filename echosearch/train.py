@@ -42,8 +42,8 @@ from echosearch.report_facts import (
     visible_report,
 )
 
-__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "clip_frame_indices", "fact_anchor_loss", "fact_pos_weight",
-           "pool_clips", "soft_clip_loss", "train"]
+__all__ = ["DEMO_MODEL_CFG", "TrainConfig", "TrainResult", "clip_frame_indices", "fact_anchor_loss",
+           "fact_listwise_loss", "fact_pos_weight", "pool_clips", "soft_clip_loss", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class TrainConfig:
     frame_loss_weight: float = 0.5  # weight of the same loss on one frame of each clip (zero-shot is per frame)
     view_visibility: bool = True  # pair each clip with the report sentences its view can show
     anchor_weight: float = 1.0  # per-fact sigmoid loss of each fact's own sentence against every clip (0 = off)
+    listwise_weight: float = 0.0  # each fact sentence's ranking of the batch's clips (softmax; 0 = off)
     zoom: float = 0.0  # training frames zoomed by up to +-zoom (imaging depth)
     lowres_p: float = 0.0  # share of training clips seen through a 0.4-0.8 resolution source
     gamma: float = 0.0  # grey-map jitter: gamma in [1/(1+gamma), 1+gamma]
@@ -205,6 +206,24 @@ def fact_anchor_loss(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.T
     return F.binary_cross_entropy_with_logits(scale * img @ fact_txt.T + bias, present, pos_weight=pos_weight)
 
 
+def fact_listwise_loss(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.Tensor,
+                       scale: torch.Tensor) -> torch.Tensor:
+    """Each fact's sentence against the batch's clips as one ranking: softmax over clips, target spread over
+    the clips that show the fact (facts no clip of the batch shows are skipped).
+
+    A search reads the top of one sentence's ranking over all videos. The per-fact BCE of
+    :func:`fact_anchor_loss` scores each (sentence, clip) pair on its own, so a pacer clip just below the
+    margin costs little even when it outranks every clip clip; this term is the contrastive loss's
+    text->image direction for the fact sentences, where the hardest negatives dominate the gradient.
+    """
+    has = present.sum(0) > 0
+    if not bool(has.any()):
+        return img.new_zeros(())
+    target = present.T[has]
+    logp = (scale * fact_txt[has] @ img.T).log_softmax(-1)
+    return -((target * logp).sum(-1) / target.sum(-1)).mean()
+
+
 def soft_clip_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy of image->text and text->image softmaxes against normalised target weights.
 
@@ -291,7 +310,8 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     # reports into training) that have a sentence (a view without a standard phrase has none)
     seen = labels.present[train_idx].sum(0) > 0
     anchored = {j: sent for j, k in enumerate(labels.keys) if seen[j] and (sent := fact_sentence(k)) is not None}
-    anchor_tokens = tokenizer(list(anchored.values())) if cfg.anchor_weight > 0 and anchored else None
+    anchor_tokens = (tokenizer(list(anchored.values()))
+                     if (cfg.anchor_weight > 0 or cfg.listwise_weight > 0) and anchored else None)
     anchor_cols = torch.tensor(list(anchored), dtype=torch.long)
     prior = labels.present[train_idx][:, list(anchored)].mean(0).clip(1e-3, 1 - 1e-3)
     anchor = torch.nn.ParameterDict({"scale": torch.nn.Parameter(torch.tensor(10.0)),
@@ -361,9 +381,12 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
                 err = ((heads["quantities"](z) - values[ii]) ** 2) * stated[ii]
                 loss = loss + cfg.aux_weight * (aux + err.sum() / stated[ii].sum().clamp(min=1))
             if anchor_tokens is not None:  # each fact's own sentence (what a search types) against every clip
-                loss = loss + cfg.anchor_weight * fact_anchor_loss(
-                    img_f, txt_all[len(txts):], present[ii][:, anchor_cols], anchor["scale"], anchor["bias"],
-                    anchor_pos_weight)
+                fact_txt, fact_present = txt_all[len(txts):], present[ii][:, anchor_cols]
+                if cfg.anchor_weight > 0:
+                    loss = loss + cfg.anchor_weight * fact_anchor_loss(
+                        img_f, fact_txt, fact_present, anchor["scale"], anchor["bias"], anchor_pos_weight)
+                if cfg.listwise_weight > 0:
+                    loss = loss + cfg.listwise_weight * fact_listwise_loss(img_f, fact_txt, fact_present, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -30,6 +30,7 @@ from echosearch.train import (
     _resample,
     clip_frame_indices,
     fact_anchor_loss,
+    fact_listwise_loss,
     fact_pos_weight,
     pool_clips,
     soft_clip_loss,
@@ -112,6 +113,40 @@ def test_fact_anchor_loss_puts_a_rare_device_sentence_above_other_devices() -> N
         opt.step()
     sims = (img @ torch.nn.functional.normalize(text, dim=1).detach().T)[:, 0]
     assert set(torch.argsort(sims, descending=True)[:2].tolist()) == {0, 1}
+
+
+def test_fact_listwise_loss_ranks_a_rare_device_sentence_above_other_devices() -> None:
+    """The same start as above, trained with the listwise term alone: the clip sentence's top 2 of 32
+    become the 2 clip videos."""
+    g = torch.Generator().manual_seed(0)
+    d, clip, lead, tissue = torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=1)
+    kinds = [0] * 2 + [1] * 6 + [2] * 24
+    base = {0: d + 0.6 * clip, 1: d + 0.6 * lead, 2: tissue}
+    img = torch.nn.functional.normalize(torch.stack([base[k] + 0.3 * torch.randn(32, generator=g) for k in kinds]), dim=1)
+    present = torch.tensor([[1.0, 0.0] if k == 0 else [0.0, 0.0] for k in kinds])  # a second fact nobody shows
+    text = torch.nn.Parameter(torch.stack([d.clone(), tissue.clone()]))
+    assert (img @ torch.nn.functional.normalize(text, dim=1).detach().T)[2:8, 0].max() > \
+        (img @ torch.nn.functional.normalize(text, dim=1).detach().T)[:2, 0].min()
+    opt = torch.optim.Adam([text], lr=0.05)
+    for _ in range(100):
+        loss = fact_listwise_loss(img, torch.nn.functional.normalize(text, dim=1), present, torch.tensor(20.0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert text.grad is not None and torch.all(text.grad[1] == 0)  # a fact with no positive in the batch: no gradient
+    sims = (img @ torch.nn.functional.normalize(text, dim=1).detach().T)[:, 0]
+    assert set(torch.argsort(sims, descending=True)[:2].tolist()) == {0, 1}
+
+
+def test_fact_listwise_loss_with_one_positive_each_is_the_text_to_image_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=1)
+    present = torch.zeros(6, 3)
+    present[[4, 0, 2], [0, 1, 2]] = 1.0
+    expected = torch.nn.functional.cross_entropy(7.0 * txt @ img.T, torch.tensor([4, 0, 2]))
+    assert torch.allclose(fact_listwise_loss(img, txt, present, torch.tensor(7.0)), expected, atol=1e-6)
+    assert fact_listwise_loss(img, txt, torch.zeros(6, 3), torch.tensor(7.0)).item() == 0.0
 
 
 TAVR = "A BIOPROSTHETIC STENT-VALVE IS PRESENT IN THE AORTIC POSITION."
@@ -371,17 +406,30 @@ def test_every_step_scores_each_fact_sentence_against_the_batch(train_index: Pat
     monkeypatch.setattr(train_mod, "encode_text_bucketed", spy)
     monkeypatch.setattr(train_mod, "fact_anchor_loss", loss_spy)
     monkeypatch.setattr(torch.optim, "AdamW", adamw_spy)
-    for weight in (1.0, 0.0):
+    listwise_calls: list[torch.Tensor] = []
+    real_listwise = train_mod.fact_listwise_loss
+
+    def listwise_spy(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        listwise_calls.append(present)
+        return real_listwise(img, fact_txt, present, scale)
+
+    monkeypatch.setattr(train_mod, "fact_listwise_loss", listwise_spy)
+    for weight, listwise in ((1.0, 0.0), (0.0, 0.0), (0.0, 1.0)):
         passes.clear()
         anchor_calls.clear()
-        train_mod.train(train_index, tmp_path / f"m{weight}", train_mod.TrainConfig(
-            epochs=1, batch_size=4, workers=0, max_steps=2, clip_epochs=0, extra_texts=2, anchor_weight=weight))
-        assert len(passes) == 2 and all(len(p) == 4 + 2 + (len(facts) if weight else 0) for p in passes)
+        listwise_calls.clear()
+        train_mod.train(train_index, tmp_path / f"m{weight}-{listwise}", train_mod.TrainConfig(
+            epochs=1, batch_size=4, workers=0, max_steps=2, clip_epochs=0, extra_texts=2, anchor_weight=weight,
+            listwise_weight=listwise))
+        facts_in_pass = weight or listwise  # the fact sentences ride along whenever either term is on
+        assert len(passes) == 2 and all(len(p) == 4 + 2 + (len(facts) if facts_in_pass else 0) for p in passes)
         # anchors: one loss term per step over every fact, and their scale/biases in an undecayed group
-        assert len(anchor_calls) == (2 if weight else 0) and groups.pop() == (2 if weight else 1)
+        assert len(anchor_calls) == (2 if weight else 0) and groups.pop() == (2 if facts_in_pass else 1)
+        assert len(listwise_calls) == (2 if listwise else 0)
+        assert all(p.shape == (4, len(facts)) for p in listwise_calls)
         for present, _ in anchor_calls:
             assert present.shape == (4, len(facts)) and set(present.unique().tolist()) <= {0.0, 1.0}
             assert present.sum() >= 4  # every clip has its view at least
-        if weight:  # the BPE decoder spaces out punctuation: compare without spaces
+        if facts_in_pass:  # the BPE decoder spaces out punctuation: compare without spaces
             squash = lambda s: s.replace(" ", "").upper()  # noqa: E731
             assert {frozenset(map(squash, p[6:])) for p in passes} == {frozenset(squash(fact_sentence(k)) for k in facts)}
