@@ -213,7 +213,7 @@ def fact_listwise_loss(img: torch.Tensor, fact_txt: torch.Tensor, present: torch
 
     A search reads the top of one sentence's ranking over all videos. The per-fact BCE of
     :func:`fact_anchor_loss` scores each (sentence, clip) pair on its own, so a pacer clip just below the
-    margin costs little even when it outranks every clip clip; this term is the contrastive loss's
+    margin costs little even when it outranks every MitraClip video; this term is the contrastive loss's
     text->image direction for the fact sentences, where the hardest negatives dominate the gradient.
     """
     has = present.sum(0) > 0
