@@ -255,6 +255,17 @@ def test_acquisition_jitter_is_shared_by_a_clip_and_keeps_the_image_range() -> N
         assert out.dtype == np.uint8 and out.shape == clip.shape
         assert np.array_equal(out[0], out[1])  # one acquisition: the same zoom, resolution and gamma
         assert not np.array_equal(out[0], clip[0])
+        # each option is applied on top of the same gain/shift draw (the rng's first draws)
+        base = _augment_frame(clip, np.random.default_rng(seed))
+        graded = _augment_frame(clip, np.random.default_rng(seed), gamma=0.3)
+        assert not np.array_equal(graded, base)
+        order = np.argsort(base[0].ravel(), kind="stable")  # a grey map keeps the order of grey levels
+        assert np.all(np.diff(graded[0].ravel()[order].astype(int)) >= 0)
+        blurred = _augment_frame(clip, np.random.default_rng(seed), lowres_p=1.0)
+        edge = lambda f: np.abs(np.diff(f[0, :, :, 0].astype(int), axis=1)).max()  # noqa: E731
+        assert edge(blurred) < edge(base)  # the disc's sharp rim is softened by the low-resolution pass
+        zoomed = _augment_frame(clip, np.random.default_rng(seed), zoom=0.2)
+        assert not np.array_equal(zoomed, base) and np.array_equal(zoomed[0], zoomed[1])
 
 
 @given(scale=st.floats(0.8, 1.25))
