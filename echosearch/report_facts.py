@@ -95,9 +95,9 @@ def report_facts(report: str, view: str | None = None) -> Facts:
     return facts
 
 
-def value_tolerance(value: float) -> float:
+def value_tolerance(value: float | np.ndarray) -> float | np.ndarray:
     """Scale on which two reported numbers count as the same (8 % of the value, at least 2 units)."""
-    return max(2.0, 0.08 * abs(value))
+    return np.maximum(2.0, 0.08 * np.abs(value))
 
 
 Statements = list[tuple[str, float | None]]
@@ -117,8 +117,38 @@ def relevance(facts: Facts, text: str | Statements) -> float:
             return 0.0
         known = facts[key]
         if value is not None and known is not None:
-            r *= math.exp(-abs(known - value) / value_tolerance(value))
+            r *= math.exp(-abs(known - value) / float(value_tolerance(value)))
     return r
+
+
+def quantity_grid(numeric: Sequence[tuple[str, float, float]], n: int,
+                  rng: random.Random) -> list[tuple[str, str, float]]:
+    """``n`` sentences per quantity at values spread evenly over its observed range from a random offset,
+    each in one of the quantity's templates drawn at random: (quantity key, sentence, value).
+
+    ``numeric`` is :attr:`PromptSampler.numeric`. These are the sentences a regression prompt set asks
+    about ("LV EJECTION FRACTION IS 35%."): a fact anchor for a number, scored against every clip with a
+    target that decays with the distance to the clip's reported value (:func:`value_target`).
+    """
+    by_key: dict[str, list[tuple[str, float, float]]] = {}
+    for tpl, lo, hi in numeric:
+        by_key.setdefault(sentence_fact(tpl.format(1))[0], []).append((tpl, lo, hi))
+    out = []
+    for key, tpls in sorted(by_key.items()):
+        lo, hi = min(t[1] for t in tpls), max(t[2] for t in tpls)
+        u = rng.random()
+        for j in range(n):
+            value = float(round(lo + (j + u) / n * (hi - lo)))
+            out.append((key, rng.choice(tpls)[0].format(int(value)), value))
+    return out
+
+
+def value_target(known: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """How far a clip with reported ``known`` values (NaN = not stated) is described by a sentence stating
+    ``value`` (broadcast): ``exp(-|known - value| / tol)`` as in :func:`relevance`, 0 where not stated."""
+    with np.errstate(invalid="ignore"):
+        t = np.exp(-np.abs(known - value) / value_tolerance(value))
+    return np.nan_to_num(t, nan=0.0).astype(np.float32)
 
 
 def augment_report(report: str, rng: random.Random, view: str | None = None, view_rate: float = 0.5) -> str:

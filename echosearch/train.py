@@ -36,9 +36,11 @@ from echosearch.report_facts import (
     ReportLabels,
     augment_report,
     fact_sentence,
+    quantity_grid,
     relevance,
     report_facts,
     statements,
+    value_target,
     visible_report,
 )
 
@@ -77,6 +79,7 @@ class TrainConfig:
     view_visibility: bool = True  # pair each clip with the report sentences its view can show
     anchor_weight: float = 1.0  # per-fact sigmoid loss of each fact's own sentence against every clip (0 = off)
     listwise_weight: float = 0.0  # each fact sentence's ranking of the batch's clips (softmax; 0 = off)
+    quantity_anchors: int = 0  # numeric sentences per quantity (EF) per step joining the anchor terms (0 = off)
     zoom: float = 0.0  # training frames zoomed by up to +-zoom (imaging depth)
     lowres_p: float = 0.0  # share of training clips seen through a 0.4-0.8 resolution source
     gamma: float = 0.0  # grey-map jitter: gamma in [1/(1+gamma), 1+gamma]
@@ -310,17 +313,24 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     # reports into training) that have a sentence (a view without a standard phrase has none)
     seen = labels.present[train_idx].sum(0) > 0
     anchored = {j: sent for j, k in enumerate(labels.keys) if seen[j] and (sent := fact_sentence(k)) is not None}
-    anchor_tokens = (tokenizer(list(anchored.values()))
-                     if (cfg.anchor_weight > 0 or cfg.listwise_weight > 0) and anchored else None)
+    anchoring = cfg.anchor_weight > 0 or cfg.listwise_weight > 0
+    anchor_tokens = tokenizer(list(anchored.values())) if anchoring and anchored else None
+    # numbers anchored too: each quantity's sentences at values across its range, soft targets by distance
+    qrng = random.Random(cfg.seed + 1)  # its own stream: the batches and texts stay those of a run without it
+    q_cols = {q: j for j, q in enumerate(labels.quantities)}
+    q_known = np.array([[np.nan if f.get(q) is None else f[q] for q in labels.quantities] for f in facts],
+                       np.float32).reshape(len(facts), len(q_cols))
+    q_anchoring = anchoring and cfg.quantity_anchors > 0 and bool(prompts.numeric)
     anchor_cols = torch.tensor(list(anchored), dtype=torch.long)
     prior = labels.present[train_idx][:, list(anchored)].mean(0).clip(1e-3, 1 - 1e-3)
     anchor = torch.nn.ParameterDict({"scale": torch.nn.Parameter(torch.tensor(10.0)),
-                                     "bias": torch.nn.Parameter(torch.from_numpy(np.log(prior / (1 - prior))).float())})
+                                     "bias": torch.nn.Parameter(torch.from_numpy(np.log(prior / (1 - prior))).float()),
+                                     "qbias": torch.nn.Parameter(torch.tensor(-1.5))})  # ~ mean value target 0.2
     model.train()
     model.visual.to(memory_format=torch.channels_last)  # ~25 % faster convolutions on CPU
     params = list(model.parameters()) + (list(heads.parameters()) if cfg.aux_weight > 0 else [])
     groups: list[dict[str, Any]] = [{"params": params}]
-    if anchor_tokens is not None:  # a temperature and per-fact biases: not decayed towards 0
+    if anchor_tokens is not None or q_anchoring:  # a temperature and per-fact biases: not decayed towards 0
         groups.append({"params": list(anchor.parameters()), "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train_idx) // cfg.batch_size)
@@ -358,8 +368,12 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             frame_f = model.encode_image(to_tensor(imgs).contiguous(memory_format=torch.channels_last), normalize=True)
             img_f = pool_clips(frame_f, k)  # the video vector, as the index pools it
             tokens = tokenizer(txts)
+            n_fact = 0 if anchor_tokens is None else len(anchor_tokens)
             if anchor_tokens is not None:  # one text-tower pass for the batch's texts and the fact sentences
                 tokens = torch.cat([tokens, anchor_tokens])
+            qs = quantity_grid(prompts.numeric, cfg.quantity_anchors, qrng) if q_anchoring else []
+            if qs:
+                tokens = torch.cat([tokens, tokenizer([s for _, s, _ in qs])])
             txt_all = encode_text_bucketed(model, tokens)
             txt_f = txt_all[:len(txts)]
             scale = model.logit_scale.exp()
@@ -381,12 +395,23 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
                 err = ((heads["quantities"](z) - values[ii]) ** 2) * stated[ii]
                 loss = loss + cfg.aux_weight * (aux + err.sum() / stated[ii].sum().clamp(min=1))
             if anchor_tokens is not None:  # each fact's own sentence (what a search types) against every clip
-                fact_txt, fact_present = txt_all[len(txts):], present[ii][:, anchor_cols]
+                fact_txt, fact_present = txt_all[len(txts):len(txts) + n_fact], present[ii][:, anchor_cols]
                 if cfg.anchor_weight > 0:
                     loss = loss + cfg.anchor_weight * fact_anchor_loss(
                         img_f, fact_txt, fact_present, anchor["scale"], anchor["bias"], anchor_pos_weight)
                 if cfg.listwise_weight > 0:
                     loss = loss + cfg.listwise_weight * fact_listwise_loss(img_f, fact_txt, fact_present, scale)
+            if qs:  # each value's sentence against every clip that states the quantity, target by distance
+                q_txt = txt_all[len(txts) + n_fact:]
+                known = q_known[batch][:, [q_cols[q] for q, _, _ in qs]]
+                q_target = torch.from_numpy(value_target(known, np.array([v for _, _, v in qs], np.float32)))
+                q_mask = torch.from_numpy(~np.isnan(known)).float()
+                if cfg.anchor_weight > 0:
+                    q_logits = anchor["scale"] * img_f @ q_txt.T + anchor["qbias"]
+                    q_bce = F.binary_cross_entropy_with_logits(q_logits, q_target, weight=q_mask, reduction="sum")
+                    loss = loss + cfg.anchor_weight * q_bce / q_mask.sum().clamp(min=1)
+                if cfg.listwise_weight > 0:
+                    loss = loss + cfg.listwise_weight * fact_listwise_loss(img_f, q_txt, q_target, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,13 @@ from echosearch.report_facts import (
     ReportLabels,
     augment_report,
     fact_sentence,
+    quantity_grid,
     relevance,
     report_facts,
     sentence_fact,
     split_sentences,
     statements,
+    value_target,
     visible_in_view,
     visible_report,
 )
@@ -176,6 +179,35 @@ def test_prompt_sampler_draws_statements_across_observed_ranges() -> None:
     assert PACER in drawn and "PARASTERNAL LONG AXIS VIEW." in drawn
 
 
+@settings(max_examples=60, deadline=None)
+@given(lo=st.integers(5, 60), span=st.integers(0, 40), n=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_quantity_grid_spreads_each_quantity_over_its_observed_range(lo: int, span: int, n: int, seed: int) -> None:
+    """n sentences per quantity, in its own phrasings, at values that cover its observed range evenly."""
+    numeric = [("LV EJECTION FRACTION IS {}%.", float(lo), float(lo + span // 2)),
+               ("LEFT VENTRICULAR EJECTION FRACTION ESTIMATED AT {}%.", float(lo + span // 3), float(lo + span)),
+               ("AORTIC VALVE AREA {} CM2.", 1.0, 3.0)]
+    grid = quantity_grid(numeric, n, random.Random(seed))
+    assert [k for k, _, _ in grid] == ["AORTIC VALVE AREA # CM#."] * n + ["EJECTION FRACTION"] * n
+    for key, lo_q, hi_q in (("EJECTION FRACTION", lo, lo + span), ("AORTIC VALVE AREA # CM#.", 1, 3)):
+        rows = [(s, v) for k, s, v in grid if k == key]
+        assert all(sentence_fact(s) == (key, v) for s, v in rows)  # each sentence states its value
+        vals = [v for _, v in rows]
+        assert all(lo_q <= v <= hi_q for v in vals) and vals == sorted(vals)
+        width = (hi_q - lo_q) / n  # one value per n-th of the range (rounded to whole units)
+        assert all(abs((v - lo_q) - (j + 0.5) * width) <= width / 2 + 0.5 for j, v in enumerate(vals))
+
+
+def test_value_target_is_the_relevance_of_a_value_sentence() -> None:
+    known = np.array([[40.0], [44.0], [60.0], [np.nan]], np.float32)
+    values = np.array([40.0, 50.0, 25.0], np.float32)
+    target = value_target(known, values)
+    for i, k in enumerate(known[:, 0]):
+        clip = report_facts(f"LV EJECTION FRACTION IS {k:.0f}%." if k == k else PACER)
+        for j, v in enumerate(values):
+            assert target[i, j] == pytest.approx(relevance(clip, f"LV EJECTION FRACTION IS {v:.0f}%."), abs=1e-6)
+    assert target[0, 0] == 1.0 and target[0, 1] < target[1, 1] < 1.0 and target[3].sum() == 0.0
+
+
 def test_report_labels_are_standardised_and_masked() -> None:
     facts = [report_facts("LV EJECTION FRACTION IS 30%. " + PACER), report_facts("LV EJECTION FRACTION IS 60%."),
              report_facts("MITRACLIP IN PLACE.")]
@@ -323,6 +355,26 @@ def test_train_command_runs_steps_and_writes_a_loadable_model(train_index: Path,
     assert (out / "checkpoints" / "last.pt").is_file()
 
 
+def test_train_command_passes_the_anchor_options_to_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import echosearch.train as train_mod
+    from echosearch.cli import main
+
+    seen: list[train_mod.TrainConfig] = []
+
+    def fake_train(index_dir: Path, out_dir: Path, config: train_mod.TrainConfig, progress: object = None) -> object:
+        seen.append(config)
+        return train_mod.TrainResult(out_dir=out_dir, epochs_run=0, steps=0)
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    base = ["train", "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "m")]
+    assert main(base) == 0 and main([*base, "--anchor-weight", "2", "--listwise-weight", "0.5",
+                                     "--quantity-anchors", "6"]) == 0
+    defaults = train_mod.TrainConfig()  # the CLI's defaults are the recipe's
+    assert (seen[0].anchor_weight, seen[0].listwise_weight, seen[0].quantity_anchors) == \
+        (defaults.anchor_weight, defaults.listwise_weight, defaults.quantity_anchors)
+    assert (seen[1].anchor_weight, seen[1].listwise_weight, seen[1].quantity_anchors) == (2.0, 0.5, 6)
+
+
 def test_only_the_last_epochs_train_pooled_clips(train_index: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import open_clip
@@ -444,3 +496,67 @@ def test_every_step_scores_each_fact_sentence_against_the_batch(train_index: Pat
         if facts_in_pass:  # the BPE decoder spaces out punctuation: compare without spaces
             squash = lambda s: s.replace(" ", "").upper()  # noqa: E731
             assert {frozenset(map(squash, p[6:])) for p in passes} == {frozenset(squash(fact_sentence(k)) for k in facts)}
+
+
+def test_quantity_anchors_score_value_sentences_against_each_clips_reported_value(
+        train_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With quantity anchors, each step's text pass ends with n sentences per quantity at values across the
+    training reports' range, and both anchor terms score them with the clip's value_target (soft, by distance)."""
+    import open_clip
+
+    import echosearch.train as train_mod
+    from echosearch.catalog import Catalog
+
+    with Catalog.open(train_index, read_only=True) as cat:
+        reports = [t for (t,) in cat.con.sql("SELECT r.text FROM videos v JOIN reports r USING (study_key)").fetchall()]
+    reported: dict[str, set[float]] = {}  # quantity -> values the training reports state (EF, LVIDd)
+    for t in reports:
+        for k, v in report_facts(t).items():
+            if v is not None:
+                reported.setdefault(k, set()).add(v)
+    assert sorted(reported) == ["EJECTION FRACTION", "LVIDD # MM."] and all(len(v) > 3 for v in reported.values())
+    tok = open_clip.SimpleTokenizer(context_length=64)
+    passes: list[list[str]] = []
+    original = train_mod.encode_text_bucketed
+
+    def spy(model: torch.nn.Module, tokens: torch.Tensor, buckets: int = 3) -> torch.Tensor:
+        if model.training:
+            passes.append([tok.decode([int(i) for i in row if int(i) not in (0, tok.sot_token_id, tok.eot_token_id)])
+                           for row in tokens])
+        return original(model, tokens, buckets)
+
+    targets: list[torch.Tensor] = []
+    real_listwise = train_mod.fact_listwise_loss
+
+    def listwise_spy(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        targets.append(present)
+        return real_listwise(img, fact_txt, present, scale)
+
+    bce_weights: list[torch.Tensor] = []
+    real_bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def bce_spy(logits: torch.Tensor, target: torch.Tensor, **kw: object) -> torch.Tensor:
+        if kw.get("weight") is not None:  # only the quantity term passes a mask
+            bce_weights.append(kw["weight"])  # type: ignore[arg-type]
+        return real_bce(logits, target, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_mod, "encode_text_bucketed", spy)
+    monkeypatch.setattr(train_mod, "fact_listwise_loss", listwise_spy)
+    monkeypatch.setattr(train_mod.F, "binary_cross_entropy_with_logits", bce_spy)
+    train_mod.train(train_index, tmp_path / "m", train_mod.TrainConfig(
+        epochs=1, batch_size=4, workers=0, max_steps=2, clip_epochs=0, extra_texts=2, listwise_weight=1.0,
+        quantity_anchors=3))
+    assert len(passes) == 2 and len(targets) == 4 and len(bce_weights) == 2  # facts + quantities, per step
+    squash = lambda s: re.sub(r"(?<=\d) (?=\d)|(?<=\S) (?=[%.])", "", s).upper()  # noqa: E731  BPE spacing
+    for step, texts in enumerate(passes):
+        parsed = [sentence_fact(squash(t)) for t in texts[-6:]]
+        assert [k for k, _ in parsed] == ["EJECTION FRACTION"] * 3 + ["LVIDD # MM."] * 3, parsed
+        assert all(min(reported[k]) <= v <= max(reported[k]) for k, v in parsed)  # type: ignore[operator]
+        q_target = targets[2 * step + 1].numpy()
+        assert q_target.shape == (4, 6) and 0.0 < q_target.max() <= 1.0
+        # every clip's row is what some training report's EF and LVIDd give for these values
+        for cols, key in ((slice(0, 3), "EJECTION FRACTION"), (slice(3, 6), "LVIDD # MM.")):
+            values = np.array([v for _, v in parsed[cols]], np.float32)
+            options = [value_target(np.array([[x]], np.float32), values)[0] for x in reported[key]]
+            assert all(any(np.allclose(row, o, atol=1e-6) for o in options) for row in q_target[:, cols])
+    assert all(w.shape == (4, 6) and bool(torch.all(w == 1)) for w in bce_weights)  # every clip here states both

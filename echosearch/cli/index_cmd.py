@@ -72,6 +72,10 @@ def register(app: typer.Typer) -> None:
         listwise_weight: float = typer.Option(0.0, "--listwise-weight",
                                               help="Weight of each finding sentence's softmax ranking of a batch's "
                                                    "clips (the hardest negatives dominate; 0 = off)."),
+        quantity_anchors: int = typer.Option(0, "--quantity-anchors", min=0,
+                                             help="Numeric sentences per quantity (EF, LVIDd) per step, at values "
+                                                  "across the reports' range, joining the anchor terms with targets "
+                                                  "that decay with the distance to each clip's value (0 = off)."),
         extra_texts: int = typer.Option(16, "--extra-texts", help="Single-statement texts added to each batch."),
         clip_frames: int = typer.Option(3, "--clip-frames", min=1,
                                         help="Frames per training clip, mean-pooled like the index's video vectors."),
@@ -90,7 +94,8 @@ def register(app: typer.Typer) -> None:
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, init=init,
                           workers=workers, soft_targets=soft_targets, aux_weight=aux_weight, extra_texts=extra_texts,
                           clip_frames=clip_frames, clip_epochs=clip_epochs, view_visibility=view_visibility,
-                          anchor_weight=anchor_weight, listwise_weight=listwise_weight)
+                          anchor_weight=anchor_weight, listwise_weight=listwise_weight,
+                          quantity_anchors=quantity_anchors)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=console) as bar:
             tasks: dict[str, TaskID] = {}
