@@ -80,6 +80,7 @@ class TrainConfig:
     anchor_weight: float = 1.0  # per-fact sigmoid loss of each fact's own sentence against every clip (0 = off)
     listwise_weight: float = 0.0  # each fact sentence's ranking of the batch's clips (softmax; 0 = off)
     quantity_anchors: int = 0  # numeric sentences per quantity (EF) per step joining the anchor terms (0 = off)
+    ema: float = 0.0  # export an exponential moving average of the weights with this decay per step (0 = off)
     zoom: float = 0.0  # training frames zoomed by up to +-zoom (imaging depth)
     lowres_p: float = 0.0  # share of training clips seen through a 0.4-0.8 resolution source
     gamma: float = 0.0  # grey-map jitter: gamma in [1/(1+gamma), 1+gamma]
@@ -347,6 +348,8 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     if k_clip < cfg.clip_frames:
         log.warning("clip_frames %d > frames_per_video %d: clips use %d frames", cfg.clip_frames,
                     cfg.frames_per_video, k_clip)
+    # a moving average of the weights (the exported model when on); checkpoints keep the raw weights
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.ema > 0 else None
     step = 0
     t0 = time.time()
     for epoch in range(cfg.epochs):
@@ -418,6 +421,10 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             sched.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, 4.6052)
+                if ema is not None:  # early steps average over the steps so far
+                    decay = min(cfg.ema, (1 + step) / (10 + step))
+                    for n, p in model.named_parameters():
+                        ema[n].mul_(decay).add_(p.detach(), alpha=1 - decay)
             losses.append(loss.item())
             step += 1
             if progress:
@@ -435,6 +442,14 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
         if step >= total:
             break
     result.steps = step
+    if ema is not None and result.history:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(ema[n])
+        held = _retrieval_metrics(model, tokenizer, [frames[i] for i in hold_idx], [texts[i] for i in hold_idx], to_tensor)
+        result.history[-1].update({f"ema_{k}": v for k, v in held.items()})
+        if progress:
+            progress("epoch", result.epochs_run, cfg.epochs, {f"ema_{k}": v for k, v in held.items()})
     model.eval()
     hints = {"name": Path(out_dir).name, "frame_policy": "sector", "arch": "echosearch-demo" if not cfg.init else cfg.init,
              "description": f"trained by `echosearch train` on {index_dir} (seed {cfg.seed}, {result.epochs_run} epochs)",

@@ -368,11 +368,10 @@ def test_train_command_passes_the_anchor_options_to_the_recipe(tmp_path: Path, m
     monkeypatch.setattr(train_mod, "train", fake_train)
     base = ["train", "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "m")]
     assert main(base) == 0 and main([*base, "--anchor-weight", "2", "--listwise-weight", "0.5",
-                                     "--quantity-anchors", "6"]) == 0
+                                     "--quantity-anchors", "6", "--ema", "0.99"]) == 0
     defaults = train_mod.TrainConfig()  # the CLI's defaults are the recipe's
-    assert (seen[0].anchor_weight, seen[0].listwise_weight, seen[0].quantity_anchors) == \
-        (defaults.anchor_weight, defaults.listwise_weight, defaults.quantity_anchors)
-    assert (seen[1].anchor_weight, seen[1].listwise_weight, seen[1].quantity_anchors) == (2.0, 0.5, 6)
+    pick = lambda c: (c.anchor_weight, c.listwise_weight, c.quantity_anchors, c.ema)  # noqa: E731
+    assert pick(seen[0]) == pick(defaults) and pick(seen[1]) == (2.0, 0.5, 6, 0.99)
 
 
 def test_only_the_last_epochs_train_pooled_clips(train_index: Path, tmp_path: Path,
@@ -560,3 +559,54 @@ def test_quantity_anchors_score_value_sentences_against_each_clips_reported_valu
             options = [value_target(np.array([[x]], np.float32), values)[0] for x in reported[key]]
             assert all(any(np.allclose(row, o, atol=1e-6) for o in options) for row in q_target[:, cols])
     assert all(w.shape == (4, 6) and bool(torch.all(w == 1)) for w in bce_weights)  # every clip here states both
+
+
+def test_ema_exports_the_moving_average_of_each_steps_weights(train_index: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``ema``, the exported weights are the warmed-up moving average of the weights after each step
+    (recomputed here from snapshots), while the checkpoint keeps the last step's raw weights."""
+    import echosearch.train as train_mod
+
+    snapshots: list[list[torch.Tensor]] = []  # the model's parameters (group 0) before training, then per step
+    real_adamw = torch.optim.AdamW
+
+    class Recording(real_adamw):  # type: ignore[misc,valid-type]
+        def _snap(self) -> None:
+            snapshots.append([p.detach().clone() for p in self.param_groups[0]["params"]])
+
+        def __init__(self, *a: object, **kw: object) -> None:
+            super().__init__(*a, **kw)
+            self._snap()
+
+        def step(self, closure: object = None) -> object:
+            out = super().step(closure)  # type: ignore[arg-type]
+            self._snap()
+            return out
+
+    exported: dict[str, torch.Tensor] = {}
+    real_write = train_mod.write_model_folder
+
+    def write_spy(model: torch.nn.Module, *a: object, **kw: object) -> object:
+        exported.update({n: p.detach().clone().float() for n, p in model.named_parameters()})
+        return real_write(model, *a, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    monkeypatch.setattr(train_mod, "write_model_folder", write_spy)
+    out = tmp_path / "m"
+    train_mod.train(train_index, out, train_mod.TrainConfig(epochs=1, batch_size=4, workers=0, max_steps=4,
+                                                            clip_epochs=0, extra_texts=2, ema=0.7, aux_weight=0.0,
+                                                            lr=0.05))  # steps large enough to tell apart
+    assert len(snapshots) == 5 and len(snapshots[0]) == len(exported)  # group 0 is exactly the model's parameters
+    expected = snapshots[0]
+    for step, snap in enumerate(snapshots[1:]):
+        decay = min(0.7, (1 + step) / (10 + step))
+        expected = [e * decay + v * (1 - decay) for e, v in zip(expected, snap, strict=True)]
+    raw = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["model"]
+    moved = 0
+    for (name, got), want, last in zip(exported.items(), expected, snapshots[-1], strict=True):
+        if name == "logit_scale":  # clamped after each step, outside the optimiser
+            continue
+        assert torch.allclose(got, want, atol=1e-6), name
+        assert torch.allclose(raw[name].float(), last, atol=1e-6), name  # the checkpoint: the raw last step
+        moved += int(not torch.allclose(got, last, atol=1e-4))
+    assert moved > len(exported) // 2  # the export is not the last step's weights

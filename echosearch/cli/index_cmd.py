@@ -76,6 +76,9 @@ def register(app: typer.Typer) -> None:
                                              help="Numeric sentences per quantity (EF, LVIDd) per step, at values "
                                                   "across the reports' range, joining the anchor terms with targets "
                                                   "that decay with the distance to each clip's value (0 = off)."),
+        ema: float = typer.Option(0.0, "--ema", min=0.0, max=0.9999,
+                                  help="Export a moving average of the weights with this decay per step (e.g. "
+                                       "0.99; 0 = the last step's weights). Checkpoints keep the raw weights."),
         extra_texts: int = typer.Option(16, "--extra-texts", help="Single-statement texts added to each batch."),
         clip_frames: int = typer.Option(3, "--clip-frames", min=1,
                                         help="Frames per training clip, mean-pooled like the index's video vectors."),
@@ -95,7 +98,7 @@ def register(app: typer.Typer) -> None:
                           workers=workers, soft_targets=soft_targets, aux_weight=aux_weight, extra_texts=extra_texts,
                           clip_frames=clip_frames, clip_epochs=clip_epochs, view_visibility=view_visibility,
                           anchor_weight=anchor_weight, listwise_weight=listwise_weight,
-                          quantity_anchors=quantity_anchors)
+                          quantity_anchors=quantity_anchors, ema=ema)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=console) as bar:
             tasks: dict[str, TaskID] = {}
