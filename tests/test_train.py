@@ -482,7 +482,7 @@ def test_every_step_scores_each_fact_sentence_against_the_batch(train_index: Pat
         listwise_calls.clear()
         train_mod.train(train_index, tmp_path / f"m{weight}-{listwise}", train_mod.TrainConfig(
             epochs=1, batch_size=4, workers=0, max_steps=2, clip_epochs=0, extra_texts=2, anchor_weight=weight,
-            listwise_weight=listwise))
+            listwise_weight=listwise, quantity_anchors=0))
         facts_in_pass = weight or listwise  # the fact sentences ride along whenever either term is on
         assert len(passes) == 2 and all(len(p) == 4 + 2 + (len(facts) if facts_in_pass else 0) for p in passes)
         # anchors: one loss term per step over every fact, and their scale/biases in an undecayed group
