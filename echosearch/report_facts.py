@@ -128,7 +128,9 @@ def quantity_grid(numeric: Sequence[tuple[str, float, float]], n: int,
 
     ``numeric`` is :attr:`PromptSampler.numeric`. These are the sentences a regression prompt set asks
     about ("LV EJECTION FRACTION IS 35%."): a fact anchor for a number, scored against every clip with a
-    target that decays with the distance to the clip's reported value (:func:`value_target`).
+    target that decays with the distance to the clip's reported value (:func:`value_target`). Values are
+    whole numbers, as the reports' quantities are (EF in %, LVIDd in mm; :meth:`PromptSampler.sample`
+    draws them the same way), kept within the observed range.
     """
     by_key: dict[str, list[tuple[str, float, float]]] = {}
     for tpl, lo, hi in numeric:
@@ -136,15 +138,16 @@ def quantity_grid(numeric: Sequence[tuple[str, float, float]], n: int,
     out = []
     for key, tpls in sorted(by_key.items()):
         lo, hi = min(t[1] for t in tpls), max(t[2] for t in tpls)
+        first, last = math.ceil(lo), max(math.floor(hi), math.ceil(lo))  # whole numbers within the range
         u = rng.random()
         for j in range(n):
-            value = float(round(lo + (j + u) / n * (hi - lo)))
+            value = float(min(max(round(lo + (j + u) / n * (hi - lo)), first), last))
             out.append((key, rng.choice(tpls)[0].format(int(value)), value))
     return out
 
 
 def value_target(known: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """How far a clip with reported ``known`` values (NaN = not stated) is described by a sentence stating
+    """How well a clip with reported ``known`` values (NaN = not stated) is described by a sentence stating
     ``value`` (broadcast): ``exp(-|known - value| / tol)`` as in :func:`relevance`, 0 where not stated."""
     with np.errstate(invalid="ignore"):
         t = np.exp(-np.abs(known - value) / value_tolerance(value))

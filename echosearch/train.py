@@ -79,8 +79,11 @@ class TrainConfig:
     view_visibility: bool = True  # pair each clip with the report sentences its view can show
     anchor_weight: float = 1.0  # per-fact sigmoid loss of each fact's own sentence against every clip (0 = off)
     listwise_weight: float = 0.0  # each fact sentence's ranking of the batch's clips (softmax; 0 = off)
-    quantity_anchors: int = 0  # numeric sentences per quantity (EF) per step joining the anchor terms (0 = off)
-    ema: float = 0.0  # export an exponential moving average of the weights with this decay per step (0 = off)
+    # sentences per reported quantity (EF, LVIDd, ...) per step at values across its range, scored by the
+    # anchor and listwise terms above (so nothing when both are off); 0 = off
+    quantity_anchors: int = 0
+    # export a moving average of the parameters (decay per step; buffers stay the last step's); 0 = off
+    ema: float = 0.0
     zoom: float = 0.0  # training frames zoomed by up to +-zoom (imaging depth)
     lowres_p: float = 0.0  # share of training clips seen through a 0.4-0.8 resolution source
     gamma: float = 0.0  # grey-map jitter: gamma in [1/(1+gamma), 1+gamma]
@@ -211,7 +214,7 @@ def fact_anchor_loss(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.T
 
 
 def fact_listwise_loss(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.Tensor,
-                       scale: torch.Tensor) -> torch.Tensor:
+                       scale: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
     """Each fact's sentence against the batch's clips as one ranking: softmax over clips, target spread over
     the clips that show the fact (facts no clip of the batch shows are skipped).
 
@@ -219,13 +222,18 @@ def fact_listwise_loss(img: torch.Tensor, fact_txt: torch.Tensor, present: torch
     :func:`fact_anchor_loss` scores each (sentence, clip) pair on its own, so a pacer clip just below the
     margin costs little even when it outranks every MitraClip video; this term is the contrastive loss's
     text->image direction for the fact sentences, where the hardest negatives dominate the gradient.
+    ``present`` may be soft (a value sentence's :func:`~echosearch.report_facts.value_target`); with
+    ``known``, clips whose report does not state the fact are left out of its ranking.
     """
     has = present.sum(0) > 0
     if not bool(has.any()):
         return img.new_zeros(())
     target = present.T[has]
-    logp = (scale * fact_txt[has] @ img.T).log_softmax(-1)
-    return -((target * logp).sum(-1) / target.sum(-1)).mean()
+    logits = scale * fact_txt[has] @ img.T
+    if known is not None:  # (clips, facts) 0 where a clip's report does not say: not a negative, left out
+        logits = logits.masked_fill(known.T[has] == 0, float("-inf"))
+    logp = logits.log_softmax(-1)
+    return -(torch.where(target > 0, target * logp, 0.0).sum(-1) / target.sum(-1)).mean()
 
 
 def soft_clip_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -414,7 +422,7 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
                     q_bce = F.binary_cross_entropy_with_logits(q_logits, q_target, weight=q_mask, reduction="sum")
                     loss = loss + cfg.anchor_weight * q_bce / q_mask.sum().clamp(min=1)
                 if cfg.listwise_weight > 0:
-                    loss = loss + cfg.listwise_weight * fact_listwise_loss(img_f, q_txt, q_target, scale)
+                    loss = loss + cfg.listwise_weight * fact_listwise_loss(img_f, q_txt, q_target, scale, q_mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -446,10 +454,11 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(ema[n])
-        held = _retrieval_metrics(model, tokenizer, [frames[i] for i in hold_idx], [texts[i] for i in hold_idx], to_tensor)
-        result.history[-1].update({f"ema_{k}": v for k, v in held.items()})
+        ema_metrics = {f"ema_{k}": v for k, v in _retrieval_metrics(
+            model, tokenizer, [frames[i] for i in hold_idx], [texts[i] for i in hold_idx], to_tensor).items()}
+        result.history[-1].update(ema_metrics)
         if progress:
-            progress("epoch", result.epochs_run, cfg.epochs, {f"ema_{k}": v for k, v in held.items()})
+            progress("epoch", result.epochs_run, cfg.epochs, ema_metrics)
     model.eval()
     hints = {"name": Path(out_dir).name, "frame_policy": "sector", "arch": "echosearch-demo" if not cfg.init else cfg.init,
              "description": f"trained by `echosearch train` on {index_dir} (seed {cfg.seed}, {result.epochs_run} epochs)",

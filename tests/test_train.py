@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -152,6 +153,22 @@ def test_fact_listwise_loss_with_one_positive_each_is_the_text_to_image_cross_en
     assert fact_listwise_loss(img, txt, torch.zeros(6, 3), torch.tensor(7.0)).item() == 0.0
 
 
+def test_fact_listwise_loss_leaves_clips_that_do_not_state_a_value_out_of_its_ranking() -> None:
+    g = torch.Generator().manual_seed(2)
+    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(2, 8, generator=g), dim=1)
+    target = torch.tensor([[1.0, 0.2], [0.4, 0.0], [0.0, 1.0], [0.0, 0.0], [0.1, 0.5]])  # soft: value sentences
+    known = torch.ones(5, 2)
+    known[3] = 0.0  # clip 3's report states neither quantity
+    other = img.clone()
+    other[3] = txt[0]  # clip 3 made the best match of sentence 0
+    masked = [fact_listwise_loss(x, txt, target, torch.tensor(10.0), known) for x in (img, other)]
+    plain = [fact_listwise_loss(x, txt, target, torch.tensor(10.0)) for x in (img, other)]
+    assert torch.allclose(masked[0], masked[1]) and not torch.allclose(plain[0], plain[1])
+    assert plain[1] > plain[0]  # without ``known`` it is a negative that now outranks the positives
+    assert torch.allclose(fact_listwise_loss(img, txt, target, torch.tensor(10.0), torch.ones(5, 2)), plain[0])
+
+
 TAVR = "A BIOPROSTHETIC STENT-VALVE IS PRESENT IN THE AORTIC POSITION."
 
 
@@ -195,6 +212,15 @@ def test_quantity_grid_spreads_each_quantity_over_its_observed_range(lo: int, sp
         assert all(lo_q <= v <= hi_q for v in vals) and vals == sorted(vals)
         width = (hi_q - lo_q) / n  # one value per n-th of the range (rounded to whole units)
         assert all(abs((v - lo_q) - (j + 0.5) * width) <= width / 2 + 0.5 for j, v in enumerate(vals))
+
+
+@settings(max_examples=40, deadline=None)
+@given(lo=st.floats(0.1, 50.0), span=st.floats(0.0, 30.0), n=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_quantity_grid_values_are_whole_numbers_within_the_observed_range(lo: float, span: float, n: int,
+                                                                          seed: int) -> None:
+    grid = quantity_grid([("LVIDD {} MM.", lo, lo + span)], n, random.Random(seed))
+    first, last = math.ceil(lo), max(math.floor(lo + span), math.ceil(lo))  # a range without a whole number: its ceiling
+    assert all(v == int(v) and first <= v <= last for _, _, v in grid)
 
 
 def test_value_target_is_the_relevance_of_a_value_sentence() -> None:
@@ -527,9 +553,17 @@ def test_quantity_anchors_score_value_sentences_against_each_clips_reported_valu
     targets: list[torch.Tensor] = []
     real_listwise = train_mod.fact_listwise_loss
 
-    def listwise_spy(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def listwise_spy(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.Tensor, scale: torch.Tensor,
+                     known: torch.Tensor | None = None) -> torch.Tensor:
         targets.append(present)
-        return real_listwise(img, fact_txt, present, scale)
+        return real_listwise(img, fact_txt, present, scale, known)
+
+    clip_reports: list[str] = []  # each batch clip's report, in batch order (augment_report is called per clip)
+    real_augment = train_mod.augment_report
+
+    def augment_spy(report: str, rng: random.Random, view: str | None = None, view_rate: float = 0.5) -> str:
+        clip_reports.append(report)
+        return real_augment(report, rng, view, view_rate)
 
     bce_weights: list[torch.Tensor] = []
     real_bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -542,10 +576,12 @@ def test_quantity_anchors_score_value_sentences_against_each_clips_reported_valu
     monkeypatch.setattr(train_mod, "encode_text_bucketed", spy)
     monkeypatch.setattr(train_mod, "fact_listwise_loss", listwise_spy)
     monkeypatch.setattr(train_mod.F, "binary_cross_entropy_with_logits", bce_spy)
+    monkeypatch.setattr(train_mod, "augment_report", augment_spy)
     train_mod.train(train_index, tmp_path / "m", train_mod.TrainConfig(
         epochs=1, batch_size=4, workers=0, max_steps=2, clip_epochs=0, extra_texts=2, listwise_weight=1.0,
         quantity_anchors=3))
     assert len(passes) == 2 and len(targets) == 4 and len(bce_weights) == 2  # facts + quantities, per step
+    assert len(clip_reports) == 8
     squash = lambda s: re.sub(r"(?<=\d) (?=\d)|(?<=\S) (?=[%.])", "", s).upper()  # noqa: E731  BPE spacing
     for step, texts in enumerate(passes):
         parsed = [sentence_fact(squash(t)) for t in texts[-6:]]
@@ -553,11 +589,12 @@ def test_quantity_anchors_score_value_sentences_against_each_clips_reported_valu
         assert all(min(reported[k]) <= v <= max(reported[k]) for k, v in parsed)  # type: ignore[operator]
         q_target = targets[2 * step + 1].numpy()
         assert q_target.shape == (4, 6) and 0.0 < q_target.max() <= 1.0
-        # every clip's row is what some training report's EF and LVIDd give for these values
+        # each clip's row is what its own report's EF and LVIDd give for these values
+        batch_reports = clip_reports[4 * step:4 * step + 4]
         for cols, key in ((slice(0, 3), "EJECTION FRACTION"), (slice(3, 6), "LVIDD # MM.")):
             values = np.array([v for _, v in parsed[cols]], np.float32)
-            options = [value_target(np.array([[x]], np.float32), values)[0] for x in reported[key]]
-            assert all(any(np.allclose(row, o, atol=1e-6) for o in options) for row in q_target[:, cols])
+            own = np.array([[report_facts(r)[key]] for r in batch_reports], np.float32)
+            assert np.allclose(q_target[:, cols], value_target(own, values), atol=1e-6), (q_target, own, values)
     assert all(w.shape == (4, 6) and bool(torch.all(w == 1)) for w in bce_weights)  # every clip here states both
 
 

@@ -75,7 +75,8 @@ def register(app: typer.Typer) -> None:
         quantity_anchors: int = typer.Option(0, "--quantity-anchors", min=0,
                                              help="Numeric sentences per quantity (EF, LVIDd) per step, at values "
                                                   "across the reports' range, joining the anchor terms with targets "
-                                                  "that decay with the distance to each clip's value (0 = off)."),
+                                                  "that decay with the distance to each clip's value (0 = off; "
+                                                  "needs --anchor-weight or --listwise-weight)."),
         ema: float = typer.Option(0.0, "--ema", min=0.0, max=0.9999,
                                   help="Export a moving average of the weights with this decay per step (e.g. "
                                        "0.99; 0 = the last step's weights). Checkpoints keep the raw weights."),
