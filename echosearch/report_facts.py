@@ -95,9 +95,9 @@ def report_facts(report: str, view: str | None = None) -> Facts:
     return facts
 
 
-def value_tolerance(value: float | np.ndarray) -> float | np.ndarray:
+def value_tolerance(value: float) -> float:
     """Scale on which two reported numbers count as the same (8 % of the value, at least 2 units)."""
-    return np.maximum(2.0, 0.08 * np.abs(value))
+    return max(2.0, 0.08 * abs(value))
 
 
 Statements = list[tuple[str, float | None]]
@@ -117,7 +117,7 @@ def relevance(facts: Facts, text: str | Statements) -> float:
             return 0.0
         known = facts[key]
         if value is not None and known is not None:
-            r *= math.exp(-abs(known - value) / float(value_tolerance(value)))
+            r *= math.exp(-abs(known - value) / value_tolerance(value))
     return r
 
 
@@ -149,8 +149,10 @@ def quantity_grid(numeric: Sequence[tuple[str, float, float]], n: int,
 def value_target(known: np.ndarray, value: np.ndarray) -> np.ndarray:
     """How well a clip with reported ``known`` values (NaN = not stated) is described by a sentence stating
     ``value`` (broadcast): ``exp(-|known - value| / tol)`` as in :func:`relevance`, 0 where not stated."""
+    value = np.asarray(value)
+    tol = np.array([value_tolerance(float(v)) for v in value.ravel()]).reshape(value.shape)  # a few values a step
     with np.errstate(invalid="ignore"):
-        t = np.exp(-np.abs(known - value) / value_tolerance(value))
+        t = np.exp(-np.abs(known - value) / tol)
     return np.nan_to_num(t, nan=0.0).astype(np.float32)
 
 
@@ -214,6 +216,7 @@ class ReportLabels:
     present: np.ndarray  # (N, K) float32
     values: np.ndarray  # (N, Q) float32, standardised
     stated: np.ndarray  # (N, Q) float32 mask
+    known: np.ndarray  # (N, Q) float32, the reported values as written, NaN where not stated
 
     @classmethod
     def build(cls, facts: Sequence[Facts]) -> ReportLabels:
@@ -222,6 +225,7 @@ class ReportLabels:
         present = np.array([[k in f for k in keys] for f in facts], np.float32).reshape(len(facts), len(keys))
         vals = np.zeros((len(facts), len(quants)), np.float32)
         stated = np.zeros_like(vals)
+        known = np.full_like(vals, np.nan)
         for j, q in enumerate(quants):
             col = [(i, f[q]) for i, f in enumerate(facts) if f.get(q) is not None]
             xs = np.array([v for _, v in col], np.float64)
@@ -229,4 +233,5 @@ class ReportLabels:
             for i, v in col:
                 vals[i, j] = (float(v) - mu) / sd  # type: ignore[arg-type]
                 stated[i, j] = 1.0
-        return cls(keys, quants, present, vals, stated)
+                known[i, j] = v  # type: ignore[assignment]
+        return cls(keys, quants, present, vals, stated, known)

@@ -200,7 +200,8 @@ def fact_pos_weight(present: np.ndarray, cap: float = 8.0) -> np.ndarray:
 
 
 def fact_anchor_loss(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.Tensor, scale: torch.Tensor,
-                     bias: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+                     bias: torch.Tensor, pos_weight: torch.Tensor | None = None,
+                     known: torch.Tensor | None = None) -> torch.Tensor:
     """Per-fact sigmoid loss of each fact's own sentence (``fact_txt``, one row per fact) against every clip.
 
     A search for a finding types its sentence, and what it needs is that sentence's vector above the clips
@@ -208,9 +209,15 @@ def fact_anchor_loss(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.T
     sentence in some batches, against the 1-2 clips of it there; here every fact's sentence is scored
     against every clip at every step, and with ``pos_weight`` (:func:`fact_pos_weight`) a device present
     in 5 % of clips weighs as much as its absence. Unlike the free linear fact heads, the classifier *is*
-    the text vector, so what this trains is the retrieval score itself.
+    the text vector, so what this trains is the retrieval score itself. ``present`` may be soft (a value
+    sentence's :func:`~echosearch.report_facts.value_target`); with ``known`` (clips, facts), pairs whose
+    report does not state the fact are left out of the mean.
     """
-    return F.binary_cross_entropy_with_logits(scale * img @ fact_txt.T + bias, present, pos_weight=pos_weight)
+    logits = scale * img @ fact_txt.T + bias
+    if known is None:
+        return F.binary_cross_entropy_with_logits(logits, present, pos_weight=pos_weight)
+    bce = F.binary_cross_entropy_with_logits(logits, present, weight=known, pos_weight=pos_weight, reduction="sum")
+    return bce / known.sum().clamp(min=1)
 
 
 def fact_listwise_loss(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.Tensor,
@@ -327,8 +334,6 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
     # numbers anchored too: each quantity's sentences at values across its range, soft targets by distance
     qrng = random.Random(cfg.seed + 1)  # its own stream: the batches and texts stay those of a run without it
     q_cols = {q: j for j, q in enumerate(labels.quantities)}
-    q_known = np.array([[np.nan if f.get(q) is None else f[q] for q in labels.quantities] for f in facts],
-                       np.float32).reshape(len(facts), len(q_cols))
     q_anchoring = anchoring and cfg.quantity_anchors > 0 and bool(prompts.numeric)
     anchor_cols = torch.tensor(list(anchored), dtype=torch.long)
     prior = labels.present[train_idx][:, list(anchored)].mean(0).clip(1e-3, 1 - 1e-3)
@@ -414,13 +419,12 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
                     loss = loss + cfg.listwise_weight * fact_listwise_loss(img_f, fact_txt, fact_present, scale)
             if qs:  # each value's sentence against every clip that states the quantity, target by distance
                 q_txt = txt_all[len(txts) + n_fact:]
-                known = q_known[batch][:, [q_cols[q] for q, _, _ in qs]]
+                known = labels.known[batch][:, [q_cols[q] for q, _, _ in qs]]
                 q_target = torch.from_numpy(value_target(known, np.array([v for _, _, v in qs], np.float32)))
                 q_mask = torch.from_numpy(~np.isnan(known)).float()
                 if cfg.anchor_weight > 0:
-                    q_logits = anchor["scale"] * img_f @ q_txt.T + anchor["qbias"]
-                    q_bce = F.binary_cross_entropy_with_logits(q_logits, q_target, weight=q_mask, reduction="sum")
-                    loss = loss + cfg.anchor_weight * q_bce / q_mask.sum().clamp(min=1)
+                    loss = loss + cfg.anchor_weight * fact_anchor_loss(
+                        img_f, q_txt, q_target, anchor["scale"], anchor["qbias"], known=q_mask)
                 if cfg.listwise_weight > 0:
                     loss = loss + cfg.listwise_weight * fact_listwise_loss(img_f, q_txt, q_target, scale, q_mask)
             opt.zero_grad(set_to_none=True)

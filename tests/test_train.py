@@ -119,6 +119,22 @@ def test_fact_anchor_loss_puts_a_rare_device_sentence_above_other_devices() -> N
     assert set(torch.argsort(sims, descending=True)[:2].tolist()) == {0, 1}
 
 
+def test_fact_anchor_loss_leaves_pairs_whose_report_does_not_state_the_value_out() -> None:
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(2, 8, generator=g), dim=1)
+    target = torch.tensor([[1.0, 0.2], [0.4, 0.0], [0.0, 1.0], [0.0, 0.0], [0.1, 0.5]])  # soft: value sentences
+    known = torch.ones(5, 2)
+    known[3] = 0.0  # clip 3's report states neither quantity
+    other = img.clone()
+    other[3] = txt[0]  # clip 3 made the best match of sentence 0, a false positive if it counted
+    args = (torch.tensor(10.0), torch.tensor(-1.5))
+    masked = [fact_anchor_loss(x, txt, target, *args, known=known) for x in (img, other)]
+    plain = [fact_anchor_loss(x, txt, target, *args) for x in (img, other)]
+    assert torch.allclose(masked[0], masked[1]) and plain[1] > plain[0]
+    assert torch.allclose(fact_anchor_loss(img, txt, target, *args, known=torch.ones(5, 2)), plain[0])
+
+
 def test_fact_listwise_loss_ranks_a_rare_device_sentence_above_other_devices() -> None:
     """The same start as above, trained with the listwise term alone: the clip sentence's top 2 of 32
     become the 2 clip videos."""
@@ -242,6 +258,7 @@ def test_report_labels_are_standardised_and_masked() -> None:
     assert lab.stated[:, 0].tolist() == [1.0, 1.0, 0.0]
     assert lab.values[0, 0] < 0 < lab.values[1, 0] and abs(lab.values[:2, 0].mean()) < 1e-5
     assert lab.present[:, lab.keys.index(PACER)].tolist() == [1.0, 0.0, 0.0]
+    assert lab.known[:2, 0].tolist() == [30.0, 60.0] and np.isnan(lab.known[2, 0])  # as reported, NaN unstated
 
 
 def test_soft_loss_with_identity_targets_is_open_clip_loss() -> None:
