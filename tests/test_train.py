@@ -119,22 +119,6 @@ def test_fact_anchor_loss_puts_a_rare_device_sentence_above_other_devices() -> N
     assert set(torch.argsort(sims, descending=True)[:2].tolist()) == {0, 1}
 
 
-def test_fact_anchor_loss_leaves_pairs_whose_report_does_not_state_the_value_out() -> None:
-    g = torch.Generator().manual_seed(3)
-    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
-    txt = torch.nn.functional.normalize(torch.randn(2, 8, generator=g), dim=1)
-    target = torch.tensor([[1.0, 0.2], [0.4, 0.0], [0.0, 1.0], [0.0, 0.0], [0.1, 0.5]])  # soft: value sentences
-    known = torch.ones(5, 2)
-    known[3] = 0.0  # clip 3's report states neither quantity
-    other = img.clone()
-    other[3] = txt[0]  # clip 3 made the best match of sentence 0, a false positive if it counted
-    args = (torch.tensor(10.0), torch.tensor(-1.5))
-    masked = [fact_anchor_loss(x, txt, target, *args, known=known) for x in (img, other)]
-    plain = [fact_anchor_loss(x, txt, target, *args) for x in (img, other)]
-    assert torch.allclose(masked[0], masked[1]) and plain[1] > plain[0]
-    assert torch.allclose(fact_anchor_loss(img, txt, target, *args, known=torch.ones(5, 2)), plain[0])
-
-
 def test_fact_listwise_loss_ranks_a_rare_device_sentence_above_other_devices() -> None:
     """The same start as above, trained with the listwise term alone: the clip sentence's top 2 of 32
     become the 2 clip videos."""
@@ -169,7 +153,10 @@ def test_fact_listwise_loss_with_one_positive_each_is_the_text_to_image_cross_en
     assert fact_listwise_loss(img, txt, torch.zeros(6, 3), torch.tensor(7.0)).item() == 0.0
 
 
-def test_fact_listwise_loss_leaves_clips_that_do_not_state_a_value_out_of_its_ranking() -> None:
+@pytest.mark.parametrize("term", ["anchor", "listwise"])
+def test_anchor_terms_leave_clips_that_do_not_state_a_value_out(term: str) -> None:
+    """Both anchor terms score value sentences with soft targets; with ``known``, a clip whose report does
+    not state the quantity cannot move the loss, however close it comes to the sentence."""
     g = torch.Generator().manual_seed(2)
     img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
     txt = torch.nn.functional.normalize(torch.randn(2, 8, generator=g), dim=1)
@@ -178,11 +165,17 @@ def test_fact_listwise_loss_leaves_clips_that_do_not_state_a_value_out_of_its_ra
     known[3] = 0.0  # clip 3's report states neither quantity
     other = img.clone()
     other[3] = txt[0]  # clip 3 made the best match of sentence 0
-    masked = [fact_listwise_loss(x, txt, target, torch.tensor(10.0), known) for x in (img, other)]
-    plain = [fact_listwise_loss(x, txt, target, torch.tensor(10.0)) for x in (img, other)]
+
+    def loss(x: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
+        if term == "anchor":
+            return fact_anchor_loss(x, txt, target, torch.tensor(10.0), torch.tensor(-1.5), known=k)
+        return fact_listwise_loss(x, txt, target, torch.tensor(10.0), k)
+
+    masked = [loss(x, known) for x in (img, other)]
+    plain = [loss(x) for x in (img, other)]
     assert torch.allclose(masked[0], masked[1]) and not torch.allclose(plain[0], plain[1])
     assert plain[1] > plain[0]  # without ``known`` it is a negative that now outranks the positives
-    assert torch.allclose(fact_listwise_loss(img, txt, target, torch.tensor(10.0), torch.ones(5, 2)), plain[0])
+    assert torch.allclose(loss(img, torch.ones(5, 2)), plain[0])
 
 
 TAVR = "A BIOPROSTHETIC STENT-VALVE IS PRESENT IN THE AORTIC POSITION."
