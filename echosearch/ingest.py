@@ -36,7 +36,7 @@ import numpy as np
 from echosearch.decode import VideoMeta, _date, _s, decode_video, read_dicom_header
 from echosearch.discover import DiscoverFailure, FileRecord, Sidecars, discover, load_sidecars, pick
 from echosearch.errors import IngestError, ReportObjectFound
-from echosearch.prepare import FramePolicy, find_sector, policy_manifest, prepare_frames, sample_indices
+from echosearch.prepare import FramePolicy, policy_manifest, sample_indices, sector_and_input
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -113,9 +113,8 @@ def process_file(record: FileRecord, policy: FramePolicy) -> PreparedVideo:
         raise IngestError("empty file (0 bytes)" if empty else "unrecognised file format: not DICOM (no DICM "
                           "marker), AVI or MP4", "discover")
     decoded = decode_video(record.path, record.kind, lambda meta: sample_indices(meta.n_frames, policy))
-    first_of_each = np.sort(np.unique(decoded.frame_indices, return_index=True)[1])
-    sector = find_sector(decoded.frames[first_of_each], decoded.meta.regions)  # repeats add nothing
-    frames = prepare_frames(decoded.frames, sector, policy)
+    first_of_each = np.sort(np.unique(decoded.frame_indices, return_index=True)[1])  # repeats add nothing
+    frames, sector = sector_and_input(decoded.frames, decoded.meta.regions, policy, first_of_each)
     return PreparedVideo(record, decoded.meta, frames, decoded.frame_indices, sector.bbox_list, sector.source)
 
 

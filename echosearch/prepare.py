@@ -3,7 +3,10 @@
 Two frame policies:
 
 * ``sector`` (default): blank everything outside the imaging sector (burned-in text, ECG strip, scale
-  bars), crop to the sector's box, pad to a square (aspect kept) and resize with INTER_AREA.
+  bars), crop to the sector's box, pad to a square (aspect kept) and resize with INTER_AREA. A clip far
+  larger than the model input is first shrunk by a whole factor (``reduction_factor``: its short side
+  stays >= ``WORK_MARGIN`` x the model's side), so the sector is found and cropped on ~1/f^2 of the pixels;
+  ``sector_and_input`` does both and gives the sector back in the clip's own pixel coordinates.
 * ``echoclip``: EchoCLIP's published example preprocessing (``crop_and_scale``): square centre crop,
   trim 10 % on every side, resize with INTER_CUBIC; no masking. Use it to reproduce EchoCLIP numbers.
 
@@ -13,7 +16,7 @@ Output is uint8 (N,S,S,3) RGB; the encoder does the model's normalisation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import cv2
@@ -28,6 +31,7 @@ STATIC_RANGE = 4  # a pixel this constant over >= 4 frames is not tissue (speckl
 OVERLAY_BRIGHTNESS = 100  # ... and if it is also this bright and crosses the fan's edge, an overlay
 INTENSITY_THRESHOLD = 8  # blurred brightness that counts as "not background" in a single frame
 MIN_SECTOR_FRACTION = 0.04  # an estimate smaller than this share of the image is not trusted
+WORK_MARGIN = 2  # a shrunk clip keeps >= 2x the model's side, so the final INTER_AREA still averages pixels
 
 
 @dataclass
@@ -66,7 +70,7 @@ def policy_manifest(policy: FramePolicy) -> dict[str, object]:
     out: dict[str, object] = dict(asdict(policy))
     out["interpolation"] = "area" if policy.name == "sector" else "cubic"
     out["masking"] = policy.name == "sector"
-    out["version"] = 1
+    out["version"] = 2  # 2: large clips are shrunk by a whole factor before sector finding (reduction_factor)
     return out
 
 
@@ -207,6 +211,68 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     if ys.size == 0:
         raise PrepareError("empty imaging sector")
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+# ---- working resolution -------------------------------------------------------------------------------
+def reduction_factor(height: int, width: int, policy: FramePolicy) -> int:
+    """Whole factor by which a clip can shrink before sector finding and cropping without the model input
+    losing detail (its short side stays >= ``WORK_MARGIN`` x the model's side); 1 for ``echoclip``, whose
+    published preprocessing is reproduced as it is. A 768x1024 export for a 112-px model: 3 (1/9 the pixels).
+    """
+    if policy.name != "sector":
+        return 1
+    return max(1, min(height, width) // (WORK_MARGIN * policy.size))
+
+
+def shrink_frames(frames: np.ndarray, factor: int) -> np.ndarray:
+    """(N,H,W,3) -> (N,H//f,W//f,3): the mean of each f x f block (OpenCV's exact integer-scale area path)."""
+    if factor == 1:
+        return frames
+    n, h, w = frames.shape[:3]
+    hh, ww = h // factor, w // factor
+    out = np.empty((n, hh, ww, 3), np.uint8)
+    for i in range(n):
+        out[i] = cv2.resize(frames[i, : hh * factor, : ww * factor], (ww, hh), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _shrink_regions(regions: Sequence[UltrasoundRegion], factor: int, height: int, width: int) -> list[UltrasoundRegion]:
+    """Region bounds (inclusive) in the shrunk clip's pixels; a region overrunning the clip stays overrunning."""
+    def lim(v: int, full: int, small: int) -> int:
+        return v // factor if v >= full else min(v // factor, small - 1)
+
+    hh, ww = height // factor, width // factor
+    return [replace(r, x0=r.x0 // factor, y0=r.y0 // factor, x1=lim(r.x1, width, ww), y1=lim(r.y1, height, hh))
+            for r in regions]
+
+
+def _grow_sector(sector: Sector, factor: int, height: int, width: int) -> Sector:
+    """A sector found on a clip shrunk by ``factor``, in the full clip's pixel coordinates."""
+    if factor == 1:
+        return sector
+    hh, ww = sector.mask.shape
+    mask = np.zeros((height, width), bool)
+    mask[: hh * factor, : ww * factor] = np.repeat(np.repeat(sector.mask, factor, 0), factor, 1)
+    x0, y0, x1, y1 = sector.bbox
+    bbox = (x0 * factor, y0 * factor, x1 * factor, y1 * factor)
+    return Sector(mask, bbox, sector.source)
+
+
+def sector_and_input(frames: np.ndarray, regions: Sequence[UltrasoundRegion], policy: FramePolicy,
+                     sector_frames: np.ndarray | None = None) -> tuple[np.ndarray, Sector]:
+    """Model input (N,S,S,3) of decoded frames (N,H,W,3) and their sector in the clip's own coordinates.
+
+    ``sector_frames`` selects the frames the sector is estimated from (default all; repeats add nothing).
+    Large clips are worked on shrunk by ``reduction_factor``.
+    """
+    if frames.ndim != 4 or frames.shape[0] == 0:
+        raise PrepareError(f"expected frames (N,H,W,3) with N > 0, got shape {frames.shape}")
+    h, w = frames.shape[1:3]
+    f = reduction_factor(h, w, policy)
+    work = shrink_frames(frames, f)
+    regs = _shrink_regions(regions, f, h, w) if f > 1 else list(regions)
+    sector = find_sector(work if sector_frames is None else work[sector_frames], regs)
+    return prepare_frames(work, sector, policy), _grow_sector(sector, f, h, w)
 
 
 # ---- model input ------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 from echosearch.decode import decode_video
 from echosearch.discover import inspect_file
 from echosearch.errors import DecodeError
-from echosearch.prepare import FramePolicy, find_sector, prepare_frames, sample_indices
+from echosearch.prepare import FramePolicy, sample_indices, sector_and_input
 
 PANEL_HEIGHT = 360
 
@@ -39,8 +39,8 @@ def render_preview(path: Path, out_png: Path, policy: FramePolicy | None = None)
     if kind == "unknown":
         raise DecodeError(f"{path}: unrecognised file format (not DICOM, AVI or MP4)")
     decoded = decode_video(Path(path), kind, lambda meta: sample_indices(meta.n_frames, policy))
-    sector = find_sector(decoded.frames, decoded.meta.regions)
-    model_input = prepare_frames(decoded.frames[:1], sector, policy)[0]
+    model_inputs, sector = sector_and_input(decoded.frames, decoded.meta.regions, policy)
+    model_input = model_inputs[0]
     original = decoded.frames[0]
     outlined = original.copy()
     contours, _ = cv2.findContours(sector.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

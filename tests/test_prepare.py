@@ -15,16 +15,26 @@ from hypothesis import strategies as st
 from echosearch.decode import UltrasoundRegion, decode_video, read_meta
 from echosearch.errors import PrepareError
 from echosearch.prepare import (
+    WORK_MARGIN,
     FramePolicy,
     Sector,
     find_sector,
     policy_manifest,
     prepare_frames,
+    reduction_factor,
     region_box,
     sample_indices,
+    sector_and_input,
 )
 
 REAL = REAL_DICOM
+
+
+def sector_of(dec, how: str) -> Sector:  # type: ignore[no-untyped-def]
+    """The sector as found on the full-resolution frames, or as ``index`` finds it (working resolution)."""
+    if how == "full":
+        return find_sector(dec.frames, dec.meta.regions)
+    return sector_and_input(dec.frames, dec.meta.regions, FramePolicy())[1]
 
 
 def real(name: str) -> Path:
@@ -170,11 +180,13 @@ def test_echoclip_policy_matches_public_example(shape: tuple[int, int]) -> None:
         np.testing.assert_array_equal(o, reference_crop_and_scale(f, 224))
 
 
-def test_acuson_sector_from_regions_excludes_ecg_and_text() -> None:
+@pytest.mark.parametrize("how", ["full", "working"])
+def test_acuson_sector_from_regions_excludes_ecg_and_text(how: str) -> None:
     path = real("ACUSON_Sequoia_echo_A4C_65f_JPEG.dcm")
     meta = read_meta(path, "dicom")
     dec = decode_video(path, "dicom", sample_indices(meta.n_frames, FramePolicy()))
-    sector = find_sector(dec.frames, dec.meta.regions)
+    assert reduction_factor(meta.height, meta.width, FramePolicy()) == 2  # 456x576: index works at 228x288
+    sector = sector_of(dec, how)
     assert sector.source == "regions"
     x0, y0, x1, y1 = sector.bbox
     assert x0 >= 27 and y0 >= 48 and x1 <= 549 and y1 <= 392  # inside the 2D tissue region
@@ -191,11 +203,12 @@ def test_acuson_sector_from_regions_excludes_ecg_and_text() -> None:
     assert (sector.mask & moving).sum() > 0.9 * moving.sum()
 
 
+@pytest.mark.parametrize("how", ["full", "working"])
 @pytest.mark.parametrize("name", ["SonoSite_echo_A4C_30f_JPEG_small.dcm", "US-PAL-8-10x-echo_JPEGLS.dcm"])
-def test_real_estimated_sector_drops_margins(name: str) -> None:
+def test_real_estimated_sector_drops_margins(name: str, how: str) -> None:
     path = real(name)
     dec = decode_video(path, "dicom", sample_indices(read_meta(path, "dicom").n_frames, FramePolicy()))
-    sector = find_sector(dec.frames, dec.meta.regions)
+    sector = sector_of(dec, how)
     assert sector.source == "estimated"
     frac = sector.mask.mean()
     assert 0.2 < frac < 0.7  # the fan, not the whole screen with its text and colour bars
@@ -212,22 +225,57 @@ def fan_from_truth(sector_json: str, height: int, width: int) -> np.ndarray:
     return fan.astype(bool)
 
 
-def test_synthetic_cohort_overlays_blank_and_sector_kept(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", ["small", "realistic"])
+def test_synthetic_cohort_overlays_blank_and_sector_kept(tmp_path: Path, size: str) -> None:
     synth = pytest.importorskip("echosearch.synth", reason="synthetic cohort generator not available")
-    truth = synth.generate_cohort(tmp_path, patients=2, seed=7, fmt="both", visits=(2, 2))
-    kinds = set()
+    truth = synth.generate_cohort(tmp_path, patients=2, seed=7, fmt="both", visits=(2, 2) if size == "small" else (1, 1),
+                                  size=size)
+    kinds, factors = set(), set()
     for row in truth.iter_rows(named=True):
         path = tmp_path / row["path"]
         kind = "avi" if row["format"] == "avi" else "dicom"
         meta = read_meta(path, kind)
         dec = decode_video(path, kind, sample_indices(meta.n_frames, FramePolicy()))
-        sector = find_sector(dec.frames, dec.meta.regions)
+        prepared, sector = sector_and_input(dec.frames, dec.meta.regions, FramePolicy())  # what index does
+        factors.add(reduction_factor(meta.height, meta.width, FramePolicy()))
         kinds.add((kind, sector.source))
         for ov in json.loads(row["overlay_boxes"] or "[]"):  # burned-in text, ECG, scale bars: all blank
             bx0, by0, bx1, by1 = (int(v) for v in ov["box"])
             assert not sector.mask[by0:by1, bx0:bx1].any(), f"{row['path']}: overlay {ov['kind']} kept"
         fan = fan_from_truth(row["sector"], meta.height, meta.width)
         assert iou(sector.mask, fan) > 0.85, row["path"]  # the imaging sector itself is kept
-        prepared = prepare_frames(dec.frames, sector, FramePolicy())
         assert prepared.shape == (16, 112, 112, 3)
     assert ("avi", "estimated") in kinds and ("dicom", "regions") in kinds
+    assert factors == {1} if size == "small" else min(factors) >= 2  # exports of 480x640 and up are shrunk
+
+
+@given(h=st.integers(8, 3000), w=st.integers(8, 3000), size=st.integers(8, 448))
+@settings(max_examples=300, deadline=None)
+def test_reduction_factor_keeps_twice_the_model_side(h: int, w: int, size: int) -> None:
+    f = reduction_factor(h, w, FramePolicy(size=size))
+    assert f >= 1
+    if f > 1:
+        assert min(h, w) // f >= WORK_MARGIN * size  # the shrunk clip still has >= 2x the model's pixels
+    assert min(h, w) // (f + 1) < WORK_MARGIN * size or min(h, w) < WORK_MARGIN * size  # and f is the largest
+    assert reduction_factor(h, w, FramePolicy(name="echoclip", size=size)) == 1  # EchoCLIP's recipe as is
+
+
+def test_working_resolution_matches_full_resolution(tmp_path: Path) -> None:
+    """Shrinking a 480x640-768x1024 export before sector finding changes the model input by a few grey
+    levels at most, and the sector comes back in the file's own pixel coordinates."""
+    synth = pytest.importorskip("echosearch.synth", reason="synthetic cohort generator not available")
+    truth = synth.generate_cohort(tmp_path, patients=3, seed=11, visits=(1, 1), size="realistic")
+    policy = FramePolicy()
+    for row in truth.iter_rows(named=True):
+        path = tmp_path / row["path"]
+        meta = read_meta(path, "dicom")
+        dec = decode_video(path, "dicom", sample_indices(meta.n_frames, policy))
+        assert reduction_factor(meta.height, meta.width, policy) >= 2
+        full_sector = find_sector(dec.frames, dec.meta.regions)
+        full = prepare_frames(dec.frames, full_sector, policy)
+        work, sector = sector_and_input(dec.frames, dec.meta.regions, policy)
+        assert sector.mask.shape == (meta.height, meta.width) and sector.source == full_sector.source
+        ys, xs = np.nonzero(sector.mask)
+        assert sector.bbox == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert iou(sector.mask, full_sector.mask) > 0.98
+        assert np.abs(work.astype(int) - full.astype(int)).mean() < 8, row["path"]  # measured 2-6
