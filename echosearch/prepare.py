@@ -225,7 +225,7 @@ def reduction_factor(height: int, width: int, policy: FramePolicy) -> int:
 
 
 def shrink_frames(frames: np.ndarray, factor: int) -> np.ndarray:
-    """(N,H,W,3) -> (N,H//f,W//f,3): the mean of each f x f block (OpenCV's exact integer-scale area path)."""
+    """(N,H,W,3) -> (N,H//f,W//f,3): the rounded mean of each f x f block (OpenCV's integer-scale area path)."""
     if factor == 1:
         return frames
     n, h, w = frames.shape[:3]
@@ -237,7 +237,10 @@ def shrink_frames(frames: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _shrink_regions(regions: Sequence[UltrasoundRegion], factor: int, height: int, width: int) -> list[UltrasoundRegion]:
-    """Region bounds (inclusive) in the shrunk clip's pixels; a region overrunning the clip stays overrunning."""
+    """Region bounds (inclusive) in the shrunk clip's pixels; a region overrunning the clip stays overrunning.
+
+    Rounding can tip a region within a pixel of ``MIN_SECTOR_FRACTION`` either way (a few in a thousand).
+    """
     def lim(v: int, full: int, small: int) -> int:
         return v // factor if v >= full else min(v // factor, small - 1)
 
@@ -246,16 +249,23 @@ def _shrink_regions(regions: Sequence[UltrasoundRegion], factor: int, height: in
             for r in regions]
 
 
-def _grow_sector(sector: Sector, factor: int, height: int, width: int) -> Sector:
-    """A sector found on a clip shrunk by ``factor``, in the full clip's pixel coordinates."""
+def _grow_sector(sector: Sector, factor: int, height: int, width: int,
+                 box: tuple[int, int, int, int] | None) -> Sector:
+    """A sector found on a clip shrunk by ``factor``, in the full clip's pixel coordinates: blocks of f x f,
+    kept inside the header's region ``box`` (the shrunk box rounds outwards); "full" is the whole frame."""
     if factor == 1:
         return sector
+    if sector.source == "full":
+        return Sector(np.ones((height, width), bool), (0, 0, width, height), "full")
     hh, ww = sector.mask.shape
     mask = np.zeros((height, width), bool)
     mask[: hh * factor, : ww * factor] = np.repeat(np.repeat(sector.mask, factor, 0), factor, 1)
-    x0, y0, x1, y1 = sector.bbox
-    bbox = (x0 * factor, y0 * factor, x1 * factor, y1 * factor)
-    return Sector(mask, bbox, sector.source)
+    if box is not None and sector.source == "regions":
+        x0, y0, x1, y1 = box
+        inside = np.zeros_like(mask)
+        inside[y0:y1, x0:x1] = True
+        mask &= inside
+    return Sector(mask, _bbox(mask), sector.source)
 
 
 def sector_and_input(frames: np.ndarray, regions: Sequence[UltrasoundRegion], policy: FramePolicy,
@@ -265,14 +275,15 @@ def sector_and_input(frames: np.ndarray, regions: Sequence[UltrasoundRegion], po
     ``sector_frames`` selects the frames the sector is estimated from (default all; repeats add nothing).
     Large clips are worked on shrunk by ``reduction_factor``.
     """
-    if frames.ndim != 4 or frames.shape[0] == 0:
+    if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
         raise PrepareError(f"expected frames (N,H,W,3) with N > 0, got shape {frames.shape}")
     h, w = frames.shape[1:3]
     f = reduction_factor(h, w, policy)
     work = shrink_frames(frames, f)
     regs = _shrink_regions(regions, f, h, w) if f > 1 else list(regions)
     sector = find_sector(work if sector_frames is None else work[sector_frames], regs)
-    return prepare_frames(work, sector, policy), _grow_sector(sector, f, h, w)
+    full_box = region_box(regions, h, w) if f > 1 else None
+    return prepare_frames(work, sector, policy), _grow_sector(sector, f, h, w, full_box)
 
 
 # ---- model input ------------------------------------------------------------------------------------

@@ -279,3 +279,29 @@ def test_working_resolution_matches_full_resolution(tmp_path: Path) -> None:
         assert sector.bbox == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
         assert iou(sector.mask, full_sector.mask) > 0.98
         assert np.abs(work.astype(int) - full.astype(int)).mean() < 8, row["path"]  # measured 2-6
+
+
+@pytest.mark.parametrize("shape", [(771, 1023), (1079, 1919), (481, 643)])
+def test_working_resolution_edges_stay_in_the_file(shape: tuple[int, int]) -> None:
+    """Odd sizes that f does not divide: a header region is never overrun, "full" is the whole frame."""
+    h, w = shape
+    policy = FramePolicy()
+    f = reduction_factor(h, w, policy)
+    assert f >= 2
+    rng = np.random.default_rng(0)
+    frames = np.zeros((4, h, w, 3), np.uint8)
+    x0, y0, x1, y1 = w // 10 + 1, h // 19 + 1, w - w // 13, h - h // 11  # inclusive region bounds
+    frames[:, y0:y1 + 1, x0:x1 + 1] = rng.integers(0, 255, (4, y1 - y0 + 1, x1 - x0 + 1, 1), dtype=np.uint8)
+    region = UltrasoundRegion(x0, y0, x1, y1, spatial_format=1, data_type=1)
+    _, sector = sector_and_input(frames, [region], policy)
+    assert sector.source == "regions" and sector.mask.shape == (h, w)
+    bx0, by0, bx1, by1 = sector.bbox
+    assert bx0 >= x0 and by0 >= y0 and bx1 <= x1 + 1 and by1 <= y1 + 1  # inside the header's region
+    assert bx0 - x0 < 2 * f and by0 - y0 < 2 * f and x1 + 1 - bx1 < 2 * f and y1 + 1 - by1 < 2 * f
+    ys, xs = np.nonzero(sector.mask)
+    assert sector.bbox == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    blank = np.zeros((2, h, w, 3), np.uint8)  # nothing to find: the whole frame, to its last row and column
+    _, full = sector_and_input(blank, [], policy)
+    assert full.source == "full" and full.mask.all() and full.bbox == (0, 0, w, h)
+    with pytest.raises(PrepareError):
+        sector_and_input(frames[..., :1], [region], policy)
