@@ -79,12 +79,6 @@ def per_video_loop(enc, paths: list[Path], frames: int, every_frame: bool = True
     return done / (time.perf_counter() - t0)
 
 
-def enc_for(name: str, frames: int):  # type: ignore[no-untyped-def]
-    from echosearch.encode import load_encoder
-
-    return load_encoder(name, device="auto", frames_per_video=frames)
-
-
 def run_model(enc, label: str, paths: list[Path], cohort: Path, tmp: Path, a: argparse.Namespace) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """(a), (b), (c) and (c-sel) for one model on one cohort; prints one line."""
     slow = label != "echosearch-demo"
@@ -122,6 +116,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     os.environ.setdefault("ECHOSEARCH_SECRET", "bench-secret-0123456789")
+    from echosearch.encode import load_encoder
     from echosearch.models import write_model_folder
     from echosearch.synth import generate_cohort
 
@@ -136,6 +131,7 @@ def main() -> None:
             folder = write_model_folder(open_clip.CLIP(**cfg), cfg, Path(tmp) / "convnext_base",
                                         hints={"name": "echoclip-arch-random", "frame_policy": "echoclip"})
             models["convnext_base (EchoCLIP arch, random)"] = f"local-dir:{folder}"
+        encoders = {label: load_encoder(name, device="auto", frames_per_video=a.frames) for label, name in models.items()}
         for size in a.sizes.split(","):
             cohort = Path(tmp) / f"cohort-{size}"
             truth = generate_cohort(cohort, patients=a.patients, seed=77, visits=(1, 2), views=("A4C", "PLAX"),
@@ -144,8 +140,8 @@ def main() -> None:
             nf, hs, ws = (truth[c].to_list() for c in ("n_frames", "height", "width"))
             print(f"[{size}] {len(paths)} videos, {min(nf)}-{max(nf)} frames of {min(hs)}x{min(ws)}-{max(hs)}x{max(ws)}",
                   flush=True)
-            for label, name in models.items():
-                results[f"{label} [{size}]"] = run_model(enc_for(name, a.frames), label, paths, cohort, Path(tmp), a)
+            for label, enc in encoders.items():  # loaded once for both cohorts
+                results[f"{label} [{size}]"] = run_model(enc, label, paths, cohort, Path(tmp), a)
                 shutil.rmtree(Path(tmp) / "subset", ignore_errors=True)
             shutil.rmtree(cohort, ignore_errors=True)
     if a.json:

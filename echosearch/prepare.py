@@ -16,7 +16,7 @@ Output is uint8 (N,S,S,3) RGB; the encoder does the model's normalisation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import cv2
@@ -236,17 +236,12 @@ def shrink_frames(frames: np.ndarray, factor: int) -> np.ndarray:
     return out
 
 
-def _shrink_regions(regions: Sequence[UltrasoundRegion], factor: int, height: int, width: int) -> list[UltrasoundRegion]:
-    """Region bounds (inclusive) in the shrunk clip's pixels; a region overrunning the clip stays overrunning.
-
-    Rounding can tip a region within a pixel of ``MIN_SECTOR_FRACTION`` either way (a few in a thousand).
-    """
-    def lim(v: int, full: int, small: int) -> int:
-        return v // factor if v >= full else min(v // factor, small - 1)
-
-    hh, ww = height // factor, width // factor
-    return [replace(r, x0=r.x0 // factor, y0=r.y0 // factor, x1=lim(r.x1, width, ww), y1=lim(r.y1, height, hh))
-            for r in regions]
+def _shrunk_region(box: tuple[int, int, int, int], factor: int, height: int, width: int) -> UltrasoundRegion:
+    """The header's 2D region box (validated at full resolution, exclusive end) as one 2D region of the
+    clip shrunk by ``factor``: the blocks it touches (rounded outwards; :func:`_grow_sector` clips back)."""
+    x0, y0, x1, y1 = box
+    return UltrasoundRegion(x0 // factor, y0 // factor, min((x1 - 1) // factor, width // factor - 1),
+                            min((y1 - 1) // factor, height // factor - 1), spatial_format=1, data_type=1)
 
 
 def _grow_sector(sector: Sector, factor: int, height: int, width: int,
@@ -262,9 +257,7 @@ def _grow_sector(sector: Sector, factor: int, height: int, width: int,
     mask[: hh * factor, : ww * factor] = np.repeat(np.repeat(sector.mask, factor, 0), factor, 1)
     if box is not None and sector.source == "regions":
         x0, y0, x1, y1 = box
-        inside = np.zeros_like(mask)
-        inside[y0:y1, x0:x1] = True
-        mask &= inside
+        mask[:y0], mask[y1:], mask[:, :x0], mask[:, x1:] = False, False, False, False
     return Sector(mask, _bbox(mask), sector.source)
 
 
@@ -280,10 +273,10 @@ def sector_and_input(frames: np.ndarray, regions: Sequence[UltrasoundRegion], po
     h, w = frames.shape[1:3]
     f = reduction_factor(h, w, policy)
     work = shrink_frames(frames, f)
-    regs = _shrink_regions(regions, f, h, w) if f > 1 else list(regions)
+    box = region_box(regions, h, w) if f > 1 else None  # the header's regions judged once, in its own pixels
+    regs = regions if f == 1 else [] if box is None else [_shrunk_region(box, f, h, w)]
     sector = find_sector(work if sector_frames is None else work[sector_frames], regs)
-    full_box = region_box(regions, h, w) if f > 1 else None
-    return prepare_frames(work, sector, policy), _grow_sector(sector, f, h, w, full_box)
+    return prepare_frames(work, sector, policy), _grow_sector(sector, f, h, w, box)
 
 
 # ---- model input ------------------------------------------------------------------------------------
