@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FIGURES = ("mean", "ef_mae", "identity_auc")
+FIGURES = ("mean", "mean_clip_only", "mean_in_view", "ef_mae", "identity_auc")
 
 
 def evaluate_model(model: str, seeds: list[int], work: Path, patients: int, workers: int) -> list[dict[str, Any]]:
@@ -49,7 +49,8 @@ def evaluate_model(model: str, seeds: list[int], work: Path, patients: int, work
         index_sources([cohort], idx, load_settings(mode="demo", workers=workers, model=model), progress=False)
         r = evaluate(idx, truth=cohort / "ground_truth.parquet")
         tv = r["retrieval"]["text_to_video"]
-        row: dict[str, Any] = {"seed": seed, "mean": tv["mean"], "ef_mae": r["zero_shot"]["ef_mae"],
+        row: dict[str, Any] = {"seed": seed, "mean": tv["mean"], "mean_clip_only": tv.get("mean_clip_only"),
+                               "mean_in_view": tv.get("mean_in_view"), "ef_mae": r["zero_shot"]["ef_mae"],
                                "identity_auc": r["echosearch"]["identity"]["study_patient_auc"]}
         row |= {name: v["recall_at_10"] for name, v in tv.items() if isinstance(v, dict)}
         rows.append(row)

@@ -388,6 +388,7 @@ class SearchRequest:
     video_key: int | None = None
     study_uid: str | None = None
     label: str = ""
+    context: float | None = None  # study-context weight of a text search (None: query.TEXT_CONTEXT)
 
     def log_detail(self, n_results: int) -> dict[str, Any]:
         """What the access log records (keys and pseudonyms only; an uploaded file by its hash)."""
@@ -420,10 +421,13 @@ def make_filters(*, since: date | None = None, until: date | None = None, views:
 def run_search(searcher: Any, req: SearchRequest, n_reports: int = 3) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(hits, nearest reports to the query) for a request; raises QueryError/IngestError on bad input."""
     if req.kind == "text":
+        from echosearch.query import TEXT_CONTEXT
+
         vec = np.asarray(searcher.encoder().encode_text([req.text or ""]))[0]
         if not (req.text or "").strip():
             raise QueryError("type what to look for")
-        hits = searcher.by_vector(vec, k=req.k, level=req.level, filters=req.filters)
+        hits = searcher.by_vector(vec, k=req.k, level=req.level, filters=req.filters,
+                                  context=TEXT_CONTEXT if req.context is None else req.context)
         rq: Any = vec
     elif req.kind == "file":
         assert req.path is not None

@@ -248,13 +248,18 @@ def _relevant(vt: pl.DataFrame, rule: str) -> np.ndarray | None:
     return vt[rule.strip()].fill_null(False).to_numpy().astype(bool) if rule.strip() in vt.columns else None
 
 
-def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int) -> dict[str, Any]:
+def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int, context: float | None = None) -> dict[str, Any]:
+    """Finding phrase -> top-k clips through the query API (``Searcher.by_vector``), as a user's text search
+    ranks them: with the study context (``query.TEXT_CONTEXT`` unless given) and, as ``*_clip_only``, without."""
     try:
         from echosearch.encode import encoder_for_index
 
         encoder = encoder_for_index(catalog)
     except Exception as exc:  # no model here is a note in the report, not a failure
         return {"skipped": f"no encoder for this index ({type(exc).__name__}: {exc})"}
+    from echosearch.query import TEXT_CONTEXT, Searcher
+
+    context = TEXT_CONTEXT if context is None else context
     findings = dict(DEFAULT_FINDINGS)
     try:
         from echosearch.zeroshot import load_prompts
@@ -263,32 +268,42 @@ def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int) -> dict[str, Any
         findings = {n: (f["text"], f["truth"]) for n, f in spec.items() if isinstance(f, dict)} or findings
     except (ImportError, OSError, ValueError):
         pass
-    ids, vecs = catalog.embeddings("video", vt["video_key"].to_list())
+    ids, _ = catalog.embeddings("video", vt["video_key"].to_list())
     t = vt.filter(pl.col("video_key").is_in(ids.tolist())).sort("video_key")
-    out: dict[str, Any] = {}
+    keys = t["video_key"].to_numpy().astype(np.int64)
     # views coded once: the visibility rule is asked per distinct view, not per video
     view_names, view_code = (np.unique(t["view"].fill_null("").to_numpy().astype(str), return_inverse=True)
                              if "view" in t.columns else (None, None))
-    vals, in_view = [], []
+    searcher = Searcher(catalog.index_dir, catalog=catalog, encoder=encoder)
+    out: dict[str, Any] = {"context": context}
+    vals: dict[str, list[float]] = {}
     text = encoder.encode_text([f[0] for f in findings.values()])
     for (name, (phrase, rule)), tv in zip(findings.items(), text, strict=True):
         rel = _relevant(t, rule)
         if rel is None or not rel.any():
             continue
-        top = np.argsort(-(vecs @ tv), kind="stable")[:k]
-        hits = int(rel[top].sum())
-        out[name] = {f"recall_at_{k}": _f(hits / min(k, int(rel.sum()))), "n_relevant": int(rel.sum())}
-        vals.append(out[name][f"recall_at_{k}"])
+        seen = None
         if view_names is not None:  # the truth is per study; a second figure counts only views that can show it
             shows = np.array([visible_in_view(phrase, v or None) for v in view_names])
             seen = rel & shows[view_code]
-            if seen.any():
-                out[name] |= {f"recall_at_{k}_in_view": _f(int(seen[top].sum()) / min(k, int(seen.sum()))),
-                              "n_relevant_in_view": int(seen.sum())}
-                in_view.append(out[name][f"recall_at_{k}_in_view"])
-    out["mean"] = _f(float(np.mean(vals))) if vals else None
-    if in_view and len(in_view) == len(vals):
-        out["mean_in_view"] = _f(float(np.mean(in_view)))
+        out[name] = {"n_relevant": int(rel.sum())}
+        for c, suffix in ((context, ""), (0.0, "_clip_only")):
+            hits = searcher.by_vector(tv, k, context=c)["video_key"].to_numpy().astype(np.int64)
+            pos = np.minimum(np.searchsorted(keys, hits), len(keys) - 1)
+            top = pos[keys[pos] == hits]  # a clip without a truth row counts as not relevant
+            figs = {f"recall_at_{k}{suffix}": int(rel[top].sum()) / min(k, int(rel.sum()))}
+            if seen is not None and seen.any():
+                figs[f"recall_at_{k}_in_view{suffix}"] = int(seen[top].sum()) / min(k, int(seen.sum()))
+            for fig, value in figs.items():
+                vals.setdefault(fig.replace(f"recall_at_{k}", "mean"), []).append(value)
+                out[name][fig] = _f(value)
+        if seen is not None and seen.any():
+            out[name]["n_relevant_in_view"] = int(seen.sum())
+    n = len(vals.get("mean", []))
+    out["mean"] = _f(float(np.mean(vals["mean"]))) if n else None
+    for fig, values in vals.items():
+        if fig != "mean" and len(values) == n:
+            out[fig] = _f(float(np.mean(values)))
     return out
 
 
@@ -376,6 +391,8 @@ def format_table(result: dict[str, Any]) -> Table:
     t.add_row("text -> video recall@k", tv.get("skipped", fmt(tv.get("mean"))), "", "")
     if "mean_in_view" in tv:
         t.add_row("  counting only views that can show the finding", fmt(tv["mean_in_view"]), "", "")
+    if "mean_clip_only" in tv:
+        t.add_row(f"  clip vectors alone (study context {tv['context']} above)", fmt(tv["mean_clip_only"]), "", "")
     rr = result["retrieval"]["study_to_report"]
     t.add_row("true report mean rank", rr.get("skipped", f"{fmt(rr.get('mean_rank'))} of {rr.get('n_reports')}"),
               "", "")

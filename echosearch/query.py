@@ -18,7 +18,7 @@ import polars as pl
 from echosearch.catalog import Catalog
 from echosearch.errors import ModelMismatchError, QueryError
 from echosearch.filters import Filters, resolve_ids
-from echosearch.vectorindex import LEVELS, VectorIndex, build_all, catalog_count, load_index
+from echosearch.vectorindex import LEVELS, VectorIndex, build_all, catalog_count, load_index, normalise
 
 RESULT_COLUMNS = ("rank", "score", "video_key", "study_key", "study_uid", "patient_pseudonym", "study_date", "view",
                   "manufacturer", "path", "pred_ef")
@@ -47,6 +47,14 @@ WHERE s.study_key IN (SELECT unnest(?::BIGINT[]))
 GROUP BY s.study_key
 """
 
+TEXT_CONTEXT = 0.5
+"""Default weight of a clip's study vector in a text query's clip scores (docs/search.md, "Study context").
+
+A finding is reported per study and its evidence is spread over the study's views: ranking a clip by
+``(1 - c) cos(q, clip) + c cos(q, study)`` raised the demo model's finding recall@10 on fresh cohorts from
+0.77 to 0.85 (and the recall of clips whose view can show the finding, from 0.83 to 0.87) at ``c = 0.5``.
+"""
+
 
 @dataclass
 class SearchInfo:
@@ -58,10 +66,14 @@ class SearchInfo:
     n_returned: int
     plan: str
     filters: dict[str, Any] = field(default_factory=dict)
+    context: float = 0.0
 
 
 class Searcher:
     """Search one index folder. Not for concurrent use from several threads without its lock (held per call)."""
+
+    context_fetch = 64
+    """First length of both ranked lists of a study-context search (grown 4x per round until exact)."""
 
     def __init__(self, index_dir: Path | str, *, encoder: Any = None, catalog: Catalog | None = None) -> None:
         """Open ``index_dir``'s catalog read-only, or use ``catalog`` (a reader the caller owns and closes)."""
@@ -71,6 +83,7 @@ class Searcher:
         self._encoder = encoder
         self._indexes: dict[str, VectorIndex] = {}
         self._video_study: tuple[np.ndarray, np.ndarray] | None = None
+        self._study_videos: tuple[np.ndarray, np.ndarray] | None = None
         self._row_study: np.ndarray | None = None
         self._lock = threading.RLock()
         self.last_info: SearchInfo | None = None
@@ -126,6 +139,18 @@ class Searcher:
         pos = np.clip(np.searchsorted(keys, video_keys), 0, max(len(keys) - 1, 0))
         return studies[pos] if len(keys) else np.zeros(len(video_keys), np.int64)
 
+    def _videos_of_studies(self, study_keys: np.ndarray) -> np.ndarray:
+        """Video keys of the given studies (cached key table sorted by study)."""
+        if self._study_videos is None:
+            self._study_of(np.zeros(0, np.int64))  # loads the key table
+            assert self._video_study is not None
+            keys, studies = self._video_study
+            order = np.argsort(studies, kind="stable")
+            self._study_videos = (studies[order], keys[order])
+        studies, videos = self._study_videos
+        lo, hi = np.searchsorted(studies, study_keys, "left"), np.searchsorted(studies, study_keys, "right")
+        return np.concatenate([videos[a:b] for a, b in zip(lo, hi, strict=True)] or [np.zeros(0, np.int64)])
+
     def _row_studies(self, vi: VectorIndex) -> np.ndarray:
         """Study key of each row of the video index (cached like the index)."""
         if self._row_study is None:
@@ -144,9 +169,13 @@ class Searcher:
 
     # ---- the core -----------------------------------------------------------------------------
     def _search(self, vec: np.ndarray, k: int, level: str, filters: Filters | None, *,
-                exclude: set[int] | None = None, collapse_study: bool = False) -> pl.DataFrame:
+                exclude: set[int] | None = None, collapse_study: bool = False, context: float = 0.0) -> pl.DataFrame:
         if k < 1:
             raise QueryError(f"k must be at least 1, got {k}")
+        if not 0.0 <= context <= 1.0:
+            raise QueryError(f"context must lie in [0, 1], got {context}")
+        if level != "video" or (context > 0 and catalog_count(self.catalog, "study") == 0):
+            context = 0.0  # no study vectors yet (an interrupted first index): clips stand alone
         with self._lock:
             vi = self.index(level)
             q = np.asarray(vec, dtype=np.float32).reshape(1, -1)
@@ -166,8 +195,12 @@ class Searcher:
                 per_study = np.bincount(studies if rows is None else studies[rows])
                 np.subtract.at(per_study, studies[dropped], 1)
                 n_available = int(np.count_nonzero(per_study))
+            extra: dict[str, np.ndarray] = {}
+            if context > 0:
+                ids, scores, clip = self._context_search(q, k, vi, sel, drop, collapse, context)
+                extra = {"clip_score": clip}
             fetch = min(n_pool, (4 * k if collapse else k) + (len(drop) if sel is None else 0))
-            while True:
+            while context == 0:
                 scores, ids = vi.search(q, fetch, selector_ids=sel)
                 scores, ids = scores[0], ids[0]
                 if len(drop) and sel is None:
@@ -181,14 +214,59 @@ class Searcher:
                     break
                 fetch = min(n_pool, fetch * 4)
             scores, ids = scores[:k], ids[:k]
-            frame = self._frame(level, ids, scores)
+            frame = self._frame(level, ids, scores, {c: v[:k] for c, v in extra.items()})
             plan = vi.plan_for(None if sel is None else n_pool)
             self.last_info = SearchInfo(level, k, n_available, frame.height, plan,
-                                        filters.as_dict() if filters else {})
+                                        filters.as_dict() if filters else {}, context)
             return frame
 
-    def _frame(self, level: str, ids: np.ndarray, scores: np.ndarray) -> pl.DataFrame:
-        """Hits with catalog metadata, in rank order."""
+    def _context_search(self, q: np.ndarray, k: int, vi: VectorIndex, sel: np.ndarray | None, drop: np.ndarray,
+                        collapse: bool, c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, scores, clip scores) of the best clips by ``(1 - c) cos(q, clip) + c cos(q, its study)``.
+
+        Threshold algorithm over two ranked lists: the best ``n`` allowed clips by their own score and the
+        best ``n`` studies. Every clip of either list is scored exactly; a clip in neither scores at most
+        ``(1 - c) a_n + c b_n`` (the lists' last scores), so once the k-th candidate reaches that bound (or a
+        list is exhausted) the answer is what a full scan gives, up to the ANN plans' own recall.
+        """
+        si = self.index("study")
+        q0 = normalise(q)[0]
+        n = max(2 * k, self.context_fetch)
+        while True:
+            n_a = n + (len(drop) if sel is None else 0)
+            a_s, a_ids = (x[0] for x in vi.search(q, n_a, selector_ids=sel))
+            b_s, b_ids = (x[0] for x in si.search(q, n))
+            exhausted = len(a_ids) < n_a or len(b_ids) < n
+            cand = np.union1d(a_ids, self._videos_of_studies(b_ids))
+            if sel is not None:
+                cand = cand[np.isin(cand, sel)]
+            if len(drop):
+                cand = cand[~np.isin(cand, drop)]
+            rows = vi.rows_of(cand)
+            keys = vi.ids[rows]
+            clip = vi.vectors(rows) @ q0
+            studies = self._study_of(keys)
+            uniq, inv = np.unique(studies, return_inverse=True)
+            srows = si.rows_of(uniq)
+            study_score = np.full(len(uniq), np.nan, np.float32)
+            study_score[np.searchsorted(uniq, si.ids[srows])] = si.vectors(srows) @ q0
+            ctx = study_score[inv]
+            ctx = np.where(np.isnan(ctx), clip, ctx)  # a clip whose study has no vector yet stands alone
+            fused = (1 - c) * clip + c * ctx
+            order = np.argsort(-fused, kind="stable")
+            keys, fused, clip = keys[order], fused[order], clip[order]
+            if collapse:  # best clip per study: first occurrence in score order
+                _, first = np.unique(studies[order], return_index=True)
+                first = np.sort(first)
+                keys, fused, clip = keys[first], fused[first], clip[first]
+            bound = (1 - c) * float(a_s[-1]) + c * float(b_s[-1]) if len(a_s) and len(b_s) else -np.inf
+            if exhausted or (len(keys) >= k and fused[k - 1] >= bound):
+                return keys, fused.astype(np.float32), clip.astype(np.float32)
+            n *= 4
+
+    def _frame(self, level: str, ids: np.ndarray, scores: np.ndarray,
+               extra: dict[str, np.ndarray] | None = None) -> pl.DataFrame:
+        """Hits with catalog metadata, in rank order (``extra`` columns after the standard ones)."""
         key = "video_key" if level == "video" else "study_key"
         hits = pl.DataFrame({"rank": np.arange(1, len(ids) + 1, dtype=np.int32), "score": scores.astype(np.float64),
                              key: ids.astype(np.int64)})
@@ -197,21 +275,30 @@ class Searcher:
         meta = meta.with_columns(pl.col("video_key").cast(pl.Int64), pl.col("study_key").cast(pl.Int64))
         out = hits.join(meta, on=key, how="left").sort("rank")
         cols = REPORT_COLUMNS if level == "report" else RESULT_COLUMNS
-        return out.select([c for c in cols if c in out.columns])
+        out = out.select([c for c in cols if c in out.columns])
+        return out.with_columns(pl.Series(c, v.astype(np.float64)) for c, v in (extra or {}).items())
 
     # ---- public queries -----------------------------------------------------------------------
     def by_vector(self, vec: np.ndarray, k: int = 10, level: str = "video", filters: Filters | None = None, *,
-                  collapse_study: bool = False) -> pl.DataFrame:
-        """Nearest items of ``level`` to an embedding (normalised here)."""
-        return self._search(vec, k, level, filters, collapse_study=collapse_study)
+                  collapse_study: bool = False, context: float = 0.0) -> pl.DataFrame:
+        """Nearest items of ``level`` to an embedding (normalised here).
+
+        ``context`` (video level): weight of each clip's study vector in its score, ``score = (1 - context)
+        cos(q, clip) + context cos(q, study)``; the clip's own cosine is then returned as ``clip_score``.
+        """
+        return self._search(vec, k, level, filters, collapse_study=collapse_study, context=context)
 
     def by_text(self, text: str, k: int = 10, level: str = "video", filters: Filters | None = None, *,
-                collapse_study: bool = False) -> pl.DataFrame:
-        """Nearest items to a text description (the model's text tower; e.g. report phrases)."""
+                collapse_study: bool = False, context: float = TEXT_CONTEXT) -> pl.DataFrame:
+        """Nearest items to a text description (the model's text tower; e.g. report phrases).
+
+        Clips are ranked with their study's evidence by default (``context``, see :data:`TEXT_CONTEXT`);
+        ``context=0`` ranks each clip by its own vector alone, e.g. to find the views that show a finding.
+        """
         if not text.strip():
             raise QueryError("empty text query")
         vec = np.asarray(self.encoder().encode_text([text]))[0]
-        return self._search(vec, k, level, filters, collapse_study=collapse_study)
+        return self._search(vec, k, level, filters, collapse_study=collapse_study, context=context)
 
     def embed_file(self, path: Path | str) -> np.ndarray:
         """The video vector of a DICOM/AVI/MP4 file, prepared and encoded as the index's videos were."""
@@ -223,24 +310,24 @@ class Searcher:
         return np.asarray(video_vec, dtype=np.float32)
 
     def by_video_file(self, path: Path | str, k: int = 10, level: str = "video", filters: Filters | None = None, *,
-                      collapse_study: bool = False) -> pl.DataFrame:
+                      collapse_study: bool = False, context: float = 0.0) -> pl.DataFrame:
         """Nearest items to an uploaded clip (not added to the index)."""
-        return self._search(self.embed_file(path), k, level, filters, collapse_study=collapse_study)
+        return self._search(self.embed_file(path), k, level, filters, collapse_study=collapse_study, context=context)
 
     def like_video(self, video_key: int, k: int = 10, filters: Filters | None = None, *, level: str = "video",
-                   collapse_study: bool = False) -> pl.DataFrame:
+                   collapse_study: bool = False, context: float = 0.0) -> pl.DataFrame:
         """Items most like a catalog video, the video itself excluded (its study, at study level)."""
         vec = self._vector("video", video_key)
         exclude = {int(video_key)} if level == "video" else {int(self._study_of(np.array([video_key]))[0])}
-        return self._search(vec, k, level, filters, exclude=exclude, collapse_study=collapse_study)
+        return self._search(vec, k, level, filters, exclude=exclude, collapse_study=collapse_study, context=context)
 
     def like_study(self, study_uid: str, k: int = 10, filters: Filters | None = None, *, level: str = "study",
-                   collapse_study: bool = False) -> pl.DataFrame:
+                   collapse_study: bool = False, context: float = 0.0) -> pl.DataFrame:
         """Items most like a catalog study (its study vector), the study and its own videos excluded."""
         key = self._study_key(study_uid)
         vec = self._vector("study", key)
         exclude = {key} if level != "video" else set(self._videos_of_study(key))
-        return self._search(vec, k, level, filters, exclude=exclude, collapse_study=collapse_study)
+        return self._search(vec, k, level, filters, exclude=exclude, collapse_study=collapse_study, context=context)
 
     def reports_for(self, query: np.ndarray | int | str | Path, k: int = 5, *,
                     include_self: bool = False) -> pl.DataFrame:

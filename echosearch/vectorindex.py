@@ -126,6 +126,10 @@ class VectorIndex:
         """How many vectors a search with this selector can return."""
         return self.ntotal if selector_ids is None else len(self.rows_of(selector_ids))
 
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The stored (normalised, float32) vectors of the given row positions (from :meth:`rows_of`)."""
+        return self._full_vectors(np.asarray(rows, dtype=np.int64))
+
     def _full_vectors(self, rows: np.ndarray) -> np.ndarray:
         if self._xb is not None:
             return np.ascontiguousarray(self._xb[rows])

@@ -1,11 +1,12 @@
 """The shipped demo model on a fresh synthetic cohort (seed unseen in training).
 
 The encode issue's targets: zero-shot EF MAE <= 10 (the shipped model gives ~9.6 on this cohort) and
-text->video recall@10 >= 0.8 for finding phrases (it gives ~0.75 here, ~0.86 on a 40-patient cohort and
-0.93 on the demo cohort; this small cohort's one MitraClip patient, 6 videos, also has a pacer lead and is
-missed; over twenty fresh cohorts of this shape it averages 0.78 (0.767 on seeds 70001-70010, 0.796 on
-80001-80010) and reaches 0.8 on 8: `make bench-model`). Unmet targets are kept as non-strict expected
-failures so that a better model turns them green, next to guards on what it does reach.
+text->video recall@10 >= 0.8 for finding phrases, ranked as the query API ranks a text search (clips scored
+with their study's vector, `query.TEXT_CONTEXT`): 0.80 here (0.75 by the clip vectors alone; this cohort's
+one MitraClip patient, 6 videos, also has a pacer lead and is missed either way); over twenty fresh cohorts
+of this shape 0.84 / 0.85 (seeds 70001-70010 / 80001-80010; clip vectors alone 0.77 / 0.80): `make
+bench-model`. Unmet targets are kept as non-strict expected failures so that a better model turns them
+green, next to guards on what it does reach.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import pytest
 from conftest import demo_model_available
 
 pytestmark = pytest.mark.skipif(not demo_model_available(), reason="shipped demo model missing: run `make demo-model`")
-TARGET_GAP = "recall 0.75 here (0.86 / 0.93 on 40 / 80 patients): MitraClip is missed on this cohort; see docs/training.md"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_demo_model_identity_and_predictions_are_sane(evaluated: dict) -> None:
     assert math.isfinite(zs["ef_mae"])
     assert zs["pacer_lead_auc"] >= 0.85 and zs["lv_dilated_auc"] >= 0.85, zs  # ~1.0 / 0.94 with the shipped model
     tv = evaluated["retrieval"]["text_to_video"]
-    assert tv["mean"] >= 0.6 and tv["pacer lead"]["recall_at_10"] >= 0.8, tv  # guard: ~0.75 and 1.0 now
+    assert tv["mean"] >= 0.6 and tv["pacer lead"]["recall_at_10"] >= 0.8, tv  # guard: ~0.80 and 1.0 now
     # TAVR is drawn in PLAX only: 8 of its 16 relevant videos here can show it (0.8 now, all that is reachable)
     assert tv["TAVR"]["recall_at_10"] >= 0.6 and zs["tavr_auc"] >= 0.85, (tv, zs)  # ~1.0 AUC now
     assert evaluated["echosearch"]["identity"]["study_patient_auc"] >= 0.7  # ~0.88 now
@@ -72,9 +72,11 @@ def test_zero_shot_ef_within_target(evaluated: dict) -> None:
     assert evaluated["zero_shot"]["ef_mae"] <= 10.0, evaluated["zero_shot"]
 
 
-@pytest.mark.xfail(reason=TARGET_GAP, strict=False)
 def test_text_to_video_retrieval_of_findings(evaluated: dict) -> None:
-    assert evaluated["retrieval"]["text_to_video"]["mean"] >= 0.8, evaluated["retrieval"]["text_to_video"]
+    tv = evaluated["retrieval"]["text_to_video"]
+    assert tv["mean"] >= 0.8, tv  # 0.80 with the study context
+    assert tv["mean"] > tv["mean_clip_only"] >= 0.7, tv  # the context helps here (0.75 without it)
+    assert tv["mean_in_view"] >= tv["mean_in_view_clip_only"], tv  # not by trading away the clips that show it
 
 
 @pytest.mark.xfail(reason="identity is learnt only implicitly (no patient-contrastive term yet); ~0.78-0.88", strict=False)

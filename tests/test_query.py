@@ -10,7 +10,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from echosearch.catalog import Catalog, VideoRecord
@@ -319,3 +319,116 @@ def test_cli_search_reports_reindex(index: tuple[Path, pl.DataFrame], capsys: py
     assert main(["search", "--index", str(root), "--like-video", "1", "--where", "1=1; DROP TABLE x"]) == 8
     assert main(["reindex", "--index", str(root), "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"video", "study", "report"}
+
+
+def build_context_index(root: Path, seed: int = 3) -> np.ndarray:
+    """Studies laid out so that the best clips by their own vectors, the best studies and the best fused
+    scores for a query along ``e1`` (returned) are three different sets: 40 studies with one clip at cos 0.9
+    and two opposite (study cos < 0), 40 whose three clips sit at cos 0.45 in different directions (study
+    cos ~0.65), 6 whose clips sit at cos 0.6 together (fused ~0.6, the true top), 120 of background."""
+    rng = np.random.default_rng(seed)
+
+    def unit_orth(n: int) -> np.ndarray:
+        u = rng.standard_normal((n, D))
+        u[:, 0] = 0
+        return u / np.linalg.norm(u, axis=1, keepdims=True)
+
+    def at(cos: float, u: np.ndarray) -> np.ndarray:
+        return cos * np.eye(D)[0] + np.sqrt(1 - cos**2) * u
+
+    studies: list[np.ndarray] = []
+    studies += [np.stack([at(0.9, unit_orth(1)[0]), at(-0.9, unit_orth(1)[0]), at(-0.9, unit_orth(1)[0])])
+                for _ in range(40)]
+    studies += [at(0.45, unit_orth(3)) for _ in range(40)]
+    studies += [at(0.6, normalise((unit_orth(1) + 0.3 * unit_orth(3)).astype(np.float32))) for _ in range(6)]
+    studies += [normalise(rng.standard_normal((3, D)).astype(np.float32)) for _ in range(120)]
+    order = rng.permutation(len(studies))  # keys do not follow the layout
+    studies = [studies[i] for i in order]
+    cat = Catalog.open(root, create=True)
+    cat.bind_model(MODEL)
+    recs = [VideoRecord(sha256=f"{s}-{v}", path=f"/e/{s}/{v}.avi", size_bytes=1, kind="avi",
+                        patient_pseudonym=f"P{s // 3}", study_uid=f"1.9.{s}", view=VIEWS[v])
+            for s in range(len(studies)) for v in range(3)]
+    keys = cat.record_videos(recs)
+    vecs = normalise(np.concatenate(studies).astype(np.float32))
+    cat.store_video_embeddings([keys[r.sha256] for r in recs], vecs, [16] * len(recs))
+    smap = dict(cat.con.sql("SELECT study_uid, study_key FROM studies").fetchall())
+    cat.store_level_embeddings("study", [smap[f"1.9.{s}"] for s in range(len(studies))],
+                               normalise(vecs.reshape(len(studies), 3, D).mean(1)), [3] * len(studies))
+    build_all(cat)
+    cat.close()
+    return np.eye(D, dtype=np.float32)[0]
+
+
+@pytest.fixture(scope="module")
+def context_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    root = tmp_path_factory.mktemp("context") / "idx"
+    return root, build_context_index(root)
+
+
+def fused_brute(s: Searcher, q: np.ndarray, c: float, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(video keys, fused scores) of every allowed clip, best first, by a full scan."""
+    vids, vv = vectors(s, "video")
+    sids, sv = vectors(s, "study")
+    study = s.catalog.con.sql("SELECT video_key, study_key FROM videos ORDER BY video_key").fetchnumpy()
+    st_of = dict(zip(study["video_key"].tolist(), study["study_key"].tolist(), strict=True))
+    srow = np.searchsorted(sids, [st_of[int(v)] for v in vids])
+    q0 = normalise(q[None])[0]
+    fused = (1 - c) * (vv @ q0) + c * (sv[srow] @ q0)
+    keep = np.ones(len(vids), bool) if allowed is None else np.isin(vids, allowed)
+    order = np.argsort(-fused[keep], kind="stable")
+    return vids[keep][order], fused[keep][order]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(k=st.integers(1, 12), c=st.sampled_from([0.2, 0.5, 0.8, 1.0]), row=st.integers(0, 617),
+       view=st.sampled_from([None, "PLAX"]), collapse=st.booleans(), fetch=st.sampled_from([1, 64]),
+       along_e1=st.booleans())
+@example(k=3, c=0.5, row=0, view=None, collapse=False, fetch=1, along_e1=True)  # several rounds, always
+@example(k=5, c=0.5, row=0, view=None, collapse=True, fetch=1, along_e1=True)
+def test_study_context_search_equals_a_full_scan(context_index: tuple[Path, np.ndarray], k: int, c: float, row: int,
+                                                 view: str | None, collapse: bool, fetch: int, along_e1: bool) -> None:
+    """The threshold algorithm over the clip and study lists returns the exact fused top k, with filters and
+    one clip per study: for the layout's query the true top lies outside both lists' first ``fetch`` (1: several
+    rounds), and for a query near a random clip the lists disagree less."""
+    root, e1 = context_index
+    with Searcher(root) as s:
+        s.context_fetch = fetch
+        ids, vecs = vectors(s, "video")
+        rng = np.random.default_rng(row)
+        q = (e1 if along_e1 else vecs[row]) + 0.05 * rng.standard_normal(D).astype(np.float32)
+        f = Filters(views=(view,)) if view else None
+        allowed = resolve_ids(s.catalog.con, "video", f)
+        df = s.by_vector(q, k, filters=f, context=c, collapse_study=collapse)
+        keys, fused = fused_brute(s, q, c, allowed)
+        if collapse:
+            study = dict(s.catalog.con.sql("SELECT video_key, study_key FROM videos").fetchall())
+            _, first = np.unique([study[int(v)] for v in keys], return_index=True)
+            keys, fused = keys[np.sort(first)], fused[np.sort(first)]
+        assert df.columns == [*RESULT_COLUMNS, "clip_score"] and df.height == k
+        np.testing.assert_allclose(df["score"].to_numpy(), fused[:k], atol=1e-5)
+        assert df["video_key"].to_list() == keys[:k].tolist() or np.allclose(fused[k - 1], fused[k], atol=1e-6)
+        clip = dict(zip(ids.tolist(), (vecs @ normalise(q[None])[0]).tolist(), strict=True))
+        np.testing.assert_allclose(df["clip_score"].to_numpy(), [clip[v] for v in df["video_key"]], atol=1e-5)
+        if view:
+            assert set(df["view"].to_list()) == {view}
+        assert s.last_info is not None and s.last_info.context == c
+
+
+def test_study_context_defaults_and_limits(index: tuple[Path, pl.DataFrame]) -> None:
+    """Text queries use the study context by default, vector queries and context=0 the clip alone; study-level
+    searches ignore it; a weight outside [0, 1] is refused."""
+    from echosearch.query import TEXT_CONTEXT
+
+    with Searcher(index[0]) as s:
+        ids, vecs = vectors(s, "video")
+        s._encoder = FakeEncoder(vecs[11])
+        by_text = s.by_text("dilated left ventricle", 5)
+        assert s.last_info.context == TEXT_CONTEXT > 0 and "clip_score" in by_text.columns
+        assert by_text.equals(s.by_vector(vecs[11], 5, context=TEXT_CONTEXT))
+        plain = s.by_text("dilated left ventricle", 5, context=0.0)
+        assert plain.columns == list(RESULT_COLUMNS) and plain.equals(s.by_vector(vecs[11], 5))
+        assert plain["video_key"][0] == int(ids[11])
+        assert s.by_vector(vecs[11], 4, level="study", context=0.7).columns == list(RESULT_COLUMNS)
+        with pytest.raises(QueryError, match="context"):
+            s.by_vector(vecs[11], 4, context=1.5)

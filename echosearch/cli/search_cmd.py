@@ -55,10 +55,14 @@ def register(app: typer.Typer) -> None:
         device: list[str] | None = typer.Option(None, "--device", help="Predicted device: pacer_lead, tavr, mitraclip."),
         level: str = typer.Option("video", "--level", help="Search videos or studies: video | study."),
         collapse: bool = typer.Option(False, "--collapse", help="Keep only the best clip per study."),
+        context: float | None = typer.Option(
+            None, "--context", min=0.0, max=1.0,
+            help="Weight of each clip's study vector in its score (video level; default 0.5 for --text, "
+                 "0 otherwise; 0 = the clip alone, e.g. to find the views that show a finding)."),
         json_out: bool = _JSON,
     ) -> None:
         """Nearest echoes to a text, a clip, or a catalog video/study, with metadata filters."""
-        from echosearch.query import Searcher
+        from echosearch.query import TEXT_CONTEXT, Searcher
 
         if level not in ("video", "study"):
             raise QueryError(f"--level must be video or study, not {level!r}")
@@ -68,22 +72,26 @@ def register(app: typer.Typer) -> None:
                           views=tuple(view or ()), manufacturers=tuple(manufacturer or ()), ef_min=ef_min,
                           ef_max=ef_max, devices=tuple(device or ()), where=where)
         with Searcher(index) as s:
+            c = (TEXT_CONTEXT if kind == "text" else 0.0) if context is None else context
             if kind == "text":
-                df = s.by_text(value, k, level, filters, collapse_study=collapse)
+                df = s.by_text(value, k, level, filters, collapse_study=collapse, context=c)
             elif kind == "video":
-                df = s.by_video_file(value, k, level, filters, collapse_study=collapse)
+                df = s.by_video_file(value, k, level, filters, collapse_study=collapse, context=c)
             elif kind == "like_video":
-                df = s.like_video(value, k, filters, level=level, collapse_study=collapse)
+                df = s.like_video(value, k, filters, level=level, collapse_study=collapse, context=c)
             else:
-                df = s.like_study(value, k, filters, level=level, collapse_study=collapse)
+                df = s.like_study(value, k, filters, level=level, collapse_study=collapse, context=c)
             info = s.last_info
         n_available = info.n_available if info else df.height
         if json_out:
             print_json({"query": {kind: str(value)}, "level": level, "k": k, "n_available": n_available,
-                        "plan": info.plan if info else None, "filters": filters.as_dict(),
+                        "plan": info.plan if info else None, "context": info.context if info else None,
+                        "filters": filters.as_dict(),
                         "results": frame_records(df)})
             return
         title = f"{df.height} of {n_available} {level}s" + (" (best clip per study)" if collapse else "")
+        if info and info.context:
+            title += f" (scored with study context {info.context:g}; clip_score = the clip alone)"
         console.print(frame_table(_display(df, level), title=title))
 
     @app.command()
