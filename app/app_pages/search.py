@@ -63,9 +63,13 @@ def run(req: app_api.SearchRequest, query_clip: tuple[str, bytes] | None = None)
 text_tab, clip_tab = st.tabs(["Describe findings", "Upload a clip"])
 with text_tab, st.form("text-search"):
     text = st.text_input("Findings to look for (report language works best)", placeholder=EXAMPLE)
+    whole_study = st.checkbox("Weigh each clip with its whole study", value=True,
+                              help="A finding is reported per study and shows in some views only: a clip's score "
+                                   "mixes its own similarity with its study's (the clip's own is shown in brackets). "
+                                   "Untick to find the clips that show the finding themselves.")
     if st.form_submit_button("Search", type="primary"):
         run(app_api.SearchRequest("text", k=k, level=level, filters=filters, text=text or EXAMPLE,
-                                  label=f"“{text or EXAMPLE}”"))
+                                  label=f"“{text or EXAMPLE}”", context=None if whole_study else 0.0))
 with clip_tab:
     upload = st.file_uploader("Echo clip: DICOM, AVI or MP4", accept_multiple_files=False)
     if upload is not None and st.button("Find similar", type="primary"):
@@ -135,7 +139,9 @@ for start in range(0, len(rows), COLUMNS):
                 vk = ui.first_video_of(vids, int(h["study_key"]), views[0] if views else None)
             ui.clip(vk)
             ef = f" · EF≈{h['pred_ef']:.0f}%" if h.get("pred_ef") is not None else ""
-            st.markdown(f"**{h['score']:.3f}** · {ui.fmt_date(h['study_date'])} · {h.get('view') or 'view n/a'}{ef}")
+            clip_only = f" (clip {h['clip_score']:.3f})" if h.get("clip_score") is not None else ""
+            st.markdown(f"**{h['score']:.3f}**{clip_only} · {ui.fmt_date(h['study_date'])} · "
+                        f"{h.get('view') or 'view n/a'}{ef}")
             st.caption(ui.patient_label(h["patient_pseudonym"], raw.get(h["patient_pseudonym"])))
             sent = app_api.sentences(own_reports.get(h["study_key"]), 2)
             if sent:
