@@ -306,6 +306,7 @@ def test_cli_search_reports_reindex(index: tuple[Path, pl.DataFrame], capsys: py
     assert len(out["results"]) == 4 and out["n_available"] == truth.filter(
         (pl.col("view") == "A4C") & (pl.col("patient_pseudonym") != PATIENTS[1]) & (pl.col("video_key") != key)).height
     assert all(r["view"] == "A4C" and r["video_key"] != key for r in out["results"])
+    assert out["context"] == 0.0 and "clip_score" not in out["results"][0]  # only text queries default to context
     assert main(["search", "--index", str(root), "--like-video", str(key), "--collapse", "--since", "2018-01-01"]) == 0
     table = capsys.readouterr().out
     assert "best clip per study" in table and "PSN-" in table and "/echo/" in table
@@ -317,6 +318,13 @@ def test_cli_search_reports_reindex(index: tuple[Path, pl.DataFrame], capsys: py
     assert main(["search", "--index", str(root), "--like-video", "999999"]) == QueryError.exit_code
     assert main(["search", "--index", str(root), "--like-video", "1", "--text", "x"]) == QueryError.exit_code
     assert main(["search", "--index", str(root), "--like-video", "1", "--where", "1=1; DROP TABLE x"]) == 8
+    assert main(["search", "--index", str(root), "--like-video", str(key), "-k", "3", "--context", "0.5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["context"] == 0.5 and all("clip_score" in r for r in out["results"])
+    assert main(["search", "--index", str(root), "--like-video", str(key), "-k", "3", "--context", "0.5"]) == 0
+    assert "study context 0.5" in capsys.readouterr().out
+    assert main(["search", "--index", str(root), "--like-video", str(key), "--context", "2"]) != 0
+    capsys.readouterr()
     assert main(["reindex", "--index", str(root), "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"video", "study", "report"}
 
