@@ -404,6 +404,8 @@ class SearchRequest:
             detail["video_key"] = self.video_key
         if self.study_uid is not None:
             detail["study_uid"] = self.study_uid
+        if self.context is not None:
+            detail["context"] = self.context
         return detail
 
 

@@ -249,15 +249,16 @@ def _relevant(vt: pl.DataFrame, rule: str) -> np.ndarray | None:
 
 
 def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int, context: float | None = None) -> dict[str, Any]:
-    """Finding phrase -> top-k clips through the query API (``Searcher.by_vector``), as a user's text search
-    ranks them: with the study context (``query.TEXT_CONTEXT`` unless given) and, as ``*_clip_only``, without."""
+    """Finding phrase -> top-k clips among those with a truth row, scored as the query API's text search scores
+    them (``query.context_score`` with ``query.TEXT_CONTEXT`` unless given; exact, from the catalog's vectors)
+    and, as ``*_clip_only``, by the clip vectors alone."""
     try:
         from echosearch.encode import encoder_for_index
 
         encoder = encoder_for_index(catalog)
     except Exception as exc:  # no model here is a note in the report, not a failure
         return {"skipped": f"no encoder for this index ({type(exc).__name__}: {exc})"}
-    from echosearch.query import TEXT_CONTEXT, Searcher
+    from echosearch.query import TEXT_CONTEXT, context_score
 
     context = TEXT_CONTEXT if context is None else context
     findings = dict(DEFAULT_FINDINGS)
@@ -268,13 +269,17 @@ def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int, context: float |
         findings = {n: (f["text"], f["truth"]) for n, f in spec.items() if isinstance(f, dict)} or findings
     except (ImportError, OSError, ValueError):
         pass
-    ids, _ = catalog.embeddings("video", vt["video_key"].to_list())
+    ids, vecs = catalog.embeddings("video", vt["video_key"].to_list())
     t = vt.filter(pl.col("video_key").is_in(ids.tolist())).sort("video_key")
-    keys = t["video_key"].to_numpy().astype(np.int64)
+    study_of = dict(catalog.con.execute("SELECT video_key, study_key FROM videos WHERE video_key IN "
+                                        "(SELECT unnest(?::BIGINT[]))", [ids.tolist()]).fetchall())
+    sids, svecs = catalog.embeddings("study")
+    want = np.array([study_of[int(i)] for i in ids], dtype=np.int64)
+    srow = np.minimum(np.searchsorted(sids, want), max(len(sids) - 1, 0))
+    has_study = (sids[srow] == want) if len(sids) else np.zeros(len(ids), bool)
     # views coded once: the visibility rule is asked per distinct view, not per video
     view_names, view_code = (np.unique(t["view"].fill_null("").to_numpy().astype(str), return_inverse=True)
                              if "view" in t.columns else (None, None))
-    searcher = Searcher(catalog.index_dir, catalog=catalog, encoder=encoder)
     out: dict[str, Any] = {"context": context}
     vals: dict[str, list[float]] = {}
     text = encoder.encode_text([f[0] for f in findings.values()])
@@ -287,10 +292,10 @@ def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int, context: float |
             shows = np.array([visible_in_view(phrase, v or None) for v in view_names])
             seen = rel & shows[view_code]
         out[name] = {"n_relevant": int(rel.sum())}
+        clip = vecs @ tv
+        study = np.where(has_study, svecs[srow] @ tv if len(sids) else np.nan, np.nan)
         for c, suffix in ((context, ""), (0.0, "_clip_only")):
-            hits = searcher.by_vector(tv, k, context=c)["video_key"].to_numpy().astype(np.int64)
-            pos = np.minimum(np.searchsorted(keys, hits), len(keys) - 1)
-            top = pos[keys[pos] == hits]  # a clip without a truth row counts as not relevant
+            top = np.argsort(-context_score(clip, study, c), kind="stable")[:k]
             figs = {f"recall_at_{k}{suffix}": int(rel[top].sum()) / min(k, int(rel.sum()))}
             if seen is not None and seen.any():
                 figs[f"recall_at_{k}_in_view{suffix}"] = int(seen[top].sum()) / min(k, int(seen.sum()))

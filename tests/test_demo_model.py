@@ -74,7 +74,9 @@ def test_zero_shot_ef_within_target(evaluated: dict) -> None:
 
 def test_text_to_video_retrieval_of_findings(evaluated: dict) -> None:
     tv = evaluated["retrieval"]["text_to_video"]
-    assert tv["mean"] >= 0.8, tv  # 0.80 with the study context
+    # 0.80 with the study context: exactly at the target, but no finding's 10th and 11th clips lie closer than
+    # 0.0016 in score (float noise is ~1e-6), so the figure is a property of the model, not of the machine
+    assert tv["mean"] >= 0.8, tv
     assert tv["mean"] > tv["mean_clip_only"] >= 0.7, tv  # the context helps here (0.75 without it)
     assert tv["mean_in_view"] >= tv["mean_in_view_clip_only"], tv  # not by trading away the clips that show it
 

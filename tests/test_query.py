@@ -322,7 +322,8 @@ def test_cli_search_reports_reindex(index: tuple[Path, pl.DataFrame], capsys: py
     out = json.loads(capsys.readouterr().out)
     assert out["context"] == 0.5 and all("clip_score" in r for r in out["results"])
     assert main(["search", "--index", str(root), "--like-video", str(key), "-k", "3", "--context", "0.5"]) == 0
-    assert "study context 0.5" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "study context 0.5" in table and "clip" in table.splitlines()[2]
     assert main(["search", "--index", str(root), "--like-video", str(key), "--context", "2"]) != 0
     capsys.readouterr()
     assert main(["reindex", "--index", str(root), "--json"]) == 0
@@ -333,7 +334,9 @@ def build_context_index(root: Path, seed: int = 3) -> np.ndarray:
     """Studies laid out so that the best clips by their own vectors, the best studies and the best fused
     scores for a query along ``e1`` (returned) are three different sets: 40 studies with one clip at cos 0.9
     and two opposite (study cos < 0), 40 whose three clips sit at cos 0.45 in different directions (study
-    cos ~0.65), 6 whose clips sit at cos 0.6 together (fused ~0.6, the true top), 120 of background."""
+    cos ~0.65), 6 whose clips sit at cos 0.6 together (fused ~0.6, the true top), 120 of background; and 2
+    studies without a study vector (a run stopped before pooling) whose clips sit at cos 0.8 (scored as the
+    clip alone: in the top, reached by neither list)."""
     rng = np.random.default_rng(seed)
 
     def unit_orth(n: int) -> np.ndarray:
@@ -350,7 +353,9 @@ def build_context_index(root: Path, seed: int = 3) -> np.ndarray:
     studies += [at(0.45, unit_orth(3)) for _ in range(40)]
     studies += [at(0.6, normalise((unit_orth(1) + 0.3 * unit_orth(3)).astype(np.float32))) for _ in range(6)]
     studies += [normalise(rng.standard_normal((3, D)).astype(np.float32)) for _ in range(120)]
+    studies += [at(0.8, unit_orth(3)) for _ in range(2)]
     order = rng.permutation(len(studies))  # keys do not follow the layout
+    pooled = [i for i, o in enumerate(order) if o < len(studies) - 2]
     studies = [studies[i] for i in order]
     cat = Catalog.open(root, create=True)
     cat.bind_model(MODEL)
@@ -361,8 +366,8 @@ def build_context_index(root: Path, seed: int = 3) -> np.ndarray:
     vecs = normalise(np.concatenate(studies).astype(np.float32))
     cat.store_video_embeddings([keys[r.sha256] for r in recs], vecs, [16] * len(recs))
     smap = dict(cat.con.sql("SELECT study_uid, study_key FROM studies").fetchall())
-    cat.store_level_embeddings("study", [smap[f"1.9.{s}"] for s in range(len(studies))],
-                               normalise(vecs.reshape(len(studies), 3, D).mean(1)), [3] * len(studies))
+    cat.store_level_embeddings("study", [smap[f"1.9.{s}"] for s in pooled],
+                               normalise(vecs.reshape(len(studies), 3, D)[pooled].mean(1)), [3] * len(pooled))
     build_all(cat)
     cat.close()
     return np.eye(D, dtype=np.float32)[0]
@@ -380,9 +385,12 @@ def fused_brute(s: Searcher, q: np.ndarray, c: float, allowed: np.ndarray | None
     sids, sv = vectors(s, "study")
     study = s.catalog.con.sql("SELECT video_key, study_key FROM videos ORDER BY video_key").fetchnumpy()
     st_of = dict(zip(study["video_key"].tolist(), study["study_key"].tolist(), strict=True))
-    srow = np.searchsorted(sids, [st_of[int(v)] for v in vids])
+    vs = np.array([st_of[int(v)] for v in vids])
+    srow = np.minimum(np.searchsorted(sids, vs), len(sids) - 1)
     q0 = normalise(q[None])[0]
-    fused = (1 - c) * (vv @ q0) + c * (sv[srow] @ q0)
+    clip = vv @ q0
+    study = np.where(sids[srow] == vs, sv[srow] @ q0, clip)  # no study vector: the clip alone
+    fused = (1 - c) * clip + c * study
     keep = np.ones(len(vids), bool) if allowed is None else np.isin(vids, allowed)
     order = np.argsort(-fused[keep], kind="stable")
     return vids[keep][order], fused[keep][order]
@@ -394,6 +402,7 @@ def fused_brute(s: Searcher, q: np.ndarray, c: float, allowed: np.ndarray | None
        along_e1=st.booleans())
 @example(k=3, c=0.5, row=0, view=None, collapse=False, fetch=1, along_e1=True)  # several rounds, always
 @example(k=5, c=0.5, row=0, view=None, collapse=True, fetch=1, along_e1=True)
+@example(k=3, c=1.0, row=0, view=None, collapse=False, fetch=1, along_e1=True)  # the top: clips without a study vector
 def test_study_context_search_equals_a_full_scan(context_index: tuple[Path, np.ndarray], k: int, c: float, row: int,
                                                  view: str | None, collapse: bool, fetch: int, along_e1: bool) -> None:
     """The threshold algorithm over the clip and study lists returns the exact fused top k, with filters and

@@ -29,7 +29,9 @@ def _display(df: pl.DataFrame, level: str) -> pl.DataFrame:
     cols = ["rank", "score", "patient_pseudonym", "study_date", "view"]
     cols += ["path"] if level == "video" else ["study_uid"]
     cols += ["pred_ef"] if "pred_ef" in df.columns and df["pred_ef"].null_count() < df.height else []
-    names = {"patient_pseudonym": "patient", "study_date": "date", "study_uid": "study", "pred_ef": "EF (pred)"}
+    cols.insert(2, "clip_score")  # with a study context: the clip's own cosine beside the fused score
+    names = {"patient_pseudonym": "patient", "study_date": "date", "study_uid": "study", "pred_ef": "EF (pred)",
+             "clip_score": "clip"}
     return df.select([pl.col(c).alias(names.get(c, c)) for c in cols if c in df.columns])
 
 
@@ -91,7 +93,7 @@ def register(app: typer.Typer) -> None:
             return
         title = f"{df.height} of {n_available} {level}s" + (" (best clip per study)" if collapse else "")
         if info and info.context:
-            title += f" (scored with study context {info.context:g}; clip_score = the clip alone)"
+            title += f" (scored with study context {info.context:g}; 'clip' = the clip alone)"
         console.print(frame_table(_display(df, level), title=title))
 
     @app.command()
