@@ -55,6 +55,7 @@ bench: setup
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/encode.py
 	$(BIN)/python bench/search.py
+	$(BIN)/python bench/context_search.py
 
 # Model quality over several fresh small cohorts (mean and spread; ~20 s per cohort and model).
 bench-model: setup
