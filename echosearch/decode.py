@@ -18,7 +18,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
-import av
 import cv2
 import numpy as np
 import pydicom
@@ -403,6 +402,10 @@ def _scale_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 
 # ---- AVI / MP4 ------------------------------------------------------------------------------------
 def _open_container(path: Path) -> Any:
+    try:  # PyAV only where AVI/MP4 is read: a DICOM-only install (or a GPU box without it) imports this module
+        import av
+    except ImportError as exc:
+        raise DecodeError("reading AVI/MP4 needs PyAV: pip install av") from exc
     try:
         container = av.open(str(path))
     except FileNotFoundError as exc:

@@ -340,3 +340,18 @@ def test_corrupt_video_container(tmp_path: Path) -> None:
     path.write_bytes(b"RIFF\x00\x00\x00\x00AVI LIST" + bytes(200))
     with pytest.raises(DecodeError):
         decode_video(path, "avi")
+
+
+def test_pyav_is_needed_only_for_video_containers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without PyAV a DICOM still decodes and an AVI is refused with one line naming the missing package."""
+    import sys
+
+    clip = np.full((6, 48, 64, 3), 90, np.uint8)
+    path = write_video(tmp_path / "clip.avi", clip, "MJPG")
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    with pytest.raises(DecodeError, match="needs PyAV"):
+        decode_video(path, "avi")
+    echo = REAL / "ACUSON_Sequoia_echo_A4C_65f_JPEG.dcm"
+    if not echo.exists():
+        pytest.skip("real DICOM test data not found")
+    assert decode_video(echo, "dicom", [0, 64]).frames.shape == (2, 456, 576, 3)
