@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-$(DEPS_HASH)
 DEMO_DIR ?= indexes/demo
 export ECHOSEARCH_LOG_LEVEL ?= WARNING
 
-.PHONY: setup demo test browser bench bench-model app lint typecheck clean-demo demo-model
+.PHONY: setup demo test browser bench bench-model app lint typecheck clean-demo demo-model device-prep
 
 setup: $(STAMP)
 
@@ -60,6 +60,22 @@ bench: setup
 # Model quality over several fresh small cohorts (mean and spread; ~20 s per cohort and model).
 bench-model: setup
 	$(BIN)/python bench/model_quality.py
+
+# For a session lent a GPU machine (no network there, 64 MiB a call): the wheels its image lacks and the echo
+# DICOMs of shared/testdata, then the one command to run there (docs/encode.md, "GPU check").
+REAL_DICOM ?= ../shared/testdata/real-dicom
+DEVICE_WHEELS := open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 pydicom==3.0.2 pylibjpeg==2.1.0 \
+	pylibjpeg-libjpeg==2.5.0 pylibjpeg-openjpeg==2.6.0 pylibjpeg-rle==2.2.0
+device-prep: setup
+	@set -e; mkdir -p .whl .devdata; \
+	for w in $(DEVICE_WHEELS); do \
+	  $(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    $(foreach n,17 24 27 28 31 34 35 38 39,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64 \
+	    -d .whl $$w; done; \
+	cp $(REAL_DICOM)/*echo*.dcm $(REAL_DICOM)/US1_J2KR.dcm .devdata/; \
+	du -sh .whl .devdata; \
+	echo 'device run, carry [".whl", ".devdata"], timeout_s 540:'; \
+	echo 'python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$$PWD PYTHONUNBUFFERED=1 && timeout 480 python3 bench/device_check.py --data .devdata --json $$OUT/device.json 2>&1 | tee $$OUT/log'
 
 app: setup
 	@test -f $(DEMO_DIR)/index/catalog.duckdb || $(MAKE) demo
