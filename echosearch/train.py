@@ -87,6 +87,11 @@ class TrainConfig:
     zoom: float = 0.0  # training frames zoomed by up to +-zoom (imaging depth)
     lowres_p: float = 0.0  # share of training clips seen through a 0.4-0.8 resolution source
     gamma: float = 0.0  # grey-map jitter: gamma in [1/(1+gamma), 1+gamma]
+    # same-patient term: each batch holds patient_pairs clips with a partner (same patient and view, another
+    # study, same transplant status by the reports) and an InfoNCE loss pulls each towards its partner among the
+    # batch's other patients' clips (identity, the audit); 0 = off (the batches are then those of a run without)
+    patient_weight: float = 0.0
+    patient_pairs: int = 8
 
 
 @dataclass
@@ -101,13 +106,14 @@ class TrainResult:
 
 def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
                 progress: Callable[[int, int], None] | None
-                ) -> tuple[list[np.ndarray], list[str], list[int], list[str | None]]:
+                ) -> tuple[list[np.ndarray], list[str], list[int], list[str | None], list[int]]:
     from echosearch.discover import FileRecord
     from echosearch.ingest import FailedFile, iter_processed
     from echosearch.prepare import FramePolicy
 
     rows = cat.con.sql(
-        "SELECT v.video_key, v.path, v.kind, v.sha256, v.size_bytes, r.text, s.patient_key, v.view FROM videos v "
+        "SELECT v.video_key, v.path, v.kind, v.sha256, v.size_bytes, r.text, s.patient_key, v.view, s.study_key "
+        "FROM videos v "
         "JOIN studies s USING (study_key) JOIN reports r USING (study_key) ORDER BY v.video_key"
     ).fetchall()
     if not rows:
@@ -118,6 +124,7 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
     texts: list[str] = []
     patients: list[int] = []
     views: list[str | None] = []
+    studies: list[int] = []
     by_sha = {r[3]: r for r in rows}
     for i, item in enumerate(iter_processed(records, policy, workers=workers)):
         if progress:
@@ -130,7 +137,52 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
         texts.append(row[5])
         patients.append(int(row[6]))
         views.append(row[7])
-    return frames, texts, patients, views
+        studies.append(int(row[8]))
+    return frames, texts, patients, views, studies
+
+
+def patient_partners(patients: list[int], studies: list[int], views: list[str | None], texts: list[str],
+                     pool: list[int]) -> dict[int, list[int]]:
+    """For each clip of ``pool``: the clips of ``pool`` with the same patient and view from another study whose
+    report agrees on a heart transplant (a new heart is another heart: the audit should see it so)."""
+    groups: dict[tuple[int, str | None, bool], list[int]] = {}
+    for i in pool:
+        groups.setdefault((patients[i], views[i], "TRANSPLANT" in texts[i].upper()), []).append(i)
+    return {i: [j for j in g if studies[j] != studies[i]] for g in groups.values() for i in g
+            if any(studies[j] != studies[i] for j in g)}
+
+
+def with_partners(batch: list[int], partners: dict[int, list[int]], n_pairs: int, rng: random.Random
+                  ) -> tuple[list[int], list[tuple[int, int]]]:
+    """``batch`` with its last places given to partners of its first clips that have one: (clips, pairs of
+    batch positions). A clip appears once; fewer pairs when too few clips have a partner."""
+    keep = len(batch) - n_pairs
+    out: list[int] = list(batch[:keep])
+    pairs: list[tuple[int, int]] = []
+    for pos, i in enumerate(batch[:keep]):
+        if len(pairs) == n_pairs:
+            break
+        options = [j for j in partners.get(i, ()) if j not in out]
+        if options:
+            out.append(rng.choice(options))
+            pairs.append((pos, len(out) - 1))
+    out += [j for j in batch[keep:] if j not in out][: len(batch) - len(out)]
+    return out, pairs
+
+
+def patient_loss(img: torch.Tensor, pairs: list[tuple[int, int]], patient_ids: torch.Tensor,
+                 scale: float = 10.0) -> torch.Tensor:
+    """InfoNCE over a batch's clip vectors: each paired clip's partner against the clips of other patients."""
+    if not pairs:
+        return img.sum() * 0.0
+    sim = scale * img @ img.T
+    other = patient_ids[:, None] != patient_ids[None, :]
+    rows = torch.tensor([a for a, b in pairs] + [b for a, b in pairs])
+    cols = torch.tensor([b for a, b in pairs] + [a for a, b in pairs])
+    allowed = other[rows].clone()
+    allowed[torch.arange(len(rows)), cols] = True  # the partner is the one same-patient clip in the row
+    logits = sim[rows].masked_fill(~allowed, float("-inf"))
+    return F.cross_entropy(logits, cols)
 
 
 def _augment_frame(frame: np.ndarray, rng: np.random.Generator, zoom: float = 0.0, lowres_p: float = 0.0,
@@ -306,7 +358,7 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
         return (t - mean_t) / std_t
 
     with Catalog.open(index_dir, read_only=True) as cat:
-        frames, texts, patients, views = _load_pairs(cat, cfg.frames_per_video, size, cfg.workers,
+        frames, texts, patients, views, studies = _load_pairs(cat, cfg.frames_per_video, size, cfg.workers,
                                               (lambda i, n: progress("decode", i, n, {})) if progress else None)
     if cfg.view_visibility:  # a study's TAVR sentence does not describe its A4C clip
         texts = [visible_report(t, v) for t, v in zip(texts, views, strict=True)]
@@ -321,6 +373,8 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
         raise EchosearchError("no training pairs after the held-out split")
 
     facts = [report_facts(t, v) for t, v in zip(texts, views, strict=True)]
+    partners = patient_partners(patients, studies, views, texts, train_idx) if cfg.patient_weight > 0 else {}
+    prng_pairs = random.Random(cfg.seed + 2)  # its own stream, like the quantity sentences'
     prompts = PromptSampler.from_reports([texts[i] for i in train_idx], [views[i] for i in train_idx])
     labels = ReportLabels.build(facts)
     heads = torch.nn.ModuleDict({"facts": torch.nn.Linear(embed_dim, max(1, len(labels.keys))),
@@ -373,6 +427,9 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             if step >= total:
                 break
             batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            pairs: list[tuple[int, int]] = []
+            if partners:
+                batch, pairs = with_partners(batch, partners, cfg.patient_pairs, prng_pairs)
             multi = cfg.clip_epochs is None or step >= total - cfg.clip_epochs * steps_per_epoch
             k = k_clip if multi else 1
             imgs = np.concatenate([_augment_frame(frames[i][clip_frame_indices(len(frames[i]), k,
@@ -405,6 +462,9 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
                 # each clip's first frame is its random-offset one: per-frame zero-shot stays trained at every phase
                 loss = loss + cfg.frame_loss_weight * soft_clip_loss(scale * frame_f[::k] @ txt_f.T, target)
             ii = torch.tensor(batch)
+            if cfg.patient_weight > 0:
+                pid = torch.tensor([patients[i] for i in batch])
+                loss = loss + cfg.patient_weight * patient_loss(img_f, pairs, pid)
             if cfg.aux_weight > 0:
                 z = img_f * 8.0  # unit vectors scaled to a useful logit range (pooled clips in clip epochs)
                 aux = F.binary_cross_entropy_with_logits(heads["facts"](z), present[ii], pos_weight=pos_weight)

@@ -404,10 +404,10 @@ def test_train_command_passes_the_anchor_options_to_the_recipe(tmp_path: Path, m
     monkeypatch.setattr(train_mod, "train", fake_train)
     base = ["train", "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "m")]
     assert main(base) == 0 and main([*base, "--anchor-weight", "2", "--listwise-weight", "0.5",
-                                     "--quantity-anchors", "6", "--ema", "0.99"]) == 0
+                                     "--quantity-anchors", "6", "--ema", "0.99", "--patient-weight", "0.5"]) == 0
     defaults = train_mod.TrainConfig()  # the CLI's defaults are the recipe's
-    pick = lambda c: (c.anchor_weight, c.listwise_weight, c.quantity_anchors, c.ema)  # noqa: E731
-    assert pick(seen[0]) == pick(defaults) and pick(seen[1]) == (2.0, 0.5, 6, 0.99)
+    pick = lambda c: (c.anchor_weight, c.listwise_weight, c.quantity_anchors, c.ema, c.patient_weight)  # noqa: E731
+    assert pick(seen[0]) == pick(defaults) and pick(seen[1]) == (2.0, 0.5, 6, 0.99, 0.5)
 
 
 def test_only_the_last_epochs_train_pooled_clips(train_index: Path, tmp_path: Path,
@@ -657,3 +657,62 @@ def test_ema_exports_the_moving_average_of_each_steps_weights(train_index: Path,
         assert torch.allclose(raw[name].float(), last, atol=1e-6), name  # the checkpoint: the raw last step
         moved += int(not torch.allclose(got, last, atol=1e-4))
     assert moved > len(exported) // 2  # the export is not the last step's weights
+
+
+def test_patient_partners_are_other_studies_of_the_same_patient_view_and_heart() -> None:
+    from echosearch.train import patient_partners
+
+    patients = [1, 1, 1, 1, 2, 2, 1]
+    studies = [10, 11, 11, 12, 20, 21, 13]
+    views = ["A4C", "A4C", "PLAX", "A4C", "A4C", "A4C", "A4C"]
+    texts = ["NORMAL.", "NORMAL.", "NORMAL.", "STATUS POST HEART TRANSPLANT.", "X.", "Y.", "NORMAL."]
+    got = patient_partners(patients, studies, views, texts, pool=[0, 1, 2, 3, 4, 5])  # clip 6 held out
+    assert got == {0: [1], 1: [0], 4: [5], 5: [4]}  # PLAX alone, the transplanted heart alone, 6 not in the pool
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n_pairs=st.integers(0, 6))
+def test_batches_with_partners_hold_each_clip_once_and_pair_same_patients(seed: int, n_pairs: int) -> None:
+    import random
+
+    from echosearch.train import patient_partners, with_partners
+
+    rng = random.Random(seed)
+    n = 60
+    patients = [i // 6 for i in range(n)]  # 10 patients x 3 studies x 2 views
+    studies = [i // 2 for i in range(n)]
+    views = ["A4C" if i % 2 else "PLAX" for i in range(n)]
+    partners = patient_partners(patients, studies, views, ["NORMAL."] * n, list(range(n)))
+    batch = rng.sample(range(n), 12)
+    out, pairs = with_partners(batch, partners, n_pairs, rng)
+    assert len(out) == len(batch) == len(set(out)) and len(pairs) <= n_pairs
+    assert out[: len(batch) - n_pairs] == batch[: len(batch) - n_pairs]
+    for a, b in pairs:
+        i, j = out[a], out[b]
+        assert patients[i] == patients[j] and views[i] == views[j] and studies[i] != studies[j]
+
+
+def test_patient_loss_prefers_the_partner_over_other_patients() -> None:
+    from echosearch.train import patient_loss
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    pid = torch.tensor([0, 0, 1, 2, 3, 0])  # clips 0 and 1 paired; clip 5 is the same patient, left out
+    near = base.clone()
+    near[1] = torch.nn.functional.normalize(base[0] + 0.05 * torch.randn(16, generator=g), dim=0)
+    far = base.clone()
+    far[1] = -base[0]
+    assert patient_loss(near, [(0, 1)], pid) < patient_loss(far, [(0, 1)], pid)
+    self_twin = near.clone()
+    self_twin[5] = self_twin[0]  # a third same-patient clip is neither positive nor negative
+    assert torch.isclose(patient_loss(self_twin, [(0, 1)], pid), patient_loss(near, [(0, 1)], pid))
+    assert patient_loss(near, [], pid) == 0
+
+
+def test_patient_term_runs_in_training(train_index: Path, tmp_path: Path) -> None:
+    from echosearch.train import TrainConfig, train
+
+    cfg = TrainConfig(epochs=1, batch_size=8, workers=0, clip_epochs=0, patient_weight=1.0, patient_pairs=2,
+                      max_steps=2)
+    result = train(train_index, tmp_path / "m", cfg)
+    assert result.steps == 2 and np.isfinite(result.history[-1]["loss"])

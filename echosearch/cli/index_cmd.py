@@ -80,6 +80,10 @@ def register(app: typer.Typer) -> None:
         ema: float = typer.Option(0.0, "--ema", min=0.0, max=0.9999,
                                   help="Export a moving average of the weights with this decay per step (e.g. "
                                        "0.99; 0 = the last step's weights). Checkpoints keep the raw weights."),
+        patient_weight: float = typer.Option(0.0, "--patient-weight", min=0.0,
+                                             help="Weight of a same-patient term: clips of one patient's other "
+                                                  "studies (same view) pulled together against other patients' "
+                                                  "(0 = off)."),
         extra_texts: int = typer.Option(16, "--extra-texts", help="Single-statement texts added to each batch."),
         clip_frames: int = typer.Option(3, "--clip-frames", min=1,
                                         help="Frames per training clip, mean-pooled like the index's video vectors."),
@@ -99,7 +103,7 @@ def register(app: typer.Typer) -> None:
                           workers=workers, soft_targets=soft_targets, aux_weight=aux_weight, extra_texts=extra_texts,
                           clip_frames=clip_frames, clip_epochs=clip_epochs, view_visibility=view_visibility,
                           anchor_weight=anchor_weight, listwise_weight=listwise_weight,
-                          quantity_anchors=quantity_anchors, ema=ema)
+                          quantity_anchors=quantity_anchors, ema=ema, patient_weight=patient_weight)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=console) as bar:
             tasks: dict[str, TaskID] = {}
