@@ -18,7 +18,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from echosearch.encode import OPENAI_MEAN, OPENAI_STD, encode_text_bucketed, loa
 from echosearch.errors import EchosearchError
 from echosearch.models import write_model_folder
 from echosearch.report_facts import (
+    Facts,
     PromptSampler,
     ReportLabels,
     augment_report,
@@ -88,10 +89,12 @@ class TrainConfig:
     lowres_p: float = 0.0  # share of training clips seen through a 0.4-0.8 resolution source
     gamma: float = 0.0  # grey-map jitter: gamma in [1/(1+gamma), 1+gamma]
     # same-patient term: each batch holds patient_pairs clips with a partner (same patient and view, another
-    # study, same transplant status by the reports) and an InfoNCE loss pulls each towards its partner among the
-    # batch's other patients' clips (identity, the audit); 0 = off (the batches are then those of a run without)
+    # study, same transplant status by the reports; with patient_stable, the same findings too) and an InfoNCE
+    # loss pulls each towards its partner among the batch's other patients' clips (identity, the audit);
+    # 0 = off (the batches are then those of a run without)
     patient_weight: float = 0.0
     patient_pairs: int = 8
+    patient_stable: bool = True
 
 
 @dataclass
@@ -141,15 +144,36 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
     return frames, texts, patients, views, studies
 
 
+def stable_between(a: Facts, b: Facts, rel_tol: float = 0.1, abs_tol: float = 5.0) -> bool:
+    """Whether two reports state the same findings: the same template sentences, and every quantity both state
+    within max(abs_tol, rel_tol x value) (an EF of 55 and 58 is one state, 55 and 35 a change)."""
+    sa = {k for k, v in a.items() if v is None and not k.startswith("VIEW:")}
+    sb = {k for k, v in b.items() if v is None and not k.startswith("VIEW:")}
+    if sa != sb:
+        return False
+    for k, v in a.items():
+        w = b.get(k)
+        if v is not None and w is not None and abs(v - w) > max(abs_tol, rel_tol * abs(v)):
+            return False
+    return True
+
+
 def patient_partners(patients: list[int], studies: list[int], views: list[str | None], texts: list[str],
-                     pool: list[int]) -> dict[int, list[int]]:
+                     pool: list[int], facts: Sequence[Facts] | None = None) -> dict[int, list[int]]:
     """For each clip of ``pool``: the clips of ``pool`` with the same patient and view from another study whose
-    report agrees on a heart transplant (a new heart is another heart: the audit should see it so)."""
+    report agrees on a heart transplant (a new heart is another heart: the audit should see it so) and, with
+    ``facts``, states the same findings (:func:`stable_between`): visits across a change are not pulled together,
+    so the change it shows stays in the vectors."""
     groups: dict[tuple[int, str | None, bool], list[int]] = {}
     for i in pool:
         groups.setdefault((patients[i], views[i], "TRANSPLANT" in texts[i].upper()), []).append(i)
-    return {i: [j for j in g if studies[j] != studies[i]] for g in groups.values() for i in g
-            if any(studies[j] != studies[i] for j in g)}
+    out: dict[int, list[int]] = {}
+    for g in groups.values():
+        for i in g:
+            got = [j for j in g if studies[j] != studies[i] and (facts is None or stable_between(facts[i], facts[j]))]
+            if got:
+                out[i] = got
+    return out
 
 
 def with_partners(batch: list[int], partners: dict[int, list[int]], n_pairs: int, rng: random.Random
@@ -373,7 +397,8 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
         raise EchosearchError("no training pairs after the held-out split")
 
     facts = [report_facts(t, v) for t, v in zip(texts, views, strict=True)]
-    partners = patient_partners(patients, studies, views, texts, train_idx) if cfg.patient_weight > 0 else {}
+    partners = (patient_partners(patients, studies, views, texts, train_idx, facts if cfg.patient_stable else None)
+                if cfg.patient_weight > 0 else {})
     prng_pairs = random.Random(cfg.seed + 2)  # its own stream, like the quantity sentences'
     prompts = PromptSampler.from_reports([texts[i] for i in train_idx], [views[i] for i in train_idx])
     labels = ReportLabels.build(facts)

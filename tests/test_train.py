@@ -716,3 +716,19 @@ def test_patient_term_runs_in_training(train_index: Path, tmp_path: Path) -> Non
                       max_steps=2)
     result = train(train_index, tmp_path / "m", cfg)
     assert result.steps == 2 and np.isfinite(result.history[-1]["loss"])
+
+
+def test_stable_partners_state_the_same_findings() -> None:
+    from echosearch.report_facts import report_facts
+    from echosearch.train import patient_partners, stable_between
+
+    base = "LV EJECTION FRACTION IS 55%. NORMAL LEFT VENTRICULAR SYSTOLIC FUNCTION."
+    texts = [base, base.replace("55", "58"), base.replace("55", "35"),
+             base + " ECHO DENSITY IN RIGHT VENTRICLE SUGGESTIVE OF CATHETER, PACER LEAD, OR ICD LEAD.", base]
+    facts = [report_facts(t, "A4C") for t in texts]
+    assert stable_between(facts[0], facts[1]) and not stable_between(facts[0], facts[2])  # EF 55/58 vs 55/35
+    assert not stable_between(facts[0], facts[3])  # a new lead is a change
+    studies = [1, 2, 3, 4, 1]
+    got = patient_partners([7] * 5, studies, ["A4C"] * 5, texts, list(range(5)), facts)
+    assert got == {0: [1], 1: [0, 4], 4: [1]}  # 2 and 3 changed; 0 and 4 share a study
+    assert set(patient_partners([7] * 5, studies, ["A4C"] * 5, texts, list(range(5)))[2]) == {0, 1, 3, 4}
