@@ -28,33 +28,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from encode import model_only  # noqa: E402  (bench/encode.py's (a): vectors come back to the host)
 
 from echosearch.discover import FileRecord  # noqa: E402
 from echosearch.encode import Encoder, load_encoder  # noqa: E402
 from echosearch.ingest import PreparedVideo, iter_processed  # noqa: E402
 from echosearch.models import write_model_folder  # noqa: E402
+from echosearch.prepare import FramePolicy  # noqa: E402
 
 ECHO_FILES = ("ACUSON_Sequoia_echo_A4C_65f_JPEG.dcm", "SonoSite_echo_A4C_30f_JPEG_small.dcm",
               "Philips_EPIQ_echo_PLAX_JPEGLossless.dcm", "US-MONO2-8-8x-execho.dcm", "US-PAL-8-10x-echo_JPEGLS.dcm",
               "US-RGB-8-esopecho.dcm", "US1_J2KR.dcm")
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def model_only(enc: Encoder, batch: int, seconds: float = 5.0) -> float:
-    """(a) frames/s of ``encode_frames`` on pre-made uint8 frames (vectors come back to the host)."""
-    frames = np.random.default_rng(0).integers(0, 255, (batch, enc.image_size, enc.image_size, 3), dtype=np.uint8)
-    enc.encode_frames(frames, batch_size=batch)  # warm-up (cuDNN autotuning, allocator)
-    sync()
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        enc.encode_frames(frames, batch_size=batch)
-        done += batch
-    sync()
-    return done / (time.perf_counter() - t0)
 
 
 def records(data: Path, copies: int, work: Path) -> list[FileRecord]:
@@ -71,13 +57,15 @@ def records(data: Path, copies: int, work: Path) -> list[FileRecord]:
     return out
 
 
-def pipeline_core(enc: Encoder | None, recs: list[FileRecord], workers: int, batch: int) -> dict[str, float]:
-    """(b-core): decode + prepare in ``workers`` processes, frames of several videos per fixed-size batch."""
+def pipeline_core(enc: Encoder | None, policy: FramePolicy, recs: list[FileRecord], workers: int,
+                  batch: int) -> dict[str, float]:
+    """(b-core): decode + prepare in ``workers`` processes, frames of several videos per fixed-size batch
+    (``enc`` None: the workers alone)."""
     pending: list[np.ndarray] = []
     n_frames = n_videos = n_failed = 0
     t0 = time.perf_counter()
     t_first, at_first = 0.0, 0  # after the first video: worker start-up excluded
-    for item in iter_processed(recs, (enc or ENCODERS["echosearch-demo"]).policy, workers, prefetch=4 * workers):
+    for item in iter_processed(recs, policy, workers, prefetch=4 * workers):
         if not t_first:
             t_first, at_first = time.perf_counter(), n_frames
         if not isinstance(item, PreparedVideo):
@@ -97,14 +85,11 @@ def pipeline_core(enc: Encoder | None, recs: list[FileRecord], workers: int, bat
         x = np.concatenate(pending)
         enc.encode_frames(x, batch_size=batch)
         n_frames += len(x)
-    sync()
     t1 = time.perf_counter()
     steady = (n_frames - at_first) / (t1 - t_first) if t_first and t1 > t_first else float("nan")
     return {"frames_per_s": n_frames / (t1 - t0), "frames_per_s_after_first": steady, "videos": n_videos,
             "failed": n_failed, "seconds": t1 - t0}
 
-
-ENCODERS: dict[str, Encoder] = {}
 
 
 def main() -> None:
@@ -114,7 +99,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=5.0, help="duration of each model-only measurement")
+    ap.add_argument("--rounds", type=int, default=20, help="batches in each model-only measurement")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -135,21 +120,21 @@ def main() -> None:
         torch.manual_seed(0)
         folder = write_model_folder(open_clip.CLIP(**cfg), cfg, Path(tmp) / "convnext_base",
                                     hints={"name": "echoclip-arch-random", "frame_policy": "echoclip"})
-        for label, name in (("echosearch-demo", "echosearch-demo"), ("convnext_base", f"local-dir:{folder}")):
-            ENCODERS[label] = load_encoder(name, device="auto", frames_per_video=a.frames)
+        encoders = {label: load_encoder(name, device="auto", frames_per_video=a.frames) for label, name in
+                    (("echosearch-demo", "echosearch-demo"), ("convnext_base", f"local-dir:{folder}"))}
         work = Path(tmp) / "data"
         work.mkdir()
         recs = records(a.data, a.copies, work)
         print(f"{len(recs)} input files from {a.data}", flush=True)
-        decode = pipeline_core(None, recs, a.workers, a.batch) if recs else {}
+        decode = pipeline_core(None, encoders["echosearch-demo"].policy, recs, a.workers, a.batch) if recs else {}
         print(f"decode + prepare alone ({a.workers} workers, demo policy): {decode}", flush=True)
         results["decode_only"] = decode
-        for label, enc in ENCODERS.items():
+        for label, enc in encoders.items():
             row: dict[str, Any] = {}
             for b in sorted({64, a.batch}):
-                row[f"model_only_fps_batch{b}"] = model_only(enc, b, a.seconds)
+                row[f"model_only_fps_batch{b}"] = model_only(enc, b * a.rounds, b)
             if recs:
-                row["pipeline_core"] = pipeline_core(enc, recs, a.workers, a.batch)
+                row["pipeline_core"] = pipeline_core(enc, enc.policy, recs, a.workers, a.batch)
                 row["core_vs_model"] = row["pipeline_core"]["frames_per_s"] / row[f"model_only_fps_batch{a.batch}"]
             results[label] = row
             print(f"{label} ({enc.device}, {'bf16 autocast' if enc.device.type == 'cuda' else 'fp32'}): "

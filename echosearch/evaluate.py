@@ -271,10 +271,8 @@ def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int, context: float |
         pass
     ids, vecs = catalog.embeddings("video", vt["video_key"].to_list())
     t = vt.filter(pl.col("video_key").is_in(ids.tolist())).sort("video_key")
-    study_of = dict(catalog.con.execute("SELECT video_key, study_key FROM videos WHERE video_key IN "
-                                        "(SELECT unnest(?::BIGINT[]))", [ids.tolist()]).fetchall())
     sids, svecs = catalog.embeddings("study")
-    want = np.array([study_of[int(i)] for i in ids], dtype=np.int64)
+    want = t["study_key"].to_numpy().astype(np.int64)  # t's rows are ids' (one per key, key order)
     srow = np.minimum(np.searchsorted(sids, want), max(len(sids) - 1, 0))
     has_study = (sids[srow] == want) if len(sids) else np.zeros(len(ids), bool)
     # views coded once: the visibility rule is asked per distinct view, not per video

@@ -166,10 +166,6 @@ class Searcher:
             self._row_study = self._study_of(vi.ids)
         return self._row_study
 
-    def _videos_of_study(self, study_key: int) -> list[int]:
-        rows = self.catalog.con.execute("SELECT video_key FROM videos WHERE study_key = ?", [study_key]).fetchall()
-        return [int(r[0]) for r in rows]
-
     def _study_key(self, study_uid: str) -> int:
         key = self.catalog.study_key(study_uid)
         if key is None:
@@ -183,7 +179,8 @@ class Searcher:
             raise QueryError(f"k must be at least 1, got {k}")
         if not 0.0 <= context <= 1.0:
             raise QueryError(f"context must lie in [0, 1], got {context}")
-        if level != "video" or (context > 0 and catalog_count(self.catalog, "study") == 0):
+        if level != "video" or (context > 0 and "study" not in self._indexes
+                                and catalog_count(self.catalog, "study") == 0):
             context = 0.0  # no study vectors yet (an interrupted first index): clips stand alone
         with self._lock:
             vi = self.index(level)
@@ -208,20 +205,8 @@ class Searcher:
             if context > 0:
                 ids, scores, clip = self._context_search(q, k, vi, sel, drop, collapse, context)
                 extra = {"clip_score": clip}
-            fetch = min(n_pool, (4 * k if collapse else k) + (len(drop) if sel is None else 0))
-            while context == 0:
-                scores, ids = vi.search(q, fetch, selector_ids=sel)
-                scores, ids = scores[0], ids[0]
-                if len(drop) and sel is None:
-                    keep = ~np.isin(ids, drop)
-                    scores, ids = scores[keep], ids[keep]
-                if collapse:  # best clip per study: first occurrence in score order
-                    _, first = np.unique(self._study_of(ids), return_index=True)
-                    first = np.sort(first)
-                    scores, ids = scores[first], ids[first]
-                if len(ids) >= k or fetch >= n_pool:
-                    break
-                fetch = min(n_pool, fetch * 4)
+            else:
+                ids, scores = self._plain_search(q, k, vi, sel, drop, collapse, n_pool)
             scores, ids = scores[:k], ids[:k]
             frame = self._frame(level, ids, scores, {c: v[:k] for c, v in extra.items()})
             plan = vi.plan_for(None if sel is None else n_pool)
@@ -229,12 +214,31 @@ class Searcher:
                                         filters.as_dict() if filters else {}, context)
             return frame
 
+    def _plain_search(self, q: np.ndarray, k: int, vi: VectorIndex, sel: np.ndarray | None, drop: np.ndarray,
+                      collapse: bool, n_pool: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of the best items by their own vectors, fetching more until k remain after exclusions
+        and (``collapse``) one clip per study."""
+        fetch = min(n_pool, (4 * k if collapse else k) + (len(drop) if sel is None else 0))
+        while True:
+            scores, ids = vi.search(q, fetch, selector_ids=sel)
+            scores, ids = scores[0], ids[0]
+            if len(drop) and sel is None:
+                keep = ~np.isin(ids, drop)
+                scores, ids = scores[keep], ids[keep]
+            if collapse:  # best clip per study: first occurrence in score order
+                _, first = np.unique(self._study_of(ids), return_index=True)
+                first = np.sort(first)
+                scores, ids = scores[first], ids[first]
+            if len(ids) >= k or fetch >= n_pool:
+                break
+            fetch = min(n_pool, fetch * 4)
+        return ids, scores
+
     def _orphans(self, vi: VectorIndex, si: VectorIndex) -> np.ndarray:
         """Video keys of clips whose study has no study vector (a run stopped before pooling): no study list
         reaches them, so every context search scores them (cached like the indexes)."""
         if self._orphan_keys is None:
-            studies = self._study_of(vi.ids)
-            self._orphan_keys = vi.ids[~np.isin(studies, si.ids)]
+            self._orphan_keys = vi.ids[~np.isin(self._row_studies(vi), si.ids)]
         return self._orphan_keys
 
     def _context_search(self, q: np.ndarray, k: int, vi: VectorIndex, sel: np.ndarray | None, drop: np.ndarray,
@@ -344,7 +348,7 @@ class Searcher:
         """Items most like a catalog study (its study vector), the study and its own videos excluded."""
         key = self._study_key(study_uid)
         vec = self._vector("study", key)
-        exclude = {key} if level != "video" else set(self._videos_of_study(key))
+        exclude = {key} if level != "video" else set(self._videos_of_studies(np.array([key])).tolist())
         return self._search(vec, k, level, filters, exclude=exclude, collapse_study=collapse_study, context=context)
 
     def reports_for(self, query: np.ndarray | int | str | Path, k: int = 5, *,

@@ -379,8 +379,9 @@ def context_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.nd
     return root, build_context_index(root)
 
 
-def fused_brute(s: Searcher, q: np.ndarray, c: float, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(video keys, fused scores) of every allowed clip, best first, by a full scan."""
+def fused_brute(s: Searcher, q: np.ndarray, c: float, allowed: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(video keys, fused scores, study keys) of every allowed clip, best first, by a full scan."""
     vids, vv = vectors(s, "video")
     sids, sv = vectors(s, "study")
     study = s.catalog.con.sql("SELECT video_key, study_key FROM videos ORDER BY video_key").fetchnumpy()
@@ -393,7 +394,7 @@ def fused_brute(s: Searcher, q: np.ndarray, c: float, allowed: np.ndarray | None
     fused = (1 - c) * clip + c * study
     keep = np.ones(len(vids), bool) if allowed is None else np.isin(vids, allowed)
     order = np.argsort(-fused[keep], kind="stable")
-    return vids[keep][order], fused[keep][order]
+    return vids[keep][order], fused[keep][order], vs[keep][order]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -417,11 +418,10 @@ def test_study_context_search_equals_a_full_scan(context_index: tuple[Path, np.n
         f = Filters(views=(view,)) if view else None
         allowed = resolve_ids(s.catalog.con, "video", f)
         df = s.by_vector(q, k, filters=f, context=c, collapse_study=collapse)
-        keys, fused = fused_brute(s, q, c, allowed)
+        keys, fused, studies = fused_brute(s, q, c, allowed)
         if collapse:
-            study = dict(s.catalog.con.sql("SELECT video_key, study_key FROM videos").fetchall())
-            _, first = np.unique([study[int(v)] for v in keys], return_index=True)
-            keys, fused = keys[np.sort(first)], fused[np.sort(first)]
+            first = np.sort(np.unique(studies, return_index=True)[1])
+            keys, fused = keys[first], fused[first]
         assert df.columns == [*RESULT_COLUMNS, "clip_score"] and df.height == k
         np.testing.assert_allclose(df["score"].to_numpy(), fused[:k], atol=1e-5)
         assert df["video_key"].to_list() == keys[:k].tolist() or np.allclose(fused[k - 1], fused[k], atol=1e-6)

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = _JSON,
     ) -> None:
         """Nearest echoes to a text, a clip, or a catalog video/study, with metadata filters."""
-        from echosearch.query import TEXT_CONTEXT, Searcher
+        from echosearch.query import Searcher
 
         if level not in ("video", "study"):
             raise QueryError(f"--level must be video or study, not {level!r}")
@@ -74,15 +74,15 @@ def register(app: typer.Typer) -> None:
                           views=tuple(view or ()), manufacturers=tuple(manufacturer or ()), ef_min=ef_min,
                           ef_max=ef_max, devices=tuple(device or ()), where=where)
         with Searcher(index) as s:
-            c = (TEXT_CONTEXT if kind == "text" else 0.0) if context is None else context
-            if kind == "text":
-                df = s.by_text(value, k, level, filters, collapse_study=collapse, context=c)
+            opts: dict[str, Any] = {"collapse_study": collapse} | ({} if context is None else {"context": context})
+            if kind == "text":  # each query's default context is the query API's
+                df = s.by_text(value, k, level, filters, **opts)
             elif kind == "video":
-                df = s.by_video_file(value, k, level, filters, collapse_study=collapse, context=c)
+                df = s.by_video_file(value, k, level, filters, **opts)
             elif kind == "like_video":
-                df = s.like_video(value, k, filters, level=level, collapse_study=collapse, context=c)
+                df = s.like_video(value, k, filters, level=level, **opts)
             else:
-                df = s.like_study(value, k, filters, level=level, collapse_study=collapse, context=c)
+                df = s.like_study(value, k, filters, level=level, **opts)
             info = s.last_info
         n_available = info.n_available if info else df.height
         if json_out:
