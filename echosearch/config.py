@@ -26,6 +26,8 @@ class Settings(BaseSettings):
 
     index: Path = Field(Path("indexes/default"), description="Index folder (catalog + vectors).")
     model: str = Field("echosearch-demo", description="Model name, local-dir:DIR, or weights file.")
+    tokenizer_dir: Path | None = Field(None, description="Folder with EchoCLIP-R's template_vocab.txt and "
+                                       "blank_wordpiece.tokenizer (default: beside the weights).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     batch_size: int = Field(64, ge=1, description="Frames per model forward pass.")
     frame_policy: Literal["sector", "echoclip"] = Field("sector", description="Frame preparation policy.")

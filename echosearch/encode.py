@@ -9,8 +9,10 @@ template tokenizer) and the text tower.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -167,16 +169,36 @@ class Encoder:
         return np.concatenate(out).astype(np.float32)
 
 
-def _load_tokenizer(source: ModelSource) -> Any:
+def _load_tokenizer(source: ModelSource, tokenizer_dir: Path | None = None) -> Any:
     import open_clip
 
     if source.spec.tokenizer == "template":
-        from echosearch.report_tokenizer import load_template_tokenizer
+        from echosearch.report_tokenizer import check_vocab_size, load_template_tokenizer
 
-        return load_template_tokenizer(source.folder)
+        tok = load_template_tokenizer(source.folder, tokenizer_dir)
+        cfg = source.folder / "open_clip_config.json" if source.folder else None
+        if cfg is not None and cfg.is_file():
+            check_vocab_size(tok, json.loads(cfg.read_text()).get("model_cfg", {}))
+        return tok
     if source.open_clip_name.startswith("local-dir:"):
         return open_clip.get_tokenizer(source.open_clip_name)
     return open_clip.get_tokenizer(source.spec.arch)
+
+
+def load_tokenizer(name: str, tokenizer_dir: Path | None = None) -> Any:
+    """A model's tokenizer alone (no weights read): open_clip's BPE, or EchoCLIP-R's template tokenizer from
+    ``tokenizer_dir``, the ``tokenizer_dir`` setting or the model's folder. A registry model whose weights are
+    not downloaded still tokenizes when its tokenizer files are given."""
+    from echosearch.models import REGISTRY
+
+    try:
+        source = resolve_model(name)
+    except ModelLoadError:
+        spec = REGISTRY.get(name)
+        if spec is None:
+            raise
+        source = ModelSource(name, spec.arch, None, spec)
+    return _load_tokenizer(source, tokenizer_dir)
 
 
 def load_encoder(name: str = "echosearch-demo", device: str = "auto", frames_per_video: int = 16,

@@ -145,6 +145,36 @@ def register(app: typer.Typer) -> None:
         for r in rows:
             console.print(f"[bold]{r['name']}[/] {'available' if r['available'] else 'not downloaded'}: {r['description']}")
 
+    @model_app.command("tokens")
+    def model_tokens(
+        text: str = typer.Argument(..., help="Report text or prompt to tokenize."),
+        model: str = typer.Option("echosearch-demo", "--model", "-m", help="Model name or local-dir:DIR."),
+        tokenizer_dir: Path = typer.Option(None, "--tokenizer", help="Folder with EchoCLIP-R's tokenizer files."),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON: ids, tokens, decoded text."),
+    ) -> None:
+        """Show the token ids a model's text tower receives for TEXT (the whole context row), and decode them."""
+        from echosearch.encode import load_tokenizer
+
+        tok = load_tokenizer(model, tokenizer_dir)
+        ids = [int(i) for i in tok([text])[0].tolist()]
+        used = ids[: max((i for i, x in enumerate(ids) if x != 0), default=-1) + 1]
+        if hasattr(tok, "tokens"):  # EchoCLIP-R's template tokenizer
+            tokens, decoded = tok.tokens(used), tok.decode(used)
+        else:  # open_clip's BPE
+            inner = getattr(tok, "tokenizer", tok)
+            names = {v: k for k, v in getattr(inner, "encoder", {}).items()}
+            tokens = [names.get(i, str(i)) for i in used]
+            decoded = inner.decode(used) if hasattr(inner, "decode") else ""
+        if json_out:
+            print_json({"model": model, "ids": ids, "tokens": tokens, "text": decoded})
+            return
+        from rich.markup import escape
+
+        console.print(f"{len(used)} of {len(ids)} positions used ({model})")
+        for i, t in zip(used, tokens, strict=True):
+            console.print(f"{i:>6}  {escape(t)}")
+        console.print(f"decoded: {escape(decoded)}")
+
     @model_app.command("fetch")
     def model_fetch(name: str = typer.Argument(..., help="echo-clip or echo-clip-r")) -> None:
         """Download published weights into the Hugging Face cache (needs network)."""
