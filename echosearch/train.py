@@ -550,7 +550,7 @@ def train(index_dir: Path, out_dir: Path, config: TrainConfig | None = None,
             progress("epoch", result.epochs_run, cfg.epochs, ema_metrics)
     model.eval()
     hints = {"name": Path(out_dir).name, "frame_policy": "sector", "arch": "echosearch-demo" if not cfg.init else cfg.init,
-             "description": f"trained by `echosearch train` on {index_dir} (seed {cfg.seed}, {result.epochs_run} epochs)",
+             "description": f"trained by `echosearch train` on an index named {Path(index_dir).name!r} (seed {cfg.seed}, {result.epochs_run} epochs)",
              "tokenizer": "clip", "history": result.history}
     write_model_folder(model, model_cfg, Path(out_dir), hints=hints,
                        preprocess_cfg={"mean": list(mean), "std": list(std), "size": size}, half=True)

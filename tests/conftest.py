@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _find_real_dicom() -> Path:
     """The real-DICOM corpus: ``ECHOSEARCH_REAL_DICOM``, else ``shared/testdata/real-dicom`` beside the checkout
-    (or beside any folder above it), else the workplace's ``/work/shared``."""
+    (or beside any folder above it); tests that need it are skipped when neither exists."""
     env = os.environ.get("ECHOSEARCH_REAL_DICOM")
     if env:
         return Path(env)
@@ -20,7 +20,7 @@ def _find_real_dicom() -> Path:
         cand = base / "shared" / "testdata" / "real-dicom"
         if cand.is_dir():
             return cand
-    return Path("/work/shared/testdata/real-dicom")
+    return ROOT / "shared" / "testdata" / "real-dicom"
 
 
 REAL_DICOM = _find_real_dicom()
