@@ -8,6 +8,8 @@ is the model's embedding dimension. ``docs/catalog.md`` documents every table (a
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -234,6 +236,23 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def storable_path(path: str | os.PathLike[str]) -> str:
+    """A file path as the catalog stores it: unchanged when its bytes are valid UTF-8 (every ordinary name);
+    otherwise each byte that is not UTF-8 is written as ``\\xHH`` (DuckDB holds UTF-8 only), which keeps
+    the name displayable. :func:`stored_path` reverses it."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def stored_path(value: str) -> Path:
+    """The file system path of a stored ``path`` (inverse of :func:`storable_path`): the value itself when
+    such a file exists or it holds no ``\\xHH`` escape, else the name with those escapes turned back into bytes."""
+    path = Path(value)
+    if "\\x" not in value or path.exists():
+        return path
+    raw = re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m[1], 16)]), value.encode("utf-8"))
+    return Path(os.fsdecode(raw))
+
+
 class Catalog:
     """A connection to one index's catalog. Use :meth:`open`; close it (or use ``with``)."""
 
@@ -386,8 +405,13 @@ class Catalog:
         """Record the model/preprocessing identity, or refuse when the index was built with another."""
         stored = self.get_manifest("model")
         if stored is not None:
-            keys = ("name", "weights_sha256", "embed_dim", "preprocessing")
-            if any(stored.get(k) != identity.get(k) for k in keys):
+            from echosearch.frame_policy import preprocessing_mismatch
+
+            keys = ("name", "weights_sha256", "embed_dim")
+            why = preprocessing_mismatch(stored.get("preprocessing"), identity.get("preprocessing"))
+            if why and all(stored.get(k) == identity.get(k) for k in keys):
+                raise ModelMismatchError(f"index {self.index_dir} was {why}")
+            if why or any(stored.get(k) != identity.get(k) for k in keys):
                 raise ModelMismatchError(
                     f"index {self.index_dir} was built with model {stored.get('name')} "
                     f"(weights {str(stored.get('weights_sha256'))[:12]}, preprocessing {stored.get('preprocessing')}); "
@@ -468,7 +492,8 @@ class Catalog:
             now = _now()
             keys |= self._add_rows(
                 "videos", "video_key", new,
-                lambda r: {"study_key": studies[r.study_uid], "scanned_at": now} | {c: getattr(r, c) for c in _VIDEO_COLUMNS},
+                lambda r: {"study_key": studies[r.study_uid], "scanned_at": now} | {c: getattr(r, c) for c in _VIDEO_COLUMNS}
+                | {"path": storable_path(r.path)},
                 _VIDEO_SCHEMA)
         return keys
 
@@ -478,6 +503,7 @@ class Catalog:
 
     def record_error(self, path: str, sha256: str | None, stage: str, reason: str) -> None:
         """One row per failed input; never raises for a duplicate (a re-run records it again with a new time)."""
+        path = storable_path(path)
         with self.transaction():
             self.con.execute(
                 "DELETE FROM ingest_errors WHERE path = ? AND coalesce(sha256, '') = coalesce(?, '') AND stage = ?",
@@ -492,7 +518,7 @@ class Catalog:
         """Forget earlier failures of ``paths`` once they have been ingested successfully (one statement)."""
         if paths:
             self.con.execute("DELETE FROM ingest_errors WHERE path IN (SELECT unnest(?::VARCHAR[])) "
-                             "AND stage <> 'report-object'", [list(paths)])
+                             "AND stage <> 'report-object'", [[storable_path(p) for p in paths]])
 
     def study_key(self, study_uid: str) -> int | None:
         row = self.one("SELECT study_key FROM studies WHERE study_uid = ?", [study_uid])
@@ -592,6 +618,23 @@ class Catalog:
             return ids, np.zeros((0, dim), dtype=np.float32)
         flat = arrow.column("embedding").combine_chunks().flatten().to_numpy()
         return ids, np.ascontiguousarray(flat.reshape(len(ids), dim), dtype=np.float32)
+
+    def frame_embeddings(self, keys: list[int]) -> dict[int, np.ndarray]:
+        """Stored per-frame vectors (``keep_frame_embeddings``) of the videos ``keys`` that have them:
+        video key -> (frames, dim) float32 in frame order."""
+        dim = self._require_embeddings()
+        if not self.has_table("frame_embeddings"):
+            return {}
+        arrow = self.con.sql("SELECT video_key, embedding FROM frame_embeddings WHERE video_key IN "
+                             "(SELECT unnest(?::BIGINT[])) ORDER BY video_key, frame_index",
+                             params=[[int(k) for k in keys]]).to_arrow_table()
+        ids = arrow.column("video_key").to_numpy().astype(np.int64)
+        if len(ids) == 0:
+            return {}
+        flat = arrow.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(ids), dim)
+        uniq, starts = np.unique(ids, return_index=True)
+        parts = np.split(np.ascontiguousarray(flat, dtype=np.float32), starts[1:])
+        return {int(k): part for k, part in zip(uniq, parts, strict=True)}
 
     def unencoded_videos(self) -> pl.DataFrame:
         return self.con.sql(

@@ -19,7 +19,7 @@ from echosearch.catalog import Catalog
 from echosearch.errors import QueryError
 from echosearch.identity import fit_identity_calibrations, load_studies
 from echosearch.zeroshot import BINARY_TASKS as FINDING_TASKS
-from echosearch.zeroshot import TASKS
+from echosearch.zeroshot import TASKS, recorded_thresholds
 
 K0 = 3.0
 MIN_SCALE = 0.05  # Fisher units; about 0.013 of cosine near 0.85
@@ -63,8 +63,11 @@ def _delta_threshold(deltas: np.ndarray, floor: float, k: float = 3.0) -> float:
     return max(floor, k * cal.robust_center_scale(d)[1])
 
 
-def _explain(r: dict[str, Any], thr: dict[str, float]) -> tuple[list[str], list[str]]:
-    """(clinical finding phrases, reasons for flagging) of one study against its previous one."""
+def _explain(r: dict[str, Any], thr: dict[str, float],
+             present: dict[str, float | None] | None = None) -> tuple[list[str], list[str]]:
+    """(clinical finding phrases, reasons for flagging) of one study against its previous one. ``present``: the
+    index's per-task presence thresholds (default 0); a finding appears when it crosses its threshold by more
+    than the cohort's noise, or, where the threshold is unknown (None), when it rises by more than the noise."""
     phrases: list[str] = []
     reasons: list[str] = []
     ef, ef0 = r.get("ef"), r.get("ef_prev")
@@ -79,11 +82,12 @@ def _explain(r: dict[str, Any], thr: dict[str, float]) -> tuple[list[str], list[
         if cur is None or prev is None or not (np.isfinite(cur) and np.isfinite(prev)):
             continue
         name = DEVICE_NAMES.get(task)
-        if cur > 0 >= prev and cur - prev > thr[task]:
+        p = 0.0 if present is None else present.get(task, 0.0)
+        if (p is None or cur > p >= prev) and cur - prev > thr[task]:
             phrases.append(f"new {name}" if name else "LV newly dilated")
             if task in DEVICE_NAMES:
                 reasons.append(f"new {name}")
-        elif prev > 0 >= cur and prev - cur > thr[task]:
+        elif (p is None or prev > p >= cur) and prev - cur > thr[task]:
             phrases.append(f"{name} no longer seen" if name else "LV no longer dilated")
     return phrases, reasons
 
@@ -139,6 +143,7 @@ def scan_changes(catalog: Catalog, *, patient: str | int | None = None, z_thresh
     pred = {t: meta[t].to_numpy().astype(np.float64) for t in TASKS}
     before = {t: np.where(same_prev, pred[t][prev0], np.nan) for t in TASKS}
     thr = {t: _delta_threshold(pred[t] - before[t], 10.0 if t == "ef" else 0.01) for t in TASKS}
+    present = recorded_thresholds(catalog.get_manifest("zeroshot"))  # no record: an older index, contrast (0)
     prev_cols = [pl.Series(f"{t}_prev", before[t]).fill_nan(None) for t in TASKS]
     keys = meta["study_key"].to_numpy()
     out = meta.with_columns(
@@ -165,7 +170,7 @@ def scan_changes(catalog: Catalog, *, patient: str | int | None = None, z_thresh
             explanations.append("baseline study")
             prev_drift = False
             continue
-        phrases, reasons = _explain(r, thr)
+        phrases, reasons = _explain(r, thr, present)
         zp, zb = r["z_prev"], r["z_baseline"]
         drift = zb is not None and zb > z_threshold
         if zp is not None and zp > z_threshold:

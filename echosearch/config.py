@@ -30,13 +30,19 @@ class Settings(BaseSettings):
                                        "blank_wordpiece.tokenizer (default: beside the weights).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     batch_size: int = Field(64, ge=1, description="Frames per model forward pass.")
-    frame_policy: Literal["sector", "echoclip"] = Field("sector", description="Frame preparation policy.")
+    frame_policy: Literal["auto", "sector", "echoclip"] = Field(
+        "auto", description="Frame preparation policy: auto (the model's own), sector or echoclip.")
     frames_per_video: int = Field(16, ge=1, le=512, description="Frames sampled per video.")
+    frame_sampling: Literal["uniform", "all"] = Field(
+        "uniform", description="uniform (frames_per_video spread over the clip) or all (every frame).")
     workers: int = Field(max(1, min(4, (os.cpu_count() or 2) - 1)), ge=0, description="Decode processes.")
     secret: SecretStr | None = Field(None, description="Key for pseudonymising patient/accession IDs.")
     mode: Literal["production", "demo"] = Field("production", description="demo allows a generated secret.")
     store_raw_identifiers: bool = Field(False, description="Opt in to storing raw IDs, names, birth dates.")
     keep_frame_embeddings: bool = Field(False, description="Store per-frame vectors in the catalog.")
+    zeroshot_method: Literal["auto", "echoclip", "contrast"] = Field(
+        "auto", description="Zero-shot rule: echoclip (EchoCLIP's) or contrast (echosearch's); auto: by model.")
+    zeroshot_prompts: Path | None = Field(None, description="Prompt file, echosearch's or EchoCLIP's format.")
     audit_log: Path | None = Field(None, description="Append-only audit log of the app (default: catalog).")
 
     @classmethod
@@ -73,8 +79,15 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment/TOML, with explicit overrides (``None`` values ignored)."""
+    from pydantic import ValidationError
+
     clean = {k: v for k, v in overrides.items() if v is not None}
     try:
         return Settings(**clean)
-    except ValueError as exc:  # pydantic ValidationError is a ValueError
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+    except ValidationError as exc:  # name each field and its problem, never the value (it may be the secret)
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                             for e in exc.errors(include_url=False, include_input=False, include_context=False))
+    except ValueError as exc:  # e.g. a TOML file that does not parse (its message gives line and column only)
+        problems = f"{type(exc).__name__}: {exc}"
+    # raised outside the handler, so that no chained exception (with the input values) travels with it
+    raise ConfigError(f"invalid configuration: {problems}")

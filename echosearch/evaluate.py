@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -20,10 +20,14 @@ from rich.table import Table
 from echosearch import calibration as cal
 from echosearch.catalog import Catalog
 from echosearch.change import scan_changes, study_predictions
-from echosearch.errors import QueryError
+from echosearch.errors import ConfigError, QueryError
 from echosearch.identity import StudySet, audit, load_studies, own_scores, patient_scores
 from echosearch.report_facts import visible_in_view
-from echosearch.zeroshot import BINARY_TASKS
+from echosearch.zeroshot import BINARY_TASKS, METHODS, PromptBank, load_prompts, predict
+from echosearch.zeroshot import study_predictions as pool_video_predictions
+
+if TYPE_CHECKING:
+    from echosearch.encode import Encoder
 
 TRUTH_FILE = "ground_truth.parquet"
 EVENTS = ("ef_decline", "ef_recovery", "pacer_implant", "tavr_implant", "mitraclip_implant", "transplant")
@@ -237,6 +241,63 @@ def _zero_shot(catalog: Catalog, st: pl.DataFrame) -> dict[str, Any]:
     return out
 
 
+def compare_methods(catalog: Catalog, encoder: Encoder, vt: pl.DataFrame,
+                    prompts: dict[str, Any] | None = None) -> pl.DataFrame:
+    """Zero-shot scores of both methods (``echoclip``, ``contrast``) recomputed from the same stored vectors of the
+    truth's videos: EF MAE and finding AUCs per study (videos pooled by the pipeline's rule). Columns task, method,
+    metric, value, n, and ``vectors``: per-frame vectors when every video has them (``keep_frame_embeddings``),
+    else each video vector as a single frame."""
+    keys = vt["video_key"].to_list()
+    frames = catalog.frame_embeddings(keys)
+    vectors = "frame vectors"
+    if not keys or set(frames) != set(keys):
+        ids, vecs = catalog.embeddings("video", keys)
+        frames, vectors = {int(k): v[None, :] for k, v in zip(ids, vecs, strict=True)}, "video vectors (one frame each)"
+    owner = dict(zip(vt["video_key"].to_list(), vt["study_key"].to_list(), strict=True))
+    st = study_truth(vt)
+    rows: list[dict[str, Any]] = []
+    for method in METHODS:
+        try:
+            bank = PromptBank.build(encoder, prompts, method=method)
+        except ConfigError as exc:  # e.g. contrast on a prompt file without negative prompts
+            rows.append({"task": "*", "method": method, "metric": f"skipped: {exc}", "value": None, "n": 0})
+            continue
+        by_study: dict[int, list[dict[str, float]]] = {}
+        for k, fv in frames.items():
+            by_study.setdefault(owner[k], []).append(predict(bank, fv))
+        pred = pl.DataFrame([{"study_key": s, **pool_video_predictions(p)} for s, p in by_study.items()])
+        p = pred.join(st, on="study_key", how="inner", suffix="_true") if pred.height else pred
+        for task in ("ef", *DEVICE_TASKS):
+            if task not in p.columns or f"{task}_true" not in p.columns:
+                continue
+            e = p.select(task, f"{task}_true").drop_nulls()
+            x, y = e[task].to_numpy(), e[f"{task}_true"].to_numpy()
+            value = None if not e.height else float(np.mean(np.abs(x - y))) if task == "ef" else \
+                cal.auc_from_labels(x, y.astype(bool))
+            rows.append({"task": task, "method": method, "metric": "mae" if task == "ef" else "auc",
+                         "value": None if value is None else _f(value), "n": e.height})
+    schema = {"task": pl.String, "method": pl.String, "metric": pl.String, "value": pl.Float64, "n": pl.Int64}
+    return pl.DataFrame(rows, schema=schema).with_columns(pl.lit(vectors).alias("vectors"))
+
+
+def _load_encoder(catalog: Catalog) -> tuple[Encoder | None, str]:
+    try:
+        from echosearch.encode import encoder_for_index
+
+        return encoder_for_index(catalog), ""
+    except Exception as exc:  # no model here is a note in the report, not a failure
+        return None, f"no encoder for this index ({type(exc).__name__}: {exc})"
+
+
+def _zero_shot_methods(catalog: Catalog, vt: pl.DataFrame, encoder: Encoder | None, why: str) -> dict[str, Any]:
+    if encoder is None:
+        return {"skipped": why}
+    from echosearch.config import load_settings
+
+    path = load_settings().zeroshot_prompts
+    return {"rows": compare_methods(catalog, encoder, vt, load_prompts(str(path)) if path else None).to_dicts()}
+
+
 def _relevant(vt: pl.DataFrame, rule: str) -> np.ndarray | None:
     m = re.fullmatch(r"\s*(\w+)\s*(<=|>=|<|>|==)\s*([-\d.]+)\s*", rule)
     if m:
@@ -248,16 +309,15 @@ def _relevant(vt: pl.DataFrame, rule: str) -> np.ndarray | None:
     return vt[rule.strip()].fill_null(False).to_numpy().astype(bool) if rule.strip() in vt.columns else None
 
 
-def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int, context: float | None = None) -> dict[str, Any]:
+def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int, context: float | None = None,
+                    encoder: Encoder | None = None) -> dict[str, Any]:
     """Finding phrase -> top-k clips among those with a truth row, scored as the query API's text search scores
     them (``query.context_score`` with ``query.TEXT_CONTEXT`` unless given; exact, from the catalog's vectors)
     and, as ``*_clip_only``, by the clip vectors alone."""
-    try:
-        from echosearch.encode import encoder_for_index
-
-        encoder = encoder_for_index(catalog)
-    except Exception as exc:  # no model here is a note in the report, not a failure
-        return {"skipped": f"no encoder for this index ({type(exc).__name__}: {exc})"}
+    if encoder is None:
+        encoder, why = _load_encoder(catalog)
+        if encoder is None:
+            return {"skipped": why}
     from echosearch.query import TEXT_CONTEXT, context_score
 
     context = TEXT_CONTEXT if context is None else context
@@ -338,6 +398,7 @@ def evaluate(index: Path | str | Catalog, truth: Path | str | None = None, *, k:
             raise QueryError(f"no video of the index matches a row of {path} (by path suffix or SOP UID)")
         st = study_truth(vt)
         S = load_studies(cat)
+        enc, why = _load_encoder(cat) if text else (None, "disabled")
         res: dict[str, Any] = {
             "truth": str(path),
             "n": {"videos": vt.height, "studies": st.height, "patients": st["true_patient_id"].n_unique(),
@@ -348,7 +409,8 @@ def evaluate(index: Path | str | Catalog, truth: Path | str | None = None, *, k:
             "echosearch": {"identity": _identity(cat, st, S, max_pairs, seed), "audit": _audit_metrics(cat, st),
                            "change_auc": _change_metrics(cat, st)},
             "zero_shot": _zero_shot(cat, st),
-            "retrieval": {"text_to_video": _text_retrieval(cat, vt, k) if text else {"skipped": "disabled"},
+            "zero_shot_methods": _zero_shot_methods(cat, vt, enc, why),
+            "retrieval": {"text_to_video": _text_retrieval(cat, vt, k, encoder=enc) if enc is not None else {"skipped": why},
                           "study_to_report": _report_rank(cat, S, seed=seed)},
         }
     finally:

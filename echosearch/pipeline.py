@@ -21,8 +21,9 @@ import polars as pl
 from echosearch.catalog import Catalog
 from echosearch.config import Settings
 from echosearch.encode import Encoder, l2_normalise, load_encoder
+from echosearch.errors import ConfigError
 from echosearch.ingest import FailedFile, PreparedVideo, ScanSummary, iter_processed, scan
-from echosearch.zeroshot import PromptBank, predict, study_predictions
+from echosearch.zeroshot import PromptBank, load_prompts, predict, resolve_method, study_predictions
 
 log = logging.getLogger(__name__)
 
@@ -205,14 +206,23 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
     """Scan, encode and index ``sources`` into ``index_dir``; only new files are processed."""
     t0 = time.perf_counter()
     enc = encoder or load_encoder(settings.model, device=settings.device, frames_per_video=settings.frames_per_video,
-                                  policy=None if settings.frame_policy == "sector" else settings.frame_policy)
+                                  policy=settings.frame_policy, sampling=settings.frame_sampling)
     summary = IndexSummary()
     with Catalog.open(index_dir, create=True) as cat:
         ident = enc.identity
         cat.bind_model(ident)
         if cat.get_manifest("model_source") is None:
             cat.set_manifest("model_source", settings.model)
-        bank = PromptBank.build(enc)
+        method = resolve_method(settings.zeroshot_method, enc.source.spec)
+        prompts = load_prompts(str(settings.zeroshot_prompts)) if settings.zeroshot_prompts else None
+        bank = PromptBank.build(enc, prompts, method=method)
+        done = cat.get_manifest("zeroshot") or ({"method": "contrast", "prompts": "echosearch"}
+                                                if cat.counts()["predictions"] else None)
+        if done and (done.get("method"), done.get("prompts")) != (bank.method, bank.source):
+            raise ConfigError(f"{index_dir} holds zero-shot predictions by method {done.get('method')} with prompts "
+                              f"{done.get('prompts')}; this run would use {bank.method} with {bank.source}: set "
+                              "zeroshot_method/zeroshot_prompts to match, or index into a new folder")
+        cat.set_manifest("zeroshot", bank.manifest())
         batcher = _Batcher(cat, enc, bank, settings.batch_size, settings.keep_frame_embeddings)
         t_setup = time.perf_counter()
         scan_summary: ScanSummary = scan(list(sources), cat, settings, policy=enc.policy, reports=reports,

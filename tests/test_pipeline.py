@@ -52,6 +52,8 @@ def test_index_stores_every_video_once_with_vectors_predictions_and_indexes(
         assert np.allclose(sv[0], mean / np.linalg.norm(mean), atol=1e-5)
         manifest = cat.manifest()
         assert manifest["model"]["preprocessing"]["name"] == "sector"
+        assert manifest["zeroshot"] == {"method": "contrast", "prompts": "echosearch",  # auto: not an EchoCLIP model
+                                        "thresholds": dict.fromkeys(set(tasks) - {"ef"}, 0.0)}
     for level in ("video", "study", "report"):
         assert (tmp_path / "idx" / "vectors" / f"{level}.faiss").is_file()
     again = _index(small_cohort, tmp_path / "idx", random_model_dir)

@@ -99,3 +99,9 @@ def register(app: typer.Typer) -> None:
             print_json(result)
             return
         console.print(format_table(result))
+        methods = result.get("zero_shot_methods", {})
+        if methods.get("rows"):
+            df = pl.DataFrame(methods["rows"])
+            console.print(frame_table(df.drop("vectors"), title=f"zero-shot by method, same {df['vectors'][0]}"))
+        else:
+            console.print(f"zero-shot by method: skipped ({methods.get('skipped')})")
