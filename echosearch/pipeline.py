@@ -23,7 +23,14 @@ from echosearch.config import Settings
 from echosearch.encode import Encoder, l2_normalise, load_encoder
 from echosearch.errors import ConfigError
 from echosearch.ingest import FailedFile, PreparedVideo, ScanSummary, iter_processed, scan
-from echosearch.zeroshot import PromptBank, load_prompts, predict, resolve_method, study_predictions
+from echosearch.zeroshot import (
+    PromptBank,
+    load_prompts,
+    pooling_tasks,
+    predict,
+    resolve_method,
+    study_predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +176,9 @@ def pool_studies(catalog: Catalog, model_name: str, study_keys: list[int] | None
     vpreds: dict[int, dict[str, float]] = {}
     for k, task, v in pred_rows:
         vpreds.setdefault(int(k), {})[task] = float(v)
-    spreds = [study_predictions([vpreds[int(ids[i])] for i in by_study[s] if int(ids[i]) in vpreds])
-              for s in study_keys]
+    binary, categorical = pooling_tasks(catalog.get_manifest("zeroshot"))
+    spreds = [study_predictions([vpreds[int(ids[i])] for i in by_study[s] if int(ids[i]) in vpreds], binary,
+                                categorical) for s in study_keys]
     with catalog.transaction():
         catalog.store_level_embeddings("study", study_keys, study_vecs, counts)
         store_predictions(catalog, "study", study_keys, spreds, model_name)

@@ -17,6 +17,7 @@ EchoCLIP's prompt format (:func:`load_prompts` tells them apart); text vectors a
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -270,15 +271,30 @@ def predict(bank: PromptBank, frame_vecs: np.ndarray) -> dict[str, float]:
     return out
 
 
-def study_predictions(video_preds: list[dict[str, float]]) -> dict[str, float]:
-    """A study's predictions from its videos: mean EF, and the strongest evidence for each finding.
+def study_predictions(video_preds: list[dict[str, float]], binary: Iterable[str] = BINARY_TASKS,
+                      categorical: Iterable[str] = ()) -> dict[str, float]:
+    """A study's predictions from its videos: the mean of a regression, the strongest evidence for a finding,
+    the most frequent class of a categorical task (ties: the smaller value).
 
     A device is seen in the views where it is visible, so binary tasks take the maximum over views.
     """
     if not video_preds:
         return {}
+    binary, categorical = set(binary), set(categorical)
     out: dict[str, float] = {}
     for task in video_preds[0]:
         vals = [p[task] for p in video_preds if task in p]
-        out[task] = float(np.mean(vals)) if task not in BINARY_TASKS else float(np.max(vals))
+        if task in binary:
+            out[task] = float(np.max(vals))
+        elif task in categorical:
+            uniq, counts = np.unique(vals, return_counts=True)
+            out[task] = float(uniq[np.argmax(counts)])
+        else:
+            out[task] = float(np.mean(vals))
     return out
+
+
+def pooling_tasks(entry: dict[str, Any] | None) -> tuple[set[str], set[str]]:
+    """(binary, categorical) task names of an index's zero-shot record (manifest ``zeroshot``), for pooling."""
+    entry = entry or {}
+    return set(BINARY_TASKS) | set(entry.get("thresholds") or {}), set(entry.get("classes") or {})

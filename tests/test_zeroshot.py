@@ -325,3 +325,17 @@ def test_compare_methods_on_video_and_frame_vectors(tmp_path: Path) -> None:
         again = compare_methods(cat, TextEncoder(), vt)  # type: ignore[arg-type]
     assert set(again["vectors"]) == {"frame vectors"}
     assert again.drop("vectors").equals(df.drop("vectors"))
+
+
+def test_study_pooling_follows_the_recorded_task_kinds() -> None:
+    """A binary task from an EchoCLIP prompt file (no echosearch alias) pools by max, a categorical by mode."""
+    from echosearch.zeroshot import BINARY_TASKS, pooling_tasks, study_predictions
+
+    entry = {"method": "echoclip", "thresholds": {"pacer_lead": 0.298, "impella": None}, "classes": {"la_size": ["1", "2", "3"]}}
+    binary, categorical = pooling_tasks(entry)
+    videos = [{"ef": 40.0, "impella": 0.20, "la_size": 2.0}, {"ef": 50.0, "impella": 0.31, "la_size": 3.0},
+              {"ef": 60.0, "impella": 0.25, "la_size": 2.0}]
+    out = study_predictions(videos, binary, categorical)
+    assert out == {"ef": 50.0, "impella": 0.31, "la_size": 2.0}
+    assert study_predictions(videos)["impella"] == pytest.approx(0.76 / 3)  # unknown kinds: the mean
+    assert pooling_tasks(None) == (set(BINARY_TASKS), set())
