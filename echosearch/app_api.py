@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from echosearch.catalog import Catalog
+from echosearch.catalog import Catalog, stored_path
 from echosearch.errors import ConfigError, QueryError
 from echosearch.filters import Filters
 from echosearch.previews import Preview, ensure_preview
@@ -362,7 +362,7 @@ class AppIndex:
         if df.height == 0:
             raise QueryError(f"unknown video {video_key}")
         policy = (self.manifest().get("model") or {}).get("preprocessing") or {}
-        return ensure_preview(self.index_dir, int(video_key), df["path"][0], policy)
+        return ensure_preview(self.index_dir, int(video_key), stored_path(df["path"][0]), policy)
 
 
 def open_searcher(app: AppIndex, encoder: Any = None) -> Any:

@@ -32,6 +32,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
+from echosearch.discover import open_regular
 from echosearch.errors import DecodeError, NotUltrasoundError, ReportObjectFound
 
 VideoKind = Literal["dicom", "avi", "mp4"]
@@ -161,16 +162,16 @@ def read_dicom_header(path: Path, check: bool = True) -> Dataset:
 def _read_header(path: Path, check: bool = True) -> tuple[Dataset, int, int]:
     """(header, file offset where Pixel Data starts or the header ended, file size)."""
     try:
-        with warnings.catch_warnings(), Path(path).open("rb") as f:
+        with warnings.catch_warnings(), open_regular(path) as f:
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
             pos, size = f.tell(), os.fstat(f.fileno()).st_size
     except FileNotFoundError as exc:
         raise DecodeError(f"file vanished before it could be read: {exc.filename}") from exc
     except OSError as exc:
-        raise DecodeError(f"cannot read file: {exc}") from exc
+        raise DecodeError(f"cannot read file: {exc.strerror or exc}") from exc
     except Exception as exc:  # pydicom raises many types on damaged headers
-        raise DecodeError(f"unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
+        raise DecodeError(explain(exc, "unreadable DICOM header")) from exc
     if len(ds) == 0:
         raise DecodeError("unreadable DICOM header: no data elements found")
     if check:
@@ -267,6 +268,8 @@ def _decode_dicom(path: Path, pick: Callable[[VideoMeta], Any]) -> tuple[Decoded
     if not ts.is_encapsulated:
         spp = _int(header.get("SamplesPerPixel", 1), 1)
         expected = meta.n_frames * meta.height * meta.width * spp * (meta.bits_allocated or 8) // 8
+        if meta.photometric == "YBR_FULL_422" and spp == 3:  # chroma shared by pixel pairs: 2 samples a pixel
+            expected = expected * 2 // 3
         held = size - pixel_pos - (8 if ts == ImplicitVRLittleEndian else 12)
         if held < expected:
             raise DecodeError(f"pixel data truncated: the file holds {max(held, 0)} of the {expected} bytes "
@@ -276,7 +279,9 @@ def _decode_dicom(path: Path, pick: Callable[[VideoMeta], Any]) -> tuple[Decoded
             warnings.simplefilter("ignore")
             file_meta = getattr(header, "file_meta", None)
             has_file_meta = bool(file_meta and file_meta.get("TransferSyntaxUID"))
-            if ts.is_encapsulated or not has_file_meta:
+            if _native_ybr422(ts, meta):
+                raw_frames = _ybr422_frames(path, pixel_pos + (8 if ts == ImplicitVRLittleEndian else 12), meta, idx)
+            elif ts.is_encapsulated or not has_file_meta:
                 ds = pydicom.dcmread(path, force=True)
                 if "PixelData" not in ds:
                     raise DecodeError("pixel data truncated or corrupt: the Pixel Data element could not be "
@@ -300,11 +305,36 @@ def _decode_dicom(path: Path, pick: Callable[[VideoMeta], Any]) -> tuple[Decoded
     except FileNotFoundError as exc:
         raise DecodeError(f"file vanished before it could be decoded: {exc.filename}") from exc
     except Exception as exc:  # codec plugins raise ValueError/RuntimeError/... on damaged data
-        raise DecodeError(f"pixel data could not be decoded ({ts.name or 'unknown transfer syntax'}): "
-                          f"{type(exc).__name__}: {_short(exc)}") from exc
+        raise DecodeError(explain(exc, f"pixel data could not be decoded ({ts.name or 'unknown transfer syntax'})")
+                          ) from exc
     if n_done != len(idx):
         raise DecodeError(f"pixel data truncated: {n_done} of {len(idx)} requested frames decoded")
     return DecodedVideo(out, idx, meta), inverse
+
+
+def _native_ybr422(ts: UID, meta: VideoMeta) -> bool:
+    """Native 8-bit YBR_FULL_422, which pydicom 3.0 mis-sizes when reading frames from a file: decoded here."""
+    return not ts.is_encapsulated and meta.photometric == "YBR_FULL_422" and (meta.bits_allocated or 8) == 8
+
+
+def _ybr422_frames(path: Path, data_pos: int, meta: VideoMeta, idx: np.ndarray) -> Iterator[np.ndarray]:
+    """RGB frames of native YBR_FULL_422: each horizontal pixel pair is stored as Y0 Y1 Cb Cr (2 bytes a pixel)."""
+    h, w = meta.height, meta.width
+    if w % 2:
+        raise DecodeError(f"YBR_FULL_422 needs an even number of columns, the header says {w}: corrupt file")
+    frame_bytes = h * w * 2
+    with open_regular(path) as f:
+        for i in idx:
+            f.seek(data_pos + int(i) * frame_bytes)
+            data = f.read(frame_bytes)
+            if len(data) != frame_bytes:
+                raise DecodeError(f"pixel data truncated: frame {int(i)} of {meta.n_frames} is incomplete")
+            quad = np.frombuffer(data, np.uint8).reshape(h, w // 2, 4)
+            ycrcb = np.empty((h, w, 3), np.uint8)
+            ycrcb[..., 0] = quad[..., :2].reshape(h, w)
+            ycrcb[..., 1] = np.repeat(quad[..., 3], 2, axis=1)  # OpenCV's order is Y Cr Cb (full range, as YBR_FULL)
+            ycrcb[..., 2] = np.repeat(quad[..., 2], 2, axis=1)
+            yield cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
 
 
 def _check_indices(frame_indices: Sequence[int] | None, meta: VideoMeta) -> np.ndarray:
@@ -411,7 +441,7 @@ def _open_container(path: Path) -> Any:
     except FileNotFoundError as exc:
         raise DecodeError(f"file vanished before it could be read: {path}") from exc
     except Exception as exc:
-        raise DecodeError(f"not a readable video container ({type(exc).__name__}: {_short(exc)})") from exc
+        raise DecodeError(explain(exc, "not a readable video container")) from exc
     if not container.streams.video:
         container.close()
         raise DecodeError("container has no video stream")
@@ -463,7 +493,7 @@ def _decode_container(path: Path, kind: VideoKind, pick: Callable[[VideoMeta], A
                     break
         except Exception as exc:
             if not got:
-                reason = f"video stream could not be decoded ({type(exc).__name__}: {_short(exc)})"
+                reason = explain(exc, "video stream could not be decoded")
                 raise DecodeError(reason) from exc
     if not got:
         raise DecodeError("video has zero decodable frames")
@@ -504,6 +534,39 @@ def _date(value: Any) -> date | None:
         return date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
     except ValueError:
         return None
+
+
+_MISSING_ELEMENT = re.compile(r"Missing required element: \(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\) '([^']+)'")
+_NO_ATTRIBUTE = re.compile(r"has no attribute '(\w+)'")
+
+
+def explain(exc: BaseException, context: str) -> str:
+    """A failure reason a person can act on, with the technical detail at the end in brackets:
+    ``missing required DICOM attribute Bits Allocated (0028,0100): ... [AttributeError: ...]``; ``context``
+    (what was being done) leads when the exception is not one of the common, recognised ones."""
+    text = _short(exc)
+    return f"{_hint(exc, text) or context} [{type(exc).__name__}: {text}]"
+
+
+def _hint(exc: BaseException, text: str) -> str | None:
+    from pydicom.datadict import dictionary_description, tag_for_keyword
+
+    if m := _MISSING_ELEMENT.search(text):
+        return (f"missing required DICOM attribute {m[3]} ({m[1].upper()},{m[2].upper()}): the file is incomplete "
+                "or not an image object")
+    if isinstance(exc, (AttributeError, KeyError)) and (m := _NO_ATTRIBUTE.search(text)):
+        tag = tag_for_keyword(m[1])
+        if tag is not None:  # a DICOM keyword: the data set lacks an attribute the decoder needs
+            return (f"missing required DICOM attribute {dictionary_description(tag)} "
+                    f"({tag >> 16:04X},{tag & 0xFFFF:04X}): the file is incomplete or not an image object")
+    if "insufficient pixel data" in text or "cannot reshape array" in text:
+        return ("pixel data size does not match the header (Rows, Columns, frames, samples per pixel): the file "
+                "is truncated or its header is wrong")
+    if isinstance(exc, (EOFError,)) or "unexpected end" in text.lower():
+        return "the file ends early (truncated or still being copied)"
+    if isinstance(exc, NotImplementedError) or "no pixel data handler" in text.lower() or "plugin" in text.lower():
+        return "no installed decoder supports this compression: convert the file or install the missing plugin"
+    return None
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:

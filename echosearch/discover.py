@@ -13,11 +13,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import stat
 import struct
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
+
+from echosearch.errors import IngestError
 
 FileKind = Literal["dicom", "avi", "mp4", "unknown"]
 SIDECAR_SUFFIXES = frozenset({".csv", ".parquet", ".txt", ".json", ".md", ".tsv", ".xlsx", ".log", ".yaml",
@@ -73,11 +76,52 @@ def _headerless_dicom(head: bytes) -> bool:
     return 0 < length < 1024
 
 
+class NotRegularFile(IngestError, OSError):
+    """A path that is not a regular file (FIFO, device, socket, folder): never read, it could block for ever.
+    An OSError for callers that handle unreadable files, an IngestError (one line) for the CLI."""
+
+    def __init__(self, reason: str) -> None:
+        IngestError.__init__(self, reason, "discover")
+
+
+def _special(entry: os.DirEntry[str]) -> bool:
+    """A FIFO, device or socket met in a walk: listed, so that it becomes a failure with a reason."""
+    try:
+        mode = entry.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)
+
+
+def _kind_of_mode(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def open_regular(path: Path | str) -> IO[bytes]:
+    """Open a regular file for reading; :class:`NotRegularFile` for anything else. Checked before opening
+    (a FIFO's open would block) and again on the open descriptor (opened non-blocking), so that a file
+    swapped for a FIFO or device between the two is refused rather than waited on."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(f"{_kind_of_mode(mode)}, not a regular file: not read")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(f"{_kind_of_mode(mode)}, not a regular file: not read")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def hash_file(path: Path) -> tuple[str, int]:
-    """(sha256 hex, size) of a file, streamed in 1 MiB chunks."""
+    """(sha256 hex, size) of a regular file, streamed in 1 MiB chunks."""
     h = hashlib.sha256()
     size = 0
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
             size += len(chunk)
@@ -85,8 +129,8 @@ def hash_file(path: Path) -> tuple[str, int]:
 
 
 def inspect_file(path: Path) -> FileRecord:
-    """Hash and sniff one file (raises OSError when unreadable)."""
-    with path.open("rb") as f:
+    """Hash and sniff one file (raises OSError when unreadable, :class:`NotRegularFile` for a FIFO/device)."""
+    with open_regular(path) as f:
         head = f.read(512)
     digest, size = hash_file(path)
     return FileRecord(path=path, size=size, sha256=digest, kind=sniff_kind(head))
@@ -107,6 +151,9 @@ def discover(
                 rec = inspect_file(item)
             except FileNotFoundError:
                 yield DiscoverFailure(item, "file vanished before it could be read")
+                continue
+            except NotRegularFile as exc:
+                yield DiscoverFailure(item, str(exc))
                 continue
             except OSError as exc:
                 yield DiscoverFailure(item, f"unreadable file: {exc.strerror or exc}")
@@ -178,15 +225,25 @@ def _walk(root: Path) -> Iterator[Path | DiscoverFailure]:
                 is_dir = False
             if is_dir:
                 yield from walk(path)
-            elif path.suffix.lower() not in SIDECAR_SUFFIXES and entry.is_file():
+            elif path.suffix.lower() not in SIDECAR_SUFFIXES and (entry.is_file() or _special(entry)):
                 yield path
 
     yield from walk(root)
 
 
 def _manifest_paths(manifest: Path) -> Iterator[Path | DiscoverFailure]:
-    """EchoNet-Dynamic FileList.csv: ``FileName`` (extension optional) -> ``Videos/<FileName>.avi``."""
+    """EchoNet-Dynamic FileList.csv: ``FileName`` (extension optional) -> ``Videos/<FileName>.avi``.
+
+    A row that resolves outside the manifest's folder (``../x``, an absolute path, a symlink out) is refused
+    as a failure and never opened."""
     base = manifest.parent
+    real_base = base.resolve()
+
+    def inside(p: Path) -> bool:
+        try:
+            return p.resolve().is_relative_to(real_base)
+        except (OSError, RuntimeError):
+            return False
     with manifest.open(newline="", encoding="utf-8-sig") as f:
         for row in csv.DictReader(f):
             name = (row.get("FileName") or "").strip()
@@ -197,6 +254,10 @@ def _manifest_paths(manifest: Path) -> Iterator[Path | DiscoverFailure]:
                 if Path(name).suffix
                 else [base / "Videos" / f"{name}.avi", base / f"{name}.avi", base / "Videos" / name]
             )
+            if not all(inside(c) for c in candidates):
+                yield DiscoverFailure(candidates[0], f"listed in {manifest.name} but outside the source folder "
+                                      f"{base}: not read")
+                continue
             found = next((c for c in candidates if c.is_file()), None)
             if found is None:
                 yield DiscoverFailure(candidates[0], f"listed in {manifest.name} but missing")

@@ -8,6 +8,7 @@ become :class:`QueryError` with DuckDB's message. Columns it may use are listed 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -77,6 +78,8 @@ class Filters:
         for name in ("ef_min", "ef_max"):
             value = getattr(self, name)
             if value is not None:
+                if not math.isfinite(float(value)):
+                    raise QueryError(f"{name.replace('_', '-')} must be a finite number (EF in %), got {value!r}")
                 object.__setattr__(self, name, float(value))
         unknown = [d for d in self.devices if d not in DEVICE_TASKS]
         if unknown:
@@ -93,7 +96,11 @@ class Filters:
 
 
 def check_where(expr: str) -> str:
-    """Refuse anything but one SQL expression: no ``;``, no comments, balanced quotes and parentheses."""
+    """Refuse anything but one SQL expression: no ``;``, no comments, balanced quotes and parentheses.
+
+    Only plain ``'...'`` strings and ``"..."`` names are allowed: quoting this checker does not parse (dollar
+    quotes ``$$...$$`` / ``$tag$...$tag$``, escape strings ``E'...'``) could hide a parenthesis and widen the
+    expression past the other filters, so it is refused, as is ``$`` outside quotes (parameters)."""
     text = expr.strip()
     if ";" in text:
         raise QueryError("--where must be a single SQL expression (';' is not allowed)")
@@ -102,6 +109,11 @@ def check_where(expr: str) -> str:
         ch = text[i]
         if quote:
             quote = "" if ch == quote else quote
+        elif ch == "$":
+            raise QueryError("--where must not use '$' outside quotes (dollar-quoted strings and parameters are "
+                             "not supported; write strings in single quotes)")
+        elif ch == "'" and i > 0 and text[i - 1] in "eE" and (i < 2 or not (text[i - 2].isalnum() or text[i - 2] == "_")):
+            raise QueryError("--where must not use escape strings (E'...'); write strings in single quotes")
         elif ch in "'\"":
             quote = ch
         elif text.startswith("--", i) or text.startswith("/*", i):

@@ -19,6 +19,7 @@ Identity rules (documented for users):
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing
 import time
 from collections import deque
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from echosearch.decode import VideoMeta, _date, _s, decode_video, read_dicom_header
+from echosearch.decode import VideoMeta, _date, _s, decode_video, explain, read_dicom_header
 from echosearch.discover import DiscoverFailure, FileRecord, Sidecars, discover, load_sidecars, pick
 from echosearch.errors import IngestError, ReportObjectFound
 from echosearch.prepare import FramePolicy, policy_manifest, sample_indices, sector_and_input
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from echosearch.config import Settings
     from echosearch.pseudonym import Pseudonymizer
 
+log = logging.getLogger(__name__)
 REPORT_STAGE = "report-object"
 MAX_LISTED_FAILURES = 1000
 
@@ -113,9 +115,13 @@ def process_file(record: FileRecord, policy: FramePolicy) -> PreparedVideo:
         raise IngestError("empty file (0 bytes)" if empty else "unrecognised file format: not DICOM (no DICM "
                           "marker), AVI or MP4", "discover")
     decoded = decode_video(record.path, record.kind, lambda meta: sample_indices(meta.n_frames, policy))
-    first_of_each = np.sort(np.unique(decoded.frame_indices, return_index=True)[1])  # repeats add nothing
-    frames, sector = sector_and_input(decoded.frames, decoded.meta.regions, policy, first_of_each)
-    return PreparedVideo(record, decoded.meta, frames, decoded.frame_indices, sector.bbox_list, sector.source)
+    keep = np.sort(np.unique(decoded.frame_indices, return_index=True)[1])  # repeats add nothing
+    raw, indices = decoded.frames, decoded.frame_indices
+    sector_frames: np.ndarray | None = keep
+    if policy.sampling == "all" and len(keep) < len(indices):  # a header that over-counted: drop the repeats
+        raw, indices, sector_frames = raw[keep], indices[keep], None
+    frames, sector = sector_and_input(raw, decoded.meta.regions, policy, sector_frames)
+    return PreparedVideo(record, decoded.meta, frames, indices, sector.bbox_list, sector.source)
 
 
 def read_report_object(path: Path) -> ReportObject:
@@ -149,7 +155,8 @@ def safe_process(record: FileRecord, policy: FramePolicy) -> PreparedVideo | Fai
     except MemoryError:
         return FailedFile(record.path, record.sha256, "decode", "out of memory while decoding (too large)")
     except Exception as exc:  # a bug or an unforeseen codec failure must not stop the batch
-        return FailedFile(record.path, record.sha256, "decode", f"unexpected {type(exc).__name__}: {exc}")
+        return FailedFile(record.path, record.sha256, "decode",
+                          explain(exc, "unexpected error while reading this file (a bug: please report it)"))
 
 
 def _worker_init() -> None:
@@ -311,11 +318,13 @@ def _progress(enabled: bool, total: int | None) -> Iterator[Callable[[str], None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from echosearch.cli.common import shown
+
     columns = (TextColumn("scan"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
     with Progress(*columns, console=Console(stderr=True)) as bar:  # stdout stays clean for --json
         task = bar.add_task("", total=total)
-        yield lambda name: bar.update(task, advance=1, description=name[:40])
+        yield lambda name: bar.update(task, advance=1, description=shown(name[:40]))
 
 
 def scan(
@@ -351,15 +360,39 @@ def scan(
     summary = ScanSummary()
     pending: list[tuple[VideoRecord, PreparedVideo]] = []
 
+    def fail(path: Path, sha256: str | None, stage: str, reason: str) -> None:
+        summary.failed += 1
+        if len(summary.failures) < MAX_LISTED_FAILURES:  # all of them are in ingest_errors
+            summary.failures.append({"path": _path_str(path), "stage": stage, "reason": reason})
+        try:
+            catalog.record_error(_path_str(path), sha256, stage, reason)
+        except Exception as exc:  # noqa: BLE001 - one unrecordable row must not end the batch
+            log.warning("could not record the failure of a file: %s", exc)
+
+    def record(batch: list[tuple[VideoRecord, PreparedVideo]]) -> dict[str, int]:
+        with catalog.transaction():
+            keys = catalog.record_videos([rec for rec, _ in batch])
+            catalog.clear_errors([rec.path for rec, _ in batch])
+        return keys
+
     def commit() -> None:
         if not pending:
             return
-        with catalog.transaction():
-            keys = catalog.record_videos([rec for rec, _ in pending])
-            catalog.clear_errors([rec.path for rec, _ in pending])
-        summary.videos_added += len(pending)
+        done, keys = list(pending), {}
+        try:
+            keys = record(done)
+        except Exception:  # noqa: BLE001 - find the row at fault: each file on its own, a failure is its error row
+            done, keys = [], {}
+            for one in pending:
+                try:
+                    keys |= record([one])
+                    done.append(one)
+                except Exception as exc:  # noqa: BLE001
+                    fail(one[1].record.path, one[0].sha256, "catalog",
+                         f"could not be recorded in the catalog [{type(exc).__name__}: {exc}]")
+        summary.videos_added += len(done)
         if on_video is not None:
-            for rec, item in pending:
+            for rec, item in done:
                 on_video(keys[rec.sha256], item)
         pending.clear()
 
@@ -368,13 +401,13 @@ def scan(
             summary.discovered += 1
             if isinstance(item, FailedFile):
                 advance(item.path.name)
-                catalog.record_error(_path_str(item.path), item.sha256, item.stage, item.reason)
                 if not item.is_report:
-                    summary.failed += 1
-                    if len(summary.failures) < MAX_LISTED_FAILURES:  # all of them are in ingest_errors
-                        summary.failures.append(
-                            {"path": str(item.path), "stage": item.stage, "reason": item.reason})
+                    fail(item.path, item.sha256, item.stage, item.reason)
                     continue
+                try:
+                    catalog.record_error(_path_str(item.path), item.sha256, item.stage, item.reason)
+                except Exception as exc:  # noqa: BLE001 - one unrecordable row must not end the batch
+                    log.warning("could not record a report object: %s", exc)
                 summary.report_objects += 1
                 if item.report and item.report.text and item.report.study_uid:
                     side.reports.append(("study_uid", item.report.study_uid, item.report.text, "dicom-sr"))
@@ -392,13 +425,19 @@ def scan(
 
 
 def default_policy(settings: Settings, size: int | None = None) -> FramePolicy:
-    """The frame policy of the settings; ``size`` comes from the encoder (else 112, or 224 for echoclip)."""
-    name = settings.frame_policy
-    return FramePolicy(name, settings.frames_per_video, size or (224 if name == "echoclip" else 112))
+    """The frame policy of the settings for their model; ``size`` comes from the encoder (else the model's)."""
+    from echosearch.frame_policy import resolve_frame_policy
+
+    return resolve_frame_policy(settings.model, setting=settings.frame_policy, n_frames=settings.frames_per_video,
+                                size=size, sampling=settings.frame_sampling)
 
 
 def _path_str(path: Path) -> str:
-    return path.absolute().as_posix()
+    """The absolute path as stored and reported: names that are not UTF-8 get ``\\xHH`` escapes
+    (:func:`echosearch.catalog.storable_path`)."""
+    from echosearch.catalog import storable_path
+
+    return storable_path(path.absolute().as_posix())
 
 
 def summary_dict(summary: ScanSummary) -> dict[str, Any]:

@@ -153,6 +153,29 @@ def test_patient_page_shows_a_timeline(app_env: Path) -> None:
     assert log_rows(app_env, "view_patient")["detail"].str.contains(patient).any()
 
 
+def open_patient_link(patient: str) -> object:
+    """The patient page as a link ``/patient?patient=...`` opens it."""
+    at = new_app()
+    at.query_params["patient"] = patient  # type: ignore[attr-defined]
+    at.run()  # type: ignore[attr-defined]
+    return at.switch_page("app_pages/patient.py").run()  # type: ignore[attr-defined]
+
+
+def test_a_link_to_an_unknown_patient_shows_no_patient_and_logs_nothing(app_env: Path) -> None:
+    before = log_rows(app_env, "view_patient").height
+    at = open_patient_link("P-doesnotexist")
+    assert not at.exception  # type: ignore[attr-defined]
+    assert [e.value for e in at.error] == [  # type: ignore[attr-defined]
+        "No such patient in this index: the link names a patient pseudonym that this index does not hold."]
+    assert not at.selectbox and not at.get("vega_lite_chart") and not at.subheader  # type: ignore[attr-defined]
+    assert log_rows(app_env, "view_patient").height == before
+    known = app_api.AppIndex(app_env).patients()["patient_pseudonym"].to_list()[-1]
+    at = open_patient_link(known)  # a link to a patient the index holds opens that patient
+    ok(at)
+    assert at.selectbox[0].value == known  # type: ignore[attr-defined]
+    assert log_rows(app_env, "view_patient")["detail"].str.contains(known).any()
+
+
 def test_audit_decision_persists(app_env: Path) -> None:
     at = new_app().run()
     at.switch_page("app_pages/audit.py").run()
@@ -161,16 +184,22 @@ def test_audit_decision_persists(app_env: Path) -> None:
     if run_now:
         run_now[0].click().run()
         ok(at)
-    if not at.form:  # no suspect in this cohort: review any audited study
+    if not at.radio:  # no suspect in this cohort: review any audited study
         at.get("button_group")[0].set_value("all audited studies").run()
         ok(at)
     rank = next(sb for sb in at.selectbox if sb.label == "Review suspect").value
     suspects = app_api.AppIndex(app_env).audit_results(suspects_only=False)
     study_key = int(suspects.filter(pl.col("rank") == rank)["study_key"][0])
-    at.radio[0].set_value("confirmed")
+    save = next(b for b in at.button if b.label == "Save decision")
+    assert at.radio[0].value is None and save.disabled, "no decision is preselected; Save waits for a choice"
+    at.radio[0].set_value("confirmed").run()
+    assert not next(b for b in at.button if b.label == "Save decision").disabled
     at.text_input[0].input("checked against the worklist")
-    at.form_submit_button[0].click().run()
+    next(b for b in at.button if b.label == "Save decision").click().run()
     ok(at)
+    assert at.radio[0].value is None and next(b for b in at.button if b.label == "Save decision").disabled, \
+        "after a save the choice starts again from none"
+    assert at.text_input[0].value == ""
     with Catalog.open(app_env) as cat:
         rows = cat.con.sql("SELECT study_key, decision, reviewer, note FROM audit_decisions").fetchall()
         logged = cat.con.sql("SELECT actor FROM access_log WHERE action = 'audit_decision'").fetchall()
@@ -276,3 +305,30 @@ def test_serve_command(index_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert main(["serve", "--index", str(index_dir), "--host", "0.0.0.0", "--dry-run"]) == ConfigError.exit_code
     assert "without authentication" in capsys.readouterr().err
     assert main(["serve", "--index", str(tmp_path / "nothing"), "--dry-run"]) == 3
+
+
+def test_report_text_is_shown_as_plain_text(tmp_path_factory: pytest.TempPathFactory,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit import config
+
+    index = index_copy(tmp_path_factory, "reports-html")
+    payload = "<img src=x onerror=alert(1)> **LV** [see](http://evil.example) :red[alarm]."
+    with Catalog.open(index) as cat:
+        cat.con.execute("UPDATE reports SET text = ? || ' ' || text", [payload])
+    monkeypatch.setenv(app_api.INDEX_ENV, str(index))
+    monkeypatch.delenv(app_api.PASSWORD_ENV, raising=False)
+    monkeypatch.setenv(app_api.USER_ENV, "tester")
+    old = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    try:
+        at = new_app().run()
+        at.text_input[0].input("SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION.")
+        at.form_submit_button[0].click().run()
+        ok(at)
+    finally:
+        config.set_option("server.address", old)
+    shown = [t.value for t in at.text]  # type: ignore[attr-defined]
+    assert any(payload in v for v in shown if v.startswith("•")), "nearest report sentences, verbatim"
+    assert any(payload in v for v in shown if v.startswith("Report: ")), "each result's report, verbatim"
+    rendered = [m.value for m in [*at.markdown, *at.caption]]  # type: ignore[attr-defined]
+    assert not any(part in v for v in rendered for part in ("<img", "evil.example", "**LV**", ":red[alarm]"))

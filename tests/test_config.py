@@ -47,3 +47,23 @@ def test_pseudonyms_are_keyed_and_stable() -> None:
     assert a.patient("123") == a.patient(" 123 ") != b.patient("123")
     assert a.patient("123") != a.accession("123")
     assert a.patient("") is None and a.patient("123").startswith("P-")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("value", ["98765432109876543210", '["list-secret-0123456789"]', '{k = "table-secret-0123456789"}'])
+def test_config_errors_never_show_the_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    from echosearch.cli import main
+
+    toml = tmp_path / "echosearch.toml"
+    toml.write_text(f"secret = {value}\nbatch_size = 7\n")
+    monkeypatch.setenv("ECHOSEARCH_CONFIG", str(toml))
+    monkeypatch.delenv("ECHOSEARCH_SECRET", raising=False)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "secret" in message and "string" in message
+    for part in ("98765432109876543210", "0123456789"):
+        assert part not in message and part not in repr(info.value.__cause__) and part not in repr(info.value.__context__)
+    assert main(["scan", str(tmp_path), "--index", str(tmp_path / "idx")]) == ConfigError.exit_code
+    assert "0123456789" not in capsys.readouterr().err

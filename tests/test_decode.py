@@ -355,3 +355,82 @@ def test_pyav_is_needed_only_for_video_containers(tmp_path: Path, monkeypatch: p
     if not echo.exists():
         pytest.skip("real DICOM test data not found")
     assert decode_video(echo, "dicom", [0, 64]).frames.shape == (2, 456, 576, 3)
+
+
+def ybr_full_422_bytes(rgb: np.ndarray) -> bytes:
+    """Native YBR_FULL_422 as the standard packs it: per horizontal pixel pair Y0 Y1 Cb Cr (2 bytes a pixel)."""
+    ybr = np.stack([convert_color_space(f, "RGB", "YBR_FULL") for f in rgb]).astype(np.float64)
+    y = ybr[..., 0]
+    cb = (ybr[..., 0::2, 1] + ybr[..., 1::2, 1]) / 2
+    cr = (ybr[..., 0::2, 2] + ybr[..., 1::2, 2]) / 2
+    packed = np.stack([y[..., 0::2], y[..., 1::2], cb, cr], axis=-1)
+    return np.clip(np.round(packed), 0, 255).astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_ybr_full_422_native_is_two_bytes_a_pixel(tmp_path: Path, rgb_clip: np.ndarray, ts: str) -> None:
+    # colour shared by each pixel pair (what 4:2:2 keeps), brightness that differs within a pair (adding the
+    # same value to R, G and B changes Y only), so that the right decoding gives the clip back exactly
+    pairs = np.repeat(np.clip(rgb_clip[:, :, ::2].astype(int), 30, 225), 2, axis=2)
+    smooth = (pairs + np.where(np.arange(rgb_clip.shape[2]) % 2, 20, -20)[None, None, :, None]).astype(np.uint8)
+    ds = us_dataset(smooth, "YBR_FULL_422", ts)
+    ds.PixelData = ybr_full_422_bytes(smooth)
+    assert len(ds.PixelData) == smooth[..., 0].size * 2
+    path = save(ds, tmp_path / "ybr422.dcm")
+    dec = decode_video(path, "dicom", [3, 0])
+    err = np.abs(dec.frames.astype(int) - smooth[[3, 0]])
+    assert err.max() <= 3 and err.mean() < 1
+    full = decode_video(path, "dicom")
+    assert full.frames.shape == smooth.shape and np.abs(full.frames.astype(int) - smooth).max() <= 3
+    short = pydicom.dcmread(path)
+    short.PixelData = short.PixelData[: len(short.PixelData) // 2]
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_video(save(short, tmp_path / "short422.dcm"), "dicom")
+
+
+@pytest.mark.parametrize(("drop", "pi", "reason"), [
+    ("Rows", "RGB", "Rows/Columns missing"),
+    ("Columns", "MONOCHROME2", "Rows/Columns missing"),
+    ("PixelData", "RGB", "no pixel data"),
+    ("PhotometricInterpretation", "RGB", "missing required DICOM attribute Photometric Interpretation (0028,0004)"),
+    ("BitsAllocated", "MONOCHROME2", "missing required DICOM attribute Bits Allocated (0028,0100)"),
+    ("SamplesPerPixel", "RGB", "missing required DICOM attribute Samples per Pixel (0028,0002)"),
+    ("RedPaletteColorLookupTableDescriptor", "PALETTE COLOR",
+     "missing required DICOM attribute Red Palette Color Lookup Table Descriptor (0028,1101)"),
+])
+def test_missing_attributes_give_reasons_a_person_can_act_on(
+    tmp_path: Path, rgb_clip: np.ndarray, drop: str, pi: str, reason: str
+) -> None:
+    from echosearch.discover import inspect_file
+    from echosearch.ingest import FailedFile, safe_process
+    from echosearch.prepare import FramePolicy
+
+    ds = us_dataset(rgb_clip if pi == "RGB" else rgb_clip[..., 0], pi)
+    if pi == "PALETTE COLOR":
+        ds.RedPaletteColorLookupTableDescriptor = ds.GreenPaletteColorLookupTableDescriptor = [256, 0, 8]
+        ds.BluePaletteColorLookupTableDescriptor = [256, 0, 8]
+        ds.RedPaletteColorLookupTableData = ds.GreenPaletteColorLookupTableData = bytes(range(256))
+        ds.BluePaletteColorLookupTableData = bytes(range(256))
+    del ds[drop]
+    if "PixelData" in ds:
+        ds["PixelData"].VR = "OB"  # no BitsAllocated to derive it from
+    failed = safe_process(inspect_file(save(ds, tmp_path / "x.dcm")), FramePolicy(n_frames=2))
+    assert isinstance(failed, FailedFile) and reason in failed.reason, failed.reason
+    assert not failed.reason.startswith(("AttributeError", "KeyError", "unexpected", "pixel data could not"))
+    if failed.reason.startswith("missing required"):
+        assert failed.reason.endswith("]") and "[AttributeError: " in failed.reason  # the detail stays, at the end
+
+
+def test_unforeseen_exceptions_keep_context_then_detail(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import echosearch.ingest as ingest
+    from echosearch.discover import FileRecord
+    from echosearch.prepare import FramePolicy
+
+    rec = FileRecord(tmp_path / "x.dcm", 1, "0" * 64, "dicom")
+    monkeypatch.setattr(ingest, "process_file", lambda *_: (_ for _ in ()).throw(
+        AttributeError("'FileDataset' object has no attribute 'SeriesInstanceUID'")))
+    reason = ingest.safe_process(rec, FramePolicy(n_frames=2)).reason  # type: ignore[union-attr]
+    assert reason.startswith("missing required DICOM attribute Series Instance UID (0020,000E)")
+    monkeypatch.setattr(ingest, "process_file", lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+    reason = ingest.safe_process(rec, FramePolicy(n_frames=2)).reason  # type: ignore[union-attr]
+    assert reason == "unexpected error while reading this file (a bug: please report it) [RuntimeError: boom]"

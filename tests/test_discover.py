@@ -128,3 +128,61 @@ def test_manifest_csv(tmp_path: Path) -> None:
 def test_missing_source_is_a_failure(tmp_path: Path) -> None:
     (f,) = list(discover([tmp_path / "nope"]))
     assert isinstance(f, DiscoverFailure) and "does not exist" in f.reason
+
+
+def discover_with_deadline(sources: list[Path], unblock: list[Path], seconds: float = 20) -> list:  # type: ignore[type-arg]
+    """``discover`` in a thread: a FIFO that hangs it fails the test (and is then opened for writing, to free it)."""
+    import threading
+
+    out: list = []  # type: ignore[type-arg]
+    t = threading.Thread(target=lambda: out.extend(discover(sources)), daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        for fifo in unblock:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("discover blocked on a FIFO")
+    return out
+
+
+def test_fifos_and_devices_become_failures_never_hangs(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "good.dcm").write_bytes(small_dicom(tmp_path))
+    os.mkfifo(root / "pipe.dcm")
+    loose = tmp_path / "loose.dcm"
+    os.mkfifo(loose)
+    found = discover_with_deadline([root, loose, Path("/dev/null")], [root / "pipe.dcm", loose])
+    assert [r.path.name for r in records(found)] == ["good.dcm"]
+    reasons = {f.path.name: f.reason for f in found if isinstance(f, DiscoverFailure)}
+    assert set(reasons) == {"pipe.dcm", "loose.dcm", "null"}
+    assert "FIFO" in reasons["pipe.dcm"] and "FIFO" in reasons["loose.dcm"]
+    assert "character device" in reasons["null"] and "not a regular file" in reasons["null"]
+
+
+def test_cli_scan_and_preview_refuse_a_fifo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from echosearch.catalog import Catalog
+    from echosearch.cli import main
+
+    fifo = tmp_path / "pipe.dcm"
+    os.mkfifo(fifo)
+    assert main(["scan", str(fifo), "--index", str(tmp_path / "idx"), "--workers", "0", "--json"]) == 10
+    with Catalog.open(tmp_path / "idx", read_only=True) as cat:
+        ((reason,),) = cat.con.sql("SELECT reason FROM ingest_errors").fetchall()
+    assert "FIFO" in reason
+    assert main(["preview", str(fifo), "--out", str(tmp_path / "p.png")]) == 7
+    assert "FIFO" in capsys.readouterr().err
+
+
+def test_manifest_rows_outside_its_folder_are_refused(tmp_path: Path) -> None:
+    base = tmp_path / "echonet"
+    (base / "Videos").mkdir(parents=True)
+    write_avi(base / "Videos" / "0X1A.avi", 3)
+    write_avi(tmp_path / "outside.avi", 3)  # exists, but is not the manifest's to list
+    (base / "Videos" / "link.avi").symlink_to(tmp_path / "outside.avi")
+    manifest = base / "FileList.csv"
+    manifest.write_text("FileName,EF\n0X1A,60\n../outside.avi,50\n../../outside,40\n/etc/passwd,30\nlink.avi,20\n")
+    found = list(discover([manifest]))
+    assert [r.path.name for r in records(found)] == ["0X1A.avi"]
+    failures = [f for f in found if isinstance(f, DiscoverFailure)]
+    assert len(failures) == 4 and all("outside the source folder" in f.reason for f in failures)

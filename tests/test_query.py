@@ -449,3 +449,51 @@ def test_study_context_defaults_and_limits(index: tuple[Path, pl.DataFrame]) -> 
         assert s.by_vector(vecs[11], 4, level="study", context=0.7).columns == list(RESULT_COLUMNS)
         with pytest.raises(QueryError, match="context"):
             s.by_vector(vecs[11], 4, context=1.5)
+
+
+def test_cli_shows_paths_with_markup_and_escapes_as_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "i[/b]"  # the index folder itself reads as markup
+    names = ["a[/x].dcm", "\x1b[31mred.dcm", "bad\udcff.dcm", "[bold]b.dcm"]
+    with Catalog.open(root, create=True) as cat:
+        cat.bind_model(MODEL)
+        keys = [cat.record_video(VideoRecord(sha256=f"h{i}", path=f"/e/{n}", size_bytes=1, kind="dicom",
+                                             patient_pseudonym=f"P{i}", study_uid=f"1.{i}")) for i, n in enumerate(names)]
+        vecs = normalise(np.random.default_rng(0).standard_normal((len(keys), D)).astype(np.float32))
+        cat.store_video_embeddings(keys, vecs, [1] * len(keys))
+        build_all(cat)
+    capsys.readouterr()
+    assert main(["search", "--index", str(root), "--like-video", str(keys[3]), "-k", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "a[/x].dcm" in out and "\x1b" not in out and "\\x1b[31mred.dcm" in out and "bad\\xff.dcm" in out
+    assert main(["info", "--index", str(root)]) == 0
+    assert "i[/b]" in capsys.readouterr().out
+    assert main(["search", "--index", str(root), "--video", str(tmp_path / "\x1b[2Jgone.dcm")]) != 0
+    err = capsys.readouterr().err
+    assert "\x1b[2J" not in err and "\\x1b[2Jgone.dcm" in err
+
+
+def test_where_refuses_quoting_the_checker_does_not_parse(searcher: Searcher, index: tuple[Path, pl.DataFrame]) -> None:
+    # balanced for a checker that knows only '...' and "...", but in SQL it escapes the wrapping parentheses,
+    # so that the other filters (here: exclude a patient) no longer hold for the A4C rows
+    widen = "$$($$ <> '' AND view = 'A4C') OR (1=1 OR $$)$$ = ''"
+    with pytest.raises(QueryError, match="dollar"):
+        resolve_ids(searcher.catalog.con, "video", Filters(where=widen, exclude_patients=(PATIENTS[0],)))
+    for bad in ("view = $tag$A4C$tag$", "view = $1", "view = E'A4C\\'", "view = e'x'"):
+        with pytest.raises(QueryError, match="--where"):
+            check_where(bad)
+    truth = index[1]
+    for fine in ("view = 'A4C' OR path LIKE '%$%'", "view = 'e' OR view = 'E'", "type'x' IS NULL OR 1=1"):
+        assert check_where(fine) == fine
+    assert len(resolve_ids(searcher.catalog.con, "video", Filters(where="view = 'A4C' OR path LIKE '%$$%'"))) == \
+        truth.filter(pl.col("view") == "A4C").height
+
+
+@pytest.mark.parametrize("bound", ["nan", "inf", "-inf"])
+def test_ef_bounds_must_be_finite(index: tuple[Path, pl.DataFrame], bound: str) -> None:
+    with pytest.raises(QueryError, match="finite"):
+        Filters(ef_min=float(bound))
+    with pytest.raises(QueryError, match="finite"):
+        Filters(ef_max=bound)  # type: ignore[arg-type]
+    root, truth = index
+    key = str(truth["video_key"][0])
+    assert main(["search", "--index", str(root), "--like-video", key, "--ef-min", bound]) == QueryError.exit_code

@@ -299,3 +299,65 @@ def test_interrupted_scan_keeps_committed_files_and_resumes(
         summary = scan([src], cat, settings, progress=False, record_batch=record_batch)
         assert summary.skipped_known == committed and summary.videos_added == len(SMALL) - committed
         assert cat.counts()["videos"] == len(SMALL)
+
+
+def odd_names_folder(tmp: Path, real_dir: Path) -> Path:
+    """A valid clip plus files named with bytes that are not UTF-8, rich markup and an ANSI escape."""
+    src = tmp / "odd"
+    (src / "a[").mkdir(parents=True)
+    shutil.copy(real_dir / "US-MONO2-8-8x-execho.dcm", src / "good.dcm")
+    shutil.copy(real_dir / "US-RGB-8-esopecho.dcm", os.fsencode(src) + b"/bad\xff.dcm")
+    (src / "a[" / "x].dcm").write_bytes(b"not a dicom " * 40)
+    (src / "\x1b[31mred.dcm").write_bytes(b"neither " * 40)
+    return src
+
+
+def test_scan_survives_names_that_are_not_utf8_markup_or_escapes(
+    tmp_path: Path, real_dir: Path, settings: Settings
+) -> None:
+    from echosearch.catalog import stored_path
+
+    src = odd_names_folder(tmp_path, real_dir)
+    with Catalog.open(tmp_path / "idx", create=True) as cat:
+        summary = scan([src], cat, settings, progress=False)
+        assert summary.videos_added == 2 and summary.failed == 2
+        videos = sorted(p for (p,) in cat.con.sql("SELECT path FROM videos").fetchall())
+        errors = sorted(p for (p,) in cat.con.sql("SELECT path FROM ingest_errors").fetchall())
+        assert [Path(p).name for p in videos] == ["bad\\xff.dcm", "good.dcm"]
+        assert [Path(p).name for p in errors] == ["\x1b[31mred.dcm", "x].dcm"]
+        assert os.fsencode(stored_path(videos[0])) == os.fsencode(src) + b"/bad\xff.dcm"  # reversible
+        assert stored_path(videos[0]).is_file() and stored_path(videos[1]) == src / "good.dcm"
+        again = scan([src], cat, settings, progress=False)  # a re-run goes through the same files
+        assert again.videos_added == 0 and again.failed == 2 and cat.counts()["ingest_errors"] == 2
+
+
+def test_a_row_the_catalog_refuses_becomes_that_files_error(
+    tmp_path: Path, real_dir: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in SMALL:
+        shutil.copy(real_dir / name, src / name)
+    real_record = Catalog.record_videos
+
+    def refuse_rgb(self: Catalog, recs: list) -> dict[str, int]:  # type: ignore[type-arg]
+        if any("RGB" in r.path for r in recs):
+            raise RuntimeError("row refused")
+        return real_record(self, recs)
+
+    monkeypatch.setattr(Catalog, "record_videos", refuse_rgb)
+    with Catalog.open(tmp_path / "idx", create=True) as cat:
+        summary = scan([src], cat, settings, progress=False, record_batch=8)
+        assert summary.videos_added == 2 and summary.failed == 1
+        (path, stage, reason), = cat.con.sql("SELECT path, stage, reason FROM ingest_errors").fetchall()
+        assert Path(path).name == "US-RGB-8-esopecho.dcm" and stage == "catalog" and "row refused" in reason
+
+
+def test_cli_scan_prints_odd_names_as_text(tmp_path: Path, real_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from echosearch.cli import main
+
+    src = odd_names_folder(tmp_path, real_dir)
+    (src / "[red]c.dcm").write_bytes(b"junk " * 100)
+    assert main(["scan", str(src), "--index", str(tmp_path / "i[/b]"), "--workers", "0"]) == 10
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[31mred.dcm" in out and "[red]c.dcm" in out and "i[/b]" in out

@@ -111,15 +111,21 @@ st.subheader("Decision")
 if s["decision"]:
     st.info(f"Latest decision: **{s['decision']}** by {s['reviewer']} on {ui.fmt_date(s['decided_at'])}"
             + (f" — {s['note']}" if s["note"] else ""))
-with st.form(f"decide-{study_key}", clear_on_submit=True):
-    decision = st.radio("Is the recorded patient wrong?", ["confirmed", "dismissed"], horizontal=True,
-                        format_func={"confirmed": "Confirmed: wrong patient ID",
-                                     "dismissed": "Dismissed: the recorded patient is right"}.get)
-    note = st.text_input("Note (optional; no patient names)")
-    if st.form_submit_button("Save decision", type="primary"):
-        idx.record_decision(study_key, str(decision), ui.actor(), note or None)
-        st.toast(f"Saved: {decision}")
-        st.rerun()
+# no default: a decision is an explicit choice (Save stays disabled until one is made), and after a save the
+# widgets start again from no choice (new keys), so that a stray click never records a wrong patient ID
+form_gen = int(st.session_state.get("decision_form_gen", 0))
+decision = st.radio("Is the recorded patient wrong?", ["confirmed", "dismissed"], index=None, horizontal=True,
+                    key=f"decision-{study_key}-{form_gen}",
+                    format_func={"confirmed": "Confirmed: wrong patient ID",
+                                 "dismissed": "Dismissed: the recorded patient is right"}.get)
+note = st.text_input("Note (optional; no patient names)", key=f"decision-note-{study_key}-{form_gen}")
+if st.button("Save decision", type="primary", disabled=decision is None) and decision is not None:
+    idx.record_decision(study_key, str(decision), ui.actor(), note or None)
+    st.session_state["decision_form_gen"] = form_gen + 1
+    st.toast(f"Saved: {decision}")
+    st.rerun()
+if decision is None:
+    st.caption("Choose a decision to enable Save.")
 hist = idx.decisions(study_key)
 if hist.height:
     with st.expander(f"Decision history ({hist.height})"):

@@ -19,6 +19,12 @@ if patients.height == 0:
     st.info("This index has no studies yet.")
     st.stop()
 
+asked = st.query_params.get("patient")  # a link: ?patient=P-...
+if asked is not None and "patient_request" not in st.session_state and asked not in set(patients["patient_pseudonym"]):
+    # never fall back to another (real) patient for an unknown link, and log nothing: no patient is shown
+    st.error("No such patient in this index: the link names a patient pseudonym that this index does not hold.")
+    st.stop()
+
 if patients.height > ui.MAX_CHOICES:  # a large archive: find the patient by pseudonym first
     prefix = st.text_input("Find a patient by pseudonym", value=st.session_state.get("patient_last") or "P-")
     patients = patients.filter(pl.col("patient_pseudonym").str.starts_with(prefix.strip())).head(ui.MAX_CHOICES)
@@ -33,7 +39,7 @@ requested = st.session_state.pop("patient_request", None)  # from "Patient" butt
 if requested in labels:
     st.session_state["patient_choice"] = requested
 elif st.session_state.get("patient_choice") not in labels:
-    first = st.query_params.get("patient") or st.session_state.get("patient_last")
+    first = asked or st.session_state.get("patient_last")
     st.session_state["patient_choice"] = first if first in labels else names[0]
 choice = st.selectbox("Patient", names, key="patient_choice", format_func=lambda p: labels.get(p, p))
 st.session_state["patient_last"] = choice

@@ -118,9 +118,8 @@ reports: pl.DataFrame = res["reports"]
 with rc:
     if reports.height:
         st.markdown("**Nearest report sentences**")
-        for r in reports.iter_rows(named=True):
-            st.markdown(f"- {' '.join(app_api.sentences(r.get('report_text'), 3))} "
-                        f"<span style='color:gray'>(score {r['score']:.2f})</span>", unsafe_allow_html=True)
+        for r in reports.iter_rows(named=True):  # report text is data: plain text, never markdown or HTML
+            st.text(f"• {' '.join(app_api.sentences(r.get('report_text'), 3))} (score {r['score']:.2f})")
 if hits.height == 0:
     st.warning("Nothing matches these filters.")
     st.stop()
@@ -145,7 +144,7 @@ for start in range(0, len(rows), COLUMNS):
             st.caption(ui.patient_label(h["patient_pseudonym"], raw.get(h["patient_pseudonym"])))
             sent = app_api.sentences(own_reports.get(h["study_key"]), 2)
             if sent:
-                st.caption("Report: " + " ".join(sent))
+                st.text("Report: " + " ".join(sent))  # plain text: report text is never markdown or HTML
             b1, b2 = st.columns(2)
             if b1.button("More like this", key=f"more-{h['rank']}-{h['study_key']}-{vk}"):
                 st.session_state["more_like"] = (

@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except EchosearchError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        from echosearch.cli.common import safe_text
+
+        typer.secho(f"error: {safe_text(exc)}", err=True, fg=typer.colors.RED)
         return exc.exit_code
     except typer.Exit as exc:
         return int(exc.exit_code or 0)

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
 import polars as pl
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
+
+# control characters (ANSI escapes start with ESC or CSI), lone surrogates (undecodable file name bytes),
+# line separators and bidirectional overrides: none of them may reach a terminal from a file name
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def safe_text(value: object) -> str:
+    """``str(value)`` fit for a terminal: each unsafe character written as a visible ``\\xHH``-style escape."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), str(value))
+
+
+def shown(value: object) -> str:
+    """A path, file name or other data for ``console.print`` / rich tables: :func:`safe_text` with rich
+    markup escaped, so that ``a[/x].dcm`` prints as itself."""
+    return escape(safe_text(value))
 
 
 def print_json(obj: Any) -> None:
@@ -35,9 +52,9 @@ def _default(o: Any) -> Any:
 
 def frame_table(df: pl.DataFrame, title: str | None = None, float_digits: int = 3) -> Table:
     """A rich table of a polars DataFrame (floats rounded, lists shortened)."""
-    table = Table(title=title, show_lines=False)
+    table = Table(title=shown(title) if title is not None else None, show_lines=False)
     for col in df.columns:
-        table.add_column(col, overflow="fold")
+        table.add_column(shown(col), overflow="fold")
     for row in df.iter_rows():
         cells = []
         for v in row:
@@ -47,7 +64,7 @@ def frame_table(df: pl.DataFrame, title: str | None = None, float_digits: int = 
                 cells.append("")
             else:
                 s = str(v)
-                cells.append(s if len(s) <= 80 else s[:77] + "...")
+                cells.append(shown(s if len(s) <= 80 else s[:77] + "..."))
         table.add_row(*cells)
     return table
 

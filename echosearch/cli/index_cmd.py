@@ -21,6 +21,11 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(None, "--workers", "-w", help="Decode processes (0 = in process)."),
         batch_size: int = typer.Option(None, "--batch-size", "-b", help="Frames per model batch."),
         frames: int = typer.Option(None, "--frames", help="Frames sampled per video."),
+        all_frames: bool = typer.Option(False, "--all-frames",
+                                        help="Encode every frame of each clip (EchoCLIP's embedding example) "
+                                             "instead of --frames spread over it."),
+        policy: str = typer.Option(None, "--policy",
+                                   help="Frame policy: auto (the model's own, default), sector or echoclip."),
         reports: Path = typer.Option(None, "--reports", help="CSV/Parquet of report texts."),
         labels: Path = typer.Option(None, "--labels", help="CSV/Parquet of labels (e.g. EF)."),
         device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
@@ -31,7 +36,7 @@ def register(app: typer.Typer) -> None:
         from echosearch.pipeline import index_sources
 
         settings = load_settings(model=model, workers=workers, batch_size=batch_size, frames_per_video=frames,
-                                 device=device)
+                                 device=device, frame_policy=policy, frame_sampling="all" if all_frames else None)
         summary = index_sources(sources, index_dir, settings, reports=reports, labels=labels,
                                 progress=not json_out)
         if json_out:
@@ -118,8 +123,10 @@ def register(app: typer.Typer) -> None:
                 bar.update(tasks[phase], completed=i, info=info)
 
             result = run_train(index_dir, out, cfg, progress=cb)
-        console.print(f"saved {result.out_dir} after {result.steps} steps ({result.n_train} train / "
-                      f"{result.n_holdout} held-out videos); load it with --model local-dir:{result.out_dir}")
+        from echosearch.cli.common import shown
+
+        console.print(f"saved {shown(result.out_dir)} after {result.steps} steps ({result.n_train} train / "
+                      f"{result.n_holdout} held-out videos); load it with --model local-dir:{shown(result.out_dir)}")
 
     model_app = typer.Typer(help="Model registry: list and fetch weights.", no_args_is_help=True)
     app.add_typer(model_app, name="model")
@@ -178,7 +185,8 @@ def register(app: typer.Typer) -> None:
     @model_app.command("fetch")
     def model_fetch(name: str = typer.Argument(..., help="echo-clip or echo-clip-r")) -> None:
         """Download published weights into the Hugging Face cache (needs network)."""
+        from echosearch.cli.common import shown
         from echosearch.models import fetch_model
 
         path = fetch_model(name)
-        console.print(f"{name} is in {path}")
+        console.print(f"{shown(name)} is in {shown(path)}")

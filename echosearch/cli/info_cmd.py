@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from echosearch.catalog import Catalog
-from echosearch.cli.common import console, print_json
+from echosearch.cli.common import console, print_json, shown
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json(data)
             return
-        t = Table(title=f"index {index}")
+        t = Table(title=f"index {shown(index)}")
         t.add_column("table")
         t.add_column("rows", justify="right")
         for k, v in data["counts"].items():
@@ -33,8 +33,8 @@ def register(app: typer.Typer) -> None:
         m.add_column("key")
         m.add_column("value", overflow="fold")
         for k, v in data["manifest"].items():
-            m.add_row(k, str(v))
+            m.add_row(shown(k), shown(v))
         console.print(m)
         for name, vm in data["vector_indexes"].items():
-            console.print(f"vector index [bold]{name}[/]: {vm.get('index_type')} rows={vm.get('ntotal')} "
+            console.print(f"vector index [bold]{shown(name)}[/]: {vm.get('index_type')} rows={vm.get('ntotal')} "
                           f"recall@10={vm.get('recall_at_10')}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from echosearch.cli.common import console, err_console, print_json
+from echosearch.cli.common import console, err_console, print_json, shown
 from echosearch.errors import SomeInputsFailed
 
 
@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json(summary_dict(summary))
         else:
-            t = Table(title=f"scan into {settings.index}")
+            t = Table(title=f"scan into {shown(settings.index)}")
             t.add_column("")
             t.add_column("count", justify="right")
             for name, value in (
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
                 for col in ("file", "stage", "reason"):
                     f.add_column(col, overflow="fold")
                 for row in summary.failures[:50]:
-                    f.add_row(Path(row["path"]).name, row["stage"], row["reason"])
+                    f.add_row(shown(Path(row["path"]).name), shown(row["stage"]), shown(row["reason"]))
                 console.print(f)
                 if len(summary.failures) > 50:
                     console.print(f"... and {len(summary.failures) - 50} more")
@@ -93,18 +93,17 @@ def register(app: typer.Typer) -> None:
     def preview(
         file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A DICOM, AVI or MP4 file."),
         out: Path = typer.Option(..., "--out", "-o", help="PNG to write."),
-        policy: str = typer.Option("sector", "--policy", help="Frame policy: sector or echoclip."),
-        size: int | None = typer.Option(None, "--size", help="Model input size (default 112, echoclip 224)."),
+        policy: str = typer.Option("auto", "--policy", help="Frame policy: auto (the model's own), sector or echoclip."),
+        model: str | None = typer.Option(None, "--model", "-m", help="Model whose policy and size apply "
+                                         "(default: the model setting)."),
+        size: int | None = typer.Option(None, "--size", help="Model input size (default: the model's)."),
     ) -> None:
         """Write a PNG showing the original frame, the detected sector, and what the model is given."""
-        from echosearch.errors import ConfigError
-        from echosearch.prepare import FramePolicy
+        from echosearch.config import load_settings
+        from echosearch.frame_policy import resolve_frame_policy
         from echosearch.preview import render_preview
 
-        if policy not in ("sector", "echoclip"):
-            raise ConfigError(f"unknown --policy {policy!r}: use sector or echoclip")
-        size = size or (224 if policy == "echoclip" else 112)
-        fp = FramePolicy(policy, size=size)  # type: ignore[arg-type]
+        fp = resolve_frame_policy(load_settings(model=model).model, setting=policy, size=size)
         info = render_preview(file, out, fp)
         console.print(
             f"{info.out_png}: {info.width}x{info.height}, {info.n_frames} frames, sector "
