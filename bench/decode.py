@@ -25,6 +25,7 @@ import numpy as np
 import pydicom
 
 from echosearch.discover import inspect_file
+from echosearch.frame_policy import resolve_frame_policy
 from echosearch.ingest import process_file
 from echosearch.prepare import FramePolicy, sample_indices
 
@@ -73,7 +74,7 @@ def bench_file(path: Path, n_frames_policy: int | None, repeats: int) -> tuple[s
     ts = {"1.2.840.10008.1.2.1": "native", "1.2.840.10008.1.2.4.50": "JPEG", "1.2.840.10008.1.2.5": "RLE",
           "1.2.840.10008.1.2.4.80": "JPEG-LS"}.get(str(header.file_meta.TransferSyntaxUID), "other")
     n = n_frames_policy or n_total
-    policy = FramePolicy("sector", n_frames=n, size=112)
+    policy = resolve_frame_policy(None, setting="sector", n_frames=n, size=112)
     t_naive, t_ours = timed_pair(lambda: naive(path, policy), lambda: process_file(rec, policy), repeats)
     return f"{path.name[:32]} ({n_total}f, {ts})", n, n / t_naive, n / t_ours
 

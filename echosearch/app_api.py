@@ -14,14 +14,18 @@ Pages render what these functions return and hold no logic of their own.
 
 from __future__ import annotations
 
+import base64
 import getpass
 import hashlib
 import hmac
 import ipaddress
+import json
+import math
 import os
 import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -31,14 +35,16 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from echosearch.catalog import Catalog, stored_path
+from echosearch.catalog import Catalog
 from echosearch.errors import ConfigError, QueryError
 from echosearch.filters import Filters
+from echosearch.login_guard import Limits, LoginGuard
 from echosearch.previews import Preview, ensure_preview
 
 INDEX_ENV = "ECHOSEARCH_INDEX"
 PASSWORD_ENV = "ECHOSEARCH_APP_PASSWORD"
 USER_ENV = "ECHOSEARCH_APP_USER"
+REPLAY_S = 24 * 3600  # how far back sign-ins are replayed into the throttle on start
 DECISIONS = ("confirmed", "dismissed")
 TASK_LABELS = {"ef": "EF (%)", "pacer_lead": "pacemaker lead", "tavr": "TAVR valve", "mitraclip": "MitraClip",
                "lv_dilated": "dilated LV"}
@@ -358,11 +364,65 @@ class AppIndex:
     # ---- previews -------------------------------------------------------------------------------------
     def preview(self, video_key: int) -> Preview:
         """The cached preview of a video, made on demand (QueryError/IngestError when impossible)."""
-        df = self.sql("SELECT path FROM videos WHERE video_key = ?", [int(video_key)])
-        if df.height == 0:
+        with self.reader() as cat:
+            where = cat.locations([int(video_key)])
+        if int(video_key) not in where:
             raise QueryError(f"unknown video {video_key}")
         policy = (self.manifest().get("model") or {}).get("preprocessing") or {}
-        return ensure_preview(self.index_dir, int(video_key), stored_path(df["path"][0]), policy)
+        return ensure_preview(self.index_dir, int(video_key), where[int(video_key)], policy)
+
+
+def login_guard(app: AppIndex, limits: Limits | None = None, clock: Callable[[], float] = time.time) -> LoginGuard:
+    """The sign-in throttle of this server process, with the recent sign-ins of the access log replayed, so
+    a restart does not reset it."""
+    guard = LoginGuard(limits, clock)
+    # a count in a row can be older than one window; a day back covers any realistic one
+    since = datetime.fromtimestamp(clock() - REPLAY_S, timezone.utc).replace(tzinfo=None)
+    rows = app.sql("SELECT occurred_at, action, actor, detail FROM access_log WHERE action IN ('login', "
+                   "'login_failed') AND occurred_at >= ? ORDER BY occurred_at", [since])
+    guard.replay((at.replace(tzinfo=timezone.utc).timestamp(), action, actor, json.loads(detail or "{}").get("client"))
+                 for at, action, actor, detail in rows.iter_rows())
+    return guard
+
+
+def password_login(app: AppIndex, guard: LoginGuard, name: str, password: str,
+                   client: str | None = None) -> tuple[bool, str]:
+    """Check a password sign-in through ``guard`` and log it (``login``, ``login_failed``, or ``login_locked``
+    when refused unchecked); returns (signed in, message for the user)."""
+    who = name.strip()
+    detail: dict[str, Any] = {"method": "password", **({"client": client} if client else {})}
+    decision = guard.attempt(who, client, lambda: bool(who) and check_password(password))
+    if decision.ok:
+        app.log(who, "login", detail)
+        return True, ""
+    wait = math.ceil(decision.retry_after_s)
+    retry = (f"Too many failed sign-ins: try again in {wait} s (after "
+             f"{datetime.fromtimestamp(guard.clock() + wait, timezone.utc):%H:%M:%S} UTC).")
+    if decision.locked:
+        app.log(who or "?", "login_locked", {**detail, "retry_after_s": wait})
+        return False, retry
+    app.log(who or "?", "login_failed", detail)
+    return False, "Wrong name or password." + (f" {retry}" if wait > 0 else "")
+
+
+def clip_html(data: bytes, mime: str) -> str:
+    """A looping, muted ``<video>`` (``video/*``) or ``<img>`` with the clip inline as a base64 ``data:`` URI.
+
+    Shown with ``st.html``, the bytes reach the browser only inside the signed-in page: ``st.video`` and
+    ``st.image`` would register them with Streamlit's media endpoint (``/media/<hash>``), which answers
+    anyone who has the URL, without a session."""
+    if not re.fullmatch(r"(video|image)/[a-z0-9.+-]+", mime):
+        raise QueryError(f"not a clip media type: {mime!r}")
+    src = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    style = 'style="width:100%;height:auto;display:block"'
+    if mime.startswith("video/"):
+        return f'<video src="{src}" autoplay loop muted playsinline {style}></video>'
+    return f'<img src="{src}" alt="clip" {style}>'
+
+
+def preview_html(prev: Preview) -> str:
+    """:func:`clip_html` of a cached preview file."""
+    return clip_html(prev.path.read_bytes(), prev.mime)
 
 
 def open_searcher(app: AppIndex, encoder: Any = None) -> Any:

@@ -15,16 +15,20 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import numpy as np
 import polars as pl
 
-from echosearch.errors import CatalogError, IndexNotFoundError, ModelMismatchError
+from echosearch.errors import CatalogError, ConfigError, IndexNotFoundError, ModelMismatchError
+from echosearch.pseudonym import LABEL_PREFIX
+
+if TYPE_CHECKING:
+    from echosearch.pseudonym import Pseudonymizer
 
 CATALOG_FILE = "catalog.duckdb"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EMBEDDING_LEVELS = ("video", "study", "report")
 
 MIGRATIONS: list[tuple[int, str, str]] = [
@@ -163,6 +167,14 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        2,
+        "sealed file locations: path holds a keyed label, location the AES-GCM sealed path",
+        """
+        ALTER TABLE videos ADD COLUMN location BLOB;
+        ALTER TABLE ingest_errors ADD COLUMN location BLOB;
+        """,
+    ),
 ]
 
 
@@ -213,6 +225,7 @@ class VideoRecord:
     patient_id_raw: str | None = None
     patient_name: str | None = None
     birth_date: date | None = None
+    location: bytes | None = None  # the sealed absolute path when ``path`` is its label
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -222,6 +235,7 @@ _VIDEO_COLUMNS: dict[str, Any] = {
     "sop_uid": pl.String, "view": pl.String, "n_frames": pl.Int32, "height": pl.Int32, "width": pl.Int32,
     "fps": pl.Float64, "manufacturer": pl.String, "manufacturer_model": pl.String, "photometric": pl.String,
     "transfer_syntax": pl.String, "sector_bbox": pl.List(pl.Int32), "sector_source": pl.String,
+    "location": pl.Binary,
 }
 
 _VIDEO_SCHEMA: dict[str, Any] = {"video_key": pl.Int64, "study_key": pl.Int64, "scanned_at": pl.Datetime("us"),
@@ -394,8 +408,6 @@ class Catalog:
         if stored is None:
             self.set_manifest("secret_fingerprint", fingerprint)
         elif stored != fingerprint:
-            from echosearch.errors import ConfigError
-
             raise ConfigError(
                 "this index was built with another pseudonymisation secret; set the same ECHOSEARCH_SECRET"
             )
@@ -501,8 +513,10 @@ class Catalog:
         """Upsert one video (see :meth:`record_videos`); returns its key (= FAISS id)."""
         return self.record_videos([rec])[rec.sha256]
 
-    def record_error(self, path: str, sha256: str | None, stage: str, reason: str) -> None:
-        """One row per failed input; never raises for a duplicate (a re-run records it again with a new time)."""
+    def record_error(self, path: str, sha256: str | None, stage: str, reason: str,
+                     location: bytes | None = None) -> None:
+        """One row per failed input; never raises for a duplicate (a re-run records it again with a new time).
+        ``path`` is the file's label when ``location`` holds its sealed path."""
         path = storable_path(path)
         with self.transaction():
             self.con.execute(
@@ -510,9 +524,80 @@ class Catalog:
                 [path, sha256, stage],
             )
             self.con.execute(
-                "INSERT INTO ingest_errors (path, sha256, stage, reason, occurred_at) VALUES (?, ?, ?, ?, ?)",
-                [path, sha256, stage, reason, _now()],
+                "INSERT INTO ingest_errors (path, sha256, stage, reason, occurred_at, location) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [path, sha256, stage, reason, _now(), location],
             )
+
+    # ---- file locations ---------------------------------------------------------------------------
+    def locations(self, keys: Sequence[int] | None, pz: Pseudonymizer | None = None) -> dict[int, Path]:
+        """Where the files of ``keys`` (video keys; None: all) are: sealed locations opened with ``pz`` (default:
+        the configured secret), plain stored paths (an index that opted in to raw identifiers) as they are."""
+        sql = "SELECT video_key, path, location FROM videos"
+        rows = (self.con.sql(sql + " ORDER BY video_key").fetchall() if keys is None else self.con.execute(
+            sql + " WHERE video_key IN (SELECT unnest(?::BIGINT[])) ORDER BY video_key",
+            [[int(k) for k in keys]]).fetchall())
+        if pz is None and any(r[2] is not None for r in rows):
+            pz = self.pseudonymizer()
+        return {int(k): Path(pz.unseal(loc)) if loc is not None and pz is not None else stored_path(p)
+                for k, p, loc in rows}
+
+    def error_locations(self, pz: Pseudonymizer | None = None) -> dict[int, Path]:
+        """Where the inputs of the ``ingest_errors`` rows are (error id -> path), like :meth:`locations`."""
+        rows = self.con.sql("SELECT error_id, path, location FROM ingest_errors ORDER BY error_id").fetchall()
+        if pz is None and any(r[2] is not None for r in rows):
+            pz = self.pseudonymizer()
+        return {int(k): Path(pz.unseal(loc)) if loc is not None and pz is not None else stored_path(p)
+                for k, p, loc in rows}
+
+    def pseudonymizer(self) -> Pseudonymizer:
+        """The configured secret's pseudonymizer, refused when it is not the secret this index was built with."""
+        from echosearch.config import load_settings
+        from echosearch.pseudonym import Pseudonymizer
+
+        pz = Pseudonymizer(load_settings().require_secret())
+        stored = self.get_manifest("secret_fingerprint")
+        if stored is not None and stored != pz.fingerprint():
+            raise ConfigError("this index was built with another pseudonymisation secret; set the same "
+                              "ECHOSEARCH_SECRET to open its file locations")
+        return pz
+
+    def locate(self, what: str, pz: Pseudonymizer | None = None) -> list[dict[str, Any]]:
+        """The files behind a video key or a stored label (videos and ingest errors), with their real paths."""
+        out: list[dict[str, Any]] = []
+        for table, key in (("videos", "video_key"), ("ingest_errors", "error_id")):
+            cond = "path = ?" if not what.isdigit() or table == "ingest_errors" else "video_key = ?"
+            value: Any = what if cond.startswith("path") else int(what)
+            for k, label, loc in self.con.execute(f"SELECT {key}, path, location FROM {table} WHERE {cond}",
+                                                  [value]).fetchall():
+                if loc is not None:
+                    pz = pz or self.pseudonymizer()
+                path = pz.unseal(loc) if loc is not None and pz is not None else str(stored_path(label))
+                out.append({"table": table, "key": int(k), "label": label, "path": path})
+        return out
+
+    def seal_plain_paths(self, pz: Pseudonymizer) -> int:
+        """Replace file paths stored in the clear (indexes from before sealing) by their labels and sealed
+        locations, in videos and ingest_errors; returns how many rows changed."""
+        n = 0
+        for table, key in (("videos", "video_key"), ("ingest_errors", "error_id")):
+            rows = self.con.execute(f"SELECT {key}, path FROM {table} WHERE location IS NULL AND NOT "
+                                    f"starts_with(path, '{LABEL_PREFIX}')").fetchall()
+            if not rows:
+                continue
+            paths = {int(k): stored_path(p) for k, p in rows}
+            frame = pl.DataFrame({"k": list(paths), "label": [pz.file_label(p) for p in paths.values()],
+                                  "location": [pz.seal(p) for p in paths.values()]},
+                                 schema={"k": pl.Int64, "label": pl.String, "location": pl.Binary})
+            with self.transaction() as con:
+                con.register("_sealed", frame.to_arrow())
+                try:
+                    con.execute(f"UPDATE {table} SET path = _sealed.label, location = _sealed.location "
+                                f"FROM _sealed WHERE {table}.{key} = _sealed.k")
+                finally:
+                    con.unregister("_sealed")
+            n += len(rows)
+        return n
 
     def clear_errors(self, paths: Sequence[str]) -> None:
         """Forget earlier failures of ``paths`` once they have been ingested successfully (one statement)."""

@@ -26,8 +26,9 @@ def build(out: Path, workdir: Path | None = None, epochs: int = TRAIN_EPOCHS, pa
     """Generate, scan and train; returns the model folder."""
     from echosearch.catalog import Catalog
     from echosearch.config import load_settings
+    from echosearch.frame_policy import resolve_frame_policy
     from echosearch.ingest import scan
-    from echosearch.prepare import FramePolicy
+    from echosearch.models import REGISTRY
     from echosearch.synth import generate_cohort
     from echosearch.train import TrainConfig, train
 
@@ -43,7 +44,8 @@ def build(out: Path, workdir: Path | None = None, epochs: int = TRAIN_EPOCHS, pa
     # a fixed key: this throwaway index holds synthetic patients only, and re-runs must reuse it
     settings = load_settings(mode="demo", workers=2, secret="demo-model-training-synthetic-only")
     with Catalog.open(tmp / "index", create=True) as cat:
-        summary = scan([cohort], cat, settings, policy=FramePolicy("sector", 8, 112), progress=True)
+        policy = resolve_frame_policy(REGISTRY["echosearch-demo"], n_frames=8, size=112)  # the demo's own: sector
+        summary = scan([cohort], cat, settings, policy=policy, progress=True)
     print(f"scanned {summary.videos_added} videos, {summary.reports_attached} reports in {time.time() - t0:.0f} s")
 
     def progress(phase: str, i: int, n: int, metrics: dict[str, float]) -> None:

@@ -85,8 +85,8 @@ class Encoder:
     """An open_clip model behind echosearch's encoder interface."""
 
     def __init__(self, model: Any, tokenizer: Any, source: ModelSource, device: torch.device,
-                 frames_per_video: int = 16, policy_name: str | None = None) -> None:
-        from echosearch.prepare import FramePolicy
+                 frames_per_video: int = 16, policy: str = "auto", sampling: str = "uniform") -> None:
+        from echosearch.frame_policy import resolve_frame_policy
 
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -103,8 +103,8 @@ class Encoder:
         with torch.inference_mode():
             probe = model.encode_text(tokenizer(["probe"]).to(device))
         self.embed_dim = int(probe.shape[-1])
-        self.policy: FramePolicy = FramePolicy(name=policy_name or source.spec.frame_policy,  # type: ignore[arg-type]
-                                               n_frames=frames_per_video, size=self.image_size)
+        self.policy: FramePolicy = resolve_frame_policy(source.spec, setting=policy, n_frames=frames_per_video,
+                                                        size=self.image_size, sampling=sampling)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -122,6 +122,8 @@ class Encoder:
             "weights_sha256": weights_sha256(self.source.weights) if self.source.weights else None,
             "embed_dim": self.embed_dim,
             "preprocessing": {**policy_manifest(self.policy), "mean": list(self.mean), "std": list(self.std)},
+            "frame_policy_chosen": self.policy.chosen,  # auto or explicit: recorded, not part of the comparison
+            "tokenizer": {"kind": self.source.spec.tokenizer, "sha256": getattr(self.tokenizer, "digest", None) or None},
         }
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -202,8 +204,10 @@ def load_tokenizer(name: str, tokenizer_dir: Path | None = None) -> Any:
 
 
 def load_encoder(name: str = "echosearch-demo", device: str = "auto", frames_per_video: int = 16,
-                 policy: str | None = None) -> Encoder:
-    """Load a model by registry name, ``local-dir:DIR`` or ``ARCH@WEIGHTS``; never downloads."""
+                 policy: str | None = "auto", sampling: str = "uniform") -> Encoder:
+    """Load a model by registry name, ``local-dir:DIR`` or ``ARCH@WEIGHTS``; never downloads.
+
+    ``policy`` is a frame-policy setting (``auto`` = the model's own; see :mod:`echosearch.frame_policy`)."""
     import open_clip
 
     source = resolve_model(name)
@@ -219,7 +223,8 @@ def load_encoder(name: str = "echosearch-demo", device: str = "auto", frames_per
     except Exception as exc:
         raise ModelLoadError(f"could not load model {name}: {type(exc).__name__}: {exc}") from exc
     tokenizer = _load_tokenizer(source)
-    return Encoder(model, tokenizer, source, dev, frames_per_video=frames_per_video, policy_name=policy)
+    return Encoder(model, tokenizer, source, dev, frames_per_video=frames_per_video, policy=policy or "auto",
+                   sampling=sampling)
 
 
 def encoder_for_index(catalog: Catalog, device: str = "auto", model: str | None = None) -> Encoder:
@@ -229,11 +234,17 @@ def encoder_for_index(catalog: Catalog, device: str = "auto", model: str | None 
         raise ModelMismatchError(f"index {catalog.index_dir} has no model yet: run `echosearch index` first")
     pp = stored.get("preprocessing", {})
     source_name = model or catalog.get_manifest("model_source") or stored["name"]
-    enc = load_encoder(source_name, device=device, frames_per_video=int(pp.get("n_frames", 16)), policy=pp.get("name"))
+    enc = load_encoder(source_name, device=device, frames_per_video=int(pp.get("n_frames", 16)),
+                       policy=pp.get("name", "auto"), sampling=pp.get("sampling", "uniform"))
     ident = enc.identity
     if ident["weights_sha256"] != stored.get("weights_sha256") or ident["embed_dim"] != stored.get("embed_dim"):
         raise ModelMismatchError(
             f"index {catalog.index_dir} was built with {stored['name']} (weights {str(stored.get('weights_sha256'))[:12]}); "
             f"the available {source_name} has weights {str(ident['weights_sha256'])[:12]}"
         )
+    from echosearch.frame_policy import preprocessing_mismatch
+
+    why = preprocessing_mismatch(pp, ident["preprocessing"])  # e.g. an echoclip index from before BGR
+    if why:
+        raise ModelMismatchError(f"index {catalog.index_dir} was {why}")
     return enc

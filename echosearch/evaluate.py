@@ -49,11 +49,11 @@ def _f(x: float) -> float | None:
 # ---- truth -----------------------------------------------------------------------------------------
 def find_truth(catalog: Catalog) -> Path:
     """``ground_truth.parquet`` in the common parent of the indexed video paths or one of its parents."""
-    paths = catalog.con.sql("SELECT path FROM videos").fetchall()
+    paths = list(catalog.locations(None).values())
     if not paths:
         raise QueryError("the index has no videos, so no source folder to find the ground truth in")
     try:
-        start = Path(os.path.commonpath([p[0] for p in paths]))
+        start = Path(os.path.commonpath([str(p) for p in paths]))
     except ValueError as exc:
         raise QueryError(f"videos come from unrelated folders ({exc}); pass --truth") from exc
     for folder in [start, *start.parents][:6]:
@@ -80,9 +80,11 @@ def _split_events(text: str | None) -> list[str]:
 
 def join_truth(catalog: Catalog, truth: pl.DataFrame) -> pl.DataFrame:
     """Truth rows with ``video_key`` and ``study_key``: by path suffix first, then by SOP Instance UID."""
-    videos = catalog.con.sql("SELECT video_key, study_key, path, sop_uid FROM videos").pl()
+    videos = catalog.con.sql("SELECT video_key, study_key, sop_uid FROM videos ORDER BY video_key").pl()
+    where = catalog.locations(None)  # the files' own paths (sealed in the catalog)
     suffix: dict[str, int] = {}
-    for key, p in zip(videos["video_key"].to_list(), videos["path"].to_list(), strict=True):
+    for key in videos["video_key"].to_list():
+        p = where[int(key)]
         parts = Path(p).as_posix().split("/")
         for i in range(len(parts)):
             suffix.setdefault("/".join(parts[i:]), key)

@@ -21,6 +21,10 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
+import signal
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -159,9 +163,40 @@ def safe_process(record: FileRecord, policy: FramePolicy) -> PreparedVideo | Fai
                           explain(exc, "unexpected error while reading this file (a bug: please report it)"))
 
 
-def _worker_init() -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """Exit this worker when ``parent`` (the indexer) dies, even by ``kill -9``.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, then exit at once if the parent is already gone (it may
+    have died before the call). Elsewhere (or if prctl fails): a daemon thread polls ``os.getppid()``."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if os.getppid() != parent:
+            os._exit(1)
+        if armed:
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="echosearch-parent-watch", daemon=True).start()
+
+
+def _worker_init(parent: int | None = None) -> None:
     import cv2
 
+    if parent is not None:
+        _die_with_parent(parent)
     cv2.setNumThreads(1)  # one process per core already; avoid oversubscription
 
 
@@ -181,7 +216,8 @@ def iter_processed(
     ctx = multiprocessing.get_context("spawn")
 
     def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(os.getpid(),))
 
     def submit(rec: FileRecord | DiscoverFailure) -> Future[PreparedVideo | FailedFile] | None:
         return None if isinstance(rec, DiscoverFailure) else pool.submit(safe_process, rec, policy)
@@ -240,8 +276,9 @@ def video_record(item: PreparedVideo, side: Sidecars, pz: Pseudonymizer, store_r
         own = f"study:{study_uid}" if meta.kind == "dicom" and meta.study_uid else f"file:{rec.sha256}"
         patient = pz.patient(own)
     assert patient is not None
+    path, location = stored_location(rec.path, pz, store_raw)
     return VideoRecord(
-        sha256=rec.sha256, path=_path_str(rec.path), size_bytes=rec.size, kind=rec.kind,
+        sha256=rec.sha256, path=path, location=location, size_bytes=rec.size, kind=rec.kind,
         patient_pseudonym=patient, study_uid=study_uid, accession_pseudonym=pz.accession(accession),
         study_date=study_date,
         series_uid=meta.series_uid, sop_uid=meta.sop_uid, view=pick(row, "view"), n_frames=meta.n_frames,
@@ -264,10 +301,11 @@ def attach_sidecars(catalog: Catalog, side: Sidecars, pz: Pseudonymizer, summary
         return
     rows = catalog.con.execute("SELECT v.video_key, v.path, v.sop_uid, s.study_uid, s.accession_pseudonym, "
                                "s.study_key FROM videos v JOIN studies s USING (study_key)").fetchall()
+    where = catalog.locations(None, pz)  # the files' own names (the catalog shows labels)
     by_file: dict[str, tuple[int, str]] = {}
-    for key, path, _, study, *_ in rows:
-        by_file.setdefault(Path(path).name, (key, study))
-        by_file.setdefault(Path(path).stem, (key, study))
+    for key, _, _, study, *_ in rows:
+        by_file.setdefault(where[int(key)].name, (key, study))
+        by_file.setdefault(where[int(key)].stem, (key, study))
     by_sop = {sop: key for key, _, sop, *_ in rows if sop}
     by_acc = {acc: study for _, _, _, study, acc, _ in rows if acc}
     study_keys = {study: skey for *_, study, _, skey in rows}
@@ -318,13 +356,10 @@ def _progress(enabled: bool, total: int | None) -> Iterator[Callable[[str], None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from echosearch.cli.common import shown
-
-    columns = (TextColumn("scan"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.description}"))
+    columns = (TextColumn("scan"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:  # stdout stays clean for --json
         task = bar.add_task("", total=total)
-        yield lambda name: bar.update(task, advance=1, description=shown(name[:40]))
+        yield lambda _name: bar.update(task, advance=1)  # no file names: they carry patient IDs
 
 
 def scan(
@@ -353,6 +388,8 @@ def scan(
     policy = policy or default_policy(settings)
     pz = Pseudonymizer(settings.require_secret())
     catalog.check_pseudonym_key(pz.fingerprint())
+    if not settings.store_raw_identifiers:
+        catalog.seal_plain_paths(pz)  # an index from before sealing: its paths carry identifiers
     sources = [Path(s) for s in sources]
     side = load_sidecars(sources, reports=reports, labels=labels)
     catalog.new_run("scan", {"sources": [str(s) for s in sources], "policy": policy_manifest(policy)})
@@ -362,10 +399,11 @@ def scan(
 
     def fail(path: Path, sha256: str | None, stage: str, reason: str) -> None:
         summary.failed += 1
+        shown, location = stored_location(path, pz, settings.store_raw_identifiers)
         if len(summary.failures) < MAX_LISTED_FAILURES:  # all of them are in ingest_errors
-            summary.failures.append({"path": _path_str(path), "stage": stage, "reason": reason})
+            summary.failures.append({"path": shown, "stage": stage, "reason": reason})
         try:
-            catalog.record_error(_path_str(path), sha256, stage, reason)
+            catalog.record_error(shown, sha256, stage, reason, location)
         except Exception as exc:  # noqa: BLE001 - one unrecordable row must not end the batch
             log.warning("could not record the failure of a file: %s", exc)
 
@@ -405,7 +443,8 @@ def scan(
                     fail(item.path, item.sha256, item.stage, item.reason)
                     continue
                 try:
-                    catalog.record_error(_path_str(item.path), item.sha256, item.stage, item.reason)
+                    shown, location = stored_location(item.path, pz, settings.store_raw_identifiers)
+                    catalog.record_error(shown, item.sha256, item.stage, item.reason, location)
                 except Exception as exc:  # noqa: BLE001 - one unrecordable row must not end the batch
                     log.warning("could not record a report object: %s", exc)
                 summary.report_objects += 1
@@ -430,6 +469,15 @@ def default_policy(settings: Settings, size: int | None = None) -> FramePolicy:
 
     return resolve_frame_policy(settings.model, setting=settings.frame_policy, n_frames=settings.frames_per_video,
                                 size=size, sampling=settings.frame_sampling)
+
+
+def stored_location(path: Path, pz: Pseudonymizer, store_raw: bool) -> tuple[str, bytes | None]:
+    """(what the catalog shows as the file's path, its sealed location): the file's keyed label and its
+    AES-GCM sealed absolute path by default (PACS exports name folders by patient and accession); the
+    absolute path itself when the operator opted in to raw identifiers."""
+    if store_raw:
+        return _path_str(path), None
+    return pz.file_label(path.absolute()), pz.seal(path.absolute())
 
 
 def _path_str(path: Path) -> str:

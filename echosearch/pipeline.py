@@ -99,7 +99,7 @@ class _Batcher:
             return
         t0 = time.perf_counter()
         allf = np.concatenate(self.frames)
-        vecs = self.encoder.encode_frames(allf, batch_size=max(self.batch_size, len(allf)))
+        vecs = self.encoder.encode_frames(allf, batch_size=2 * self.batch_size)  # bounded: all-frames clips are long
         self.model_seconds += time.perf_counter() - t0
         video_vecs, frame_vecs, counts, preds = [], [], [], []
         start = 0
@@ -242,12 +242,14 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
         if pending.height:
             from echosearch.discover import FileRecord
 
-            records = [FileRecord(path=Path(r["path"]), size=0, sha256=r["sha256"], kind=r["kind"])
+            where = cat.locations(pending["video_key"].to_list())
+            records = [FileRecord(path=where[int(r["video_key"])], size=0, sha256=r["sha256"], kind=r["kind"])
                        for r in pending.iter_rows(named=True)]
+            shown = {r["sha256"]: r["path"] for r in pending.iter_rows(named=True)}  # the label, never the path
             key_of = {r["sha256"]: int(r["video_key"]) for r in pending.iter_rows(named=True)}
             for item in iter_processed(records, enc.policy, settings.workers):
                 if isinstance(item, FailedFile):
-                    cat.record_error(str(item.path), item.sha256, item.stage, item.reason)
+                    cat.record_error(shown.get(item.sha256 or "", "?"), item.sha256, item.stage, item.reason)
                     summary.encode_failed += 1
                     continue
                 batcher.add(key_of[item.record.sha256], item)

@@ -8,15 +8,19 @@ Two frame policies:
   stays >= ``WORK_MARGIN`` x the model's side), so the sector is found and cropped on ~1/f^2 of the pixels;
   ``sector_and_input`` does both and gives the sector back in the clip's own pixel coordinates.
 * ``echoclip``: EchoCLIP's published example preprocessing (``crop_and_scale``): square centre crop,
-  trim 10 % on every side, resize with INTER_CUBIC; no masking. Use it to reproduce EchoCLIP numbers.
+  trim 10 % on every side, resize with INTER_CUBIC; no masking; channels reversed to BGR, because
+  EchoCLIP's published inference reads videos with OpenCV (BGR) and hands those arrays on as if RGB.
+  Use it to reproduce EchoCLIP numbers.
 
-Output is uint8 (N,S,S,3) RGB; the encoder does the model's normalisation.
+Frames are sampled ``uniform`` (N spread over the clip) or ``all`` (every frame, as EchoCLIP's embedding
+example averages). Output is uint8 (N,S,S,3) in the policy's ``channel_order``; the encoder normalises.
+Which policy applies is decided in one place, :func:`echosearch.frame_policy.resolve_frame_policy`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import cv2
@@ -26,12 +30,18 @@ from echosearch.decode import UltrasoundRegion
 from echosearch.errors import PrepareError
 
 SectorSource = Literal["regions", "estimated", "full"]
+PolicyName = Literal["sector", "echoclip"]
+Sampling = Literal["uniform", "all"]
 VARIATION_THRESHOLD = 8  # blurred temporal range (grey levels) that counts as "moving" (above JPEG noise)
 STATIC_RANGE = 4  # a pixel this constant over >= 4 frames is not tissue (speckle always moves)
 OVERLAY_BRIGHTNESS = 100  # ... and if it is also this bright and crosses the fan's edge, an overlay
 INTENSITY_THRESHOLD = 8  # blurred brightness that counts as "not background" in a single frame
 MIN_SECTOR_FRACTION = 0.04  # an estimate smaller than this share of the image is not trusted
 WORK_MARGIN = 2  # a shrunk clip keeps >= 2x the model's side, so the final INTER_AREA still averages pixels
+# per-policy identity version: sector 2 = large clips shrunk by a whole factor before sector finding;
+# echoclip 3 = frames handed to the model in BGR, as EchoCLIP's published (OpenCV-reading) inference does
+POLICY_VERSION = {"sector": 2, "echoclip": 3}
+CHANNEL_ORDER = {"sector": "rgb", "echoclip": "bgr"}
 
 
 @dataclass
@@ -51,36 +61,48 @@ class Sector:
 class FramePolicy:
     """How frames become model input; stored in the index manifest (the encoder sets ``size``)."""
 
-    name: Literal["sector", "echoclip"] = "sector"
+    name: PolicyName = "sector"
     n_frames: int = 16
     size: int = 112
-    sampling: Literal["uniform"] = "uniform"
+    sampling: Sampling = "uniform"
+    # how the name was chosen (the model's own, or a setting); recorded beside the identity, not in it
+    chosen: Literal["auto", "explicit"] = field(default="explicit", compare=False)
 
     def __post_init__(self) -> None:
         if self.name not in ("sector", "echoclip"):
             raise ValueError(f"unknown frame policy {self.name!r} (sector or echoclip)")
         if self.n_frames < 1 or self.size < 8:
             raise ValueError("n_frames must be >= 1 and size >= 8")
-        if self.sampling != "uniform":
-            raise ValueError(f"unknown sampling {self.sampling!r}")
+        if self.sampling not in ("uniform", "all"):
+            raise ValueError(f"unknown sampling {self.sampling!r} (uniform or all)")
+
+    @property
+    def channel_order(self) -> str:
+        """Channel order of the model input: ``bgr`` for echoclip (EchoCLIP's OpenCV-read frames), else ``rgb``."""
+        return CHANNEL_ORDER[self.name]
 
 
 def policy_manifest(policy: FramePolicy) -> dict[str, object]:
     """The policy as a JSON-able dict for the index manifest (a different policy means a different index)."""
     out: dict[str, object] = dict(asdict(policy))
+    del out["chosen"]  # two indexes prepared alike are compatible however the policy was picked
     out["interpolation"] = "area" if policy.name == "sector" else "cubic"
     out["masking"] = policy.name == "sector"
-    out["version"] = 2  # 2: large clips are shrunk by a whole factor before sector finding (reduction_factor)
+    out["channel_order"] = policy.channel_order
+    out["version"] = POLICY_VERSION[policy.name]
     return out
 
 
 def sample_indices(n_total: int, policy: FramePolicy) -> np.ndarray:
-    """``policy.n_frames`` sorted indices spread uniformly over the clip (centres of equal segments).
+    """Sorted frame indices: every frame (``all``), or ``policy.n_frames`` spread uniformly over the clip
+    (centres of equal segments).
 
     A clip shorter than ``n_frames`` repeats frames (so every video gives the same number of model inputs).
     """
     if n_total < 1:
         raise PrepareError("video has zero frames")
+    if policy.sampling == "all":
+        return np.arange(n_total, dtype=np.int64)
     n = policy.n_frames
     idx = np.floor((np.arange(n) + 0.5) * n_total / n).astype(np.int64)
     return np.clip(idx, 0, n_total - 1)
@@ -285,8 +307,8 @@ def prepare_frames(frames: np.ndarray, sector: Sector, policy: FramePolicy) -> n
     if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
         raise PrepareError(f"expected frames (N,H,W,3) with N > 0, got shape {frames.shape}")
     s = policy.size
-    if policy.name == "echoclip":
-        return np.stack([echoclip_crop_and_scale(f, s) for f in frames])
+    if policy.name == "echoclip":  # crop/resize work per channel, so reversing after them changes no pixel
+        return np.ascontiguousarray(np.stack([echoclip_crop_and_scale(f, s) for f in frames])[..., ::-1])
     if sector.mask.shape != frames.shape[1:3]:
         raise PrepareError(f"sector mask {sector.mask.shape} does not match frames {frames.shape[1:3]}")
     x0, y0, x1, y1 = sector.bbox

@@ -14,6 +14,7 @@ import numpy as np
 from echosearch.decode import decode_video
 from echosearch.discover import inspect_file
 from echosearch.errors import DecodeError
+from echosearch.frame_policy import resolve_frame_policy
 from echosearch.prepare import FramePolicy, sample_indices, sector_and_input
 
 PANEL_HEIGHT = 360
@@ -32,15 +33,17 @@ class PreviewInfo:
     policy: str
 
 
-def render_preview(path: Path, out_png: Path, policy: FramePolicy | None = None) -> PreviewInfo:
-    """Write a PNG with the first sampled frame, the sector outline on it, and the model input."""
-    policy = policy or FramePolicy()
+def render_preview(path: Path, out_png: Path, policy: FramePolicy | None = None,
+                   model: str = "echosearch-demo") -> PreviewInfo:
+    """Write a PNG with the first sampled frame, the sector outline on it, and the model input
+    (``policy`` defaults to ``model``'s own)."""
+    policy = policy or resolve_frame_policy(model)
     kind = inspect_file(Path(path)).kind
     if kind == "unknown":
         raise DecodeError(f"{path}: unrecognised file format (not DICOM, AVI or MP4)")
     decoded = decode_video(Path(path), kind, lambda meta: sample_indices(meta.n_frames, policy))
     model_inputs, sector = sector_and_input(decoded.frames, decoded.meta.regions, policy)
-    model_input = model_inputs[0]
+    model_input = model_inputs[0] if policy.channel_order == "rgb" else model_inputs[0][..., ::-1]  # true colour
     original = decoded.frames[0]
     outlined = original.copy()
     contours, _ = cv2.findContours(sector.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -54,7 +57,8 @@ def render_preview(path: Path, out_png: Path, policy: FramePolicy | None = None)
             _label(p, t)
             for p, t in zip(
                 panels,
-                ("original", f"sector ({sector.source})", f"model input {policy.size}px ({policy.name})"),
+                ("original", f"sector ({sector.source})",
+                 f"model input {policy.size}px ({policy.name}, fed {policy.channel_order.upper()})"),
                 strict=True,
             )
         ],

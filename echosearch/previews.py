@@ -74,11 +74,13 @@ def as_preview(path: Path) -> Preview:
 
 def preview_policy(index_policy: dict[str, Any] | None = None, frames: int = PREVIEW_FRAMES,
                    size: int = PREVIEW_SIZE) -> FramePolicy:
-    """The index's frame policy (sector masking or EchoCLIP crop) with more frames at a display size."""
-    name = str((index_policy or {}).get("name", "sector"))
-    if name not in ("sector", "echoclip"):
-        name = "sector"
-    return FramePolicy(name=name, n_frames=frames, size=size)  # type: ignore[arg-type]
+    """The index's frame policy (sector masking or EchoCLIP crop) with more frames at a display size
+    (the demo model's own policy when there is no index policy)."""
+    from echosearch.frame_policy import resolve_frame_policy
+
+    name = str((index_policy or {}).get("name", "auto"))
+    setting = name if name in ("sector", "echoclip") else "auto"
+    return resolve_frame_policy("echosearch-demo", setting=setting, n_frames=frames, size=size)
 
 
 def preview_frames(source: Path, policy: FramePolicy) -> tuple[np.ndarray, float]:
@@ -89,6 +91,8 @@ def preview_frames(source: Path, policy: FramePolicy) -> tuple[np.ndarray, float
     prepared = process_file(inspect_file(Path(source)), policy)
     _, first = np.unique(prepared.frame_indices, return_index=True)
     frames = prepared.frames[np.sort(first)]
+    if policy.channel_order == "bgr":  # the model's channel order (echoclip), shown in true colour
+        frames = np.ascontiguousarray(frames[..., ::-1])
     meta = prepared.meta
     duration = meta.n_frames / meta.fps if meta.fps and meta.fps > 0 else len(frames) / 15.0
     fps = len(frames) / duration if duration > 0 else 15.0
@@ -191,12 +195,7 @@ def make_previews(index_dir: Path | str, keys: Iterable[int] | None = None, *, c
     cat = catalog if catalog is not None else Catalog.open(index_dir, read_only=True)
     try:
         policy = _index_policy(cat)
-        sql = "SELECT video_key, path FROM videos"
-        params: list[Any] = []
-        if keys is not None:
-            sql += " WHERE video_key IN (SELECT unnest(?::BIGINT[]))"
-            params.append([int(k) for k in keys])
-        rows: Sequence[tuple[Any, ...]] = cat.con.execute(sql + " ORDER BY video_key", params).fetchall()
+        rows: Sequence[tuple[Any, ...]] = sorted(cat.locations(None if keys is None else list(keys)).items())
     finally:
         if own:
             cat.close()

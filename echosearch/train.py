@@ -111,8 +111,8 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
                 progress: Callable[[int, int], None] | None
                 ) -> tuple[list[np.ndarray], list[str], list[int], list[str | None], list[int]]:
     from echosearch.discover import FileRecord
+    from echosearch.frame_policy import resolve_frame_policy
     from echosearch.ingest import FailedFile, iter_processed
-    from echosearch.prepare import FramePolicy
 
     rows = cat.con.sql(
         "SELECT v.video_key, v.path, v.kind, v.sha256, v.size_bytes, r.text, s.patient_key, v.view, s.study_key "
@@ -121,8 +121,10 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
     ).fetchall()
     if not rows:
         raise EchosearchError(f"index {cat.index_dir} has no videos with reports: nothing to train on")
-    policy = FramePolicy(name="sector", n_frames=frames_per_video, size=size)
-    records = [FileRecord(path=Path(r[1]), size=int(r[4]), sha256=r[3], kind=r[2]) for r in rows]
+    # the policy the trained model's hints declare ("sector", written with the weights below)
+    policy = resolve_frame_policy(None, setting="sector", n_frames=frames_per_video, size=size)
+    where = cat.locations([int(r[0]) for r in rows])
+    records = [FileRecord(path=where[int(r[0])], size=int(r[4]), sha256=r[3], kind=r[2]) for r in rows]
     frames: list[np.ndarray] = []
     texts: list[str] = []
     patients: list[int] = []
@@ -133,7 +135,8 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
         if progress:
             progress(i + 1, len(records))
         if isinstance(item, FailedFile):
-            log.warning("skipping %s: %s", item.path, item.reason)
+            log.warning("skipping video %s: %s", by_sha[item.sha256][0] if item.sha256 in by_sha else "?",
+                        item.reason)
             continue
         row = by_sha[item.record.sha256]
         frames.append(item.frames)

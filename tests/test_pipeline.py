@@ -103,7 +103,8 @@ def test_embed_file_matches_indexed_vector(small_cohort: Path, random_model_dir:
     _index(small_cohort, tmp_path / "idx", random_model_dir)
     enc = load_encoder(f"local-dir:{random_model_dir}", frames_per_video=4)
     with Catalog.open(tmp_path / "idx", read_only=True) as cat:
-        key, path = cat.con.sql("SELECT video_key, path FROM videos ORDER BY video_key LIMIT 1").fetchall()[0]
+        key = cat.con.sql("SELECT min(video_key) FROM videos").fetchall()[0][0]
+        path = cat.locations([key])[key]
         _, stored = cat.embeddings("video", [key])
     vec, frames = embed_file(Path(path), enc)
     assert frames.shape == (4, enc.embed_dim)

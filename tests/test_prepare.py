@@ -176,8 +176,9 @@ def test_echoclip_policy_matches_public_example(shape: tuple[int, int]) -> None:
     frames = rng.integers(0, 256, (2, *shape, 3), dtype=np.uint8)
     sector = Sector(np.ones(shape, bool), (0, 0, shape[1], shape[0]), "full")
     out = prepare_frames(frames, sector, FramePolicy("echoclip", size=224))
-    for f, o in zip(frames, out, strict=True):
-        np.testing.assert_array_equal(o, reference_crop_and_scale(f, 224))
+    for f, o in zip(frames, out, strict=True):  # EchoCLIP crops/resizes OpenCV's BGR frames: channels reversed
+        np.testing.assert_array_equal(o, reference_crop_and_scale(np.ascontiguousarray(f[..., ::-1]), 224))
+        np.testing.assert_array_equal(o, reference_crop_and_scale(f, 224)[..., ::-1])  # per-channel: order-free
 
 
 @pytest.mark.parametrize("how", ["full", "working"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -224,3 +225,33 @@ def test_cli_model_tokens(tok_dir: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert out["text"] == "LV EJECTION FRACTION IS 38%. LVIDD 2.29MM."
     rc = main(["model", "tokens", "--model", "echo-clip-r", "--tokenizer", str(tok_dir / "missing"), "x"])
     assert rc != 0 and "blank_wordpiece.tokenizer" in capsys.readouterr().err
+
+
+def test_template_model_folder_loads_and_encodes_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model folder hinted as a template-tokenizer model, with the two files beside its weights, encodes
+    reports through the template ids; a text tower too small for the vocabulary is refused."""
+    import open_clip
+
+    from echosearch.encode import load_encoder
+    from echosearch.models import write_model_folder
+
+    monkeypatch.delenv("ECHOSEARCH_TOKENIZER_DIR", raising=False)
+    tok = _shared_tokenizer()
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": tok.vocab_size, "width": 32, "heads": 4, "layers": 1}}
+    torch.manual_seed(0)
+    folder = write_model_folder(open_clip.CLIP(**cfg), cfg, tmp_path / "tiny-r",
+                                hints={"name": "tiny-r", "frame_policy": "echoclip", "tokenizer": "template"})
+    with pytest.raises(ModelLoadError, match="blank_wordpiece.tokenizer"):
+        load_encoder(f"local-dir:{folder}", device="cpu")
+    (folder / "template_vocab.txt").write_text("\n".join(TEMPLATES) + "\n")
+    write_blank_wordpiece(folder / "blank_wordpiece.tokenizer")
+    enc = load_encoder(f"local-dir:{folder}", device="cpu")
+    a, b, c = enc.encode_text(["LV ejection fraction was 35 %.", "LV EJECTION FRACTION IS 35%.",
+                               "LV EJECTION FRACTION IS 60%."])
+    assert np.allclose(a, b, atol=1e-6) and not np.allclose(b, c, atol=1e-3)
+    assert enc.identity["tokenizer"]["kind"] == "template" and len(enc.identity["tokenizer"]["sha256"]) == 64
+    small = {**cfg, "text_cfg": {**cfg["text_cfg"], "vocab_size": tok.vocab_size - 10}}
+    write_model_folder(open_clip.CLIP(**small), small, folder, hints={"name": "tiny-r", "tokenizer": "template"})
+    with pytest.raises(ModelLoadError, match="does not belong"):
+        load_encoder(f"local-dir:{folder}", device="cpu")

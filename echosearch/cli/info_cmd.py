@@ -1,4 +1,4 @@
-"""``echosearch info``: what an index holds."""
+"""``echosearch info``: what an index holds; ``echosearch locate``: where one of its files is on disk."""
 
 from __future__ import annotations
 
@@ -9,9 +9,30 @@ from rich.table import Table
 
 from echosearch.catalog import Catalog
 from echosearch.cli.common import console, print_json, shown
+from echosearch.errors import QueryError
 
 
 def register(app: typer.Typer) -> None:
+    @app.command()
+    def locate(
+        what: str = typer.Argument(..., help="A video key, or a file label (F-...) from search output or errors."),
+        index: Path = typer.Option(..., "--index", "-i", help="Index folder."),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Reveal where a file is on disk (needs the index's secret; the lookup is written to the access log)."""
+        import getpass
+
+        with Catalog.open(index) as cat:
+            found = cat.locate(what.strip())
+            cat.log_access(getpass.getuser(), "locate", {"what": what.strip(), "found": len(found)})
+        if not found:
+            raise QueryError(f"no video or ingest error {what!r} in {index}")
+        if json_out:
+            print_json(found)
+            return
+        for f in found:
+            console.print(f"{shown(f['table'])} {f['key']} {shown(f['label'])}: {shown(f['path'])}")
+
     @app.command()
     def info(
         index: Path = typer.Option(..., "--index", "-i", help="Index folder."),
