@@ -79,7 +79,8 @@ device-prep: setup
 
 app: setup
 	@test -f $(DEMO_DIR)/index/catalog.duckdb || $(MAKE) demo
-	$(BIN)/echosearch serve --index $(DEMO_DIR)/index
+	@# the demo's own key (synthetic data only): file locations are sealed with it
+	@ECHOSEARCH_SECRET="$$(cat $(DEMO_DIR)/demo-secret.txt)" $(BIN)/echosearch serve --index $(DEMO_DIR)/index
 
 lint: setup
 	$(BIN)/ruff check echosearch app tests bench
