@@ -430,6 +430,11 @@ class Catalog:
                     f"refusing {identity.get('name')} (weights {str(identity.get('weights_sha256'))[:12]}, "
                     f"preprocessing {identity.get('preprocessing')}): use a new index folder"
                 )
+            old_tok, new_tok = ((d.get("tokenizer") or {}).get("sha256") for d in (stored, identity))
+            if old_tok and new_tok and old_tok != new_tok:
+                raise ModelMismatchError(
+                    f"index {self.index_dir} was built with other EchoCLIP-R tokenizer files (sha256 {old_tok[:12]}, "
+                    f"now {new_tok[:12]}): its report vectors would not match; use the same files or a new index folder")
             return
         with self.transaction():
             self.con.execute(embedding_table_sql(int(identity["embed_dim"])))

@@ -237,6 +237,10 @@ def encoder_for_index(catalog: Catalog, device: str = "auto", model: str | None 
     enc = load_encoder(source_name, device=device, frames_per_video=int(pp.get("n_frames", 16)),
                        policy=pp.get("name", "auto"), sampling=pp.get("sampling", "uniform"))
     ident = enc.identity
+    old_tok, new_tok = ((d.get("tokenizer") or {}).get("sha256") for d in (stored, ident))
+    if old_tok and new_tok and old_tok != new_tok:
+        raise ModelMismatchError(f"index {catalog.index_dir} was built with other EchoCLIP-R tokenizer files "
+                                 f"(sha256 {old_tok[:12]}, now {new_tok[:12]}): text queries would not match it")
     if ident["weights_sha256"] != stored.get("weights_sha256") or ident["embed_dim"] != stored.get("embed_dim"):
         raise ModelMismatchError(
             f"index {catalog.index_dir} was built with {stored['name']} (weights {str(stored.get('weights_sha256'))[:12]}); "

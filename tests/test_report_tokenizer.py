@@ -255,3 +255,17 @@ def test_template_model_folder_loads_and_encodes_reports(tmp_path: Path, monkeyp
     write_model_folder(open_clip.CLIP(**small), small, folder, hints={"name": "tiny-r", "tokenizer": "template"})
     with pytest.raises(ModelLoadError, match="does not belong"):
         load_encoder(f"local-dir:{folder}", device="cpu")
+
+
+def test_an_index_refuses_other_tokenizer_files(tmp_path: Path) -> None:
+    """Report vectors made with one vocabulary do not match queries tokenized with another."""
+    from echosearch.catalog import Catalog
+    from echosearch.errors import ModelMismatchError
+
+    ident = {"name": "tiny-r", "weights_sha256": "ab" * 32, "embed_dim": 16, "preprocessing": {"name": "echoclip"},
+             "tokenizer": {"kind": "template", "sha256": "1" * 64}}
+    with Catalog.open(tmp_path / "idx", create=True) as cat:
+        cat.bind_model(ident)
+        cat.bind_model(dict(ident))  # the same files: fine
+        with pytest.raises(ModelMismatchError, match="tokenizer files"):
+            cat.bind_model({**ident, "tokenizer": {"kind": "template", "sha256": "2" * 64}})
