@@ -42,6 +42,20 @@ def app_index() -> app_api.AppIndex:
         raise  # unreachable; for type checkers
 
 
+@st.cache_resource(show_spinner=False)
+def _login_guard(path: str) -> app_api.LoginGuard:
+    return app_api.login_guard(_app_index(path))
+
+
+def client_address() -> str | None:
+    """The browser's address when Streamlit knows it (None on loopback, e.g. behind a local reverse proxy)."""
+    try:
+        ip = st.context.ip_address
+    except Exception:  # no client context (bare mode, tests)
+        return None
+    return ip if isinstance(ip, str) and ip else None
+
+
 def searcher() -> Any:
     try:
         return _searcher(str(index_dir()))
@@ -78,12 +92,12 @@ def require_login() -> str:
             password = st.text_input("Password", type="password")
             ok = st.form_submit_button("Sign in", type="primary")
         if ok:
-            if name.strip() and app_api.check_password(password):
+            guard = _login_guard(str(index_dir()))
+            signed_in, message = app_api.password_login(app_index(), guard, name, password, client_address())
+            if signed_in:
                 st.session_state["actor"] = name.strip()
-                app_index().log(name.strip(), "login", {"method": "password"})
                 st.rerun()
-            app_index().log(name.strip() or "?", "login_failed", {"method": "password"})
-            st.error("Wrong name or password.")
+            st.error(message)
         st.stop()
     if not _listening_on_loopback():
         st.error("This app is reachable from the network but no login is configured. Start it with "
@@ -130,10 +144,7 @@ def clip(video_key: int | None, caption: str | None = None) -> None:
     except Exception as exc:  # a clip that cannot be shown must not break the page
         st.caption(f"clip unavailable: {exc}")
         return
-    if prev.media == "video":
-        st.video(str(prev.path), autoplay=True, loop=True, muted=True)
-    else:
-        st.image(str(prev.path))
+    st.html(app_api.preview_html(prev))  # inline data: URI, never a /media/ URL (see clip_html)
     if caption:
         st.caption(caption)
 

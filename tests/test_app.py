@@ -89,6 +89,27 @@ def ok(at: object) -> None:
     assert not at.error, [e.value for e in at.error]  # type: ignore[attr-defined]
 
 
+@pytest.fixture
+def media_added(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Mime types registered with Streamlit's media file manager (served at /media/ without a session)."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    added: list[str] = []
+    original = MediaFileManager.add
+
+    def spy(self: MediaFileManager, path_or_data: object, mimetype: str, *args: object, **kw: object) -> str:
+        added.append(mimetype)
+        return original(self, path_or_data, mimetype, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MediaFileManager, "add", spy)
+    return added
+
+
+def clips(at: object) -> list[str]:
+    """Clips on the page: ``st.html`` bodies holding a preview inline as a ``data:`` URI."""
+    return [h.value for h in at.html if 'src="data:' in h.value]  # type: ignore[attr-defined]
+
+
 def log_rows(index_dir: Path, action: str) -> pl.DataFrame:
     # same process as the app: open read-write like it (DuckDB shares one instance per file and config)
     with Catalog.open(index_dir) as cat:
@@ -98,21 +119,27 @@ def log_rows(index_dir: Path, action: str) -> pl.DataFrame:
 # ---- pages -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("page", ["app_pages/search.py", "app_pages/patient.py", "app_pages/audit.py",
                                   "app_pages/index_status.py"])
-def test_every_page_renders(app_env: Path, page: str) -> None:
+def test_every_page_renders(app_env: Path, page: str, media_added: list[str]) -> None:
     at = new_app().run()
     ok(at)
     at.switch_page(page).run()
     ok(at)
     assert at.title, "every page has a title"
+    assert not media_added, "nothing is registered at /media/ (reachable without a session)"
+    if page == "app_pages/patient.py":
+        assert clips(at) or any("clip unavailable" in c.value for c in at.caption), "clips are shown inline"
 
 
-def test_text_search_shows_a_gallery_and_is_logged(app_env: Path) -> None:
+def test_text_search_shows_a_gallery_and_is_logged(app_env: Path, media_added: list[str]) -> None:
     at = new_app().run()
     at.text_input[0].input("SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION.")
     at.form_submit_button[0].click().run()
     ok(at)
     assert any("most like" in s.value for s in at.subheader)
-    assert len(at.get("video")) >= 4, "result clips play as H.264 previews"
+    shown = clips(at)
+    assert len(shown) >= 4 and all(c.startswith('<video src="data:video/mp4;base64,') for c in shown), \
+        "result clips play as H.264 previews, inline"
+    assert not at.get("video") and not at.get("imgs") and not media_added, "no clip is served from /media/"
     assert list((app_env / "previews").glob("*.mp4")), "previews are cached in the index folder"
     before = log_rows(app_env, "search").height
     assert before >= 1
@@ -128,7 +155,7 @@ def test_text_search_shows_a_gallery_and_is_logged(app_env: Path) -> None:
     assert at.title[0].value == "Patient timeline" and at.selectbox[0].value == first_patient
 
 
-def test_upload_search_with_a_real_dicom(app_env: Path) -> None:
+def test_upload_search_with_a_real_dicom(app_env: Path, media_added: list[str]) -> None:
     if not REAL_CLIP.is_file():
         pytest.skip(f"real DICOM test file missing: {REAL_CLIP}")
     at = new_app().run()
@@ -136,7 +163,7 @@ def test_upload_search_with_a_real_dicom(app_env: Path) -> None:
     next(b for b in at.button if b.label == "Find similar").click().run()
     ok(at)
     assert any("the uploaded clip" in s.value for s in at.subheader)
-    assert len(at.get("video")) >= 2  # the query clip and its neighbours
+    assert len(clips(at)) >= 2 and not media_added  # the query clip and its neighbours, inline
     row = log_rows(app_env, "search").filter(pl.col("detail").str.contains('"kind": "file"'))
     assert row.height and "file_sha256" in row["detail"][0] and REAL_CLIP.name not in row["detail"][0]
 
@@ -176,7 +203,7 @@ def test_a_link_to_an_unknown_patient_shows_no_patient_and_logs_nothing(app_env:
     assert log_rows(app_env, "view_patient")["detail"].str.contains(known).any()
 
 
-def test_audit_decision_persists(app_env: Path) -> None:
+def test_audit_decision_persists(app_env: Path, media_added: list[str]) -> None:
     at = new_app().run()
     at.switch_page("app_pages/audit.py").run()
     ok(at)
@@ -188,6 +215,7 @@ def test_audit_decision_persists(app_env: Path) -> None:
         at.get("button_group")[0].set_value("all audited studies").run()
         ok(at)
     rank = next(sb for sb in at.selectbox if sb.label == "Review suspect").value
+    assert clips(at) and not media_added, "the suspect's clips are shown inline"
     suspects = app_api.AppIndex(app_env).audit_results(suspects_only=False)
     study_key = int(suspects.filter(pl.col("rank") == rank)["study_key"][0])
     save = next(b for b in at.button if b.label == "Save decision")
@@ -222,6 +250,36 @@ def test_password_login_is_required_when_configured(app_env: Path, monkeypatch: 
     ok(at)
     assert any(t.value == "Search echoes" for t in at.title)
     assert log_rows(app_env, "login")["actor"].to_list()[-1] == "dr who"
+
+
+def test_password_login_locks_after_repeated_failures(tmp_path_factory: pytest.TempPathFactory,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit import config
+
+    index = index_copy(tmp_path_factory, "login-lock")  # its own throttle (one per index and process)
+    monkeypatch.setenv(app_api.INDEX_ENV, str(index))
+    monkeypatch.setenv(app_api.PASSWORD_ENV, "correct horse battery staple")
+    old = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    try:
+        at = new_app().run()
+        at.text_input[0].input("mallory")
+        for i in range(6):
+            at.text_input[1].input(f"guess {i}")
+            at.form_submit_button[0].click().run()
+            assert at.error
+        assert "Too many failed sign-ins: try again in" in at.error[0].value
+        at.text_input[1].input("correct horse battery staple")
+        at.form_submit_button[0].click().run()
+    finally:
+        config.set_option("server.address", old)
+    assert at.error and "Too many failed sign-ins: try again in" in at.error[0].value, "refused while locked"
+    assert not any(t.value == "Search echoes" for t in at.title) and "actor" not in at.session_state
+    assert log_rows(index, "login_failed").height == 5 and log_rows(index, "login").height == 0
+    assert log_rows(index, "login_locked").height == 2, "every refusal is logged"
+    # a restarted server rebuilds the lock from the access log
+    wait = app_api.login_guard(app_api.AppIndex(index)).retry_after("mallory")
+    assert 0 < wait <= 60
 
 
 def test_app_refuses_a_network_address_without_login(app_env: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -209,6 +210,14 @@ def test_linked_text_search_plays_clips_in_chromium(server: str, browser: Chromi
     assert n_videos >= 4, "results are clips"
     playing = browser.js("[...document.querySelectorAll('video')].filter(v => v.readyState >= 2 && !v.error).length")
     assert playing >= 1, "Chromium decodes the H.264 previews"
+    srcs = browser.js("[...document.querySelectorAll('video, img')].map(e => e.currentSrc || e.src)")
+    clip_srcs = [s for s in srcs if s.startswith("data:video/") or "/media/" in s]
+    assert len(clip_srcs) >= 4 and all(s.startswith("data:video/mp4;base64,") for s in clip_srcs), \
+        "clips are inline data: URIs"
+    fetched = browser.js("performance.getEntriesByType('resource').map(e => e.name)")
+    media = re.compile(r"(?<!/static)/media/")  # Streamlit's media endpoint, not its bundled fonts
+    assert not media.search(browser.dom()) and not [u for u in fetched if media.search(urllib.parse.urlsplit(u).path)], \
+        "no clip is served from Streamlit's session-less /media/ endpoint"
 
 
 # ---- screenshots of every page (manual check) -----------------------------------------------------------

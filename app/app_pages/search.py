@@ -46,7 +46,7 @@ filters = app_api.make_filters(since=since, until=until, views=views, patient=No
                                ef_band=ef_band, devices=devices, manufacturers=makers)
 
 
-def run(req: app_api.SearchRequest, query_clip: tuple[str, bytes] | None = None) -> None:
+def run(req: app_api.SearchRequest, query_clip: str | None = None) -> None:
     """Run a search, keep its results in the session and record it in the access log."""
     try:
         with st.spinner("Searching ..."):
@@ -80,7 +80,7 @@ with clip_tab:
             try:
                 policy = preview_policy((idx.manifest().get("model") or {}).get("preprocessing"))
                 prev = render_preview(path, Path(tmp) / f"preview{preferred_extension()}", policy)
-                clip = (prev.media, prev.path.read_bytes())
+                clip = app_api.preview_html(prev)
             except Exception:  # no preview is no reason to fail; the search reports unreadable files
                 clip = None
             run(app_api.SearchRequest("file", k=k, level=level, filters=filters, path=path,
@@ -106,11 +106,7 @@ st.subheader(f"{hits.height} {'clips' if res['level'] == 'video' else 'studies'}
 if res.get("query_clip"):
     qc, rc = st.columns([1, 3])
     with qc:
-        media, data = res["query_clip"]
-        if media == "video":
-            st.video(data, autoplay=True, loop=True, muted=True)
-        else:
-            st.image(data)
+        st.html(res["query_clip"])  # inline data: URI, never a /media/ URL
         st.caption("Query clip as the model sees it (sector only)")
 else:
     rc = st.container()
