@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import pydicom
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, iter_pixels
@@ -29,7 +32,10 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
     JPEGBaseline8Bit,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
 )
 
 from echosearch.discover import open_regular
@@ -166,8 +172,11 @@ def _read_header(path: Path, check: bool = True) -> tuple[Dataset, int, int]:
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
             pos, size = f.tell(), os.fstat(f.fileno()).st_size
+            _parse_all(ds)
+    except DecodeError:
+        raise
     except FileNotFoundError as exc:
-        raise DecodeError(f"file vanished before it could be read: {exc.filename}") from exc
+        raise DecodeError("file vanished before it could be read") from exc
     except OSError as exc:
         raise DecodeError(f"cannot read file: {exc.strerror or exc}") from exc
     except Exception as exc:  # pydicom raises many types on damaged headers
@@ -179,16 +188,50 @@ def _read_header(path: Path, check: bool = True) -> tuple[Dataset, int, int]:
     return ds, pos, size
 
 
+_RELIED_GROUPS = frozenset({0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028})  # meta, identity, image, US
+
+
+def _parse_all(ds: Dataset, depth: int = 0) -> None:
+    """Parse every element of a header now: pydicom converts raw elements lazily, on first access, and a
+    damaged one (an unknown VR, a length that does not fit its VR) would raise an exception of any type
+    wherever the header is next read. A damaged top-level element of the groups this reader relies on
+    (identity, image pixel module, ultrasound) becomes one :class:`DecodeError` that names it; any other
+    (private, overlay, a stray item, inside a sequence) is dropped: nothing here reads it."""
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.value is not None and raw.length != 0xFFFFFFFF \
+                and len(raw.value) < raw.length:  # the file ended inside this value
+            name = keyword_for_tag(tag) or "private or unknown element"
+            raise DecodeError(f"the DICOM header ends early: element ({tag.group:04X},{tag.element:04X}) {name} "
+                              f"claims {raw.length} bytes, the file holds {len(raw.value)} (a truncated file or "
+                              "a damaged length)")
+        try:
+            elem = ds[tag]
+        except Exception as exc:  # pydicom raises NotImplementedError, BytesLengthException, ValueError, ...
+            if depth == 0 and tag.group in _RELIED_GROUPS:
+                name = keyword_for_tag(tag) or "unknown element"
+                raise DecodeError(f"damaged DICOM header: element ({tag.group:04X},{tag.element:04X}) {name} "
+                                  f"cannot be parsed ({_short(exc, 120)})") from exc
+            del ds[tag]
+            continue
+        if elem.VR == "SQ" and depth < 16:
+            for item in elem.value or []:
+                _parse_all(item, depth + 1)
+
+
 def _check_ultrasound(ds: Dataset) -> None:
     sop = str(ds.get("SOPClassUID", "") or "")
     modality = str(ds.get("Modality", "") or "").upper()
-    sop_name = US_SOP_CLASSES.get(sop) or (UID(sop).name if sop else "no SOP class")
+    sop_name = US_SOP_CLASSES.get(sop) or (_shown(_uid(sop).name) if sop else "no SOP class")
     if sop.startswith(REPORT_SOP_PREFIXES) or modality in ("SR", "DOC"):
         raise ReportObjectFound(f"{sop_name}: a report object (text, not video); recorded as a report")
     if modality and modality != "US":
-        raise NotUltrasoundError(f"modality {modality} ({sop_name}): not an ultrasound object")
+        raise NotUltrasoundError(f"modality {_shown(modality)} ({sop_name}): not an ultrasound object")
+    if not sop and not modality:
+        raise NotUltrasoundError("neither SOP class nor modality in the header: not an ultrasound image (a "
+                                 "damaged or truncated header, or not an image object)")
     if sop not in US_SOP_CLASSES and not (modality == "US" and sop in SECONDARY_CAPTURE):
-        raise NotUltrasoundError(f"SOP class {sop_name} ({sop or '-'}): not an ultrasound image class")
+        raise NotUltrasoundError(f"SOP class {sop_name} ({_shown(sop) or '-'}): not an ultrasound image class")
     if "Rows" not in ds or "Columns" not in ds:
         raise NotUltrasoundError(
             "no image pixel module (Rows/Columns missing): an ultrasound object without pixel data"
@@ -196,10 +239,10 @@ def _check_ultrasound(ds: Dataset) -> None:
 
 
 def _dicom_meta(ds: Dataset) -> VideoMeta:
-    rows, cols = int(ds.Rows or 0), int(ds.Columns or 0)
-    n_frames = _int(ds.get("NumberOfFrames", 1), 1)
-    bits = _int(ds.get("BitsAllocated", 8), 8)
-    spp = _int(ds.get("SamplesPerPixel", 1), 1)
+    rows, cols = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
+    n_frames = _header_int(ds, "NumberOfFrames", 1)
+    bits = _header_int(ds, "BitsAllocated", 8)
+    spp = _header_int(ds, "SamplesPerPixel", 1)
     if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
         raise DecodeError(f"absurd image size {rows}x{cols} in the header (Rows x Columns): corrupt file")
     if n_frames <= 0:
@@ -214,6 +257,27 @@ def _dicom_meta(ds: Dataset) -> VideoMeta:
                      birth_date=_date(ds.get("PatientBirthDate")), study_date=_date(ds.get("StudyDate")),
                      transfer_syntax=str(_transfer_syntax(ds)), bits_allocated=bits, regions=_regions(ds),
                      **texts)
+
+
+_INT_VRS = {"NumberOfFrames": ("IS", "US", "UL", "SL", "SS", "UN")}
+
+
+def _header_int(ds: Dataset, keyword: str, default: int) -> int:
+    """An integer of the image pixel module (``default`` when absent or empty); a :class:`DecodeError` that
+    names the attribute when it is stored as text where DICOM wants a number, or is not a number at all
+    (pydicom's pixel handlers would fail later with a bare ``ValueError``/``TypeError``)."""
+    elem = ds.data_element(keyword) if keyword in ds else None
+    if elem is None or elem.value is None or elem.value == "":
+        return default
+    tag = f"({elem.tag.group:04X},{elem.tag.element:04X})"
+    allowed = _INT_VRS.get(keyword, ("US", "SS", "UL", "SL", "UN"))
+    if elem.VR not in allowed:
+        raise DecodeError(f"{elem.name} {tag} is stored as {_shown(elem.VR, 8)} ({_shown(elem.value)}) instead of "
+                          f"{allowed[0]}: corrupt header")
+    try:
+        return int(elem.value)
+    except (TypeError, ValueError):
+        raise DecodeError(f"{elem.name} {tag} is {_shown(elem.value)}, not a whole number: corrupt header") from None
 
 
 def _dicom_fps(ds: Dataset) -> tuple[float, bool]:
@@ -251,7 +315,7 @@ def _regions(ds: Dataset) -> list[UltrasoundRegion]:
 def _transfer_syntax(ds: Dataset) -> UID:
     ts = getattr(ds, "file_meta", None) and ds.file_meta.get("TransferSyntaxUID")
     if ts:
-        return UID(str(ts))
+        return _uid(str(ts))
     implicit, little = ds.original_encoding  # headerless DICOM: what the reader detected
     return ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
@@ -262,7 +326,10 @@ def _decode_dicom(path: Path, pick: Callable[[VideoMeta], Any]) -> tuple[Decoded
     meta = _dicom_meta(header)
     frame_indices, inverse = _unique_request(pick(meta))
     idx = _check_indices(frame_indices, meta)
-    ts = UID(meta.transfer_syntax or "")
+    ts = _uid(meta.transfer_syntax or "")
+    if not ts.is_transfer_syntax:
+        raise DecodeError(f"the file meta names {_shown(ts) or 'no UID'} as transfer syntax, which is not one: "
+                          "corrupt file meta (or a private encoding this reader does not know)")
     if pixel_pos + 8 > size:
         raise NotUltrasoundError("no pixel data in this ultrasound object: nothing to decode")
     if not ts.is_encapsulated:
@@ -303,7 +370,7 @@ def _decode_dicom(path: Path, pick: Callable[[VideoMeta], Any]) -> tuple[Decoded
     except (DecodeError, NotUltrasoundError):
         raise
     except FileNotFoundError as exc:
-        raise DecodeError(f"file vanished before it could be decoded: {exc.filename}") from exc
+        raise DecodeError("file vanished before it could be decoded") from exc
     except Exception as exc:  # codec plugins raise ValueError/RuntimeError/... on damaged data
         raise DecodeError(explain(exc, f"pixel data could not be decoded ({ts.name or 'unknown transfer syntax'})")
                           ) from exc
@@ -349,9 +416,10 @@ def _check_indices(frame_indices: Sequence[int] | None, meta: VideoMeta) -> np.n
 
 
 def _dicom_frames_from_dataset(ds: Dataset, meta: VideoMeta, idx: np.ndarray) -> Iterator[np.ndarray]:
-    ts = UID(meta.transfer_syntax or "")
+    ts = _uid(meta.transfer_syntax or "")
     fast = ts == JPEGBaseline8Bit and meta.bits_allocated == 8 and meta.photometric in _CV2_JPEG_PHOTOMETRICS
-    if not fast:
+    sized = ts in _SIZED_CODESTREAMS  # JPEG / JPEG-LS / JPEG 2000: each frame's own header gives its size
+    if not fast and not sized:
         yield from iter_pixels(ds, indices=[int(i) for i in idx])
         return
     wanted = {int(i) for i in idx}
@@ -361,17 +429,53 @@ def _dicom_frames_from_dataset(ds: Dataset, meta: VideoMeta, idx: np.ndarray) ->
             encoded[i] = frame
         if len(encoded) == len(wanted):
             break
-    grey = meta.photometric in ("MONOCHROME2", "MONOCHROME1")
     for i in idx:
         data = encoded.get(int(i))
         if data is None:
             raise DecodeError(f"pixel data truncated: frame {int(i)} of {meta.n_frames} is missing")
+        size = _codestream_size(data)
+        if size is not None and size != (meta.height, meta.width):  # checked before a codec allocates it
+            raise DecodeError(f"frame {int(i)} is compressed as {size[0]}x{size[1]}, the header says "
+                              f"{meta.height}x{meta.width}: corrupt pixel data")
+    if not fast:
+        yield from iter_pixels(ds, indices=[int(i) for i in idx])
+        return
+    grey = meta.photometric in ("MONOCHROME2", "MONOCHROME1")
+    for i in idx:
+        data = encoded[int(i)]
         flag = cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR_RGB
         img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
         complete = data.rstrip(b"\0").endswith(b"\xff\xd9")  # libjpeg grey-fills a cut-off frame silently
         if not complete or img is None or img.shape[:2] != (meta.height, meta.width):
             img = next(iter_pixels(ds, indices=[int(i)]))  # let pydicom decode (or explain) this frame
         yield img
+
+
+_SIZED_CODESTREAMS = frozenset({*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes})
+_JPEG_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+
+
+def _codestream_size(data: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG / JPEG-LS frame header (SOFn) or a JPEG 2000 codestream's SIZ segment;
+    None when it cannot be found (the codec then decides). A corrupt size would make the codec allocate
+    whatever it says (a flipped bit can claim 60 megapixels) before failing."""
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 24:  # J2K: SOC, SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", data[8:24])
+        return ysiz - yo, xsiz - xo
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    for _ in range(64):  # markers before the frame header: APPn, DQT, DHT, DRI, COM, LSE
+        while pos < len(data) and data[pos] == 0xFF and pos + 1 < len(data) and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes
+        if pos + 9 > len(data) or data[pos] != 0xFF:
+            return None
+        marker, (length,) = data[pos + 1], struct.unpack(">H", data[pos + 2:pos + 4])
+        if marker in _JPEG_SOF:
+            rows, cols = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return rows, cols
+        pos += 2 + length
+    return None
 
 
 def _rgb8_converter(ds: Dataset, meta: VideoMeta) -> Callable[[np.ndarray], np.ndarray]:
@@ -401,7 +505,7 @@ def _rgb8_converter(ds: Dataset, meta: VideoMeta) -> Callable[[np.ndarray], np.n
             return cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
         if arr.ndim == 3 and arr.shape[2] == 3:
             return arr  # pydicom already converted YBR_* to RGB
-        raise DecodeError(f"unexpected decoded frame shape {arr.shape} for {pi}")
+        raise DecodeError(f"unexpected decoded frame shape {arr.shape} for {_shown(pi)}")
 
     return convert
 
@@ -439,7 +543,7 @@ def _open_container(path: Path) -> Any:
     try:
         container = av.open(str(path))
     except FileNotFoundError as exc:
-        raise DecodeError(f"file vanished before it could be read: {path}") from exc
+        raise DecodeError("file vanished before it could be read") from exc
     except Exception as exc:
         raise DecodeError(explain(exc, "not a readable video container")) from exc
     if not container.streams.video:
@@ -450,12 +554,18 @@ def _open_container(path: Path) -> Any:
 
 def _video_meta(container: Any, path: Path, kind: VideoKind) -> VideoMeta:
     stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise DecodeError("the video stream's codec is unknown or its parameters are unreadable: a damaged or "
+                          "unsupported container")
     height, width = int(stream.codec_context.height or 0), int(stream.codec_context.width or 0)
     if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
         raise DecodeError(f"absurd or missing frame size {height}x{width} in the container: corrupt file")
     n = int(stream.frames or 0)
     if n <= 0:  # no count in the header: count packets (demux only, no decoding)
-        n = sum(1 for p in container.demux(stream) if p.size)
+        try:
+            n = sum(1 for p in container.demux(stream) if p.size)
+        except Exception as exc:  # PyAV raises its own OSError subclasses on damaged containers
+            raise DecodeError(explain(exc, "damaged video container: its packets cannot be read")) from exc
     if n <= 0:
         raise DecodeError("video has zero frames")
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
@@ -470,31 +580,26 @@ def _decode_container(path: Path, kind: VideoKind, pick: Callable[[VideoMeta], A
     """Sequential decode that converts only the wanted frames and stops after the last one.
 
     Timestamp seeking is inexact in AVI (and costs a keyframe decode anyway for echo-length clips), so
-    frames are counted while decoding; a header that over-counts is tolerated by clamping to the last
-    decodable frame (``meta.n_frames`` is then corrected).
+    frames are counted while decoding; a header that over-counts is tolerated (``meta.n_frames`` is then
+    corrected): frames are picked again over the frames that exist, or clamped to the last decodable one.
     """
     with _open_container(path) as container:
         meta = _video_meta(container, path, kind)
-        container.seek(0)
+        _rewind(container)
         frame_indices, inverse = _unique_request(pick(meta))
         idx = _check_indices(frame_indices, meta)
-        wanted = set(int(i) for i in idx)
-        last_wanted = int(idx.max())
-        got: dict[int, np.ndarray] = {}
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        n_seen = 0
-        try:
-            for i, frame in enumerate(container.decode(stream)):
-                n_seen = i + 1
-                if i in wanted:
-                    got[i] = frame.to_ndarray(format="rgb24")
-                if i >= last_wanted:
-                    break
-        except Exception as exc:
-            if not got:
-                reason = explain(exc, "video stream could not be decoded")
-                raise DecodeError(reason) from exc
+        got, n_seen, complete = _decode_stream(container, stream, idx, meta)
+        if complete and len(got) < len(set(int(i) for i in idx)) and 0 < n_seen < meta.n_frames:
+            # the header over-counted and the stream ended cleanly: pick again over the frames that exist
+            # (else a clip whose header claims 10x its length yields none of the frames sampled from it)
+            meta.n_frames = n_seen
+            frame_indices, inverse = _unique_request(pick(meta))
+            idx = _check_indices(frame_indices, meta)
+            _rewind(container)
+            got, n_seen, complete = _decode_stream(container, stream, idx, meta)
+    wanted = set(int(i) for i in idx)
     if not got:
         raise DecodeError("video has zero decodable frames")
     if len(got) < len(wanted):  # header over-counted: clamp to what exists
@@ -510,7 +615,47 @@ def _decode_container(path: Path, kind: VideoKind, pick: Callable[[VideoMeta], A
     return DecodedVideo(frames, idx, meta), inverse
 
 
+def _rewind(container: Any) -> None:
+    try:
+        container.seek(0)
+    except Exception as exc:  # a damaged index: PyAV raises PermissionError, InvalidDataError, ...
+        raise DecodeError(explain(exc, "damaged video container: cannot go back to its first frame")) from exc
+
+
+def _decode_stream(container: Any, stream: Any, idx: np.ndarray, meta: VideoMeta
+                   ) -> tuple[dict[int, np.ndarray], int, bool]:
+    """(wanted frames decoded, frames seen, whether the stream ended without a decoding error)."""
+    wanted = set(int(i) for i in idx)
+    last_wanted = int(idx.max())
+    got: dict[int, np.ndarray] = {}
+    n_seen = 0
+    try:
+        for i, frame in enumerate(container.decode(stream)):
+            n_seen = i + 1
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24")
+                if got[i].shape[:2] != (meta.height, meta.width):  # a damaged frame header: not stackable
+                    raise DecodeError(f"frame {i} decodes to {got[i].shape[0]}x{got[i].shape[1]}, the container "
+                                      f"says {meta.height}x{meta.width}: corrupt video stream")
+            if i >= last_wanted:
+                break
+    except DecodeError:
+        raise
+    except Exception as exc:
+        if not got:
+            raise DecodeError(explain(exc, "video stream could not be decoded")) from exc
+        return got, n_seen, False
+    return got, n_seen, True
+
+
 # ---- small helpers ----------------------------------------------------------------------------------
+def _uid(value: str) -> UID:
+    """A UID from a header value, not validated again: pydicom would warn (and log) the whole value of a
+    damaged header, which can be the rest of the file; a bad UID is refused with a short reason instead."""
+    return UID(value, validation_mode=pydicom.config.IGNORE)
+
+
+
 def _s(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None:
@@ -564,6 +709,10 @@ def _hint(exc: BaseException, text: str) -> str | None:
                 "is truncated or its header is wrong")
     if isinstance(exc, (EOFError,)) or "unexpected end" in text.lower():
         return "the file ends early (truncated or still being copied)"
+    if isinstance(exc, RecursionError):
+        return "sequences nested too deeply to read: a damaged or hostile header"
+    if "exceptions were raised by all available plugins" in text:  # pydicom: every decoder tried and failed
+        return "compressed pixel data is corrupt: every installed decoder failed on it (a damaged or truncated file)"
     if isinstance(exc, NotImplementedError) or "no pixel data handler" in text.lower() or "plugin" in text.lower():
         return "no installed decoder supports this compression: convert the file or install the missing plugin"
     return None
@@ -571,4 +720,15 @@ def _hint(exc: BaseException, text: str) -> str | None:
 
 def _short(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).replace("\n", " ")
+    filename = getattr(exc, "filename", None)  # OSError, PyAV: the path is the row's own, not repeated here
+    if isinstance(filename, (str, bytes, os.PathLike)) and (name := os.fsdecode(filename)):
+        text = text.replace(f": {name!r}", "").replace(name, "the file")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shown(value: Any, limit: int = 64) -> str:
+    """A header value as quoted in a failure reason: control characters escaped, at most ``limit`` characters
+    (a damaged header can make one text element swallow the rest of the file)."""
+    text = str(value).strip().strip("\x00").strip()
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,16 +1,18 @@
 """Discover stage: folders, single files and manifest CSVs -> file records (path, size, sha256, kind).
 
 The content hash is a file's identity (a re-run skips hashes already in the catalog, and a file seen twice
-in one run is processed once). The kind comes from the content, never the extension: DICOM by its
+in one run is processed once; empty files, which all share one hash, are each reported). The kind comes from the content, never the extension: DICOM by its
 ``DICM`` magic (or a plausible headerless data set), AVI by its RIFF header, MP4/MOV by its ``ftyp`` box.
 Sidecar files (csv/parquet/txt/json/md), hidden files and DICOMDIR are skipped silently; symlinks are
-followed only when their target lies inside the source tree. :func:`load_sidecars` reads the sidecar
+followed only when their target lies inside the source tree (a link loop or a link to nothing is reported
+as a failure, and so is an unreadable file, a FIFO or a device). :func:`load_sidecars` reads the sidecar
 tables that come with the sources (ground truth, reports, labels).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import os
 import stat
@@ -158,8 +160,8 @@ def discover(
             except OSError as exc:
                 yield DiscoverFailure(item, f"unreadable file: {exc.strerror or exc}")
                 continue
-            if rec.sha256 in seen or rec.sha256 in known_hashes:
-                continue
+            if rec.size and (rec.sha256 in seen or rec.sha256 in known_hashes):  # an empty file is no copy:
+                continue  # each one is reported (as a failure), not folded into the first
             seen.add(rec.sha256)
             yield rec
 
@@ -217,6 +219,9 @@ def _walk(root: Path) -> Iterator[Path | DiscoverFailure]:
             path = Path(entry.path)
             if entry.name.startswith(".") or entry.name in SKIP_NAMES:
                 continue
+            if entry.is_symlink() and (broken := _broken_link(path)):
+                yield DiscoverFailure(path, broken)
+                continue
             if entry.is_symlink() and not inside(path):
                 continue
             try:
@@ -229,6 +234,19 @@ def _walk(root: Path) -> Iterator[Path | DiscoverFailure]:
                 yield path
 
     yield from walk(root)
+
+
+def _broken_link(path: Path) -> str | None:
+    """Why a symbolic link cannot be followed (a loop, a missing target), or None when it can."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop (the link leads back to itself): not read"
+        if exc.errno == errno.ENOENT:
+            return "broken symbolic link (its target does not exist): not read"
+        return f"symbolic link that cannot be followed: {exc.strerror or exc}"
+    return None
 
 
 def _manifest_paths(manifest: Path) -> Iterator[Path | DiscoverFailure]:
@@ -256,7 +274,7 @@ def _manifest_paths(manifest: Path) -> Iterator[Path | DiscoverFailure]:
             )
             if not all(inside(c) for c in candidates):
                 yield DiscoverFailure(candidates[0], f"listed in {manifest.name} but outside the source folder "
-                                      f"{base}: not read")
+                                      "(the manifest's own folder): not read")
                 continue
             found = next((c for c in candidates if c.is_file()), None)
             if found is None:
