@@ -28,8 +28,14 @@ if TYPE_CHECKING:
     from echosearch.pseudonym import Pseudonymizer
 
 CATALOG_FILE = "catalog.duckdb"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 EMBEDDING_LEVELS = ("video", "study", "report")
+IDENTITY_LEVELS = ("video_identity", "study_identity")
+# versions a reader copes without (tables created on demand): a read-only open of an older catalog is allowed
+READ_COMPATIBLE = {3}
+_LEVEL_TABLES = {"video": ("video_embeddings", "video_key"), "study": ("study_embeddings", "study_key"),
+                 "report": ("report_embeddings", "study_key"), "video_identity": ("video_identity", "video_key"),
+                 "study_identity": ("study_identity", "study_key")}
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
@@ -175,6 +181,12 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE ingest_errors ADD COLUMN location BLOB;
         """,
     ),
+    (
+        3,
+        "identity vectors: video_identity and study_identity, created when an identity model is bound "
+        "(their width is the identity encoder's)",
+        "",
+    ),
 ]
 
 
@@ -193,6 +205,19 @@ def embedding_table_sql(dim: int) -> str:
     CREATE TABLE IF NOT EXISTS frame_embeddings (
         video_key BIGINT NOT NULL, frame_index INTEGER NOT NULL, embedding FLOAT[{dim}] NOT NULL,
         PRIMARY KEY (video_key, frame_index)
+    );
+    """
+
+
+def identity_table_sql(dim: int) -> str:
+    """DDL of the identity vector tables (same layout as the embedding tables; created when an identity model
+    is bound, ``dim`` = its width)."""
+    return f"""
+    CREATE TABLE IF NOT EXISTS video_identity (
+        video_key BIGINT PRIMARY KEY, embedding FLOAT[{dim}] NOT NULL, n_frames_used INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS study_identity (
+        study_key BIGINT PRIMARY KEY, embedding FLOAT[{dim}] NOT NULL, n_videos INTEGER NOT NULL
     );
     """
 
@@ -299,6 +324,8 @@ class Catalog:
             con.close()
             raise CatalogError(f"{path} has schema version {version}; this echosearch supports {SCHEMA_VERSION}: upgrade echosearch")
         if version < SCHEMA_VERSION:
+            if read_only and all(v in READ_COMPATIBLE for v, _, _ in MIGRATIONS if v > version):
+                return cat
             if read_only:
                 con.close()
                 raise CatalogError(f"{path} has schema version {version}; open it read-write once to migrate")
@@ -337,7 +364,8 @@ class Catalog:
             for version, description, sql in MIGRATIONS:
                 if version <= current:
                     continue
-                self.con.execute(sql)
+                if sql.strip():
+                    self.con.execute(sql)
                 self.con.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", [version, description, _now()])
             self._set_manifest_raw("schema_version", str(SCHEMA_VERSION))
             if self.get_manifest("generation") is None:
@@ -441,6 +469,44 @@ class Catalog:
             self._set_manifest_raw("model", json.dumps(identity, sort_keys=True, default=str))
             self._set_manifest_raw("embed_dim", str(int(identity["embed_dim"])))
             self._set_manifest_raw("metric", json.dumps("inner_product_on_l2_normalised"))
+
+    def bind_identity(self, identity: dict[str, Any]) -> None:
+        """Record the identity encoder (create its vector tables), or refuse another one; an index whose videos
+        were encoded without identity vectors is refused too (they would have none)."""
+        stored = self.get_manifest("identity_model")
+        if stored is not None:
+            keys = ("name", "weights_sha256", "embed_dim")
+            if any(stored.get(k) != identity.get(k) for k in keys):
+                raise ModelMismatchError(
+                    f"index {self.index_dir} has identity vectors from {stored.get('name')} (weights "
+                    f"{str(stored.get('weights_sha256'))[:12]}); refusing {identity.get('name')} (weights "
+                    f"{str(identity.get('weights_sha256'))[:12]}): use a new index folder")
+            return
+        row = self.one("SELECT count(*) FROM videos WHERE encoded_at IS NOT NULL")
+        if row and row[0]:
+            raise ConfigError(f"index {self.index_dir} already holds {row[0]} videos encoded without identity "
+                              "vectors: index into a new folder to use an identity model")
+        with self.transaction():
+            self.con.execute(identity_table_sql(int(identity["embed_dim"])))
+            self._set_manifest_raw("identity_model", json.dumps(identity, sort_keys=True, default=str))
+
+    def has_identity(self) -> bool:
+        """Whether this index stores identity vectors of their own (else identity uses the content vectors)."""
+        return self.get_manifest("identity_model") is not None and self.has_table("study_identity")
+
+    def identity_description(self) -> str:
+        """What identity is computed from, for ``info``."""
+        ident = self.get_manifest("identity_model")
+        if ident is None or not self.has_table("study_identity"):
+            return "content vectors (no identity model)"
+        return f"{ident.get('name')} ({ident.get('kind')}, {ident.get('embed_dim')}-d)"
+
+    def level_dim(self, level: str) -> int | None:
+        """Vector width of a level (identity levels: the identity encoder's)."""
+        if level in IDENTITY_LEVELS:
+            ident = self.get_manifest("identity_model")
+            return int(ident["embed_dim"]) if ident else None
+        return self.embed_dim()
 
     def embed_dim(self) -> int | None:
         dim = self.get_manifest("embed_dim")
@@ -676,6 +742,20 @@ class Catalog:
             )
             self.bump_generation()
 
+    def store_identity_embeddings(self, level: str, keys: list[int], vectors: np.ndarray, counts: list[int]) -> None:
+        """Insert or replace identity vectors of videos (``video_identity``) or studies (``study_identity``)."""
+        if level not in IDENTITY_LEVELS or not self.has_table(level):
+            raise CatalogError(f"index {self.index_dir} has no {level} table: no identity model is bound")
+        dim = self.level_dim(level)
+        assert dim is not None
+        key, count = ("video_key", "n_frames_used") if level == "video_identity" else ("study_key", "n_videos")
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(keys), dim)
+        frame = pl.DataFrame({key: keys, "embedding": vecs, count: counts},
+                             schema={key: pl.Int64, "embedding": pl.Array(pl.Float32, dim), count: pl.Int32})
+        with self.transaction():
+            self.insert_frame(level, frame, replace=True)
+            self.bump_generation()
+
     def store_level_embeddings(self, level: str, keys: list[int], vectors: np.ndarray, counts: list[int] | None = None) -> None:
         """Replace study or report vectors for ``keys`` (study keys)."""
         if level not in ("study", "report"):
@@ -692,10 +772,14 @@ class Catalog:
             self.bump_generation()
 
     def embeddings(self, level: str, keys: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64, vectors float32) of a level, ordered by id; optionally only ``keys``."""
+        """(ids int64, vectors float32) of a level (``video``, ``study``, ``report`` or an identity level),
+        ordered by id; optionally only ``keys``."""
         dim = self._require_embeddings()
-        table = {"video": ("video_embeddings", "video_key"), "study": ("study_embeddings", "study_key"),
-                 "report": ("report_embeddings", "study_key")}[level]
+        if level in IDENTITY_LEVELS:
+            dim = self.level_dim(level) or dim
+            if not self.has_table(level):
+                return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        table = _LEVEL_TABLES[level]
         sql = f"SELECT {table[1]} AS id, embedding FROM {table[0]}"
         params: list[Any] = []
         if keys is not None:
@@ -784,7 +868,7 @@ class Catalog:
     def counts(self) -> dict[str, int]:
         """Row counts of the main tables (embedding tables count 0 before a model is bound)."""
         tables = ["patients", "studies", "videos", "reports", "labels", "predictions", "ingest_errors",
-                  "identity_audit", "changes"] + [f"{lvl}_embeddings" for lvl in EMBEDDING_LEVELS]
+                  "identity_audit", "changes"] + [f"{lvl}_embeddings" for lvl in EMBEDDING_LEVELS] + list(IDENTITY_LEVELS)
         out: dict[str, int] = {}
         for t in tables:
             if self.has_table(t):
@@ -805,7 +889,7 @@ class Catalog:
                 except (OSError, json.JSONDecodeError):
                     vector_indexes[f.stem] = {"error": "unreadable manifest"}
         return {"index": str(self.index_dir), "manifest": self.manifest(), "counts": self.counts(),
-                "vector_indexes": vector_indexes}
+                "vector_indexes": vector_indexes, "identity": self.identity_description()}
 
 
 def as_dict(rec: VideoRecord) -> dict[str, Any]:

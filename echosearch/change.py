@@ -101,7 +101,7 @@ def scan_changes(catalog: Catalog, *, patient: str | int | None = None, z_thresh
     drifts past ``z_threshold`` from the baseline, when the predicted EF falls by more than
     max(10 points, 3 robust SDs of the cohort's visit-to-visit EF changes), or when a device (pacer/ICD
     lead, TAVR, MitraClip) newly appears by more than the cohort's visit-to-visit noise."""
-    S = load_studies(catalog)
+    S = load_studies(catalog, "content")  # change is in the content vectors; "different heart" in identity's
     if len(S) == 0:
         raise QueryError("this index has no study vectors: run `echosearch index` first")
     meta = S.meta.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
@@ -138,8 +138,16 @@ def scan_changes(catalog: Catalog, *, patient: str | int | None = None, z_thresh
             scale = max(np.sqrt((ms * s**2 + K0 * c_s**2) / (ms + K0)), 0.5 * c_s, 1e-6)
             z_prev[i] = (u_prev[i] - centre) / scale
             z_base[i] = (u_base[i] - centre) / scale
-    pair_cal, _ = fit_identity_calibrations(catalog, S)
-    p_same_prev = pair_cal.predict(cos_prev)
+    S_id = load_studies(catalog)
+    cos_id = cos_prev
+    if S_id.source != S.source:  # the identity vectors of the same (study, previous study) pairs
+        keys = meta["study_key"].to_numpy()
+        at = np.clip(np.searchsorted(S_id.keys, keys), 0, max(len(S_id) - 1, 0))
+        ok = (S_id.keys[at] == keys) if len(S_id) else np.zeros(keys.size, bool)
+        ok_pair = ok & ok[prev0] & same_prev
+        cos_id = np.where(ok_pair, np.einsum("ij,ij->i", S_id.vecs[at], S_id.vecs[at[prev0]]), np.nan)
+    pair_cal, _ = fit_identity_calibrations(catalog, S_id)
+    p_same_prev = pair_cal.predict(cos_id)
     pred = {t: meta[t].to_numpy().astype(np.float64) for t in TASKS}
     before = {t: np.where(same_prev, pred[t][prev0], np.nan) for t in TASKS}
     thr = {t: _delta_threshold(pred[t] - before[t], 10.0 if t == "ef" else 0.01) for t in TASKS}

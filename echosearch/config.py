@@ -26,6 +26,9 @@ class Settings(BaseSettings):
 
     index: Path = Field(Path("indexes/default"), description="Index folder (catalog + vectors).")
     model: str = Field("echosearch-demo", description="Model name, local-dir:DIR, or weights file.")
+    identity_model: str | None = Field(
+        None, description="Identity encoder: a head folder from `echosearch train-identity`, or a model name / "
+        "local-dir:DIR whose image tower gives identity vectors; none = identity uses the content vectors.")
     tokenizer_dir: Path | None = Field(None, description="Folder with EchoCLIP-R's template_vocab.txt and "
                                        "blank_wordpiece.tokenizer (default: beside the weights).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")

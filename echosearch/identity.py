@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -36,6 +36,7 @@ class StudySet:
     vecs: np.ndarray
     patient: np.ndarray
     meta: pl.DataFrame
+    source: str = "content"  # "identity": the index's identity vectors; "content": the content (search) vectors
 
     def __len__(self) -> int:
         return int(self.keys.size)
@@ -47,9 +48,24 @@ class StudySet:
         return i
 
 
-def load_studies(catalog: Catalog) -> StudySet:
-    """Every study that has a vector, with recorded patient, date and UID (vectors re-normalised)."""
-    ids, vecs = catalog.embeddings("study")
+def study_level(catalog: Catalog, vectors: Literal["auto", "identity", "content"] = "auto") -> str:
+    """The catalog level identity reads: ``study_identity`` when the index has identity vectors (``auto``),
+    else ``study`` (the content vectors)."""
+    if vectors == "content":
+        return "study"
+    if catalog.has_identity():
+        return "study_identity"
+    if vectors == "identity":
+        raise QueryError("this index has no identity vectors (built without an identity model)")
+    return "study"
+
+
+def load_studies(catalog: Catalog, vectors: Literal["auto", "identity", "content"] = "auto") -> StudySet:
+    """Every study that has a vector, with recorded patient, date and UID (vectors re-normalised).
+
+    ``auto``: the identity vectors when the index has them, else the content vectors."""
+    level = study_level(catalog, vectors)
+    ids, vecs = catalog.embeddings(level)
     meta = catalog.con.sql(
         "SELECT s.study_key, s.study_uid, s.study_date, s.patient_key, p.patient_pseudonym "
         "FROM studies s JOIN patients p USING (patient_key) ORDER BY s.study_key"
@@ -59,7 +75,8 @@ def load_studies(catalog: Catalog) -> StudySet:
     ids, vecs = ids[keep], vecs[keep]
     norms = np.linalg.norm(vecs, axis=1, keepdims=True)
     vecs = np.ascontiguousarray(vecs / np.maximum(norms, 1e-12), dtype=np.float32)
-    return StudySet(ids, vecs, meta["patient_key"].to_numpy().astype(np.int64), meta)
+    return StudySet(ids, vecs, meta["patient_key"].to_numpy().astype(np.int64), meta,
+                    "identity" if level == "study_identity" else "content")
 
 
 # ---- scoring kernels -------------------------------------------------------------------------------
@@ -141,7 +158,8 @@ def study_neighbours(catalog: Catalog, S: StudySet, k: int) -> np.ndarray:
         try:
             from echosearch.vectorindex import load_index
 
-            _, ids = load_index(catalog.index_dir, "study", catalog).search(S.vecs, k)
+            level = "study_identity" if S.source == "identity" else "study"
+            _, ids = load_index(catalog.index_dir, level, catalog).search(S.vecs, k)
             rows = np.clip(np.searchsorted(S.keys, ids), 0, len(S) - 1)
             return np.where(S.keys[rows] == ids, rows, -1)
         except (ImportError, EchosearchError):
@@ -196,7 +214,9 @@ def fit_identity_calibrations(catalog: Catalog, S: StudySet | None = None, *, fp
     """
     gen = catalog.generation()
     row = catalog.one("SELECT count(*), coalesce(sum(hash(study_key, patient_key)), 0) FROM studies")
-    fingerprint = f"{row[0]}:{row[1]}" if row else ""  # patients can be relabelled without new vectors
+    source = S.source if S is not None else ("identity" if study_level(catalog) == "study_identity" else "content")
+    # patients can be relabelled without new vectors; identity and content vectors calibrate apart
+    fingerprint = (f"{row[0]}:{row[1]}" if row else "") + ("" if source == "content" else f":{source}")
     if not refit:
         a, b = cal.load(catalog, PAIR_CAL, gen), cal.load(catalog, PATIENT_CAL, gen)
         if a is not None and b is not None and a.extra.get("fingerprint") == b.extra.get("fingerprint") == fingerprint:
@@ -229,7 +249,7 @@ def fit_identity_calibrations(catalog: Catalog, S: StudySet | None = None, *, fp
 
 def same_patient_probability(catalog: Catalog, study_key_a: int, study_key_b: int) -> float:
     """Calibrated probability (at even prior odds) that two studies show the same patient."""
-    ids, vecs = catalog.embeddings("study", [study_key_a, study_key_b])
+    ids, vecs = catalog.embeddings(study_level(catalog), [study_key_a, study_key_b])
     if ids.size < 2:
         missing = {study_key_a, study_key_b} - set(ids.tolist())
         raise QueryError(f"no study vector for study key(s) {sorted(missing)}")

@@ -22,6 +22,7 @@ from echosearch.catalog import Catalog
 from echosearch.config import Settings
 from echosearch.encode import Encoder, l2_normalise, load_encoder
 from echosearch.errors import ConfigError
+from echosearch.identity_model import IdentityEncoder, load_identity_encoder
 from echosearch.ingest import FailedFile, PreparedVideo, ScanSummary, iter_processed, scan
 from echosearch.zeroshot import (
     PromptBank,
@@ -47,6 +48,7 @@ class IndexSummary:
     reports_embedded: int = 0
     elapsed_s: float = 0.0
     model_seconds: float = 0.0
+    identity_seconds: float = 0.0  # part of model_seconds: the identity encoder (head only when it shares the tower)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # setup / scan_encode / finalize
     steady_frames_per_s: float | None = None  # first to last batch of a phase (>= 3): the pipeline when full
     vector_indexes: dict[str, Any] = field(default_factory=dict)
@@ -61,8 +63,10 @@ class _Batcher:
     """Collects prepared videos until a frame batch is full, then encodes and commits them together."""
 
     def __init__(self, catalog: Catalog, encoder: Encoder, bank: PromptBank, batch_size: int, keep_frames: bool,
-                 on_progress: Callable[[int, int], None] | None = None) -> None:
-        self.catalog, self.encoder, self.bank = catalog, encoder, bank
+                 on_progress: Callable[[int, int], None] | None = None,
+                 identity: IdentityEncoder | None = None) -> None:
+        self.catalog, self.encoder, self.bank, self.identity = catalog, encoder, bank, identity
+        self.identity_seconds = 0.0
         self.batch_size, self.keep_frames = batch_size, keep_frames
         self.keys: list[int] = []
         self.frames: list[np.ndarray] = []
@@ -100,7 +104,6 @@ class _Batcher:
         t0 = time.perf_counter()
         allf = np.concatenate(self.frames)
         vecs = self.encoder.encode_frames(allf, batch_size=2 * self.batch_size)  # bounded: all-frames clips are long
-        self.model_seconds += time.perf_counter() - t0
         video_vecs, frame_vecs, counts, preds = [], [], [], []
         start = 0
         for f in self.frames:
@@ -109,10 +112,16 @@ class _Batcher:
             video_vecs.append(l2_normalise(fv.mean(axis=0)))
             frame_vecs.append(fv)
             counts.append(len(f))
-            preds.append(predict(self.bank, fv))
+        t1 = time.perf_counter()
+        ident = self.identity.video_vectors(self.frames, frame_vecs) if self.identity is not None else None
+        self.identity_seconds += time.perf_counter() - t1
+        self.model_seconds += time.perf_counter() - t0
+        preds = [predict(self.bank, fv) for fv in frame_vecs]
         with self.catalog.transaction():
             self.catalog.store_video_embeddings(self.keys, np.stack(video_vecs), counts,
                                                 frame_vecs if self.keep_frames else None)
+            if ident is not None:
+                self.catalog.store_identity_embeddings("video_identity", self.keys, ident, counts)
             store_predictions(self.catalog, "video", self.keys, preds, self.encoder.name)
         self.videos += len(self.keys)
         self.flushes += 1
@@ -182,7 +191,23 @@ def pool_studies(catalog: Catalog, model_name: str, study_keys: list[int] | None
     with catalog.transaction():
         catalog.store_level_embeddings("study", study_keys, study_vecs, counts)
         store_predictions(catalog, "study", study_keys, spreds, model_name)
+        if catalog.has_identity():
+            pool_identity(catalog, owner)
     return len(study_keys)
+
+
+def pool_identity(catalog: Catalog, owner: dict[int, int]) -> None:
+    """Study identity vectors (mean of the studies' video identity vectors, re-normalised) for the videos of
+    ``owner`` (video key -> study key)."""
+    ids, vecs = catalog.embeddings("video_identity", list(owner))
+    by_study: dict[int, list[int]] = {}
+    for i, vk in enumerate(ids):
+        by_study.setdefault(int(owner[int(vk)]), []).append(i)
+    keys = sorted(by_study)
+    if keys:
+        catalog.store_identity_embeddings("study_identity", keys,
+                                          np.stack([l2_normalise(vecs[by_study[s]].mean(axis=0)) for s in keys]),
+                                          [len(by_study[s]) for s in keys])
 
 
 def embed_reports(catalog: Catalog, encoder: Encoder) -> int:
@@ -208,6 +233,36 @@ def embed_file(path: Path, encoder: Encoder) -> tuple[np.ndarray, np.ndarray]:
     return l2_normalise(fv.mean(axis=0)), fv
 
 
+def identity_encoder(catalog: Catalog, content: Encoder, settings: Settings) -> IdentityEncoder | None:
+    """The identity encoder of an indexing run (``identity_model``, else the one the index recorded), bound to
+    the catalog; None when identity uses the content vectors."""
+    stored = catalog.get_manifest("identity_model")
+    spec = settings.identity_model or (stored or {}).get("source")
+    if not spec:
+        return None
+    enc = load_identity_encoder(spec, content, device=settings.device)
+    catalog.bind_identity(enc.manifest)
+    return enc
+
+
+def match_vector(catalog: Catalog, path: Path, encoder: Encoder) -> np.ndarray:
+    """A file's vector for patient matching: its identity vector when the index has identity vectors (the
+    identity encoder the index recorded), else its content video vector."""
+    from echosearch.discover import inspect_file
+    from echosearch.ingest import process_file
+
+    prepared = process_file(inspect_file(Path(path)), encoder.policy)
+    fv = encoder.encode_frames(prepared.frames)
+    stored = catalog.get_manifest("identity_model")
+    if not catalog.has_identity():
+        return l2_normalise(fv.mean(axis=0))
+    ident = load_identity_encoder(str(stored["source"]), encoder)
+    if ident.weights != stored.get("weights_sha256"):
+        raise ConfigError(f"the identity model {stored.get('name')} at {stored.get('source')} has changed since "
+                          "this index was built: its vectors would not match the index's")
+    return ident.video_vectors([prepared.frames], [fv])[0]
+
+
 def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, *, encoder: Encoder | None = None,
                   reports: Path | None = None, labels: Path | None = None, progress: bool = True,
                   build_vectors: bool = True) -> IndexSummary:
@@ -221,6 +276,7 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
         cat.bind_model(ident)
         if cat.get_manifest("model_source") is None:
             cat.set_manifest("model_source", settings.model)
+        id_enc = identity_encoder(cat, enc, settings)
         method = resolve_method(settings.zeroshot_method, enc.source.spec)
         prompts = load_prompts(str(settings.zeroshot_prompts)) if settings.zeroshot_prompts else None
         bank = PromptBank.build(enc, prompts, method=method)
@@ -231,7 +287,7 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
                               f"{done.get('prompts')}; this run would use {bank.method} with {bank.source}: set "
                               "zeroshot_method/zeroshot_prompts to match, or index into a new folder")
         cat.set_manifest("zeroshot", bank.manifest())
-        batcher = _Batcher(cat, enc, bank, settings.batch_size, settings.keep_frame_embeddings)
+        batcher = _Batcher(cat, enc, bank, settings.batch_size, settings.keep_frame_embeddings, identity=id_enc)
         t_setup = time.perf_counter()
         scan_summary: ScanSummary = scan(list(sources), cat, settings, policy=enc.policy, reports=reports,
                                          labels=labels, progress=progress, on_video=batcher.add)
@@ -260,6 +316,7 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
         summary.videos_encoded = batcher.videos
         summary.frames_encoded = batcher.total_frames
         summary.model_seconds = round(batcher.model_seconds, 3)
+        summary.identity_seconds = round(batcher.identity_seconds, 3)
         summary.studies_pooled = pool_studies(cat, enc.name)
         summary.reports_embedded = embed_reports(cat, enc)
         if build_vectors:

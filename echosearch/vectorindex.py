@@ -26,6 +26,7 @@ from echosearch.errors import IndexMismatchError, QueryError
 faiss: Any = _faiss  # the SWIG wrappers take keyword arguments and attributes its type stubs do not know
 
 LEVELS = ("video", "study", "report")
+IDENTITY_LEVELS = ("video_identity", "study_identity")  # built when the index has an identity model
 KINDS = ("flat", "hnsw", "ivf", "ivf_fp16")
 VECTOR_DIR = "vectors"
 # Multiply-adds per millisecond of one exact single-query scan (ENVIRONMENT.md: 1M x 512 Flat ~145 ms, 2 cores).
@@ -37,7 +38,8 @@ EXACT_MAX_FRACTION = 0.01
 TUNE_QUERIES = 200
 HNSW_M = 32
 _TABLES = {"video": ("video_embeddings", "video_key"), "study": ("study_embeddings", "study_key"),
-           "report": ("report_embeddings", "study_key")}
+           "report": ("report_embeddings", "study_key"), "video_identity": ("video_identity", "video_key"),
+           "study_identity": ("study_identity", "study_key")}
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -427,22 +429,26 @@ def catalog_count(catalog: Any, level: str) -> int:
 def build_index(catalog: Any, level: str, *, target_recall: float = 0.95, latency_ms: float = 10.0,
                 force_type: str | None = None) -> VectorIndex:
     """Build, tune and atomically save the level's index from the catalog's embeddings."""
-    if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; choose one of {LEVELS}")
+    if level not in LEVELS + IDENTITY_LEVELS:
+        raise ValueError(f"unknown level {level!r}; choose one of {LEVELS + IDENTITY_LEVELS}")
     generation = catalog.generation()
     model = catalog.manifest().get("model")
-    empty = (np.zeros(0, np.int64), np.zeros((0, int(catalog.embed_dim() or 1)), np.float32))
+    empty = (np.zeros(0, np.int64), np.zeros((0, int(catalog.level_dim(level) or 1)), np.float32))
     ids, vecs = catalog.embeddings(level) if catalog_count(catalog, level) else empty
     vi = build_vectors(ids, vecs, level=level, target_recall=target_recall, latency_ms=latency_ms,
                        force_type=force_type)
     vi.manifest.update(model=model, catalog_generation=generation, catalog_count=len(ids))
+    if level in IDENTITY_LEVELS:
+        vi.manifest["identity_model"] = catalog.get_manifest("identity_model")
     vi.save(catalog.index_dir)
     return vi
 
 
 def build_all(catalog: Any, **kwargs: Any) -> dict[str, VectorIndex]:
-    """Build every level (empty levels get an empty exact index so that searches fail with a clear message)."""
-    return {level: build_index(catalog, level, **kwargs) for level in LEVELS}
+    """Build every level (empty levels get an empty exact index so that searches fail with a clear message), and
+    the identity levels when the index has an identity model."""
+    levels = LEVELS + (IDENTITY_LEVELS if catalog.has_identity() else ())
+    return {level: build_index(catalog, level, **kwargs) for level in levels}
 
 
 def read_manifest(index_dir: Path | str, level: str) -> dict[str, Any] | None:
@@ -463,6 +469,8 @@ def check_manifest(manifest: dict[str, Any], catalog: Any, level: str) -> None:
         raise IndexMismatchError(f"the {level} vector index was built with another model "
                                  f"({(manifest.get('model') or {}).get('name')}, catalog has "
                                  f"{(model or {}).get('name')}): {hint}")
+    if level in IDENTITY_LEVELS and manifest.get("identity_model") != catalog.get_manifest("identity_model"):
+        raise IndexMismatchError(f"the {level} vector index was built with another identity model: {hint}")
     if manifest.get("catalog_generation") != catalog.generation():
         raise IndexMismatchError(f"the {level} vector index is stale (catalog generation "
                                  f"{manifest.get('catalog_generation')} -> {catalog.generation()}): {hint}")
@@ -474,8 +482,8 @@ def check_manifest(manifest: dict[str, Any], catalog: Any, level: str) -> None:
 
 def load_index(index_dir: Path | str, level: str, catalog: Any) -> VectorIndex:
     """Load a level's index (memory-mapped where possible) after checking it against the catalog."""
-    if level not in LEVELS:
-        raise QueryError(f"unknown level {level!r}; choose one of {LEVELS}")
+    if level not in LEVELS + IDENTITY_LEVELS:
+        raise QueryError(f"unknown level {level!r}; choose one of {LEVELS + IDENTITY_LEVELS}")
     path = Path(index_dir) / VECTOR_DIR / f"{level}.faiss"
     manifest = read_manifest(index_dir, level)
     if manifest is None or not path.exists():

@@ -18,6 +18,10 @@ def register(app: typer.Typer) -> None:
         sources: list[Path] = typer.Argument(..., help="Folders, files or manifest CSVs to index."),
         index_dir: Path = typer.Option(..., "--index", "-i", help="Index folder (created if missing)."),
         model: str = typer.Option(None, "--model", "-m", help="Model name, local-dir:DIR or ARCH@WEIGHTS."),
+        identity_model: str = typer.Option(None, "--identity-model",
+                                           help="Identity encoder: a `train-identity` folder or a model name / "
+                                                "local-dir:DIR (default: the identity_model setting; none = "
+                                                "identity uses the content vectors)."),
         workers: int = typer.Option(None, "--workers", "-w", help="Decode processes (0 = in process)."),
         batch_size: int = typer.Option(None, "--batch-size", "-b", help="Frames per model batch."),
         frames: int = typer.Option(None, "--frames", help="Frames sampled per video."),
@@ -35,7 +39,7 @@ def register(app: typer.Typer) -> None:
         from echosearch.config import load_settings
         from echosearch.pipeline import index_sources
 
-        settings = load_settings(model=model, workers=workers, batch_size=batch_size, frames_per_video=frames,
+        settings = load_settings(model=model, identity_model=identity_model, workers=workers, batch_size=batch_size, frames_per_video=frames,
                                  device=device, frame_policy=policy, frame_sampling="all" if all_frames else None)
         summary = index_sources(sources, index_dir, settings, reports=reports, labels=labels,
                                 progress=not json_out)
@@ -127,6 +131,59 @@ def register(app: typer.Typer) -> None:
 
         console.print(f"saved {shown(result.out_dir)} after {result.steps} steps ({result.n_train} train / "
                       f"{result.n_holdout} held-out videos); load it with --model local-dir:{shown(result.out_dir)}")
+
+    @app.command("train-identity")
+    def train_identity(
+        index_dir: Path = typer.Option(..., "--index", "-i", help="Index whose recorded patient IDs are the labels."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder (give it as the identity_model setting)."),
+        init: str = typer.Option(None, "--init", help="Image tower (default: the index's own content model)."),
+        epochs: int = typer.Option(5, "--epochs", min=1, help="Epochs (of 20 steps of 32 patients) per pass."),
+        seed: int = typer.Option(0, "--seed"),
+        hidden: int = typer.Option(256, "--hidden", min=0, help="Hidden width of the MLP head (0 = linear)."),
+        residual: bool = typer.Option(True, "--residual/--projection",
+                                      help="x + MLP(x) starting from the tower's own vectors (its width), or a "
+                                           "projection to --dim."),
+        dim: int = typer.Option(128, "--dim", min=2, help="Identity vector width (--projection)."),
+        holdout: float = typer.Option(0.25, "--holdout", min=0.0, max=0.9, help="Share of patients held out."),
+        clean: bool = typer.Option(True, "--clean/--no-clean",
+                                   help="Retrain without the studies the audit suspects after a first pass."),
+        workers: int = typer.Option(1, "--workers"),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Train an identity head on the index's own patient IDs (frozen image tower, cross-visit positives)."""
+        from echosearch.cli.common import shown
+        from echosearch.identity_train import IdentityTrainConfig
+        from echosearch.identity_train import train_identity as run
+
+        cfg = IdentityTrainConfig(epochs=epochs, seed=seed, init=init, hidden=hidden, out_dim=dim, holdout=holdout,
+                                  clean=clean, workers=workers, residual=residual)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[info]}"), console=console, disable=json_out) as bar:
+            tasks: dict[str, TaskID] = {}
+
+            def cb(phase: str, i: int, n: int, metrics: dict[str, float]) -> None:
+                if phase == "epoch":
+                    if not json_out:
+                        auc = metrics.get("heldout_auc")
+                        base = metrics.get("content_auc")
+                        console.print(f"pass {metrics['pass']:.0f} epoch {i}/{n}: loss {metrics['loss']:.4f}, "
+                                      f"held-out cross-visit AUC {'-' if auc is None else f'{auc:.3f}'} "
+                                      f"(content vectors {'-' if base is None else f'{base:.3f}'})")
+                    return
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=n, info="")
+                bar.update(tasks[phase], completed=i, info=f"loss {metrics['loss']:.3f}" if "loss" in metrics else "")
+
+            result = run(index_dir, out, cfg, progress=cb)
+        if json_out:
+            from dataclasses import asdict
+
+            print_json({**asdict(result), "out_dir": str(result.out_dir)})
+            return
+        console.print(f"saved {shown(result.out_dir)} in {result.seconds:.0f} s ({result.n_train_studies} training "
+                      f"studies, {len(result.dropped_study_keys)} dropped as suspected mislabels, "
+                      f"{result.n_holdout_studies} held-out studies of {result.n_holdout_patients} patients); "
+                      f"use it with --identity-model {shown(result.out_dir)} or ECHOSEARCH_IDENTITY_MODEL")
 
     model_app = typer.Typer(help="Model registry: list and fetch weights.", no_args_is_help=True)
     app.add_typer(model_app, name="model")

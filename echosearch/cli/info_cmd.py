@@ -56,6 +56,7 @@ def register(app: typer.Typer) -> None:
         for k, v in data["manifest"].items():
             m.add_row(shown(k), shown(v))
         console.print(m)
+        console.print(f"identity: {shown(data['identity'])}")
         for name, vm in data["vector_indexes"].items():
             console.print(f"vector index [bold]{shown(name)}[/]: {vm.get('index_type')} rows={vm.get('ntotal')} "
                           f"recall@10={vm.get('recall_at_10')}")

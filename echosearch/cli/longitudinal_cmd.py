@@ -68,19 +68,31 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def match(
         index: Path = typer.Option(..., "--index", "-i", help="Index folder."),
-        study: str = typer.Option(..., "--study", "-s", help="Study Instance UID (or study key)."),
+        study: str = typer.Option(None, "--study", "-s", help="Study Instance UID (or study key)."),
+        video: Path = typer.Option(None, "--video", help="A video file (DICOM, AVI, ...), indexed or not."),
         k: int = typer.Option(5, "-k", help="Candidate patients."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
-        """Which patients does this study look like? (the study itself excluded)"""
+        """Which patients does this study (the study itself excluded) or video look like? Identity vectors when
+        the index has them; p_same is the calibrated probability of each patient."""
+        from echosearch.errors import QueryError
         from echosearch.identity import match_patients
 
+        if (study is None) == (video is None):
+            raise QueryError("give one of --study UID or --video FILE")
         with Catalog.open(index, read_only=True) as cat:
-            df = match_patients(cat, study, k_patients=k)
+            if video is not None:
+                from echosearch.encode import encoder_for_index
+                from echosearch.pipeline import match_vector
+
+                df = match_patients(cat, match_vector(cat, video, encoder_for_index(cat)), k_patients=k)
+            else:
+                df = match_patients(cat, study, k_patients=k)
+        what = {"study": study} if video is None else {"video": str(video)}
         if json_out:
-            print_json({"study": study, "candidates": frame_records(df)})
+            print_json({**what, "candidates": frame_records(df)})
             return
-        console.print(frame_table(df, title=f"patients matching study {study}"))
+        console.print(frame_table(df, title=f"patients matching {next(iter(what))} {next(iter(what.values()))}"))
 
     @app.command("eval")
     def eval_(

@@ -1,0 +1,174 @@
+"""Identity encoders: vectors for "same patient?", configured apart from the content encoder (``identity_model``).
+
+Two kinds, both loadable offline:
+
+- **head**: a folder written by ``echosearch train-identity`` with ``identity_head.json`` (the image tower it
+  was trained on, by model name and weights hash, and the head's shape) and ``identity_head.safetensors``
+  (a linear projection or 2-layer MLP). The head maps the tower's video vector (mean of its L2-normalised
+  frame vectors, re-normalised) to an L2-normalised identity vector. When the tower is the content model
+  itself, indexing reuses the content encoder's frame vectors and only the head runs.
+- **tower**: any model name / ``local-dir:DIR`` (e.g. ``echo-clip-r``): its image tower's video vector is the
+  identity vector. It sees the frames the content encoder prepared (resized to its own input size).
+
+A study's identity vector is the mean of its videos', re-normalised, as for the content vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from echosearch.errors import ModelLoadError, ModelMismatchError
+from echosearch.models import weights_sha256
+
+if TYPE_CHECKING:
+    from echosearch.encode import Encoder
+
+HEAD_CONFIG = "identity_head.json"
+HEAD_WEIGHTS = "identity_head.safetensors"
+HEAD_FORMAT = "echosearch-identity-head"
+
+
+class IdentityHead(torch.nn.Module):
+    """Linear projection (``hidden=0``) or 2-layer MLP from tower video vectors to unit identity vectors.
+
+    ``residual``: ``x + MLP(x)`` (``out_dim = in_dim``) with the MLP's last layer starting at zero, so that
+    training starts from the tower's own vectors and moves only as far as the patient labels pull it."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden: int = 256, residual: bool = False) -> None:
+        super().__init__()
+        out_dim = in_dim if residual else out_dim
+        self.in_dim, self.out_dim, self.hidden, self.residual = in_dim, out_dim, hidden, residual
+        if hidden > 0:
+            self.net: torch.nn.Module = torch.nn.Sequential(
+                torch.nn.Linear(in_dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, out_dim))
+        else:
+            self.net = torch.nn.Linear(in_dim, out_dim)
+        if residual:
+            last = self.net[-1] if isinstance(self.net, torch.nn.Sequential) else self.net
+            assert isinstance(last, torch.nn.Linear)
+            torch.nn.init.zeros_(last.weight)
+            torch.nn.init.zeros_(last.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x + self.net(x) if self.residual else self.net(x), dim=-1)
+
+    def shape(self) -> dict[str, Any]:
+        return {"in_dim": self.in_dim, "out_dim": self.out_dim, "hidden": self.hidden, "residual": self.residual}
+
+
+def head_folder(spec: str) -> Path | None:
+    """The head folder a setting names (``DIR`` or ``local-dir:DIR`` holding ``identity_head.json``), else None."""
+    path = Path(spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec).expanduser()
+    return path if (path / HEAD_CONFIG).is_file() else None
+
+
+def save_head(folder: Path, head: IdentityHead, tower: dict[str, Any], training: dict[str, Any]) -> Path:
+    """Write a head folder (config JSON + safetensors)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in head.state_dict().items()}, str(folder / HEAD_WEIGHTS))
+    os.chmod(folder / HEAD_WEIGHTS, 0o644)  # a model file others may read, like write_model_folder's
+    cfg = {"format": HEAD_FORMAT, "version": 1, "name": folder.name, "tower": tower, "head": head.shape(),
+           "training": training}
+    (folder / HEAD_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+    return folder
+
+
+def load_head(folder: Path) -> tuple[IdentityHead, dict[str, Any]]:
+    """(head in eval mode, its config) from a head folder."""
+    from safetensors.torch import load_file
+
+    try:
+        cfg = json.loads((folder / HEAD_CONFIG).read_text())
+        if cfg.get("format") != HEAD_FORMAT:
+            raise ModelLoadError(f"{folder / HEAD_CONFIG} is not an echosearch identity head")
+        head = IdentityHead(**cfg["head"])
+        head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
+    except (OSError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"could not load the identity head in {folder}: {type(exc).__name__}: {exc}") from exc
+    return head.eval(), cfg
+
+
+class IdentityEncoder:
+    """Identity vectors of videos from their prepared frames (or the content encoder's frame vectors)."""
+
+    def __init__(self, name: str, source: str, kind: str, head: IdentityHead | None, tower: Encoder | None,
+                 tower_info: dict[str, Any], weights: str | None, embed_dim: int) -> None:
+        self.name, self.source, self.kind = name, source, kind
+        self.head, self.tower, self.tower_info = head, tower, tower_info
+        self.weights, self.embed_dim = weights, embed_dim
+
+    @property
+    def shares_content_tower(self) -> bool:
+        return self.tower is None
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """What the index records beside the content model (``identity_model``)."""
+        return {"name": self.name, "source": self.source, "kind": self.kind, "weights_sha256": self.weights,
+                "embed_dim": self.embed_dim, "tower": self.tower_info,
+                "shares_content_tower": self.shares_content_tower}
+
+    def tower_video_vectors(self, frames: Sequence[np.ndarray], content_frame_vecs: Sequence[np.ndarray]
+                            ) -> np.ndarray:
+        """(n_videos, tower dim) video vectors of the tower: mean of frame vectors, L2-normalised."""
+        from echosearch.encode import l2_normalise
+
+        if self.tower is None:
+            per_video = list(content_frame_vecs)
+        else:
+            allv = self.tower.encode_frames(np.concatenate(list(frames)))
+            per_video = np.split(allv, np.cumsum([len(f) for f in frames])[:-1])
+        return np.stack([l2_normalise(v.mean(axis=0)) for v in per_video]).astype(np.float32)
+
+    def apply_head(self, tower_vecs: np.ndarray) -> np.ndarray:
+        if self.head is None:
+            return np.ascontiguousarray(tower_vecs, dtype=np.float32)
+        with torch.inference_mode():
+            return self.head(torch.from_numpy(np.array(tower_vecs, dtype=np.float32))).numpy()
+
+    def video_vectors(self, frames: Sequence[np.ndarray], content_frame_vecs: Sequence[np.ndarray]) -> np.ndarray:
+        """Identity vectors of videos (L2-normalised), one row per video."""
+        if not len(frames):
+            return np.zeros((0, self.embed_dim), np.float32)
+        return self.apply_head(self.tower_video_vectors(frames, content_frame_vecs))
+
+
+def load_identity_encoder(spec: str, content: Encoder, device: str = "auto") -> IdentityEncoder:
+    """The identity encoder a setting names, sharing the content encoder's tower when the weights are the same."""
+    from echosearch.encode import load_encoder
+
+    content_sha = content.identity["weights_sha256"]
+    folder = head_folder(spec)
+    if folder is not None:
+        head, cfg = load_head(folder)
+        tower_info = dict(cfg.get("tower") or {})
+        tower: Encoder | None = None
+        if tower_info.get("weights_sha256") != content_sha:
+            tower = load_encoder(str(tower_info.get("model")), device=device,
+                                 frames_per_video=content.policy.n_frames, policy="auto")
+            if tower.identity["weights_sha256"] != tower_info.get("weights_sha256"):
+                raise ModelMismatchError(
+                    f"the identity head {folder} was trained on {tower_info.get('name')} (weights "
+                    f"{str(tower_info.get('weights_sha256'))[:12]}); {tower_info.get('model')} has weights "
+                    f"{str(tower.identity['weights_sha256'])[:12]}")
+        if head.in_dim != int(tower_info.get("embed_dim", head.in_dim)):
+            raise ModelLoadError(f"the identity head {folder} expects {head.in_dim}-d tower vectors")
+        return IdentityEncoder(str(cfg.get("name") or folder.name), str(folder.resolve()), "head", head, tower,
+                               tower_info, weights_sha256(folder / HEAD_WEIGHTS), head.out_dim)
+    enc = load_encoder(spec, device=device, frames_per_video=content.policy.n_frames, policy="auto")
+    ident = enc.identity
+    info = {"model": spec, "name": ident["name"], "weights_sha256": ident["weights_sha256"],
+            "embed_dim": ident["embed_dim"]}
+    shared = ident["weights_sha256"] == content_sha
+    return IdentityEncoder(ident["name"], spec, "tower", None, None if shared else enc, info,
+                           ident["weights_sha256"], int(ident["embed_dim"]))
