@@ -75,7 +75,7 @@ device-prep: setup
 	cp $(REAL_DICOM)/*echo*.dcm $(REAL_DICOM)/US1_J2KR.dcm .devdata/; \
 	du -sh .whl .devdata; \
 	echo 'device run, carry [".whl", ".devdata"], timeout_s 540:'; \
-	echo 'python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$$PWD PYTHONUNBUFFERED=1 && timeout 480 python3 bench/device_check.py --data .devdata --json $$OUT/device.json 2>&1 | tee $$OUT/log'
+	echo 'python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl && export PYTHONPATH=$$PWD/.site:$$PWD PYTHONUNBUFFERED=1 && timeout 480 python3 bench/device_check.py --data .devdata --json $$OUT/device.json 2>&1 | tee $$OUT/log'
 
 app: setup
 	@test -f $(DEMO_DIR)/index/catalog.duckdb || $(MAKE) demo

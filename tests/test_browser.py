@@ -248,10 +248,11 @@ def screenshot_pages(index: Path, out: Path) -> list[Path]:
 
 if __name__ == "__main__":
     import argparse
+    import tempfile
 
     ap = argparse.ArgumentParser(description="screenshot every page of the app")
     ap.add_argument("--index", type=Path, required=True)
-    ap.add_argument("--out", type=Path, default=Path("/tmp/echosearch-screens"))
+    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "echosearch-screens")
     a = ap.parse_args()
     for p in screenshot_pages(a.index, a.out):
         print(p)
