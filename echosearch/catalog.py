@@ -608,14 +608,15 @@ class Catalog:
         rows = (self.con.sql(sql + " ORDER BY video_key").fetchall() if keys is None else self.con.execute(
             sql + " WHERE video_key IN (SELECT unnest(?::BIGINT[])) ORDER BY video_key",
             [[int(k) for k in keys]]).fetchall())
-        if pz is None and any(r[2] is not None for r in rows):
-            pz = self.pseudonymizer()
-        return {int(k): Path(pz.unseal(loc)) if loc is not None and pz is not None else stored_path(p)
-                for k, p, loc in rows}
+        return self._open_locations(rows, pz)
 
     def error_locations(self, pz: Pseudonymizer | None = None) -> dict[int, Path]:
         """Where the inputs of the ``ingest_errors`` rows are (error id -> path), like :meth:`locations`."""
         rows = self.con.sql("SELECT error_id, path, location FROM ingest_errors ORDER BY error_id").fetchall()
+        return self._open_locations(rows, pz)
+
+    def _open_locations(self, rows: Sequence[tuple[Any, ...]], pz: Pseudonymizer | None) -> dict[int, Path]:
+        """(key, path, location) rows -> key -> file path; the secret is asked for only when a row is sealed."""
         if pz is None and any(r[2] is not None for r in rows):
             pz = self.pseudonymizer()
         return {int(k): Path(pz.unseal(loc)) if loc is not None and pz is not None else stored_path(p)

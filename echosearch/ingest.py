@@ -397,15 +397,20 @@ def scan(
     summary = ScanSummary()
     pending: list[tuple[VideoRecord, PreparedVideo]] = []
 
-    def fail(path: Path, sha256: str | None, stage: str, reason: str) -> None:
-        summary.failed += 1
+    def note(path: Path, sha256: str | None, stage: str, reason: str) -> str:
+        """Record an ``ingest_errors`` row under the file's label; returns the label."""
         shown, location = stored_location(path, pz, settings.store_raw_identifiers)
-        if len(summary.failures) < MAX_LISTED_FAILURES:  # all of them are in ingest_errors
-            summary.failures.append({"path": shown, "stage": stage, "reason": reason})
         try:
             catalog.record_error(shown, sha256, stage, reason, location)
         except Exception as exc:  # noqa: BLE001 - one unrecordable row must not end the batch
-            log.warning("could not record the failure of a file: %s", exc)
+            log.warning("could not record an ingest_errors row (%s): %s", stage, exc)
+        return shown
+
+    def fail(path: Path, sha256: str | None, stage: str, reason: str) -> None:
+        summary.failed += 1
+        shown = note(path, sha256, stage, reason)
+        if len(summary.failures) < MAX_LISTED_FAILURES:  # all of them are in ingest_errors
+            summary.failures.append({"path": shown, "stage": stage, "reason": reason})
 
     def record(batch: list[tuple[VideoRecord, PreparedVideo]]) -> dict[str, int]:
         with catalog.transaction():
@@ -442,11 +447,7 @@ def scan(
                 if not item.is_report:
                     fail(item.path, item.sha256, item.stage, item.reason)
                     continue
-                try:
-                    shown, location = stored_location(item.path, pz, settings.store_raw_identifiers)
-                    catalog.record_error(shown, item.sha256, item.stage, item.reason, location)
-                except Exception as exc:  # noqa: BLE001 - one unrecordable row must not end the batch
-                    log.warning("could not record a report object: %s", exc)
+                note(item.path, item.sha256, item.stage, item.reason)
                 summary.report_objects += 1
                 if item.report and item.report.text and item.report.study_uid:
                     side.reports.append(("study_uid", item.report.study_uid, item.report.text, "dicom-sr"))

@@ -23,7 +23,7 @@ from echosearch.config import Settings
 from echosearch.encode import Encoder, l2_normalise, load_encoder
 from echosearch.errors import ConfigError
 from echosearch.identity_model import IdentityEncoder, load_identity_encoder
-from echosearch.ingest import FailedFile, PreparedVideo, ScanSummary, iter_processed, scan
+from echosearch.ingest import FailedFile, PreparedVideo, ScanSummary, iter_processed, scan, stored_location
 from echosearch.zeroshot import (
     PromptBank,
     load_prompts,
@@ -297,15 +297,17 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
         pending = cat.unencoded_videos()
         if pending.height:
             from echosearch.discover import FileRecord
+            from echosearch.pseudonym import Pseudonymizer
 
-            where = cat.locations(pending["video_key"].to_list())
+            pz = Pseudonymizer(settings.require_secret())
+            where = cat.locations(pending["video_key"].to_list(), pz)
             records = [FileRecord(path=where[int(r["video_key"])], size=0, sha256=r["sha256"], kind=r["kind"])
                        for r in pending.iter_rows(named=True)]
-            shown = {r["sha256"]: r["path"] for r in pending.iter_rows(named=True)}  # the label, never the path
             key_of = {r["sha256"]: int(r["video_key"]) for r in pending.iter_rows(named=True)}
             for item in iter_processed(records, enc.policy, settings.workers):
                 if isinstance(item, FailedFile):
-                    cat.record_error(shown.get(item.sha256 or "", "?"), item.sha256, item.stage, item.reason)
+                    shown, location = stored_location(item.path, pz, settings.store_raw_identifiers)
+                    cat.record_error(shown, item.sha256, item.stage, item.reason, location)
                     summary.encode_failed += 1
                     continue
                 batcher.add(key_of[item.record.sha256], item)

@@ -9,6 +9,7 @@ re-encoding, training or a preview).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -59,6 +60,7 @@ class Pseudonymizer:
         m = _SUFFIX.search(os.fsdecode(raw).rsplit("/", 1)[-1])
         return LABEL_PREFIX + digest + (m.group(0).lower() if m else "")
 
+    @functools.cached_property
     def _aead(self) -> object:
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -71,14 +73,14 @@ class Pseudonymizer:
     def seal(self, path: str | os.PathLike[str]) -> bytes:
         """The absolute path's bytes, encrypted and authenticated (12-byte nonce + ciphertext + tag)."""
         nonce = os.urandom(12)
-        return nonce + self._aead().encrypt(nonce, os.fsencode(os.path.abspath(path)), b"echosearch-location")  # type: ignore[attr-defined]
+        return nonce + self._aead.encrypt(nonce, os.fsencode(os.path.abspath(path)), b"echosearch-location")  # type: ignore[attr-defined]
 
     def unseal(self, blob: bytes) -> str:
         """The path a :meth:`seal` made; refuses (one line) when the secret is not the one that sealed it."""
         from cryptography.exceptions import InvalidTag
 
         try:
-            raw = self._aead().decrypt(bytes(blob[:12]), bytes(blob[12:]), b"echosearch-location")  # type: ignore[attr-defined]
+            raw = self._aead.decrypt(bytes(blob[:12]), bytes(blob[12:]), b"echosearch-location")  # type: ignore[attr-defined]
         except (InvalidTag, ValueError) as exc:
             raise ConfigError("a stored file location cannot be opened with this secret: set the "
                               "ECHOSEARCH_SECRET the index was built with") from exc

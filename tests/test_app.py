@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,17 +66,23 @@ def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def app_env(index_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Environment of an AppTest run: the index, loopback address, no login configured."""
+def loopback() -> Iterator[None]:
+    """The app's configured address is loopback for the test, restored afterwards."""
     from streamlit import config
 
+    old = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield
+    config.set_option("server.address", old)
+
+
+@pytest.fixture
+def app_env(index_dir: Path, monkeypatch: pytest.MonkeyPatch, loopback: None) -> Path:
+    """Environment of an AppTest run: the index, loopback address, no login configured."""
     monkeypatch.setenv(app_api.INDEX_ENV, str(index_dir))
     monkeypatch.delenv(app_api.PASSWORD_ENV, raising=False)
     monkeypatch.setenv(app_api.USER_ENV, "tester")
-    old = config.get_option("server.address")
-    config.set_option("server.address", "127.0.0.1")
-    yield index_dir
-    config.set_option("server.address", old)
+    return index_dir
 
 
 def new_app() -> object:
@@ -253,26 +260,19 @@ def test_password_login_is_required_when_configured(app_env: Path, monkeypatch: 
 
 
 def test_password_login_locks_after_repeated_failures(tmp_path_factory: pytest.TempPathFactory,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from streamlit import config
-
+                                                      monkeypatch: pytest.MonkeyPatch, loopback: None) -> None:
     index = index_copy(tmp_path_factory, "login-lock")  # its own throttle (one per index and process)
     monkeypatch.setenv(app_api.INDEX_ENV, str(index))
     monkeypatch.setenv(app_api.PASSWORD_ENV, "correct horse battery staple")
-    old = config.get_option("server.address")
-    config.set_option("server.address", "127.0.0.1")
-    try:
-        at = new_app().run()
-        at.text_input[0].input("mallory")
-        for i in range(6):
-            at.text_input[1].input(f"guess {i}")
-            at.form_submit_button[0].click().run()
-            assert at.error
-        assert "Too many failed sign-ins: try again in" in at.error[0].value
-        at.text_input[1].input("correct horse battery staple")
+    at = new_app().run()
+    at.text_input[0].input("mallory")
+    for i in range(6):
+        at.text_input[1].input(f"guess {i}")
         at.form_submit_button[0].click().run()
-    finally:
-        config.set_option("server.address", old)
+        assert at.error
+    assert "Too many failed sign-ins: try again in" in at.error[0].value
+    at.text_input[1].input("correct horse battery staple")
+    at.form_submit_button[0].click().run()
     assert at.error and "Too many failed sign-ins: try again in" in at.error[0].value, "refused while locked"
     assert not any(t.value == "Search echoes" for t in at.title) and "actor" not in at.session_state
     assert log_rows(index, "login_failed").height == 5 and log_rows(index, "login").height == 0
@@ -366,9 +366,7 @@ def test_serve_command(index_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def test_report_text_is_shown_as_plain_text(tmp_path_factory: pytest.TempPathFactory,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from streamlit import config
-
+                                            monkeypatch: pytest.MonkeyPatch, loopback: None) -> None:
     index = index_copy(tmp_path_factory, "reports-html")
     payload = "<img src=x onerror=alert(1)> **LV** [see](http://evil.example) :red[alarm]."
     with Catalog.open(index) as cat:
@@ -376,15 +374,10 @@ def test_report_text_is_shown_as_plain_text(tmp_path_factory: pytest.TempPathFac
     monkeypatch.setenv(app_api.INDEX_ENV, str(index))
     monkeypatch.delenv(app_api.PASSWORD_ENV, raising=False)
     monkeypatch.setenv(app_api.USER_ENV, "tester")
-    old = config.get_option("server.address")
-    config.set_option("server.address", "127.0.0.1")
-    try:
-        at = new_app().run()
-        at.text_input[0].input("SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION.")
-        at.form_submit_button[0].click().run()
-        ok(at)
-    finally:
-        config.set_option("server.address", old)
+    at = new_app().run()
+    at.text_input[0].input("SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION.")
+    at.form_submit_button[0].click().run()
+    ok(at)
     shown = [t.value for t in at.text]  # type: ignore[attr-defined]
     assert any(payload in v for v in shown if v.startswith("•")), "nearest report sentences, verbatim"
     assert any(payload in v for v in shown if v.startswith("Report: ")), "each result's report, verbatim"

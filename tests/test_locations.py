@@ -139,3 +139,31 @@ def test_labels_are_keyed_and_seals_authenticated() -> None:
         b.unseal(sealed)
     with pytest.raises(ConfigError):
         a.unseal(sealed[:-1] + bytes([sealed[-1] ^ 1]))
+
+
+def test_a_file_gone_before_encoding_is_an_error_row_with_its_sealed_location(
+        pacs_export: tuple[Path, pl.DataFrame], random_model_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Videos scanned earlier and encoded later: a file that vanished meanwhile is reported under its label,
+    and the operator can still find which file it was."""
+    import shutil
+
+    from echosearch.pipeline import index_sources
+
+    monkeypatch.setenv("ECHOSEARCH_SECRET", SECRET)
+    src = tmp_path / "export"
+    shutil.copytree(pacs_export[0], src)
+    index = tmp_path / "idx"
+    settings = load_settings(workers=0, model=f"local-dir:{random_model_dir}")
+    with Catalog.open(index, create=True) as cat:
+        from echosearch.encode import load_encoder
+
+        enc = load_encoder(settings.model, device="cpu")
+        cat.bind_model(enc.identity)
+        scan([src], cat, settings, policy=enc.policy, progress=False)
+        gone = next(iter(cat.locations(None).values()))
+    gone.unlink()
+    index_sources([], index, settings, encoder=enc, progress=False, build_vectors=False)
+    with Catalog.open(index, read_only=True) as cat:
+        (key, label), = cat.con.sql("SELECT error_id, path FROM ingest_errors").fetchall()
+        assert label.startswith("F-") and cat.error_locations()[key] == gone
