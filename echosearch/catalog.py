@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from echosearch.pseudonym import Pseudonymizer
 
 CATALOG_FILE = "catalog.duckdb"
-SCHEMA_VERSION = 3
 EMBEDDING_LEVELS = ("video", "study", "report")
 IDENTITY_LEVELS = ("video_identity", "study_identity")
 # versions a reader copes without (tables created on demand): a read-only open of an older catalog is allowed
@@ -187,7 +186,9 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         "(their width is the identity encoder's)",
         "",
     ),
+    # v4 (scope of each clip) and v5 (PACS intake) are appended below this line by their issues
 ]
+SCHEMA_VERSION = max(v for v, _, _ in MIGRATIONS)
 
 
 def embedding_table_sql(dim: int) -> str:
