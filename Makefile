@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-$(DEPS_HASH)
 DEMO_DIR ?= indexes/demo
 export ECHOSEARCH_LOG_LEVEL ?= WARNING
 
-.PHONY: setup demo test browser bench bench-model app lint typecheck clean-demo demo-model device-prep
+.PHONY: setup demo test browser orthanc bench bench-model app lint typecheck clean-demo demo-model device-prep
 
 setup: $(STAMP)
 
@@ -41,8 +41,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python -m echosearch.demo --out $(DEMO_DIR)
 
-# The browser test drives Debian's Chromium; install it when missing (these machines run as root).
-test: setup browser
+# The browser test drives Debian's Chromium, the intake tests Debian's Orthanc; install them when missing
+# (these machines run as root).
+test: setup browser orthanc
 	$(BIN)/python -m pytest -q
 
 browser:
@@ -50,6 +51,13 @@ browser:
 	  echo "installing Debian's chromium for the browser test"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: could not install chromium: the browser test will be skipped"; }
+
+orthanc:
+	@command -v Orthanc >/dev/null 2>&1 && dpkg -s orthanc-dicomweb >/dev/null 2>&1 || { \
+	  echo "installing Debian's orthanc and orthanc-dicomweb for the intake tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    orthanc orthanc-dicomweb >/dev/null && (systemctl disable --now orthanc >/dev/null 2>&1 || true)) \
+	  || echo "warning: could not install orthanc: the intake tests against Orthanc will be skipped"; }
 
 bench: setup
 	$(BIN)/python bench/decode.py

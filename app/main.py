@@ -13,7 +13,7 @@ if str(APP_DIR) not in sys.path:
 
 import ui  # noqa: E402  (needs APP_DIR on sys.path)
 
-st.set_page_config(page_title="echosearch", page_icon=":material/cardiology:", layout="wide")
+st.set_page_config(page_title="echosearch", page_icon="🫀", layout="wide")  # an emoji: nothing fetched from outside
 
 who = ui.require_login()
 pages = [

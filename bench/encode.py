@@ -38,14 +38,16 @@ def model_only(enc, n_frames_total: int, batch: int) -> float:  # type: ignore[n
     return done / (time.perf_counter() - t0)
 
 
-def full_pipeline(enc, cohort: Path, frames: int, batch: int, workers: int) -> tuple[float, int, Any]:  # type: ignore[no-untyped-def]
+def full_pipeline(enc, cohort: Path, frames: int, batch: int, workers: int,  # type: ignore[no-untyped-def]
+                  identity_model: str | None = None) -> tuple[float, int, Any]:
     """(b) frames/s of the whole index run (decode + prepare + encode + catalog + vector index), end to end;
     the summary also carries the steady rate (first to last committed batch) and the fixed stage costs."""
     from echosearch.config import load_settings
     from echosearch.pipeline import index_sources
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = load_settings(mode="demo", frames_per_video=frames, batch_size=batch, workers=workers)
+        settings = load_settings(mode="demo", frames_per_video=frames, batch_size=batch, workers=workers,
+                                 identity_model=identity_model)
         t0 = time.perf_counter()
         s = index_sources([cohort], Path(tmp) / "idx", settings, encoder=enc, progress=False)
         return s.frames_encoded / (time.perf_counter() - t0), s.videos_encoded, s
@@ -105,6 +107,32 @@ def run_model(enc, label: str, paths: list[Path], cohort: Path, tmp: Path, a: ar
             "videos": nv, "stage_seconds": summ.stage_seconds}
 
 
+def identity_overhead(a: argparse.Namespace, repeats: int = 3) -> float:
+    """(b) for the demo model with identity vectors from its shipped head against without: time ratio
+    (median of ``repeats`` alternating runs; the index's identity work runs on the content frame vectors)."""
+    from echosearch.encode import load_encoder
+    from echosearch.identity_model import demo_identity_head
+    from echosearch.synth import generate_cohort
+
+    head = demo_identity_head()
+    if head is None:
+        raise SystemExit("the demo model has no shipped identity head")
+    enc = load_encoder("echosearch-demo", device="auto", frames_per_video=a.frames)
+    with tempfile.TemporaryDirectory() as tmp:
+        cohort = Path(tmp) / "cohort"
+        generate_cohort(cohort, patients=a.patients, seed=77, visits=(1, 2), views=("A4C", "PLAX"))
+        full_pipeline(enc, cohort, a.frames, a.batch, a.workers, "none")  # warm-up (caches, lazy imports)
+        rates: dict[str, list[float]] = {"none": [], str(head): []}
+        for _ in range(repeats):
+            for spec in rates:
+                rates[spec].append(full_pipeline(enc, cohort, a.frames, a.batch, a.workers, spec)[0])
+    without, with_ = float(np.median(rates["none"])), float(np.median(rates[str(head)]))
+    ratio = without / with_
+    print(f"(b) demo model: {without:.1f} frames/s without identity vectors, {with_:.1f} with the shipped head: "
+          f"indexing time x{ratio:.3f} (target <= 1.25)", flush=True)
+    return ratio
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--patients", type=int, default=12)
@@ -114,6 +142,8 @@ def main() -> None:
     ap.add_argument("--skip-convnext", action="store_true")
     ap.add_argument("--sizes", default="small,realistic", help="cohort sizes to run, comma-separated")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--identity", action="store_true",
+                    help="only (b) for the demo model without and with its shipped identity head (target: <= 1.25x)")
     a = ap.parse_args()
     os.environ.setdefault("ECHOSEARCH_SECRET", "bench-secret-0123456789")
     from echosearch.encode import load_encoder
@@ -121,6 +151,9 @@ def main() -> None:
     from echosearch.synth import generate_cohort
 
     results: dict[str, dict[str, Any]] = {}
+    if a.identity:
+        identity_overhead(a)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         models = {"echosearch-demo": "echosearch-demo"}
         if not a.skip_convnext:

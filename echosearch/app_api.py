@@ -40,6 +40,14 @@ from echosearch.errors import ConfigError, QueryError
 from echosearch.filters import Filters
 from echosearch.login_guard import Limits, LoginGuard
 from echosearch.previews import Preview, ensure_preview
+from echosearch.search_view import (  # noqa: F401  (re-exported for the app: scope, confidence, reasons)
+    READING_LABEL,
+    SearchOutcome,
+    describe_filters,
+    matched_sentences,
+    report_ef,
+    trusted_search,
+)
 
 INDEX_ENV = "ECHOSEARCH_INDEX"
 PASSWORD_ENV = "ECHOSEARCH_APP_PASSWORD"
@@ -55,10 +63,11 @@ EF_BANDS: dict[str, tuple[float, float]] = {"any": (0, 100), "severely reduced (
 
 # ---- locating things ------------------------------------------------------------------------------
 def app_script() -> Path:
-    """``app/main.py`` of this checkout (beside the package), or ``ECHOSEARCH_APP_DIR/main.py``."""
+    """``ECHOSEARCH_APP_DIR/main.py``, else ``app/main.py`` of this checkout (beside the package), else the copy
+    a wheel ships inside the package (``echosearch/app``, see setup.py)."""
     override = os.environ.get("ECHOSEARCH_APP_DIR")
     candidates = [Path(override)] if override else []
-    candidates.append(Path(__file__).resolve().parents[1] / "app")
+    candidates += [Path(__file__).resolve().parents[1] / "app", Path(__file__).resolve().parent / "app"]
     for folder in candidates:
         if (folder / "main.py").is_file():
             return folder / "main.py"
@@ -230,7 +239,11 @@ class AppIndex:
 
     def filter_options(self) -> dict[str, Any]:
         """Values the search filters offer: views, manufacturers, date range, patients."""
-        views = self.sql("SELECT DISTINCT view FROM videos WHERE view IS NOT NULL ORDER BY view")["view"].to_list()
+        with self.reader() as cat:
+            scoped = cat.has_scope()
+        views = self.sql("SELECT DISTINCT coalesce(v.view, c.view) AS view FROM videos v LEFT JOIN clip_scope c "
+                         "USING (video_key) WHERE coalesce(v.view, c.view) IS NOT NULL ORDER BY 1" if scoped else
+                         "SELECT DISTINCT view FROM videos WHERE view IS NOT NULL ORDER BY view")["view"].to_list()
         makers = self.sql("SELECT DISTINCT manufacturer FROM videos WHERE manufacturer IS NOT NULL ORDER BY 1")
         dates = self.sql("SELECT min(study_date) AS lo, max(study_date) AS hi FROM studies")
         return {"views": views, "manufacturers": makers["manufacturer"].to_list(),
@@ -289,8 +302,9 @@ class AppIndex:
         keep = [c for c in preds.columns if c == "study_key" or c in TASK_LABELS]
         studies = studies.join(preds.select(keep), on="study_key", how="left")
         if ch.height:
-            cols = ["study_key", "prev_study_key", "score_prev", "score_baseline", "z_prev", "z_baseline",
-                    "p_same_prev", "flagged", "reasons", "explanation"]
+            cols = ["study_key", "prev_study_key", "score_prev", "score_baseline", "change_prob",
+                    "change_prob_baseline", "p_same_prev", "p_ef_fall", "p_ef_rise", "ef_prev", "flagged", "reasons", "flag_types",
+                    "explanation", "flags"]
             studies = studies.join(ch.select([c for c in cols if c in ch.columns]), on="study_key", how="left")
         return studies.with_row_index("visit", offset=1)
 
@@ -308,15 +322,21 @@ class AppIndex:
         return int(df["run_id"][0]) if df.height and df["run_id"][0] is not None else self.latest_run("audit")
 
     def audit_results(self, suspects_only: bool = True) -> pl.DataFrame:
-        """The latest audit run joined with patients and each study's latest reviewer decision."""
+        """The latest audit run joined with patients and each study's latest reviewer decision.
+
+        ``rank`` is the review order: suspects first, by the calibrated probability that the recorded patient
+        is right (``p_same``, lowest first: the figure the page shows), then the rest; ``audit_rank`` is the
+        audit's own order (by suspicion)."""
         run = self.latest_run("audit")
         if run is None:
             return pl.DataFrame()
-        where = "AND a.suspect" if suspects_only else ""
+        where = "WHERE suspect" if suspects_only else ""
         return self.sql(
             f"""WITH d AS (SELECT study_key, decision, reviewer, occurred_at AS decided_at, note,
-                    row_number() OVER (PARTITION BY study_key ORDER BY occurred_at DESC) AS rn FROM audit_decisions)
-                SELECT a.rank, a.study_key, s.study_date, a.recorded_patient_key, rp.patient_pseudonym AS recorded_patient,
+                    row_number() OVER (PARTITION BY study_key ORDER BY occurred_at DESC) AS rn FROM audit_decisions),
+                r AS (SELECT row_number() OVER (ORDER BY a.suspect DESC, coalesce(a.p_same, 1.0), a.rank)::INTEGER
+                             AS rank, a.rank AS audit_rank, a.study_key, s.study_date, a.recorded_patient_key,
+                       rp.patient_pseudonym AS recorded_patient,
                        a.own_score, a.best_other_patient_key, bp.patient_pseudonym AS best_other_patient,
                        a.best_other_score, a.margin, a.p_same, a.suspect, a.evidence,
                        d.decision, d.reviewer, d.decided_at, d.note
@@ -324,7 +344,25 @@ class AppIndex:
                 JOIN patients rp ON rp.patient_key = a.recorded_patient_key
                 LEFT JOIN patients bp ON bp.patient_key = a.best_other_patient_key
                 LEFT JOIN d ON d.study_key = a.study_key AND d.rn = 1
-                WHERE a.run_id = ? {where} ORDER BY a.rank""", [run])
+                WHERE a.run_id = ?)
+                SELECT * FROM r {where} ORDER BY rank""", [run])
+
+    def audit_run(self) -> dict[str, Any] | None:
+        """The latest audit run: id, start time (UTC), settings, which vectors it read and the AUC of its
+        study-to-patient calibration (recorded patients; runs before it was stored: the current calibration's)."""
+        run = self.latest_run("audit")
+        if run is None:
+            return None
+        row = self.sql("SELECT started_at, params FROM runs WHERE run_id = ?", [run]).row(0, named=True)
+        params = json.loads(row["params"] or "{}")
+        auc = params.get("calibration_auc")
+        if auc is None:
+            from echosearch.identity import PATIENT_CAL
+
+            cal = self.sql("SELECT auc FROM calibrations WHERE name = ?", [PATIENT_CAL])
+            auc = cal["auc"][0] if cal.height else None
+        return {"run_id": run, "started_at": row["started_at"], "vectors": params.get("vectors"),
+                "calibration_auc": auc, "fpr": params.get("fpr")}
 
     def record_decision(self, study_key: int, decision: str, reviewer: str, note: str | None = None) -> None:
         """Store a reviewer decision (append-only history) and log it, in one transaction."""
@@ -437,7 +475,7 @@ def open_searcher(app: AppIndex, encoder: Any = None) -> Any:
 
 @dataclass
 class SearchRequest:
-    """One search from the app: ``kind`` text, file, video (more like this clip) or study."""
+    """One search from the app: ``kind`` text, file, video (more like this clip), study or vector."""
 
     kind: str
     k: int = 12
@@ -449,6 +487,7 @@ class SearchRequest:
     study_uid: str | None = None
     label: str = ""
     context: float | None = None  # study-context weight of a text search (None: query.TEXT_CONTEXT)
+    vector: Any = None  # kind "vector": an uploaded clip's vector, to re-run its search under new filters
 
     def log_detail(self, n_results: int) -> dict[str, Any]:
         """What the access log records (keys and pseudonyms only; an uploaded file by its hash)."""
@@ -471,12 +510,15 @@ class SearchRequest:
 
 def make_filters(*, since: date | None = None, until: date | None = None, views: list[str] | None = None,
                  patient: str | None = None, ef_band: str = "any", devices: list[str] | None = None,
-                 manufacturers: list[str] | None = None) -> Filters | None:
-    """Filters from the search form (``None`` when nothing restricts the search)."""
+                 manufacturers: list[str] | None = None, scope: str | None = None,
+                 modes: list[str] | None = None) -> Filters | None:
+    """Filters from the search form (``None`` when nothing restricts the search); ``scope`` "in" keeps echo
+    B-mode clips only (the form's default), "out" only clips marked out of scope."""
     lo, hi = EF_BANDS.get(ef_band, EF_BANDS["any"])
     f = Filters(patients=(patient,) if patient else (), since=since, until=until, views=tuple(views or ()),
                 manufacturers=tuple(manufacturers or ()), ef_min=lo if lo > 0 else None,
-                ef_max=hi if hi < 100 else None, devices=tuple(devices or ()))
+                ef_max=hi if hi < 100 else None, devices=tuple(devices or ()), scope=scope,
+                modes=tuple(modes or ()))
     return None if f.is_empty() else f
 
 
@@ -511,6 +553,12 @@ def run_search(searcher: Any, req: SearchRequest, n_reports: int = 3) -> tuple[p
     except QueryError:  # an index without report texts
         reports = pl.DataFrame()
     return hits, reports
+
+
+def clip_scopes(app: AppIndex, video_keys: list[int]) -> dict[int, dict[str, Any]]:
+    """Stored scope rows of clips by video key (empty for an index without scope)."""
+    with app.reader() as cat:
+        return {int(r["video_key"]): r for r in cat.scope_rows(video_keys).iter_rows(named=True)}
 
 
 def sentences(text: str | None, n: int = 3) -> list[str]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -31,7 +32,7 @@ CATALOG_FILE = "catalog.duckdb"
 EMBEDDING_LEVELS = ("video", "study", "report")
 IDENTITY_LEVELS = ("video_identity", "study_identity")
 # versions a reader copes without (tables created on demand): a read-only open of an older catalog is allowed
-READ_COMPATIBLE = {3}
+READ_COMPATIBLE = {3, 4}  # 4: without clip_scope every clip counts as in scope
 _LEVEL_TABLES = {"video": ("video_embeddings", "video_key"), "study": ("study_embeddings", "study_key"),
                  "report": ("report_embeddings", "study_key"), "video_identity": ("video_identity", "video_key"),
                  "study_identity": ("study_identity", "study_key")}
@@ -187,6 +188,26 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         "",
     ),
     # v4 (scope of each clip) and v5 (PACS intake) are appended below this line by their issues
+    (
+        4,
+        "scope of each clip: echo or not, B-mode or colour Doppler, view, each with a confidence (echosearch.scope)",
+        """
+        CREATE TABLE IF NOT EXISTS clip_scope (
+            video_key BIGINT PRIMARY KEY,
+            is_echo BOOLEAN NOT NULL,
+            echo_confidence DOUBLE NOT NULL,
+            mode VARCHAR NOT NULL,
+            mode_confidence DOUBLE NOT NULL,
+            view VARCHAR,
+            view_confidence DOUBLE,
+            view_source VARCHAR,
+            in_scope BOOLEAN NOT NULL,
+            evidence VARCHAR NOT NULL,
+            signals VARCHAR NOT NULL,
+            model_checked BOOLEAN NOT NULL
+        );
+        """,
+    ),
 ]
 SCHEMA_VERSION = max(v for v, _, _ in MIGRATIONS)
 
@@ -296,11 +317,28 @@ def stored_path(value: str) -> Path:
 class Catalog:
     """A connection to one index's catalog. Use :meth:`open`; close it (or use ``with``)."""
 
-    def __init__(self, index_dir: Path, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
+    def __init__(self, index_dir: Path, con: duckdb.DuckDBPyConnection, read_only: bool,
+                 write_lock: threading.RLock | None = None) -> None:
         self.index_dir = index_dir
         self.con = con
         self.read_only = read_only
         self._in_tx = False
+        # shared by every cursor of one server process: one write transaction at a time, reads never wait
+        self.write_lock = write_lock
+
+    def cursor(self, read_only: bool = False) -> Catalog:
+        """A catalog on a new cursor of this connection (its own transactions; for one thread at a time).
+
+        A reader sees every transaction committed before each of its statements; writers share this
+        catalog's write lock (see :meth:`share_writes`). Close it when done."""
+        return Catalog(self.index_dir, self.con.cursor(), read_only or self.read_only, self.write_lock)
+
+    def share_writes(self) -> Catalog:
+        """Serialise the write transactions of this catalog and of every cursor made from it from now on
+        (a server's ingest jobs and requests): DuckDB would abort one of two concurrent writers of a row."""
+        if self.write_lock is None:
+            self.write_lock = threading.RLock()
+        return self
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -379,17 +417,18 @@ class Catalog:
         if self._in_tx:
             yield self.con
             return
-        self.con.execute("BEGIN TRANSACTION")
-        self._in_tx = True
-        try:
-            yield self.con
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
-        else:
-            self.con.execute("COMMIT")
-        finally:
-            self._in_tx = False
+        with self.write_lock if self.write_lock is not None else nullcontext():
+            self.con.execute("BEGIN TRANSACTION")
+            self._in_tx = True
+            try:
+                yield self.con
+            except BaseException:
+                self.con.execute("ROLLBACK")
+                raise
+            else:
+                self.con.execute("COMMIT")
+            finally:
+                self._in_tx = False
 
     # ---- manifest ------------------------------------------------------------------------------
     def _set_manifest_raw(self, key: str, value: str) -> None:
@@ -817,6 +856,54 @@ class Catalog:
             "SELECT video_key, path, kind, sha256 FROM videos WHERE encoded_at IS NULL ORDER BY video_key"
         ).pl()
 
+    # ---- scope of clips (echosearch.scope) -------------------------------------------------------
+    def has_scope(self) -> bool:
+        """Whether this catalog records clip scope (schema 4; an older catalog opened read-only does not)."""
+        return self.has_table("clip_scope")
+
+    def store_scope(self, rows: pl.DataFrame) -> None:
+        """Insert or replace ``clip_scope`` rows (columns of :data:`echosearch.scope.SCOPE_COLUMNS`)."""
+        if rows.height:
+            self.insert_frame("clip_scope", rows, replace=True)
+
+    def scope_rows(self, keys: Sequence[int] | None = None) -> pl.DataFrame:
+        """Stored scope of ``keys`` (None: every clip); empty when the catalog has no scope table."""
+        if not self.has_scope():
+            return pl.DataFrame(schema={"video_key": pl.Int64, "in_scope": pl.Boolean})
+        if keys is None:
+            return self.con.sql("SELECT * FROM clip_scope ORDER BY video_key").pl()
+        return self.con.sql("SELECT * FROM clip_scope WHERE video_key IN (SELECT unnest(?::BIGINT[])) "
+                            "ORDER BY video_key", params=[[int(k) for k in keys]]).pl()
+
+    def scope_to_check(self) -> np.ndarray:
+        """Encoded clips whose scope has no model evidence yet (or no scope row at all)."""
+        if not self.has_scope() or not self.has_table("video_embeddings"):
+            return np.zeros(0, np.int64)
+        rows = self.con.sql("SELECT e.video_key FROM video_embeddings e LEFT JOIN clip_scope c USING (video_key) "
+                            "WHERE c.model_checked IS NOT TRUE ORDER BY 1").fetchall()
+        return np.asarray([r[0] for r in rows], dtype=np.int64)
+
+    def out_of_scope_videos(self) -> set[int]:
+        """Video keys marked out of scope (not echo, or colour Doppler): zero-shot values, identity and change
+        leave them out by default. Clips without a scope row (older indexes) count as in scope."""
+        if not self.has_scope():
+            return set()
+        return {int(r[0]) for r in self.con.sql("SELECT video_key FROM clip_scope WHERE NOT in_scope").fetchall()}
+
+    def video_views(self) -> pl.DataFrame:
+        """(video_key, view, source) of the clips whose view is labelled: ``label`` (manifest or sidecar) or
+        ``dicom header`` (named in the file's descriptions)."""
+        header = ("UNION ALL SELECT video_key, view, 'dicom header' FROM clip_scope WHERE view_source = 'dicom header' "
+                  "AND video_key NOT IN (SELECT video_key FROM videos WHERE view IS NOT NULL)" if self.has_scope() else "")
+        return self.con.sql(f"SELECT video_key, view, 'label' AS source FROM videos WHERE view IS NOT NULL {header} "
+                            "ORDER BY 1").pl()
+
+    def drop_predictions(self, level: str, keys: Sequence[int]) -> None:
+        """Forget the zero-shot predictions of ``keys`` at ``level`` (e.g. clips found out of scope)."""
+        if keys:
+            self.con.execute("DELETE FROM predictions WHERE level = ? AND key IN (SELECT unnest(?::BIGINT[]))",
+                             [level, [int(k) for k in keys]])
+
     # ---- runs and results ----------------------------------------------------------------------
     def new_run(self, kind: str, params: dict[str, Any]) -> int:
         with self.transaction():
@@ -892,6 +979,62 @@ class Catalog:
                     vector_indexes[f.stem] = {"error": "unreadable manifest"}
         return {"index": str(self.index_dir), "manifest": self.manifest(), "counts": self.counts(),
                 "vector_indexes": vector_indexes, "identity": self.identity_description()}
+
+    # ---- what the server's routes read and write (named here so that SQL stays in the catalog layer) ----
+    def patient_key(self, patient: str | int) -> int | None:
+        """The key of a patient given by pseudonym or key."""
+        row = self.one("SELECT patient_key FROM patients WHERE patient_pseudonym = ? OR CAST(patient_key AS VARCHAR) = ?",
+                       [str(patient), str(patient)])
+        return int(row[0]) if row else None
+
+    def patient_studies(self, patient_key: int) -> pl.DataFrame:
+        """A patient's studies in date order with their video count and views."""
+        return self.con.sql(
+            "SELECT s.study_key, s.study_uid, s.study_date, count(v.video_key) AS n_videos, "
+            "string_agg(DISTINCT v.view, ', ' ORDER BY v.view) AS views FROM studies s "
+            "LEFT JOIN videos v USING (study_key) WHERE s.patient_key = ? GROUP BY ALL "
+            "ORDER BY s.study_date NULLS LAST, s.study_key", params=[int(patient_key)]).pl()
+
+    def audit_results(self, run_id: int, suspects_only: bool = True) -> pl.DataFrame:
+        """One audit run joined with patients and each study's latest reviewer decision."""
+        where = "AND a.suspect" if suspects_only else ""
+        return self.con.sql(
+            f"""WITH d AS (SELECT study_key, decision, reviewer, occurred_at AS decided_at, note,
+                    row_number() OVER (PARTITION BY study_key ORDER BY occurred_at DESC) AS rn FROM audit_decisions)
+                SELECT a.rank, a.study_key, s.study_uid, s.study_date, a.recorded_patient_key,
+                       rp.patient_pseudonym AS recorded_patient, a.own_score, a.best_other_patient_key,
+                       bp.patient_pseudonym AS best_other_patient, a.best_other_score, a.margin, a.p_same, a.suspect,
+                       a.evidence, d.decision, d.reviewer, d.decided_at, d.note
+                FROM identity_audit a JOIN studies s USING (study_key)
+                JOIN patients rp ON rp.patient_key = a.recorded_patient_key
+                LEFT JOIN patients bp ON bp.patient_key = a.best_other_patient_key
+                LEFT JOIN d ON d.study_key = a.study_key AND d.rn = 1
+                WHERE a.run_id = ? {where} ORDER BY a.rank""", params=[int(run_id)]).pl()
+
+    def record_decision(self, study_key: int, decision: str, reviewer: str, note: str | None = None) -> None:
+        """Append a reviewer decision on an audited study and log it, in one transaction."""
+        with self.transaction():
+            self.con.execute("INSERT INTO audit_decisions VALUES (?, ?, ?, ?, ?)",
+                             [int(study_key), decision, reviewer, _now(), note or None])
+            self.log_access(reviewer, "audit_decision", {"study_key": int(study_key), "decision": decision})
+
+    def decisions(self, study_key: int | None = None) -> pl.DataFrame:
+        """Reviewer decisions, newest first (all, or one study's)."""
+        if study_key is None:
+            return self.con.sql("SELECT * FROM audit_decisions ORDER BY occurred_at DESC").pl()
+        return self.con.sql("SELECT * FROM audit_decisions WHERE study_key = ? ORDER BY occurred_at DESC",
+                            params=[int(study_key)]).pl()
+
+    def ingest_error_rows(self, limit: int = 1000) -> pl.DataFrame:
+        """Recorded failures, newest first (file labels, never sealed locations)."""
+        return self.con.sql("SELECT error_id, stage, reason, path, occurred_at FROM ingest_errors "
+                            "ORDER BY occurred_at DESC, error_id DESC LIMIT ?", params=[int(limit)]).pl()
+
+    def access_events(self, actions: Sequence[str], since: datetime) -> list[tuple[Any, ...]]:
+        """(occurred_at, action, actor, detail) of the access log's ``actions`` since ``since``, oldest first."""
+        return self.con.execute("SELECT occurred_at, action, actor, detail FROM access_log WHERE action IN "
+                                "(SELECT unnest(?::VARCHAR[])) AND occurred_at >= ? ORDER BY occurred_at",
+                                [list(actions), since]).fetchall()
 
 
 def as_dict(rec: VideoRecord) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from echosearch.errors import ConfigError
@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     model: str = Field("echosearch-demo", description="Model name, local-dir:DIR, or weights file.")
     identity_model: str | None = Field(
         None, description="Identity encoder: a head folder from `echosearch train-identity`, or a model name / "
-        "local-dir:DIR whose image tower gives identity vectors; none = identity uses the content vectors.")
+        "local-dir:DIR whose image tower gives identity vectors; none = identity uses the content vectors. "
+        "Demo mode with the echosearch-demo model defaults to the head shipped with it.")
     tokenizer_dir: Path | None = Field(None, description="Folder with EchoCLIP-R's template_vocab.txt and "
                                        "blank_wordpiece.tokenizer (default: beside the weights).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
@@ -47,6 +48,18 @@ class Settings(BaseSettings):
         "auto", description="Zero-shot rule: echoclip (EchoCLIP's) or contrast (echosearch's); auto: by model.")
     zeroshot_prompts: Path | None = Field(None, description="Prompt file, echosearch's or EchoCLIP's format.")
     audit_log: Path | None = Field(None, description="Append-only audit log of the app (default: catalog).")
+
+    @model_validator(mode="after")
+    def _identity_default(self) -> Settings:
+        """Demo mode pairs the shipped demo model with its shipped identity head; ``none`` means no identity model."""
+        if self.identity_model is None and self.mode == "demo" and self.model == "echosearch-demo":
+            from echosearch.identity_model import demo_identity_head
+
+            head = demo_identity_head()
+            self.identity_model = str(head) if head is not None else None
+        elif self.identity_model is not None and self.identity_model.strip().lower() in ("", "none"):
+            self.identity_model = None
+        return self
 
     @classmethod
     def settings_customise_sources(

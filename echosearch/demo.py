@@ -41,8 +41,9 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
     from echosearch.catalog import Catalog
     from echosearch.change import scan_changes
     from echosearch.config import load_settings
-    from echosearch.errors import ModelMismatchError
-    from echosearch.evaluate import evaluate, format_table
+    from echosearch.errors import ConfigError, ModelMismatchError
+    from echosearch.eval_identity import audit_metrics, identity_metrics, levels_frame
+    from echosearch.evaluate import evaluate, format_table, join_truth, study_truth
     from echosearch.identity import audit
     from echosearch.pipeline import index_sources
     from echosearch.query import Searcher
@@ -69,7 +70,9 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
     settings = load_settings(mode="demo")
     try:
         summary = index_sources([cohort], index_dir, settings, progress=True)
-    except ModelMismatchError as exc:  # the demo index is derived data: rebuild it for the model shipped now
+    except (ModelMismatchError, ConfigError) as exc:  # derived data: rebuild it for the models shipped now
+        if isinstance(exc, ConfigError) and "without identity" not in str(exc):
+            raise
         console.print(f"[yellow]the demo index was built with another model ({exc}); rebuilding it")
         shutil.rmtree(index_dir)
         summary = index_sources([cohort], index_dir, settings, progress=True)
@@ -97,16 +100,21 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
                                         "synthetic echoes)" if clip.parent == REAL_DICOM else f"video search: {clip.name}"))
 
         console.rule("[bold]4. identity audit")
-        suspects = audit(cat)
+        console.print(f"identity: {cat.info()['identity']}")
+        suspects = audit(cat)  # identity vectors when the index has them (demo mode: the shipped head)
         flagged = suspects.filter(pl.col("suspect"))
         true_mis = set(truth.filter(pl.col("mislabelled"))["study_uid"].to_list())
         uid_of = dict(cat.con.sql("SELECT study_key, study_uid FROM studies").fetchall())
-        cols = [c for c in ("rank", "study_key", "own_score", "best_other_score", "margin", "p_same") if c in flagged.columns]
+        cols = [c for c in ("rank", "study_key", "own_score", "best_other_score", "p_same") if c in flagged.columns]
         table = flagged.select(cols).with_columns(
             pl.col("study_key").map_elements(lambda k: "yes" if uid_of.get(k) in true_mis else "no",
                                              return_dtype=pl.String).alias("truly mislabelled"))
         console.print(frame_table(table.head(12), title=f"{flagged.height} suspect studies (top 12; truth column from "
                                                         "the synthetic ground truth)"))
+        st = study_truth(join_truth(cat, truth))
+        levels = levels_frame(identity_metrics(cat, st, n_boot=200), audit_metrics(cat, st))
+        console.print(frame_table(levels, title="identity vs content vectors on the same studies (true patients; "
+                                                "cross-visit pairs only)"))
         console.rule("[bold]5. change scan")
         changes = scan_changes(cat)
         fl = changes.filter(pl.col("flagged"))

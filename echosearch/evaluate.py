@@ -19,9 +19,11 @@ from rich.table import Table
 
 from echosearch import calibration as cal
 from echosearch.catalog import Catalog
-from echosearch.change import scan_changes, study_predictions
+from echosearch.change import study_predictions
 from echosearch.errors import ConfigError, QueryError
-from echosearch.identity import StudySet, audit, load_studies, own_scores, patient_scores
+from echosearch.eval_change import change_metrics, change_rows, legacy_views
+from echosearch.eval_identity import DEFAULT_PREVALENCE, audit_metrics, identity_metrics, identity_rows, video_pairs
+from echosearch.identity import StudySet, load_studies
 from echosearch.report_facts import visible_in_view
 from echosearch.zeroshot import BINARY_TASKS, METHODS, PromptBank, load_prompts, predict
 from echosearch.zeroshot import study_predictions as pool_video_predictions
@@ -117,119 +119,6 @@ def study_truth(vt: pl.DataFrame) -> pl.DataFrame:
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
-def _identity(catalog: Catalog, st: pl.DataFrame, S: StudySet, max_pairs: int, seed: int) -> dict[str, Any]:
-    keyed = st.filter(pl.col("study_key").is_in(S.keys.tolist()))
-    rows = np.searchsorted(S.keys, keyed["study_key"].to_numpy())
-    codes = keyed["true_patient_id"].cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
-    T = StudySet(S.keys[rows], S.vecs[rows], codes, keyed)
-    i, j = cal.within_group_pairs(codes, max_pairs=max_pairs, seed=seed)
-    ni, nj = cal.between_group_pairs(codes, max_pairs, seed=seed + 1)
-    pair_auc = cal.auc(cal.pair_cosines(T.vecs, i, j), cal.pair_cosines(T.vecs, ni, nj))
-    everyone = np.ones(len(T), dtype=bool)
-    own, _, _, n_ref = own_scores(T, everyone)
-    rng = np.random.default_rng(seed + 2)
-    q = np.nonzero(n_ref > 0)[0]
-    uniq = np.unique(codes)
-    other = uniq[rng.integers(0, uniq.size, size=q.size)] if uniq.size > 1 else np.zeros(0, np.int64)
-    ok = other != codes[q] if uniq.size > 1 else np.zeros(0, bool)
-    neg, _, _ = patient_scores(T, q[ok], other[ok], everyone)
-    return {"study_pair_auc": _f(pair_auc), "study_patient_auc": _f(cal.auc(own[q], neg)),
-            "n_same_pairs": int(i.size), "n_studies_with_other_visits": int(q.size)}
-
-
-def _video_pairs(catalog: Catalog, vt: pl.DataFrame, max_pairs: int, seed: int) -> dict[str, Any]:
-    ids, vecs = catalog.embeddings("video", vt["video_key"].to_list())
-    t = vt.filter(pl.col("video_key").is_in(ids.tolist())).sort("video_key")
-    v = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-    pid = t["true_patient_id"].cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
-    study = t["study_key"].to_numpy()
-    i, j = cal.within_group_pairs(pid)
-    keep = study[i] != study[j]
-    i, j = i[keep], j[keep]
-    if i.size > max_pairs:
-        pick = np.random.default_rng(seed).choice(i.size, max_pairs, replace=False)
-        i, j = i[pick], j[pick]
-    ni, nj = cal.between_group_pairs(pid, max_pairs, seed=seed + 1)
-    pos, neg = cal.pair_cosines(v, i, j), cal.pair_cosines(v, ni, nj)
-    out = {"video_pair_identity_auc": _f(cal.auc(pos, neg)), "n_pairs": int(i.size)}
-    if "view" in t.columns:
-        view = t["view"].cast(pl.String).fill_null("").to_numpy()
-        out["same_view_pair_auc"] = _f(cal.auc(pos[view[i] == view[j]], neg[view[ni] == view[nj]]))
-    return out
-
-
-def _baseline_events(st: pl.DataFrame, S: StudySet) -> dict[str, Any]:
-    """EchoCLIP protocol: dissimilarity to the true patient's first study; events since baseline vs none."""
-    if "events" not in st.columns or "visit_index" not in st.columns:
-        return {"skipped": "truth has no events/visit_index"}
-    t = st.filter(pl.col("study_key").is_in(S.keys.tolist())).sort("true_patient_id", "visit_index")
-    rows = np.searchsorted(S.keys, t["study_key"].to_numpy())
-    pid = t["true_patient_id"].to_list()
-    out: dict[str, Any] = {}
-    scores: list[float] = []
-    since: list[set[str]] = []
-    base, acc = -1, set[str]()
-    for n, (r, ev) in enumerate(zip(rows, t["events"].to_list(), strict=True)):
-        if n == 0 or pid[n] != pid[n - 1]:
-            base, acc = r, set()
-            continue
-        acc = acc | set(ev or [])
-        scores.append(1.0 - float(S.vecs[r] @ S.vecs[base]))
-        since.append(set(acc))
-    s = np.asarray(scores)
-    none = np.asarray([not e for e in since], dtype=bool)
-    for e in EVENTS:
-        pos = np.asarray([e in x for x in since], dtype=bool)
-        out[e] = {"auc": _f(cal.auc(s[pos], s[none])), "n_pos": int(pos.sum()), "n_neg": int(none.sum())}
-    return out
-
-
-def _audit_metrics(catalog: Catalog, st: pl.DataFrame) -> dict[str, Any]:
-    if "mislabelled" not in st.columns:
-        return {"skipped": "truth has no mislabelled column"}
-    a = audit(catalog, store=False, report_unverifiable=True).join(
-        st.select("study_key", "mislabelled"), on="study_key", how="inner")
-    y = a["mislabelled"].fill_null(False).to_numpy().astype(bool)
-    flag = a["suspect"].to_numpy().astype(bool)
-    s = a["suspicion"].fill_null(-np.inf).to_numpy()
-    order = np.argsort(-s, kind="stable")
-    hits = y[order]
-    prec = np.cumsum(hits) / np.arange(1, hits.size + 1)
-    rec = np.cumsum(hits) / max(int(y.sum()), 1)
-    tp = int((flag & y).sum())
-    unver = (a["status"] == "unverifiable").to_numpy()
-    return {"n_studies": int(y.size), "n_mislabelled": int(y.sum()), "n_flagged": int(flag.sum()),
-            "precision": _f(tp / flag.sum()) if flag.sum() else None,
-            "recall": _f(tp / y.sum()) if y.sum() else None,
-            "suspicion_auc": _f(cal.auc(s[y & np.isfinite(s)], s[~y & np.isfinite(s)])),
-            "recall_at_precision_0.9": _f(float(rec[prec >= 0.9].max())) if (prec >= 0.9).any() else 0.0,
-            "average_precision": _f(float((prec * hits).sum() / max(int(y.sum()), 1))),
-            "mislabelled_unverifiable": int((y & unver).sum())}
-
-
-def _change_metrics(catalog: Catalog, st: pl.DataFrame) -> dict[str, Any]:
-    if "events" not in st.columns:
-        return {"skipped": "truth has no events column"}
-    ch = scan_changes(catalog, store=False)
-    mis = st.select("study_key", pl.col("mislabelled").alias("_mis")) if "mislabelled" in st.columns else \
-        st.select("study_key", pl.lit(False).alias("_mis"))
-    d = ch.filter(pl.col("prev_study_key").is_not_null()).join(st.select("study_key", "events"), on="study_key") \
-        .join(mis, on="study_key").join(mis.rename({"study_key": "prev_study_key", "_mis": "_pmis"}),
-                                        on="prev_study_key", how="left")
-    d = d.filter(~pl.col("_mis") & ~pl.col("_pmis").fill_null(False))
-    z = d["z_prev"].fill_null(np.nan).to_numpy()
-    flagged = d["flagged"].to_numpy().astype(bool)
-    ev = [set(e or []) for e in d["events"].to_list()]
-    none = np.asarray([not e for e in ev], dtype=bool)
-    out: dict[str, Any] = {"stable_visits": int(none.sum()),
-                           "stable_flag_rate": _f(float(flagged[none].mean())) if none.any() else None}
-    for e in EVENTS:
-        pos = np.asarray([e in x for x in ev], dtype=bool)
-        out[e] = {"auc": _f(cal.auc(z[pos], z[none])), "flag_recall": _f(float(flagged[pos].mean())) if pos.any()
-                  else None, "n_pos": int(pos.sum())}
-    return out
-
-
 def _zero_shot(catalog: Catalog, st: pl.DataFrame) -> dict[str, Any]:
     p = study_predictions(catalog).join(st, on="study_key", how="inner", suffix="_true")
     out: dict[str, Any] = {"n_studies": p.height}
@@ -389,9 +278,18 @@ def _report_rank(catalog: Catalog, S: StudySet, max_queries: int = 2000, seed: i
             "n_reports": int(rid.size), "n_queries": int(q.size)}
 
 
+def _scope(catalog: Catalog, vt: pl.DataFrame, encoder: Encoder | None, seed: int) -> dict[str, Any]:
+    """Scope and search-confidence figures (:mod:`echosearch.eval_scope`)."""
+    from echosearch.eval_scope import scope_metrics
+
+    return scope_metrics(catalog, vt, encoder, seed)
+
+
 def evaluate(index: Path | str | Catalog, truth: Path | str | None = None, *, k: int = 10,
-             max_pairs: int = 20000, seed: int = 0, text: bool = True) -> dict[str, Any]:
-    """All evaluation numbers of an index against its ground truth, as a nested dict (see module doc)."""
+             max_pairs: int = 20000, seed: int = 0, text: bool = True,
+             prevalence: float = DEFAULT_PREVALENCE) -> dict[str, Any]:
+    """All evaluation numbers of an index against its ground truth, as a nested dict (see module doc);
+    ``prevalence``: the mislabel rate the audit's projection assumes."""
     cat = index if isinstance(index, Catalog) else Catalog.open(index, read_only=True)
     try:
         path = Path(truth) if truth is not None else find_truth(cat)
@@ -401,19 +299,24 @@ def evaluate(index: Path | str | Catalog, truth: Path | str | None = None, *, k:
         st = study_truth(vt)
         S = load_studies(cat)
         enc, why = _load_encoder(cat) if text else (None, "disabled")
+        change = change_metrics(cat, vt, seed=seed)  # every change score on the same pairs (eval_change)
+        change_auc, baseline_event_auc = legacy_views(change)
         res: dict[str, Any] = {
             "truth": str(path),
             "n": {"videos": vt.height, "studies": st.height, "patients": st["true_patient_id"].n_unique(),
                   "mislabelled_studies": int(st["mislabelled"].sum()) if "mislabelled" in st.columns else None},
             "anchors_echoclip_paper": ANCHORS,
-            "echoclip_protocol": {**_video_pairs(cat, vt, max_pairs, seed),
-                                  "baseline_event_auc": _baseline_events(st, S)},
-            "echosearch": {"identity": _identity(cat, st, S, max_pairs, seed), "audit": _audit_metrics(cat, st),
-                           "change_auc": _change_metrics(cat, st)},
+            "echoclip_protocol": {**video_pairs(cat, vt, max_pairs, seed),
+                                  "baseline_event_auc": baseline_event_auc},
+            "echosearch": {"identity": identity_metrics(cat, st, max_pairs, seed),
+                           "audit": audit_metrics(cat, st, prevalence),
+                           "change_auc": change_auc},
+            "change": change,
             "zero_shot": _zero_shot(cat, st),
             "zero_shot_methods": _zero_shot_methods(cat, vt, enc, why),
             "retrieval": {"text_to_video": _text_retrieval(cat, vt, k, encoder=enc) if enc is not None else {"skipped": why},
                           "study_to_report": _report_rank(cat, S, seed=seed)},
+            "scope": _scope(cat, vt, enc, seed),
         }
     finally:
         if not isinstance(index, Catalog):
@@ -431,24 +334,10 @@ def format_table(result: dict[str, Any]) -> Table:
     def fmt(v: Any) -> str:
         return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    t.add_row("same patient AUC", f"{fmt(es['identity'].get('study_patient_auc'))} (study vs patient)",
-              f"{fmt(ec.get('video_pair_identity_auc'))} (video pairs)", "0.86")
-    t.add_row("same patient AUC, study pairs", fmt(es["identity"].get("study_pair_auc")), "", "")
-    au = es["audit"]
-    if "skipped" not in au:
-        t.add_row("audit precision / recall", f"{fmt(au['precision'])} / {fmt(au['recall'])}",
-                  f"{au['n_flagged']} flagged, {au['n_mislabelled']} mislabelled", "")
-        t.add_row("audit recall at precision 0.9", fmt(au["recall_at_precision_0.9"]), "", "")
-    base = ec.get("baseline_event_auc", {})
-    for e in EVENTS:
-        ours = es["change_auc"].get(e, {}) if isinstance(es["change_auc"], dict) else {}
-        theirs = base.get(e, {}) if isinstance(base, dict) else {}
-        if ours.get("n_pos") or theirs.get("n_pos"):
-            anchor = "0.79" if e == "transplant" else "0.77 (cardiac surgery)" if e in ("tavr_implant", "mitraclip_implant") else ""
-            t.add_row(f"change AUC: {e}", f"{fmt(ours.get('auc'))} (n={ours.get('n_pos')})",
-                      f"{fmt(theirs.get('auc'))} (n={theirs.get('n_pos')})", anchor)
-    if isinstance(es["change_auc"], dict) and "stable_flag_rate" in es["change_auc"]:
-        t.add_row("change flags on stable visits", fmt(es["change_auc"]["stable_flag_rate"]), "", "")
+    for row in identity_rows(es, ec):
+        t.add_row(*row)
+    for row in change_rows(result.get("change", {})):
+        t.add_row(*row)
     zs = result["zero_shot"]
     t.add_row("EF MAE (points)", fmt(zs.get("ef_mae")), "", "")
     for d in DEVICE_TASKS:
@@ -463,4 +352,28 @@ def format_table(result: dict[str, Any]) -> Table:
     rr = result["retrieval"]["study_to_report"]
     t.add_row("true report mean rank", rr.get("skipped", f"{fmt(rr.get('mean_rank'))} of {rr.get('n_reports')}"),
               "", "")
+    for row in scope_rows(result.get("scope") or {}):
+        t.add_row(*row)
     return t
+
+
+def scope_rows(sc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Table rows of the scope figures (view accuracy, real files, "no close match")."""
+    rows: list[tuple[str, str, str, str]] = []
+    view = sc.get("view") or {}
+    if "accuracy" in view:
+        rows.append(("view accuracy, model (labels hidden)", f"{view['accuracy']:.3f} {view.get('ci95')}", "", ""))
+        if "zero_shot" in view:
+            rows.append(("view accuracy, zero-shot prompts", f"{view['zero_shot']['accuracy']:.3f}", "", ""))
+    real = sc.get("real_files") or {}
+    if "echo_accuracy" in real:
+        rows.append((f"real files: echo or not ({real['n']} files)", f"{real['echo_accuracy']:.3f}", "", ""))
+        rows.append(("real files: in scope (echo B-mode)", f"{real['in_scope_accuracy']:.3f}", "", ""))
+    ncm = sc.get("no_close_match") or {}
+    if "nonsense" in ncm:
+        rows.append(("nonsense queries answered 'no close match'", f"{ncm['nonsense']['no_close_match_share']:.3f}",
+                     "", ""))
+    if "report_sentences" in ncm:
+        rows.append(("  archive report sentences answered 'no close match'",
+                     f"{ncm['report_sentences']['no_close_match_share']:.3f}", "", ""))
+    return rows

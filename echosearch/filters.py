@@ -28,7 +28,10 @@ WHERE_COLUMNS = (
     "video_key", "study_key", "study_uid", "study_date", "accession_pseudonym", "patient_key", "patient_pseudonym",
     "view", "manufacturer", "manufacturer_model", "path", "kind", "n_frames", "fps", "height", "width",
     "series_uid", "sop_uid", "scanned_at", "encoded_at", *PREDICTION_TASKS, "pred_ef",
+    "in_scope", "is_echo", "echo_confidence", "mode", "view_source",  # clip scope (schema 4; echosearch.scope)
 )
+SCOPES = ("in", "out")
+MODES = ("bmode", "doppler")
 
 
 def _tuple(value: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -69,8 +72,15 @@ class Filters:
     devices: tuple[str, ...] = ()
     study_uids: tuple[str, ...] = ()
     where: str | None = None
+    scope: str | None = None  # "in": echo B-mode clips only; "out": only clips marked out of scope
+    modes: tuple[str, ...] = ()  # "bmode", "doppler"
 
     def __post_init__(self) -> None:
+        if self.scope is not None and self.scope not in SCOPES:
+            raise QueryError(f"scope must be one of {list(SCOPES)}, got {self.scope!r}")
+        object.__setattr__(self, "modes", tuple(str(m).lower() for m in _tuple(self.modes)))
+        if any(m not in MODES for m in self.modes):
+            raise QueryError(f"mode must be among {list(MODES)}, got {list(self.modes)}")
         for name in ("patients", "exclude_patients", "views", "manufacturers", "devices", "study_uids"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
         object.__setattr__(self, "since", parse_date(self.since, "since"))
@@ -128,12 +138,20 @@ def check_where(expr: str) -> str:
     return text
 
 
-def search_view_sql(level: str, predictions: bool) -> str:
-    """One row per video with study and patient columns (and predictions at ``level``): what filters see."""
+def search_view_sql(level: str, predictions: bool, scope: bool = False) -> str:
+    """One row per video with study and patient columns (and predictions at ``level``): what filters see.
+
+    With ``scope`` (a catalog with ``clip_scope``) ``view`` is the label, else the scope's view (header or
+    model), and the scope columns are added; a clip without a scope row counts as in scope."""
+    view = "coalesce(v.view, sc.view) AS view" if scope else "v.view"
     cols = ("v.video_key, v.study_key, s.study_uid, s.study_date, s.accession_pseudonym, p.patient_key, "
-            "p.patient_pseudonym, v.view, v.manufacturer, v.manufacturer_model, v.path, v.kind, v.n_frames, v.fps, "
+            f"p.patient_pseudonym, {view}, v.manufacturer, v.manufacturer_model, v.path, v.kind, v.n_frames, v.fps, "
             "v.height, v.width, v.series_uid, v.sop_uid, v.scanned_at, v.encoded_at")
     joins = "FROM videos v JOIN studies s ON s.study_key = v.study_key JOIN patients p ON p.patient_key = s.patient_key"
+    if scope:
+        cols += (", coalesce(sc.in_scope, true) AS in_scope, coalesce(sc.is_echo, true) AS is_echo, "
+                 "sc.echo_confidence, coalesce(sc.mode, 'bmode') AS mode, sc.view_source")
+        joins += " LEFT JOIN clip_scope sc ON sc.video_key = v.video_key"
     if not predictions:
         return f"SELECT {cols} {joins}"
     pivot = ", ".join(f"max(value) FILTER (WHERE task = '{t}') AS {t}" for t in PREDICTION_TASKS)
@@ -183,6 +201,10 @@ def _typed_clauses(f: Filters) -> tuple[list[str], list[Any]]:
         add("ef <= ?", f.ef_max)
     for device in f.devices:  # validated against DEVICE_TASKS: a column name, not user text
         add(f"{device} > ?", 0.0)
+    if f.scope is not None:
+        add("in_scope = ?", f.scope == "in")
+    if f.modes:
+        add("list_contains(?::VARCHAR[], mode)", list(f.modes))
     return clauses, params
 
 
@@ -201,6 +223,11 @@ def resolve_ids(catalog_con: duckdb.DuckDBPyConnection, level: str, filters: Fil
     if level not in KEY_COLUMN:
         raise QueryError(f"unknown level {level!r}; choose one of {list(KEY_COLUMN)}")
     clauses, params = _typed_clauses(filters)
+    rows = catalog_con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'clip_scope'"
+                               ).fetchall()
+    has_scope = bool(rows and rows[0][0])
+    if not has_scope and (filters.scope is not None or filters.modes):  # an older index: every clip in scope
+        clauses = [c.replace("in_scope", "true").replace("mode)", "'bmode')") for c in clauses]
     where = filters.where
     if where is not None:
         if not _read_only(catalog_con):
@@ -211,7 +238,7 @@ def resolve_ids(catalog_con: duckdb.DuckDBPyConnection, level: str, filters: Fil
     needs_predictions = bool(filters.ef_min is not None or filters.ef_max is not None or filters.devices
                              or words & {*PREDICTION_TASKS, "pred_ef"})
     key = KEY_COLUMN[level]
-    sql = (f"SELECT DISTINCT {key} FROM ({search_view_sql(level, needs_predictions)}) AS search_view "
+    sql = (f"SELECT DISTINCT {key} FROM ({search_view_sql(level, needs_predictions, has_scope)}) AS search_view "
            f"WHERE {' AND '.join(clauses)} ORDER BY 1")
     try:
         table = catalog_con.sql(sql, params=params).to_arrow_table()

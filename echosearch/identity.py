@@ -228,6 +228,16 @@ def fit_identity_calibrations(catalog: Catalog, S: StudySet | None = None, *, fp
     ni, nj = cal.between_group_pairs(S.patient, max_pairs, seed=seed + 1)
     pair = cal.fit_calibration(PAIR_CAL, cal.pair_cosines(S.vecs, i, j), cal.pair_cosines(S.vecs, ni, nj),
                                fpr=fpr, generation=gen, extra=params)
+    patient = fit_patient_calibration(S, fpr=fpr, max_pairs=max_pairs, seed=seed, generation=gen, extra=params)
+    cal.save(catalog, pair)
+    cal.save(catalog, patient)
+    return pair, patient
+
+
+def fit_patient_calibration(S: StudySet, *, fpr: float = 0.01, max_pairs: int = 20000, seed: int = 0,
+                            generation: int = 0, extra: dict[str, Any] | None = None) -> cal.Calibration:
+    """Study-to-patient calibration of a study set: a study's top-2 score against its recorded patient's
+    other studies (positives) against its score for a random other patient (negatives)."""
     everyone = np.ones(len(S), dtype=bool)
     own, _, _, n_ref = own_scores(S, everyone)
     pos = own[n_ref > 0]
@@ -241,10 +251,7 @@ def fit_identity_calibrations(catalog: Catalog, S: StudySet | None = None, *, fp
         other = uniq[rng.integers(0, uniq.size, size=q.size)]
         ok = other != S.patient[q]
         neg, _, _ = patient_scores(S, q[ok], other[ok], everyone)
-    patient = cal.fit_calibration(PATIENT_CAL, pos, neg, fpr=fpr, generation=gen, extra=params)
-    cal.save(catalog, pair)
-    cal.save(catalog, patient)
-    return pair, patient
+    return cal.fit_calibration(PATIENT_CAL, pos, neg, fpr=fpr, generation=generation, extra=extra)
 
 
 def same_patient_probability(catalog: Catalog, study_key_a: int, study_key_b: int) -> float:
@@ -320,6 +327,10 @@ def match_patients(catalog: Catalog, query: np.ndarray | int | str, k_patients: 
 def evidence_json(keys: np.ndarray, rows: np.ndarray, cos: np.ndarray) -> list[list[Any]]:
     """[[study_key, cosine], ...] of the finite entries (for the audit's evidence)."""
     return [[int(keys[r]), round(float(c), 4)] for r, c in zip(rows, cos, strict=True) if r >= 0 and np.isfinite(c)]
+
+
+def _f4(x: float | None) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), 4)
 
 
 def dumps(obj: Any) -> str:
@@ -423,26 +434,31 @@ def score_studies(S: StudySet, *, fpr: float = 0.01, k: int = 50, max_iter: int 
 
 
 def _reasons(r: dict[str, Any]) -> list[str]:
+    """Why a study is a suspect, in words a reviewer reads (similarities as the page shows them)."""
     out = []
-    if r["margin_z"] is not None and r["margin_z"] < -2:
-        word = "fits better than" if (r["margin"] or 0) < 0 else "fits almost as well as"
-        out.append(f"patient {r['best_other_patient']} {word} the recorded patient "
-                   f"(margin {r['margin']:+.3f}, z {r['margin_z']:.1f})")
+    own = "n/a" if r["own_score"] is None else f"{r['own_score']:.3f}"
+    if r["margin_z"] is not None and r["margin_z"] < -2 and r["best_other_score"] is not None:
+        word = "more closely than" if (r["margin"] or 0) < 0 else "almost as closely as"
+        out.append(f"patient {r['best_other_patient']} resembles this study {word} the recorded patient "
+                   f"(similarity {r['best_other_score']:.3f} against {own})")
     if r["own_z"] is not None and r["own_z"] < -2:
-        out.append(f"similarity to the recorded patient's other studies is unusually low (z {r['own_z']:.1f})")
+        out.append(f"its similarity to the recorded patient's other studies ({own}) is unusually low for "
+                   "this archive")
     if r["p_same"] is not None:
-        out.append(f"calibrated probability of the recorded patient {r['p_same']:.2f}")
+        out.append(f"probability that the recorded patient is right: {r['p_same']:.2f}")
     return out
 
 
 def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiable: bool = False,
-          store: bool = True, max_iter: int = 3) -> pl.DataFrame:
+          store: bool = True, max_iter: int = 3,
+          vectors: Literal["auto", "identity", "content"] = "auto") -> pl.DataFrame:
     """Rank every study by how likely its recorded patient is wrong; store the result under a new run.
 
     ``fpr`` is the nominal share of correctly labelled studies flagged (robust normal model of the
     catalog's own scores). Patients with a single study carry no own-patient evidence: their studies are
-    left out unless ``report_unverifiable`` (then listed, last, with status ``unverifiable``)."""
-    S = load_studies(catalog)
+    left out unless ``report_unverifiable`` (then listed, last, with status ``unverifiable``). ``vectors``:
+    which study vectors (``auto``: identity vectors when the index has them; ``eval`` compares both)."""
+    S = load_studies(catalog, vectors)
     if len(S) == 0:
         raise QueryError("this index has no study vectors: run `echosearch index` first")
     _, patient_cal = fit_identity_calibrations(catalog, S, fpr=fpr)
@@ -468,7 +484,8 @@ def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiab
         "suspicion": col(res["suspicion"]), "suspect": res["suspect"], "status": status,
     })
     evidence = []
-    for i, r in enumerate(df.select("margin", "margin_z", "own_z", "best_other_patient", "p_same").iter_rows(named=True)):
+    for i, r in enumerate(df.select("margin", "margin_z", "own_z", "best_other_patient", "p_same", "own_score",
+                                          "best_other_score").iter_rows(named=True)):
         evidence.append(dumps({
             "own_patient_studies": evidence_json(S.keys, res["own_p"][i], res["own_v"][i]),
             "best_other_studies": evidence_json(S.keys, res["best_p"][i], res["best_v"][i]),
@@ -485,7 +502,8 @@ def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiab
     run_id = None
     if store and not catalog.read_only:
         run_id = catalog.new_run("audit", {"fpr": fpr, "k": k, "report_unverifiable": report_unverifiable,
-                                           "z_threshold": z_thr, "max_iter": max_iter})
+                                           "z_threshold": z_thr, "max_iter": max_iter, "vectors": S.source,
+                                           "calibration_auc": _f4(patient_cal.auc)})
         cols = ["run_id", "study_key", "recorded_patient_key", "own_score", "best_other_patient_key",
                 "best_other_score", "margin", "p_same", "suspect", "rank", "evidence"]
         catalog.insert_frame("identity_audit", df.with_columns(pl.lit(run_id, pl.Int64).alias("run_id")), cols)

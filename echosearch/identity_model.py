@@ -40,12 +40,18 @@ class IdentityHead(torch.nn.Module):
     """Linear projection (``hidden=0``) or 2-layer MLP from tower video vectors to unit identity vectors.
 
     ``residual``: ``x + MLP(x)`` (``out_dim = in_dim``) with the MLP's last layer starting at zero, so that
-    training starts from the tower's own vectors and moves only as far as the patient labels pull it."""
+    training starts from the tower's own vectors and moves only as far as the patient labels pull it.
 
-    def __init__(self, in_dim: int, out_dim: int = 128, hidden: int = 256, residual: bool = False) -> None:
+    ``pool``: ``video`` maps a video's pooled tower vector; ``frame`` maps every frame vector and pools the
+    results (a video vector is then the mean of the head's frame vectors, re-normalised)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden: int = 256, residual: bool = False,
+                 pool: str = "video") -> None:
         super().__init__()
+        if pool not in ("video", "frame"):
+            raise ValueError(f"pool must be video or frame, got {pool!r}")
         out_dim = in_dim if residual else out_dim
-        self.in_dim, self.out_dim, self.hidden, self.residual = in_dim, out_dim, hidden, residual
+        self.in_dim, self.out_dim, self.hidden, self.residual, self.pool = in_dim, out_dim, hidden, residual, pool
         if hidden > 0:
             self.net: torch.nn.Module = torch.nn.Sequential(
                 torch.nn.Linear(in_dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, out_dim))
@@ -61,13 +67,23 @@ class IdentityHead(torch.nn.Module):
         return F.normalize(x + self.net(x) if self.residual else self.net(x), dim=-1)
 
     def shape(self) -> dict[str, Any]:
-        return {"in_dim": self.in_dim, "out_dim": self.out_dim, "hidden": self.hidden, "residual": self.residual}
+        return {"in_dim": self.in_dim, "out_dim": self.out_dim, "hidden": self.hidden, "residual": self.residual,
+                "pool": self.pool}
 
 
 def head_folder(spec: str) -> Path | None:
     """The head folder a setting names (``DIR`` or ``local-dir:DIR`` holding ``identity_head.json``), else None."""
     path = Path(spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec).expanduser()
     return path if (path / HEAD_CONFIG).is_file() else None
+
+
+def demo_identity_head() -> Path | None:
+    """The identity head shipped with the demo model (``identity/`` in its folder), if it is there."""
+    from echosearch.models import REGISTRY
+
+    spec = REGISTRY.get("echosearch-demo")
+    folder = spec.local_dir / "identity" if spec is not None and spec.local_dir is not None else None
+    return folder if folder is not None and (folder / HEAD_CONFIG).is_file() else None
 
 
 def save_head(folder: Path, head: IdentityHead, tower: dict[str, Any], training: dict[str, Any]) -> Path:
@@ -140,7 +156,23 @@ class IdentityEncoder:
         """Identity vectors of videos (L2-normalised), one row per video."""
         if not len(frames):
             return np.zeros((0, self.embed_dim), np.float32)
+        if self.head is not None and self.head.pool == "frame":
+            return np.stack([self.apply_frames(f) for f in self.tower_frame_vectors(frames, content_frame_vecs)])
         return self.apply_head(self.tower_video_vectors(frames, content_frame_vecs))
+
+    def tower_frame_vectors(self, frames: Sequence[np.ndarray], content_frame_vecs: Sequence[np.ndarray]
+                            ) -> list[np.ndarray]:
+        """The tower's frame vectors of each video (the content encoder's when the tower is shared)."""
+        if self.tower is None:
+            return [np.asarray(v, np.float32) for v in content_frame_vecs]
+        allv = self.tower.encode_frames(np.concatenate(list(frames)))
+        return list(np.split(allv, np.cumsum([len(f) for f in frames])[:-1]))
+
+    def apply_frames(self, frame_vecs: np.ndarray) -> np.ndarray:
+        """A frame-pooling head on one video's frame vectors: mean of the mapped frames, re-normalised."""
+        from echosearch.encode import l2_normalise
+
+        return l2_normalise(self.apply_head(frame_vecs).mean(axis=0)).astype(np.float32)
 
 
 def load_identity_encoder(spec: str, content: Encoder, device: str = "auto") -> IdentityEncoder:

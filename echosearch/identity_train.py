@@ -48,6 +48,7 @@ class IdentityTrainConfig:
     out_dim: int = 128
     hidden: int = 256  # 0 = a linear projection
     residual: bool = True  # x + MLP(x), starting from the tower's own vectors (out_dim = the tower's width)
+    pool: str = "video"  # "frame": the head maps frame vectors, pooled after it
     lr: float = 3e-3
     weight_decay: float = 1e-4
     temperature: float = 0.2
@@ -193,8 +194,12 @@ class _Data:
             pick = (torch.rand(mask.shape, generator=gen) < keep) & mask
             mask = torch.where(pick.any(1, keepdim=True), pick, mask)
         w = mask.float().unsqueeze(-1)
-        pooled = torch.nn.functional.normalize((self.x[vid] * w).sum(1) / w.sum(1), dim=-1)
-        z = head(pooled)
+        if head.pool == "frame":  # the head maps every frame; its outputs are pooled per video
+            x = self.x[vid]
+            zf = head(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], x.shape[1], -1)
+            z = torch.nn.functional.normalize((zf * w).sum(1) / w.sum(1), dim=-1)
+        else:
+            z = head(torch.nn.functional.normalize((self.x[vid] * w).sum(1) / w.sum(1), dim=-1))
         out = torch.zeros(len(studies), z.shape[1]).index_add(0, pos[self.video_study[vid]], z)
         return torch.nn.functional.normalize(out, dim=-1)
 
@@ -218,7 +223,7 @@ def _fit(data: _Data, feats: Features, train_rows: np.ndarray, hold_rows: np.nda
     """One training pass from the seed's initial weights on the studies ``train_rows``."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    head = IdentityHead(feats.frames[0].shape[1], cfg.out_dim, cfg.hidden, cfg.residual)
+    head = IdentityHead(feats.frames[0].shape[1], cfg.out_dim, cfg.hidden, cfg.residual, cfg.pool)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.1)
@@ -262,9 +267,11 @@ def _fit(data: _Data, feats: Features, train_rows: np.ndarray, hold_rows: np.nda
 
 
 def train_identity(index_dir: Path, out_dir: Path, config: IdentityTrainConfig | None = None,
-                   progress: Progress | None = None, features: Features | None = None) -> IdentityTrainResult:
+                   progress: Progress | None = None, features: Features | None = None,
+                   provenance: dict[str, Any] | None = None) -> IdentityTrainResult:
     """Train an identity head on the index's recorded patients and save it to ``out_dir`` (a folder the
-    ``identity_model`` setting accepts). ``features`` skips the decoding (e.g. a second run on the same index)."""
+    ``identity_model`` setting accepts). ``features`` skips the decoding (e.g. a second run on the same index);
+    ``provenance`` (e.g. the command and the data it was trained on) is recorded in the head's metadata."""
     from echosearch.identity import StudySet, score_studies
 
     cfg = config or IdentityTrainConfig()
@@ -309,6 +316,6 @@ def train_identity(index_dir: Path, out_dir: Path, config: IdentityTrainConfig |
                 "n_train_studies": result.n_train_studies, "n_holdout_studies": result.n_holdout_studies,
                 "n_holdout_patients": result.n_holdout_patients, "dropped_studies": len(result.dropped_study_keys),
                 "heldout_auc": result.identity_auc, "content_auc": content_auc, "seconds": result.seconds,
-                "history": result.history}
+                "history": result.history, **(provenance or {})}
     save_head(Path(out_dir), head.eval(), feats.tower, training)
     return result

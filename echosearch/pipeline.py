@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from echosearch import scope
 from echosearch.catalog import Catalog
 from echosearch.config import Settings
 from echosearch.encode import Encoder, l2_normalise, load_encoder
@@ -69,6 +71,7 @@ class _Batcher:
         self.identity_seconds = 0.0
         self.batch_size, self.keep_frames = batch_size, keep_frames
         self.keys: list[int] = []
+        self.scopes: list[scope.ClipScope] = []  # cheap scope of each clip (model evidence: scope.finalize)
         self.frames: list[np.ndarray] = []
         self.n_frames = 0
         self.videos = 0
@@ -83,6 +86,8 @@ class _Batcher:
 
     def add(self, key: int, prepared: PreparedVideo) -> None:
         self.keys.append(key)
+        self.scopes.append(scope.cheap_scope(prepared.record.path, prepared.frames, prepared.meta.n_frames,
+                                             kind=prepared.record.kind))
         self.frames.append(prepared.frames)
         self.n_frames += len(prepared.frames)
         if self.n_frames >= self.batch_size:
@@ -116,8 +121,11 @@ class _Batcher:
         ident = self.identity.video_vectors(self.frames, frame_vecs) if self.identity is not None else None
         self.identity_seconds += time.perf_counter() - t1
         self.model_seconds += time.perf_counter() - t0
-        preds = [predict(self.bank, fv) for fv in frame_vecs]
+        # out-of-scope clips (not echo, colour Doppler) get no zero-shot values: they would mean nothing
+        preds = [predict(self.bank, fv) if sc.in_scope else {} for fv, sc in zip(frame_vecs, self.scopes, strict=True)]
         with self.catalog.transaction():
+            self.catalog.store_scope(pl.DataFrame([sc.row(k) for k, sc in zip(self.keys, self.scopes, strict=True)],
+                                                  schema=scope.SCOPE_COLUMNS))
             self.catalog.store_video_embeddings(self.keys, np.stack(video_vecs), counts,
                                                 frame_vecs if self.keep_frames else None)
             if ident is not None:
@@ -134,7 +142,7 @@ class _Batcher:
         self.phase_start = self.phase_start or (self.last_commit, self.total_frames, self.flushes)
         if self.on_progress:
             self.on_progress(self.videos, self.total_frames)
-        self.keys, self.frames, self.n_frames = [], [], 0
+        self.keys, self.frames, self.n_frames, self.scopes = [], [], 0, []
 
 
 def store_predictions(catalog: Catalog, level: str, keys: Sequence[int], preds: Sequence[dict[str, float]],
@@ -153,9 +161,11 @@ def stale_studies(catalog: Catalog) -> list[int]:
 
     Derived from the catalog rather than from what this run encoded, so a run killed between encoding and
     pooling is completed by the next one."""
+    in_scope = ("LEFT JOIN clip_scope c USING (video_key) WHERE c.in_scope IS NOT FALSE "
+                if catalog.has_scope() else "")  # study vectors pool in-scope clips only
     rows = catalog.con.sql(
         "SELECT v.study_key FROM videos v JOIN video_embeddings e USING (video_key) "
-        "LEFT JOIN study_embeddings s USING (study_key) "
+        "LEFT JOIN study_embeddings s USING (study_key) " + in_scope +
         "GROUP BY v.study_key HAVING count(*) <> coalesce(any_value(s.n_videos), 0) ORDER BY v.study_key"
     ).fetchall()
     return [int(r[0]) for r in rows]
@@ -170,7 +180,8 @@ def pool_studies(catalog: Catalog, model_name: str, study_keys: list[int] | None
     owner = dict(catalog.con.execute(
         "SELECT video_key, study_key FROM videos WHERE study_key IN (SELECT unnest(?::BIGINT[]))",
         [study_keys]).fetchall())
-    ids, vecs = catalog.embeddings("video", list(owner))
+    out = catalog.out_of_scope_videos()  # identity and change compare in-scope clips only
+    ids, vecs = catalog.embeddings("video", [k for k in owner if k not in out])
     by_study: dict[int, list[int]] = {}
     for i, vk in enumerate(ids):
         by_study.setdefault(int(owner[int(vk)]), []).append(i)
@@ -192,7 +203,7 @@ def pool_studies(catalog: Catalog, model_name: str, study_keys: list[int] | None
         catalog.store_level_embeddings("study", study_keys, study_vecs, counts)
         store_predictions(catalog, "study", study_keys, spreds, model_name)
         if catalog.has_identity():
-            pool_identity(catalog, owner)
+            pool_identity(catalog, {k: s for k, s in owner.items() if k not in out})
     return len(study_keys)
 
 
@@ -265,13 +276,18 @@ def match_vector(catalog: Catalog, path: Path, encoder: Encoder) -> np.ndarray:
 
 def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, *, encoder: Encoder | None = None,
                   reports: Path | None = None, labels: Path | None = None, progress: bool = True,
-                  build_vectors: bool = True) -> IndexSummary:
-    """Scan, encode and index ``sources`` into ``index_dir``; only new files are processed."""
+                  build_vectors: bool = True, catalog: Catalog | None = None,
+                  on_progress: Callable[[int, int], None] | None = None) -> IndexSummary:
+    """Scan, encode and index ``sources`` into ``index_dir``; only new files are processed.
+
+    ``catalog``: write through this open catalog (a server's cursor; left open) instead of opening the
+    folder. Every batch of videos is its own transaction, so readers of the same database see each one.
+    ``on_progress(videos, frames)`` is called after each committed batch."""
     t0 = time.perf_counter()
     enc = encoder or load_encoder(settings.model, device=settings.device, frames_per_video=settings.frames_per_video,
                                   policy=settings.frame_policy, sampling=settings.frame_sampling)
     summary = IndexSummary()
-    with Catalog.open(index_dir, create=True) as cat:
+    with nullcontext(catalog) if catalog is not None else Catalog.open(index_dir, create=True) as cat:
         ident = enc.identity
         cat.bind_model(ident)
         if cat.get_manifest("model_source") is None:
@@ -287,7 +303,8 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
                               f"{done.get('prompts')}; this run would use {bank.method} with {bank.source}: set "
                               "zeroshot_method/zeroshot_prompts to match, or index into a new folder")
         cat.set_manifest("zeroshot", bank.manifest())
-        batcher = _Batcher(cat, enc, bank, settings.batch_size, settings.keep_frame_embeddings, identity=id_enc)
+        batcher = _Batcher(cat, enc, bank, settings.batch_size, settings.keep_frame_embeddings, identity=id_enc,
+                           on_progress=on_progress)
         t_setup = time.perf_counter()
         scan_summary: ScanSummary = scan(list(sources), cat, settings, policy=enc.policy, reports=reports,
                                          labels=labels, progress=progress, on_video=batcher.add)
@@ -319,6 +336,7 @@ def index_sources(sources: Sequence[Path], index_dir: Path, settings: Settings, 
         summary.frames_encoded = batcher.total_frames
         summary.model_seconds = round(batcher.model_seconds, 3)
         summary.identity_seconds = round(batcher.identity_seconds, 3)
+        scope.finalize(cat, enc)  # model evidence and views; before pooling, which leaves out-of-scope clips out
         summary.studies_pooled = pool_studies(cat, enc.name)
         summary.reports_embedded = embed_reports(cat, enc)
         if build_vectors:

@@ -320,11 +320,84 @@ def _fsync(path: Path) -> None:
 
 
 # ---- building and tuning ---------------------------------------------------------------------------
+class VectorRows:
+    """Where a build reads its vectors: ``n`` normalised vectors of width ``d`` under ascending unique ``ids``.
+
+    :meth:`take` returns the vectors at given row positions (training sample, tuning queries);
+    :meth:`chunks` yields (ids, vectors) in key order. The in-memory rows hold one array; the catalog rows
+    read chunks from the catalog, so that a build holds the index and one chunk, never a second full copy."""
+
+    ids: np.ndarray
+    d: int
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        raise NotImplementedError
+
+    def all(self) -> np.ndarray | None:
+        """Every vector as one array when they are in memory already (else None: use :meth:`chunks`)."""
+        return None
+
+
+class ArrayRows(VectorRows):
+    """Vectors already in memory (ids ascending, rows normalised)."""
+
+    def __init__(self, ids: np.ndarray, x: np.ndarray) -> None:
+        self.ids, self.x, self.d = ids, x, int(x.shape[1])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self.x[rows]
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        yield self.ids, self.x
+
+    def all(self) -> np.ndarray:
+        return self.x
+
+
+class CatalogRows(VectorRows):
+    """A level's vectors read from the catalog ``chunk_rows`` at a time, in key order (only the ids, 8 bytes
+    per vector, are held throughout)."""
+
+    def __init__(self, catalog: Any, level: str, chunk_rows: int = 65_536) -> None:
+        table, key = _TABLES[level]
+        self.catalog, self.level, self.chunk_rows = catalog, level, max(1, int(chunk_rows))
+        self.d = int(catalog.level_dim(level) or 1)
+        if not catalog.has_table(table):
+            self.ids = np.zeros(0, np.int64)
+            return
+        arrow = catalog.con.sql(f"SELECT {key} FROM {table} ORDER BY {key}").to_arrow_table()
+        self.ids = arrow.column(0).to_numpy().astype(np.int64)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        want = self.ids[np.asarray(rows, dtype=np.int64)]
+        if len(want) == 0:
+            return np.zeros((0, self.d), np.float32)
+        ids, vecs = self.catalog.embeddings(self.level, np.unique(want).tolist())
+        pos = np.minimum(np.searchsorted(ids, want), max(len(ids) - 1, 0))
+        if len(ids) == 0 or not np.array_equal(ids[pos], want):
+            raise IndexMismatchError(f"the catalog's {self.level} vectors changed during the build")
+        return normalise(vecs[pos])
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, self.n, self.chunk_rows):
+            want = self.ids[start:start + self.chunk_rows]
+            ids, vecs = self.catalog.embeddings(self.level, want.tolist())
+            if len(ids) != len(want) or not np.array_equal(ids, want):
+                raise IndexMismatchError(f"the catalog's {self.level} vectors changed during the build")
+            yield ids, normalise(vecs)
+
+
 def build_vectors(ids: np.ndarray, vecs: np.ndarray, *, level: str = "video", target_recall: float = 0.95,
                   latency_ms: float = 10.0, force_type: str | None = None, memory_budget: int | None = None,
                   tune_queries: int = TUNE_QUERIES, seed: int = 0) -> VectorIndex:
     """Build and tune an index over (catalog keys, vectors) in memory; the catalog-free core of :func:`build_index`."""
-    start = time.perf_counter()
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     x = normalise(vecs) if len(vecs) else np.zeros((0, vecs.shape[1] if vecs.ndim == 2 else 1), np.float32)
     if not _strictly_increasing(ids):  # rows in key order: key -> row lookups are a binary search
@@ -332,7 +405,19 @@ def build_vectors(ids: np.ndarray, vecs: np.ndarray, *, level: str = "video", ta
         ids, x = ids[order], x[order]
         if not _strictly_increasing(ids):
             raise ValueError("ids must be unique catalog keys, one per vector")
-    n, d = x.shape
+    return build_from_rows(ArrayRows(ids, x), level=level, target_recall=target_recall, latency_ms=latency_ms,
+                           force_type=force_type, memory_budget=memory_budget, tune_queries=tune_queries, seed=seed)
+
+
+def build_from_rows(rows: VectorRows, *, level: str = "video", target_recall: float = 0.95, latency_ms: float = 10.0,
+                    force_type: str | None = None, memory_budget: int | None = None,
+                    tune_queries: int = TUNE_QUERIES, seed: int = 0) -> VectorIndex:
+    """Build and tune an index over ``rows``: k-means trained on a sample, vectors added chunk by chunk, search
+    parameters tuned against exact search of sampled queries (computed chunk by chunk too). In memory and
+    chunked builds of the same vectors train on the same sample and add the same rows in the same order, so
+    they give the same index."""
+    start = time.perf_counter()
+    n, d = rows.n, rows.d
     kind, reason = (force_type, "forced") if force_type else choose_kind(n, d, latency_ms=latency_ms,
                                                                           memory_budget=memory_budget)
     kind, reason = ("flat", "empty level") if n == 0 else (kind, reason)
@@ -340,10 +425,17 @@ def build_vectors(ids: np.ndarray, vecs: np.ndarray, *, level: str = "video", ta
     index = faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:  # k-means on a sample of 40 points per list (>= 20k)
         n_train = min(n, max(40 * nlist_for(n), 20_000))
-        index.train(x if n_train >= n else x[np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))])
+        full = rows.all()
+        if n_train >= n:
+            train = full if full is not None else rows.take(np.arange(n))
+        else:
+            train = rows.take(np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False)))
+        index.train(train)
+        del train
     t_train = time.perf_counter()
-    if n:
-        index.add_with_ids(x, ids)
+    for ids, x in rows.chunks():
+        if len(ids):
+            index.add_with_ids(x, ids)
     t_add = time.perf_counter()
     manifest: dict[str, Any] = {
         "level": level, "kind": kind, "index_type": desc, "choice_reason": reason, "metric": "inner_product",
@@ -351,32 +443,50 @@ def build_vectors(ids: np.ndarray, vecs: np.ndarray, *, level: str = "video", ta
         "latency_target_ms": latency_ms, "faiss_version": faiss.__version__,
     }
     vi = VectorIndex(level, index, manifest)
-    recall, n_q = (1.0, 0) if kind == "flat" or n < 2 else _tune(vi, x, ids, target_recall, tune_queries, seed)
+    recall, n_q = (1.0, 0) if kind == "flat" or n < 2 else _tune(vi, rows, target_recall, tune_queries, seed)
     if force_type is None and kind == "ivf" and vi.params["nprobe"] * 4 >= vi._nlist:  # scans >= 1/4: exact instead
-        flat = build_vectors(ids, x, level=level, target_recall=target_recall, latency_ms=1e12)
-        flat.manifest.update(build_seconds=round(time.perf_counter() - start, 3), choice_reason=(
-            f"IVF needed nprobe {vi.params['nprobe']:.0f} of {vi._nlist} for recall@10 {target_recall}: exact instead"))
+        why = f"IVF needed nprobe {vi.params['nprobe']:.0f} of {vi._nlist} for recall@10 {target_recall}: exact instead"
+        del vi, index
+        flat = build_from_rows(rows, level=level, target_recall=target_recall, latency_ms=1e12)
+        flat.manifest.update(build_seconds=round(time.perf_counter() - start, 3), choice_reason=why)
         return flat
     manifest.update(params=vi.params, recall_at_10=recall if n else None, recall_queries=n_q,
-                    latency_p50_ms=_latency_p50(vi, x, seed), build_seconds=round(time.perf_counter() - start, 3),
+                    latency_p50_ms=_latency_p50(vi, rows, seed), build_seconds=round(time.perf_counter() - start, 3),
                     phase_seconds={"train": round(t_train - start, 3), "add": round(t_add - t_train, 3),
                                    "tune": round(time.perf_counter() - t_add, 3)},
                     created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return vi
 
 
-def _tune(vi: VectorIndex, x: np.ndarray, ids: np.ndarray, target: float, n_queries: int, seed: int,
+def exact_neighbours(rows: VectorRows, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (scores, ids) of queries ``q`` over ``rows``, one chunk at a time (merged per chunk)."""
+    full = rows.all()
+    if full is not None:
+        scores, found = faiss.knn(q, full, min(k, rows.n), metric=faiss.METRIC_INNER_PRODUCT)
+        return scores, np.where(found >= 0, rows.ids[np.maximum(found, 0)], -1)
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(q), 0), np.int64)
+    for ids, x in rows.chunks():
+        s, f = faiss.knn(q, x, min(k, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+        s_all = np.concatenate([best_s, s], axis=1)
+        i_all = np.concatenate([best_i, np.where(f >= 0, ids[np.maximum(f, 0)], -1)], axis=1)
+        top = np.argsort(-s_all, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(s_all, top, 1), np.take_along_axis(i_all, top, 1)
+    return best_s, best_i
+
+
+def _tune(vi: VectorIndex, rows: VectorRows, target: float, n_queries: int, seed: int,
           k: int = 10) -> tuple[float, int]:
     """Cheapest search parameters whose recall@10 on sampled queries (vs exact, self excluded) meets ``target``.
 
     HNSW: the smallest efSearch. IVF: the smallest nprobe with a generous shortlist (binary search; recall grows
     with nprobe), then the cheapest (nprobe, k_factor) around it by a cost model in vector operations per query.
     """
-    n = len(x)
+    n = rows.n
     qrows = np.sort(np.random.default_rng(seed + 1).choice(n, min(n_queries, n), replace=False))
-    q, self_ids = x[qrows], ids[qrows]
-    _, gt_rows = faiss.knn(q, x, min(k + 1, n), metric=faiss.METRIC_INNER_PRODUCT)
-    truth = [set([int(ids[j]) for j in r if j >= 0 and ids[j] != s][:k]) for r, s in zip(gt_rows, self_ids, strict=True)]
+    q, self_ids = rows.take(qrows), rows.ids[qrows]
+    _, gt_ids = exact_neighbours(rows, q, min(k + 1, n))
+    truth = [set([int(j) for j in r if j >= 0 and j != s][:k]) for r, s in zip(gt_ids, self_ids, strict=True)]
     seen: dict[tuple[float, ...], float] = {}
 
     def recall(params: dict[str, float]) -> float:
@@ -407,11 +517,13 @@ def _tune(vi: VectorIndex, x: np.ndarray, ids: np.ndarray, target: float, n_quer
     return round(recall(best), 4), len(q)
 
 
-def _latency_p50(vi: VectorIndex, x: np.ndarray, seed: int, n: int = 30) -> float | None:
+def _latency_p50(vi: VectorIndex, rows: VectorRows, seed: int, n: int = 30) -> float | None:
     times = []
-    for row in np.random.default_rng(seed + 2).choice(len(x), min(n, len(x)), replace=False):
+    picked = np.random.default_rng(seed + 2).choice(rows.n, min(n, rows.n), replace=False)
+    queries = rows.take(np.asarray(picked, dtype=np.int64)) if len(picked) else np.zeros((0, rows.d), np.float32)
+    for x in queries:
         t0 = time.perf_counter()
-        vi.search(x[row:row + 1], 10)
+        vi.search(x[None, :], 10)
         times.append((time.perf_counter() - t0) * 1000)
     return round(float(np.median(times)), 4) if times else None
 
@@ -427,17 +539,27 @@ def catalog_count(catalog: Any, level: str) -> int:
 
 
 def build_index(catalog: Any, level: str, *, target_recall: float = 0.95, latency_ms: float = 10.0,
-                force_type: str | None = None) -> VectorIndex:
-    """Build, tune and atomically save the level's index from the catalog's embeddings."""
+                force_type: str | None = None, chunk_rows: int | None = None) -> VectorIndex:
+    """Build, tune and atomically save the level's index from the catalog's embeddings.
+
+    ``chunk_rows``: read the vectors that many at a time (train on a sample, add chunk by chunk) instead of
+    loading the whole level first; the index is the same (see :func:`build_from_rows`)."""
     if level not in LEVELS + IDENTITY_LEVELS:
         raise ValueError(f"unknown level {level!r}; choose one of {LEVELS + IDENTITY_LEVELS}")
     generation = catalog.generation()
     model = catalog.manifest().get("model")
-    empty = (np.zeros(0, np.int64), np.zeros((0, int(catalog.level_dim(level) or 1)), np.float32))
-    ids, vecs = catalog.embeddings(level) if catalog_count(catalog, level) else empty
-    vi = build_vectors(ids, vecs, level=level, target_recall=target_recall, latency_ms=latency_ms,
-                       force_type=force_type)
-    vi.manifest.update(model=model, catalog_generation=generation, catalog_count=len(ids))
+    if chunk_rows:
+        rows = CatalogRows(catalog, level, chunk_rows)
+        vi = build_from_rows(rows, level=level, target_recall=target_recall, latency_ms=latency_ms,
+                             force_type=force_type)
+        n = rows.n
+    else:
+        empty = (np.zeros(0, np.int64), np.zeros((0, int(catalog.level_dim(level) or 1)), np.float32))
+        ids, vecs = catalog.embeddings(level) if catalog_count(catalog, level) else empty
+        vi = build_vectors(ids, vecs, level=level, target_recall=target_recall, latency_ms=latency_ms,
+                           force_type=force_type)
+        n = len(ids)
+    vi.manifest.update(model=model, catalog_generation=generation, catalog_count=n)
     if level in IDENTITY_LEVELS:
         vi.manifest["identity_model"] = catalog.get_manifest("identity_model")
     vi.save(catalog.index_dir)

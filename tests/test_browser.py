@@ -204,7 +204,7 @@ def test_search_page_loads_in_chromium(server: str, browser: Chromium, tmp_path:
 def test_linked_text_search_plays_clips_in_chromium(server: str, browser: Chromium, tmp_path: Path) -> None:
     query = urllib.parse.quote("SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION.")
     text = browser.load(f"{server}/?q={query}", "most like", timeout=180)
-    assert "Nearest report sentences" in text
+    assert "Preliminary reading" in text or "Nearest reports in this archive" in text
     browser.screenshot(tmp_path / "results.png")
     n_videos = browser.js("document.querySelectorAll('video').length")
     assert n_videos >= 4, "results are clips"
@@ -218,6 +218,84 @@ def test_linked_text_search_plays_clips_in_chromium(server: str, browser: Chromi
     media = re.compile(r"(?<!/static)/media/")  # Streamlit's media endpoint, not its bundled fonts
     assert not media.search(browser.dom()) and not [u for u in fetched if media.search(urllib.parse.urlsplit(u).path)], \
         "no clip is served from Streamlit's session-less /media/ endpoint"
+
+
+# ---- trust: scope, "no close match", never-stale results, shareable URLs, 1024 px, nothing from outside -----
+def _narrow(browser: Chromium, width: int = 1024) -> None:
+    browser.call("Emulation.setDeviceMetricsOverride", width=width, height=800, deviceScaleFactor=1, mobile=False)
+
+
+def _truncated_buttons(browser: Chromium) -> list[str]:
+    """Labels of visible buttons whose text does not fit (shown as "Mor...")."""
+    return browser.js("[...document.querySelectorAll('[data-testid=\"stBaseButton-secondary\"], "
+                      "[data-testid=\"stBaseButton-primary\"]')].filter(b => b.offsetParent && "
+                      "[...b.querySelectorAll('p, span, div')].some(e => e.scrollWidth > e.clientWidth + 1))"
+                      ".map(b => b.innerText)") or []
+
+
+def test_nonsense_link_says_no_close_match_at_1024px_with_nothing_from_outside(server: str, browser: Chromium) -> None:
+    _narrow(browser)
+    text = browser.load(f"{server}/?q={urllib.parse.quote('xyzzy banana')}", "No close match", timeout=240)
+    assert "most like “xyzzy banana”" in text and "Preliminary reading" not in text
+    assert not _truncated_buttons(browser), "buttons keep their labels at 1024 px"
+    origin = urllib.parse.urlsplit(server).netloc
+    fetched = browser.js("performance.getEntriesByType('resource').map(e => e.name)") or []
+    outside = [u for u in fetched if urllib.parse.urlsplit(u).scheme in ("http", "https", "ws", "wss")
+               and urllib.parse.urlsplit(u).netloc != origin]
+    icons = browser.js("[...document.querySelectorAll('link[rel*=icon]')].map(l => l.href)") or []
+    outside += [u for u in icons if urllib.parse.urlsplit(u).scheme in ("http", "https")
+                and urllib.parse.urlsplit(u).netloc != origin]
+    assert not outside, f"fetched from outside the server: {outside}"
+
+
+def test_a_shared_url_restores_query_and_filters_and_a_changed_filter_reruns(server: str, browser: Chromium) -> None:
+    query = "SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION."
+    text = browser.load(f"{server}/?q={urllib.parse.quote(query)}&view=A4C", "most like", timeout=240)
+    heading = next(line for line in text.splitlines() if "most like" in line)
+    assert query in heading and "view A4C" in heading, heading
+    assert "q=" in (browser.js("location.search") or ""), "the URL keeps the query"
+    # switch "Show" from clips to studies: the search re-runs under the new setting
+    browser.js("[...document.querySelectorAll('[data-testid=\"stRadio\"] label')].find(l => "
+               "l.innerText.trim() === 'studies').click()")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        text = str(browser.js("document.body.innerText") or "")
+        if "studies most like" in text and not browser.js(RUNNING):
+            break
+    else:
+        raise AssertionError(f"results were not re-run for studies: {text[:400]!r}")
+    assert "clips most like" not in text, "no stale clip results under the new setting"
+    assert "level=study" in (browser.js("location.search") or "")
+
+
+def test_a_non_echo_upload_warns_in_chromium(server: str, browser: Chromium) -> None:
+    from conftest import REAL_DICOM
+
+    thyroid = REAL_DICOM / "Acuson_thyroid_YBR_FULL_RLE.dcm"
+    if not thyroid.is_file():
+        pytest.skip(f"missing {thyroid}")
+    browser.load(server + "/", "Findings to look for")
+    browser.js("[...document.querySelectorAll('[role=tab]')].find(t => t.innerText.includes('Upload')).click()")
+    time.sleep(1)
+    root = browser.call("DOM.getDocument", depth=-1)["root"]["nodeId"]
+    node = browser.call("DOM.querySelector", nodeId=root, selector="input[type=file]")["nodeId"]
+    browser.call("DOM.setFileInputFiles", nodeId=node, files=[str(thyroid)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not browser.js(
+            "[...document.querySelectorAll('button')].some(b => b.innerText.includes('Find similar'))"):
+        time.sleep(0.5)
+    browser.js("[...document.querySelectorAll('button')].find(b => b.innerText.includes('Find similar')).click()")
+    deadline = time.monotonic() + 180
+    text = ""
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        text = str(browser.js("document.querySelector('[data-testid=\"stMain\"]')?.innerText") or "")
+        if "does not look like an echocardiogram" in text and not browser.js(RUNNING):
+            break
+    else:
+        raise AssertionError(f"no out-of-scope warning: {text[:600]!r}")
+    assert "Preliminary reading" not in text and "Predicted EF (model estimate)" not in text
 
 
 # ---- screenshots of every page (manual check) -----------------------------------------------------------

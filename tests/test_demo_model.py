@@ -81,7 +81,10 @@ def test_text_to_video_retrieval_of_findings(evaluated: dict) -> None:
     assert tv["mean_in_view"] >= tv["mean_in_view_clip_only"], tv  # not by trading away the clips that show it
 
 
-@pytest.mark.xfail(reason="identity is learnt only implicitly (~0.78-0.88); the optional same-patient term reaches "
-                          "0.88-0.90 on fresh cohorts at a cost to findings (docs/training.md, session 12)", strict=False)
+@pytest.mark.xfail(reason="issue 24's target, cross-visit study-pair AUC >= 0.95 on identity vectors: the shipped "
+                          "identity head on the demo model's frozen tower reaches ~0.8-0.85 on fresh cohorts "
+                          "(docs/longitudinal.md); the tower carries too little identity", strict=False)
 def test_identity_target(evaluated: dict) -> None:
-    assert evaluated["echosearch"]["identity"]["study_patient_auc"] >= 0.95, evaluated["echosearch"]["identity"]
+    ident = evaluated["echosearch"]["identity"]
+    assert ident["vectors"] == "identity", "demo mode indexes with the shipped identity head"
+    assert ident["study_pair_auc"] >= 0.95, ident["cross_visit"]

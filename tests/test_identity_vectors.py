@@ -221,3 +221,28 @@ def test_trained_head_beats_content_vectors_on_held_out_patients(tmp_path: Path)
     assert res.n_holdout_patients >= 15 and res.content_auc is not None and res.identity_auc is not None
     assert res.identity_auc > res.content_auc + 0.03
     assert 0 < len(res.dropped_study_keys) <= 0.1 * (res.n_train_studies + len(res.dropped_study_keys))
+
+
+@pytest.mark.parametrize("pool", ["video", "frame"])
+def test_training_pools_as_indexing_does(pool: str) -> None:
+    """The study vectors a head is trained on are the ones indexing stores: frames pooled per video (before
+    or after the head), videos per study, each level L2-normalised."""
+    from echosearch.identity_model import IdentityEncoder
+    from echosearch.identity_train import Features, _Data
+
+    rng = np.random.default_rng(0)
+    frames = [l2_normalise(rng.normal(size=(int(n), 8))).astype(np.float32) for n in rng.integers(2, 6, 7)]
+    video_study = np.array([0, 0, 1, 1, 1, 2, 2])
+    feats = Features(frames, video_study, np.array([10, 11, 12]), np.array([1, 1, 2]), {})
+    torch.manual_seed(0)
+    head = IdentityHead(8, 4, 6, pool=pool).eval()
+    torch.nn.init.normal_(head.net[0].weight)  # type: ignore[index]
+    with torch.no_grad():
+        trained = _Data(feats).study_vectors(head, torch.arange(3)).numpy()
+    enc = IdentityEncoder("h", "h", "head", head, None, {}, None, 4)
+    vids = enc.video_vectors([np.zeros((len(f), 2, 2, 3), np.uint8) for f in frames], frames)
+    stored = np.stack([l2_normalise(vids[video_study == s].mean(axis=0)) for s in range(3)])
+    assert np.allclose(trained, stored, atol=1e-5)
+    if pool == "frame":  # not the same as mapping the pooled vector
+        pooled = enc.apply_head(np.stack([l2_normalise(f.mean(axis=0)) for f in frames]))
+        assert not np.allclose(pooled, vids, atol=1e-3)

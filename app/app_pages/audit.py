@@ -1,8 +1,13 @@
-"""Identity audit: studies whose recorded patient looks wrong, with evidence, clips and reviewer decisions."""
+"""Identity audit: studies whose recorded patient looks wrong, with evidence, clips and reviewer decisions.
+
+One figure per question, the same everywhere on the page: "similarity" to a patient is the audit's score of
+the study against that patient (mean cosine to that patient's two closest studies), and suspects are listed
+in the order of the probability shown (lowest probability that the recorded patient is right first)."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import polars as pl
 import streamlit as st
@@ -10,9 +15,22 @@ import ui
 
 from echosearch.errors import EchosearchError
 
+NA = "—"
+
+
+def num(value: Any, digits: int = 3) -> str:
+    return NA if value is None else f"{float(value):.{digits}f}"
+
+
+def when(value: Any) -> str:
+    """A run or decision time as a reader wants it (minutes, UTC), never a raw timestamp."""
+    return value.strftime("%Y-%m-%d %H:%M UTC") if hasattr(value, "strftime") else (NA if value is None else str(value))
+
+
 st.title("Identity audit")
-st.caption("Studies ranked by how unlikely it is that they show their recorded patient: the study vector is "
-           "compared with the recorded patient's other studies and with the closest studies of every other patient.")
+st.caption("Studies ranked by how unlikely it is that they show their recorded patient. Each study is compared "
+           "with its recorded patient's other studies and with the closest studies of every other patient; "
+           "*similarity* to a patient is the mean cosine to that patient's two closest studies.")
 idx = ui.app_index()
 
 if idx.latest_run("audit") is None:
@@ -27,6 +45,15 @@ if idx.latest_run("audit") is None:
             st.stop()
         st.rerun()
     st.stop()
+
+run = idx.audit_run() or {}
+vectors = {"identity": "identity vectors", "content": "content (search) vectors"}.get(str(run.get("vectors")),
+                                                                                     "study vectors")
+auc = run.get("calibration_auc")
+quality = ("" if auc is None else " — good" if auc >= 0.95 else " — fair: expect false alarms" if auc >= 0.85
+           else " — weak: treat every suspect with caution")
+st.caption(f"Latest run: {when(run.get('started_at'))}, on {vectors}. Calibration quality: the probability "
+           f"separates a study's own patient from other patients with AUC {num(auc)}{quality}.")
 
 SCOPES = ["awaiting review", "all suspects", "all audited studies"]
 linked = {"awaiting": SCOPES[0], "suspects": SCOPES[1], "all": SCOPES[2]}.get(str(st.query_params.get("show")))
@@ -49,22 +76,30 @@ if res.height == 0:
     st.stop()
 
 if res.height > ui.MAX_CHOICES:
-    st.caption(f"Showing the first {ui.MAX_CHOICES} of {res.height} studies in rank order.")
+    st.caption(f"Showing the first {ui.MAX_CHOICES} of {res.height} studies in review order.")
     res = res.head(ui.MAX_CHOICES)
 summary = res.select(
-    "rank", pl.col("study_date").alias("study date"), pl.col("recorded_patient").alias("recorded patient"),
-    pl.col("best_other_patient").alias("most resembles"), pl.col("p_same").alias("P(recorded patient)"),
-    pl.col("margin"), "suspect", pl.col("decision").fill_null("awaiting review"), "reviewer")
+    pl.col("rank").alias("#"), pl.col("study_date").alias("study date"),
+    pl.col("recorded_patient").alias("recorded patient"),
+    pl.col("p_same").alias("P(recorded patient is right)"),
+    pl.col("own_score").alias("similarity to recorded patient"),
+    pl.col("best_other_patient").fill_null(NA).alias("most resembles"),
+    pl.col("best_other_score").alias("similarity to that patient"),
+    pl.when(pl.col("suspect")).then(pl.lit("suspect")).otherwise(pl.lit("not flagged")).alias("audit"),
+    pl.col("decision").fill_null("awaiting review").alias("decision"), pl.col("reviewer").fill_null(NA))
 st.dataframe(summary, hide_index=True, width="stretch",
-             column_config={"P(recorded patient)": st.column_config.ProgressColumn(min_value=0, max_value=1,
-                                                                                    format="%.2f"),
-                            "margin": st.column_config.NumberColumn(format="%.3f"),
+             column_config={"P(recorded patient is right)": st.column_config.ProgressColumn(
+                                min_value=0, max_value=1, format="%.2f",
+                                help="Calibrated probability that the study shows its recorded patient; the list "
+                                     "is in this order, lowest first"),
+                            "similarity to recorded patient": st.column_config.NumberColumn(format="%.3f"),
+                            "similarity to that patient": st.column_config.NumberColumn(format="%.3f"),
                             "study date": st.column_config.DateColumn(format="YYYY-MM-DD")})
 
 ranks = res["rank"].to_list()
 rank = st.selectbox("Review suspect", ranks, format_func=lambda r: (
-    lambda row: f"#{r} · study of {ui.fmt_date(row['study_date'])} recorded as {row['recorded_patient']}")(
-    res.filter(pl.col("rank") == r).row(0, named=True)))
+    lambda row: f"#{r} · study of {ui.fmt_date(row['study_date'])} recorded as {row['recorded_patient']} · "
+                f"P(right) {num(row['p_same'], 2)}")(res.filter(pl.col("rank") == r).row(0, named=True)))
 s = res.filter(pl.col("rank") == rank).row(0, named=True)
 study_key = int(s["study_key"])
 ui.log_once(f"audit_view:{study_key}", "view_audit_suspect", {"study_key": study_key,
@@ -72,16 +107,13 @@ ui.log_once(f"audit_view:{study_key}", "view_audit_suspect", {"study_key": study
 evidence = json.loads(s["evidence"] or "{}")
 for reason in evidence.get("reasons") or []:
     st.warning(reason)
-st.caption("Similarity (cosine) of this study to the studies of ...")
-m1, m2, m3, m4 = st.columns(4)
-m1.metric("... its recorded patient", "n/a" if s["own_score"] is None else f"{s['own_score']:.3f}")
-m2.metric("... the closest other patient", "n/a" if s["best_other_score"] is None else f"{s['best_other_score']:.3f}")
-m3.metric("Margin", "n/a" if s["margin"] is None else f"{s['margin']:+.3f}")
-m4.metric("P(recorded is right)", "n/a" if s["p_same"] is None else f"{s['p_same']:.2f}")
+m1, m2, m3 = st.columns(3)
+m1.metric("P(recorded patient is right)", num(s["p_same"], 2))
+m2.metric(f"Similarity to recorded patient {s['recorded_patient']}", num(s["own_score"]))
+m3.metric(f"Similarity to {s['best_other_patient'] or 'the closest other patient'}", num(s["best_other_score"]))
 
 own = [int(k) for k, _ in evidence.get("own_patient_studies") or []]
 other = [int(k) for k, _ in evidence.get("best_other_studies") or []]
-cos = {int(k): c for k, c in (evidence.get("own_patient_studies") or []) + (evidence.get("best_other_studies") or [])}
 keys = [study_key] + own[:1] + other[:1]
 vids = idx.study_videos(keys)
 info = {r["study_key"]: r for r in idx.study_info(keys).iter_rows(named=True)}
@@ -89,27 +121,29 @@ first_view = vids.filter(pl.col("study_key") == study_key)["view"].drop_nulls().
 view = first_view[0] if first_view else None
 
 st.subheader("Side by side" + (f" ({view})" if view else ""))
+st.caption("This study next to the closest study of its recorded patient and the closest study of the patient it "
+           "most resembles, same view where there is one.")
 cols = st.columns(3)
-panels = [(study_key, f"This study, recorded as **{s['recorded_patient']}**"),
-          (own[0] if own else None, f"Closest other study of the recorded patient **{s['recorded_patient']}**"),
-          (other[0] if other else None, f"Closest study of **{s['best_other_patient'] or 'another patient'}**, "
-                                        "the patient it most resembles")]
-for col, (key, title) in zip(cols, panels, strict=True):
+panels = [(study_key, f"This study, recorded as **{s['recorded_patient']}**", None),
+          (own[0] if own else None, f"Recorded patient **{s['recorded_patient']}**", s["own_score"]),
+          (other[0] if other else None, f"Most resembles **{s['best_other_patient'] or 'another patient'}**",
+           s["best_other_score"])]
+for col, (key, title, sim) in zip(cols, panels, strict=True):
     with col:
         st.markdown(title)
         if key is None:
-            st.caption("no such study")
+            st.caption("no other study of this patient to compare with")
             continue
         r = info.get(key, {})
         ui.clip(ui.first_video_of(vids, key, view))
-        extra = f" · cosine {cos[key]:.3f}" if key in cos and key != study_key else ""
+        extra = f" · similarity to this patient {num(sim)}" if sim is not None else ""
         st.caption(f"study of {ui.fmt_date(r.get('study_date'))}{extra}")
         if r.get("patient_pseudonym") and st.button("Open patient timeline", key=f"open-{key}"):
             ui.open_patient(str(r["patient_pseudonym"]))
 
 st.subheader("Decision")
 if s["decision"]:
-    st.info(f"Latest decision: **{s['decision']}** by {s['reviewer']} on {ui.fmt_date(s['decided_at'])}"
+    st.info(f"Latest decision: **{s['decision']}** by {s['reviewer'] or NA} on {when(s['decided_at'])}"
             + (f" — {s['note']}" if s["note"] else ""))
 # no default: a decision is an explicit choice (Save stays disabled until one is made), and after a save the
 # widgets start again from no choice (new keys), so that a stray click never records a wrong patient ID
@@ -129,4 +163,6 @@ if decision is None:
 hist = idx.decisions(study_key)
 if hist.height:
     with st.expander(f"Decision history ({hist.height})"):
-        st.dataframe(hist.select("decision", "reviewer", "occurred_at", "note"), hide_index=True)
+        st.dataframe(hist.select(pl.col("decision"), pl.col("reviewer").fill_null(NA),
+                                 pl.col("occurred_at").dt.strftime("%Y-%m-%d %H:%M UTC").alias("when"),
+                                 pl.col("note").fill_null(NA)), hide_index=True)

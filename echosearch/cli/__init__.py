@@ -35,7 +35,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMAND_MODULES = ("info_cmd", "synth_cmd", "ingest_cmd", "index_cmd", "search_cmd", "longitudinal_cmd", "serve_cmd")
+COMMAND_MODULES = ("info_cmd", "synth_cmd", "ingest_cmd", "index_cmd", "search_cmd", "longitudinal_cmd", "serve_cmd",
+                   "server_cmd", "intake_cmd", "merge_cmd")
 
 
 def _version(value: bool) -> None:

@@ -71,3 +71,21 @@ def frame_table(df: pl.DataFrame, title: str | None = None, float_digits: int = 
 
 def frame_records(df: pl.DataFrame) -> list[dict[str, Any]]:
     return df.to_dicts()
+
+
+SERVER_HELP = ("URL of a running `echosearch server` to ask (default: the server recorded in the index folder, "
+               "if one runs; else the catalog is opened directly).")
+
+
+def server_option() -> Any:
+    """The ``--server URL`` option of the commands that can go through a running server."""
+    import typer
+
+    return typer.Option(None, "--server", envvar="ECHOSEARCH_SERVER", help=SERVER_HELP)
+
+
+def remote(index: Any, server: str | None) -> Any:
+    """A client of the server that holds ``index`` (or of ``server``), or None to open the catalog directly."""
+    from echosearch.serve.client import connect
+
+    return connect(index, server)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from echosearch.cli.common import console, print_json
+from echosearch.cli.common import console, print_json, remote, server_option
 from echosearch.errors import SomeInputsFailed
 
 
@@ -34,13 +34,38 @@ def register(app: typer.Typer) -> None:
         labels: Path = typer.Option(None, "--labels", help="CSV/Parquet of labels (e.g. EF)."),
         device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+        server: str | None = server_option(),
+        executor: str = typer.Option("local", "--executor",
+                                     help="local (worker processes on this machine) or ray (a Ray cluster: one "
+                                          "Parquet shard per unit of work, then `merge`; see docs/scale.md)."),
+        address: str = typer.Option(None, "--address", help="Ray cluster address (--executor ray; default: a "
+                                                            "local Ray instance on 127.0.0.1)."),
+        unit_files: int = typer.Option(None, "--unit-files", min=1,
+                                       help="Files per unit of work (--executor ray; default 32)."),
     ) -> None:
-        """Scan, encode and index SOURCES (only new files); build the vector indexes."""
+        """Scan, encode and index SOURCES (only new files); build the vector indexes.
+
+        When a server holds the index, SOURCES become an ingest job of that server (paths on its disk; the
+        server's own settings apply) and this command follows it to the end."""
         from echosearch.config import load_settings
         from echosearch.pipeline import index_sources
 
+        client = remote(index_dir, server)
+        if client is not None:
+            from echosearch.cli.server_cmd import follow_job
+
+            with client:
+                follow_job(client, sources, reports, labels, json_out=json_out, index_dir=index_dir)
+            return
+
         settings = load_settings(model=model, identity_model=identity_model, workers=workers, batch_size=batch_size, frames_per_video=frames,
                                  device=device, frame_policy=policy, frame_sampling="all" if all_frames else None)
+        if executor != "local":
+            from echosearch.cli.merge_cmd import index_on_ray
+
+            index_on_ray(executor, sources, index_dir, settings, address=address, unit_files=unit_files,
+                         reports=reports, labels=labels, json_out=json_out)
+            return
         summary = index_sources(sources, index_dir, settings, reports=reports, labels=labels,
                                 progress=not json_out)
         if json_out:
@@ -147,6 +172,12 @@ def register(app: typer.Typer) -> None:
         holdout: float = typer.Option(0.25, "--holdout", min=0.0, max=0.9, help="Share of patients held out."),
         clean: bool = typer.Option(True, "--clean/--no-clean",
                                    help="Retrain without the studies the audit suspects after a first pass."),
+        steps: int = typer.Option(20, "--steps", min=1, help="Steps per epoch."),
+        temperature: float = typer.Option(0.2, "--temperature", min=0.01, max=2.0, help="Contrastive temperature."),
+        pool: str = typer.Option("video", "--pool", help="video: map each video's pooled tower vector; frame: map "
+                                                         "every frame vector, then pool."),
+        data: str = typer.Option(None, "--data", help="What the index holds (e.g. the cohort and its seed), "
+                                                      "recorded in the head's metadata."),
         workers: int = typer.Option(1, "--workers"),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
@@ -155,8 +186,11 @@ def register(app: typer.Typer) -> None:
         from echosearch.identity_train import IdentityTrainConfig
         from echosearch.identity_train import train_identity as run
 
+        if pool not in ("video", "frame"):
+            raise typer.BadParameter("--pool must be video or frame")
         cfg = IdentityTrainConfig(epochs=epochs, seed=seed, init=init, hidden=hidden, out_dim=dim, holdout=holdout,
-                                  clean=clean, workers=workers, residual=residual)
+                                  clean=clean, workers=workers, residual=residual, steps_per_epoch=steps,
+                                  temperature=temperature, pool=pool)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=console, disable=json_out) as bar:
             tasks: dict[str, TaskID] = {}
@@ -174,7 +208,14 @@ def register(app: typer.Typer) -> None:
                     tasks[phase] = bar.add_task(phase, total=n, info="")
                 bar.update(tasks[phase], completed=i, info=f"loss {metrics['loss']:.3f}" if "loss" in metrics else "")
 
-            result = run(index_dir, out, cfg, progress=cb)
+            command = " ".join(["echosearch train-identity", "--index", index_dir.name, "--out", out.name,
+                                *(f"--{k} {v}" for k, v in (("epochs", epochs), ("seed", seed), ("hidden", hidden),
+                                                            ("steps", steps), ("temperature", temperature),
+                                                            ("pool", pool), ("holdout", holdout))),
+                                "--residual" if residual else f"--projection --dim {dim}",
+                                "--clean" if clean else "--no-clean"])
+            provenance = {"command": command, **({"data": data} if data else {})}
+            result = run(index_dir, out, cfg, progress=cb, provenance=provenance)
         if json_out:
             from dataclasses import asdict
 

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from echosearch.catalog import Catalog
-from echosearch.cli.common import console, print_json, shown
+from echosearch.cli.common import console, print_json, remote, server_option, shown
 from echosearch.errors import QueryError
 
 
@@ -37,10 +37,16 @@ def register(app: typer.Typer) -> None:
     def info(
         index: Path = typer.Option(..., "--index", "-i", help="Index folder."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+        server: str | None = server_option(),
     ) -> None:
         """Show an index's manifest, table counts, vector indexes and ingest error count."""
-        with Catalog.open(index, read_only=True) as cat:
-            data = cat.info()
+        client = remote(index, server)
+        if client is not None:  # a server holds this index: ask it
+            with client:
+                data = client.info()
+        else:
+            with Catalog.open(index, read_only=True) as cat:
+                data = cat.info()
         if json_out:
             print_json(data)
             return
@@ -60,3 +66,6 @@ def register(app: typer.Typer) -> None:
         for name, vm in data["vector_indexes"].items():
             console.print(f"vector index [bold]{shown(name)}[/]: {vm.get('index_type')} rows={vm.get('ntotal')} "
                           f"recall@10={vm.get('recall_at_10')}")
+        for job in data.get("jobs", []):  # from a running server
+            console.print(f"ingest job {job['job_id']} {job['state']}: {job['videos_encoded']} videos encoded"
+                          + (f", error: {shown(job['error'])}" if job.get("error") else ""))

@@ -10,7 +10,7 @@ import polars as pl
 import typer
 
 from echosearch.catalog import Catalog
-from echosearch.cli.common import console, frame_records, frame_table, print_json
+from echosearch.cli.common import console, frame_records, frame_table, print_json, remote, server_option
 
 
 def register(app: typer.Typer) -> None:
@@ -22,12 +22,22 @@ def register(app: typer.Typer) -> None:
         unverifiable: bool = typer.Option(False, "--unverifiable", help="Also list single-study patients."),
         limit: int = typer.Option(30, "--limit", help="Rows shown in the table (JSON has all)."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+        server: str | None = server_option(),
     ) -> None:
         """Identity audit: studies whose recorded patient is probably wrong, with the patient they resemble."""
         from echosearch.identity import audit as run_audit
 
-        with Catalog.open(index) as cat:
-            df = run_audit(cat, fpr=fpr, k=k, report_unverifiable=unverifiable)
+        client = remote(index, server)
+        if client is not None:  # a server holds this index: it runs the audit
+            with client:
+                payload = client.audit(fpr, k, unverifiable)
+            if json_out:
+                print_json(payload)
+                return
+            df = pl.DataFrame([r | {"evidence": json.dumps(r["evidence"])} for r in payload["studies"]])
+        else:
+            with Catalog.open(index) as cat:
+                df = run_audit(cat, fpr=fpr, k=k, report_unverifiable=unverifiable)
         if json_out:
             rows = frame_records(df)
             for r in rows:
@@ -46,22 +56,34 @@ def register(app: typer.Typer) -> None:
     def changes(
         index: Path = typer.Option(..., "--index", "-i", help="Index folder."),
         patient: str = typer.Option(None, "--patient", "-p", help="Patient pseudonym or key (default: everyone)."),
-        z: float = typer.Option(3.0, "--z", help="z-score above which a change is flagged."),
+        min_probability: float = typer.Option(0.8, "--min-probability", min=0.0, max=1.0,
+                                              help="Show a flag when its calibrated probability is at least this."),
         show_all: bool = typer.Option(False, "--all", help="Show every study, not only flagged ones."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+        server: str | None = server_option(),
     ) -> None:
-        """Change between visits per patient: scores, z-scores, flags and their explanation."""
+        """Change between visits per patient: change probability, flags (EF fall/rise, new or removed device,
+        new heart) with their probability and evidence, and the explanation."""
         from echosearch.change import scan_changes
 
-        with Catalog.open(index) as cat:
-            df = scan_changes(cat, patient=patient, z_threshold=z)
+        client = remote(index, server)
+        if client is not None:  # a server holds this index: it runs the scan
+            with client:
+                payload = client.changes(patient, min_probability=min_probability)
+            if json_out:
+                print_json(payload)
+                return
+            df = pl.DataFrame(payload["studies"])
+        else:
+            with Catalog.open(index) as cat:
+                df = scan_changes(cat, patient=patient, min_probability=min_probability)
         if json_out:
             print_json({"run_id": df["run_id"][0] if df.height else None, "flagged": int(df["flagged"].sum()),
                         "studies": frame_records(df)})
             return
         view = df if (show_all or patient is not None) else df.filter(pl.col("flagged"))
-        view = view.select("patient_pseudonym", "visit", "study_date", "score_prev", "z_prev", "score_baseline", "z_baseline",
-                           "flagged", "explanation")
+        view = view.select("patient_pseudonym", "visit", "study_date", "change_prob", "score_prev",
+                           "change_prob_baseline", "flagged", "explanation")
         console.print(frame_table(view, title=f"changes in {index}: {int(df['flagged'].sum())} flagged of "
                                               f"{int(df['prev_study_key'].is_not_null().sum())} follow-up studies"))
 
@@ -72,6 +94,7 @@ def register(app: typer.Typer) -> None:
         video: Path = typer.Option(None, "--video", help="A video file (DICOM, AVI, ...), indexed or not."),
         k: int = typer.Option(5, "-k", help="Candidate patients."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+        server: str | None = server_option(),
     ) -> None:
         """Which patients does this study (the study itself excluded) or video look like? Identity vectors when
         the index has them; p_same is the calibrated probability of each patient."""
@@ -80,6 +103,16 @@ def register(app: typer.Typer) -> None:
 
         if (study is None) == (video is None):
             raise QueryError("give one of --study UID or --video FILE")
+        client = remote(index, server)
+        if client is not None:  # a server holds this index: ask it
+            with client:
+                payload = client.match_file(video, k) if video is not None else client.match(study, k)
+            if json_out:
+                print_json(payload)
+                return
+            console.print(frame_table(pl.DataFrame(payload["candidates"]),
+                                      title=f"patients matching {next(iter(payload))} {next(iter(payload.values()))}"))
+            return
         with Catalog.open(index, read_only=True) as cat:
             if video is not None:
                 from echosearch.encode import encoder_for_index
@@ -102,15 +135,21 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(10, "-k", help="k of text -> video recall@k."),
         no_text: bool = typer.Option(False, "--no-text", help="Skip text retrieval (no model load)."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+        prevalence: float = typer.Option(0.001, "--prevalence", min=1e-6, max=0.5,
+                                         help="Share of mislabelled studies the audit projection assumes "
+                                              "(default 1 in 1,000)."),
     ) -> None:
         """Evaluate identity, audit, change, zero-shot and retrieval against ground truth."""
         from echosearch.evaluate import evaluate, format_table
 
-        result = evaluate(index, truth, k=k, text=not no_text)
+        result = evaluate(index, truth, k=k, text=not no_text, prevalence=prevalence)
         if json_out:
             print_json(result)
             return
         console.print(format_table(result))
+        from echosearch.eval_change import format_change_table
+
+        console.print(format_change_table(result.get("change", {})))
         methods = result.get("zero_shot_methods", {})
         if methods.get("rows"):
             df = pl.DataFrame(methods["rows"])

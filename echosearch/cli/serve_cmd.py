@@ -39,6 +39,14 @@ def register(app: typer.Typer) -> None:
         index = index.resolve()
         if not (index / CATALOG_FILE).is_file():
             raise IndexNotFoundError(f"no index at {index} (missing {CATALOG_FILE}); run `echosearch index` first")
+        from echosearch.serve.client import recorded_server
+
+        running = recorded_server(index)
+        if running is not None:  # the app opens the catalog itself: it cannot share it with a server yet
+            from echosearch.errors import CatalogError
+
+            raise CatalogError(f"an echosearch server holds {index} at {running['url']}: stop it to start the app "
+                               "on this index (the app does not yet reach the server over HTTP)")
         script = app_script()
         mode = check_serve_safety(host, script.parent)
         cmd = streamlit_command(script, index, host, port, base_url_path or None)

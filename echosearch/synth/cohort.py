@@ -86,7 +86,7 @@ def plan_cohort(cfg: SynthConfig) -> list[list[StudyPlan]]:
         birth = first - dt.timedelta(days=int(prng.integers(30 * 365, 86 * 365)))
         people.append(Person(f"SYN{int(ids[i]):07d}", name, birth, sex))
         k = int(prng.integers(cfg.visits[0], cfg.visits[1] + 1))
-        histories.append(patient_history(prng, k, first, cfg.spread, cfg.difficulty))
+        histories.append(patient_history(prng, k, first, cfg.spread, cfg.difficulty, cfg.event_rate))
     n_studies = sum(len(h) for h in histories)
     profiles = np.tile(np.arange(len(PROFILES)), math.ceil(n_studies / len(PROFILES)))[:n_studies]
     rng.shuffle(profiles)
@@ -206,16 +206,17 @@ def generate_cohort(out: Path | str, patients: int = 20, seed: int = 0, *, visit
                     views: Sequence[str] = ("A4C", "PLAX"), fmt: Format = "dicom", mislabel_rate: float = 0.0,
                     size: Size = "small", difficulty: float = 1.0,
                     progress: Callable[[int, int], None] | None = None,
-                    workers: int | None = None) -> pl.DataFrame:
+                    workers: int | None = None, event_rate: float = 1.0) -> pl.DataFrame:
     """Write a synthetic longitudinal echo cohort into ``out`` and return its ground-truth table.
 
     Files: ``dicom/<recorded patient>/<accession>/<view>.dcm`` and/or ``avi/Videos/<name>.avi`` (with
     ``avi/FileList.csv`` and ``avi/manifest.csv``), plus ``ground_truth.parquet`` (the returned table, one
     row per file) and ``reports.csv``. Same arguments give byte-identical output, whatever ``workers``.
     Invalid arguments raise ``ValueError``. Worker processes (cohorts of 16+ patients, or ``workers`` > 1)
-    are spawned, so a calling script needs the ``if __name__ == "__main__":`` guard.
+    are spawned, so a calling script needs the ``if __name__ == "__main__":`` guard. ``event_rate``
+    multiplies every event's per-visit chance (see :class:`SynthConfig`).
     """
-    cfg = SynthConfig.make(patients, seed, visits, views, fmt, mislabel_rate, size, difficulty, workers)
+    cfg = SynthConfig.make(patients, seed, visits, views, fmt, mislabel_rate, size, difficulty, workers, event_rate)
     return generate(out, cfg, progress)
 
 

@@ -30,7 +30,10 @@ class SynthConfig:
     """Arguments of :func:`echosearch.synth.generate_cohort`, validated in one place.
 
     ``workers`` is the number of processes used for rendering (``None``: one per CPU, at most 8, and a
-    single process for small cohorts); the output does not depend on it.
+    single process for small cohorts); the output does not depend on it. ``event_rate`` multiplies the
+    per-visit chance of every event (EF decline/recovery, implants, transplant; 1 = the default mix, where a
+    cohort of 100 patients with 4-6 visits has 17-48 of each; 3 gives 30+ of every event type from about
+    80 patients of 4-6 visits), for measurements that need many positives.
     """
 
     patients: int = 20
@@ -42,6 +45,7 @@ class SynthConfig:
     size: Size = "small"
     difficulty: float = 1.0
     workers: int | None = None
+    event_rate: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.patients, int) or self.patients < 1:
@@ -66,17 +70,20 @@ class SynthConfig:
             raise ValueError("mislabelling needs at least 2 patients")
         if not (0.0 <= self.difficulty <= 3.0):
             raise ValueError(f"difficulty must be within [0, 3], got {self.difficulty}")
+        if not (0.0 <= self.event_rate <= 10.0):
+            raise ValueError(f"event rate must be within [0, 10], got {self.event_rate}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be positive, got {self.workers}")
 
     @classmethod
     def make(cls, patients: int = 20, seed: int = 0, visits: tuple[int, int] = (1, 6),
              views: Sequence[str] = ("A4C", "PLAX"), fmt: Format = "dicom", mislabel_rate: float = 0.0,
-             size: Size = "small", difficulty: float = 1.0, workers: int | None = None) -> SynthConfig:
+             size: Size = "small", difficulty: float = 1.0, workers: int | None = None,
+             event_rate: float = 1.0) -> SynthConfig:
         """Build from loosely typed values (lists, numpy ints) as a CLI or notebook passes them."""
         return cls(int(patients), int(seed), (int(visits[0]), int(visits[1])),
                    tuple(str(v).upper() for v in views), fmt, float(mislabel_rate), size, float(difficulty),
-                   None if workers is None else int(workers))
+                   None if workers is None else int(workers), float(event_rate))
 
     def n_workers(self, n_jobs: int) -> int:
         """Processes to use for ``n_jobs`` patient jobs: parallel only when it pays for process start-up."""

@@ -58,8 +58,15 @@ def _dilation_for(rng: np.random.Generator, ef: float) -> float:
 
 
 def patient_history(rng: np.random.Generator, n_visits: int, first_date: dt.date, spread: float,
-                    difficulty: float) -> list[VisitState]:
-    """Draw a patient's visits in date order (dates strictly increasing, months to years apart)."""
+                    difficulty: float, event_rate: float = 1.0) -> list[VisitState]:
+    """Draw a patient's visits in date order (dates strictly increasing, months to years apart).
+
+    ``event_rate`` multiplies the per-visit chance of every event (capped so that no event is certain);
+    1 keeps the default clinical mix and draws exactly the same random numbers as before it existed."""
+
+    def p(base: float, cap: float = 0.9) -> float:
+        return min(cap, base * event_rate)
+
     heart_id = 0
     base = random_anatomy(rng, heart_id, spread, difficulty)
     ef = _baseline_ef(rng)
@@ -78,7 +85,7 @@ def patient_history(rng: np.random.Generator, n_visits: int, first_date: dt.date
         if k > 0:
             date = date + dt.timedelta(days=int(rng.integers(120, 900)))
             base = drift(base, rng, difficulty)
-            if rng.random() < (0.16 if ef < 30 else 0.04):
+            if rng.random() < p(0.16 if ef < 30 else 0.04, 0.5):
                 heart_id += 1
                 base = random_anatomy(rng, heart_id, spread, difficulty)
                 ef, dil = float(rng.uniform(55, 68)), 0.0
@@ -87,25 +94,25 @@ def patient_history(rng: np.random.Generator, n_visits: int, first_date: dt.date
                 events.append("transplant")
             else:
                 u = rng.random()
-                if ef >= 38 and u < 0.16:
+                if ef >= 38 and u < p(0.16, 0.45):
                     ef = max(15.0, ef - float(rng.uniform(12, 25)))
                     events.append("ef_decline")
                     if rng.random() < 0.6:
                         dil = min(0.45, max(dil, 0.05) + float(rng.uniform(0.1, 0.25)))
-                elif ef < 45 and u < 0.25:
+                elif ef < 45 and u < p(0.25, 0.7):
                     ef = min(68.0, ef + float(rng.uniform(12, 25)))
                     events.append("ef_recovery")
                     dil = max(0.0, dil - float(rng.uniform(0.05, 0.2)))
                     dil = 0.0 if dil < DILATED_AT else dil
                 else:
                     ef = float(np.clip(ef + np.clip(2.5 * rng.standard_normal(), -7, 7), 15, 70))
-                if not pacer and rng.random() < (0.2 if ef < 35 else 0.09):
+                if not pacer and rng.random() < p(0.2 if ef < 35 else 0.09):
                     pacer = True
                     events.append("pacer_implant")
-                if not tavr and rng.random() < 0.06:
+                if not tavr and rng.random() < p(0.06):
                     tavr = True
                     events.append("tavr_implant")
-                if not clip and rng.random() < (0.1 if ef < 40 else 0.04):
+                if not clip and rng.random() < p(0.1 if ef < 40 else 0.04):
                     clip = True
                     events.append("mitraclip_implant")
         hr = float(np.clip(hr0 + 6 * rng.standard_normal(), 52, 110))

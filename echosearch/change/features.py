@@ -1,0 +1,247 @@
+"""What a pair of studies of one patient shows: like-view vector distances, identity, zero-shot values.
+
+Every figure is computed per view first and compared like with like (an A4C with an A4C): a study's views
+differ far more from each other than one view differs between visits. Features are then standardised by
+the cohort's own consecutive-visit spread (median / MAD, robust to the events among them), so the change
+model's weights are in units of "typical visit-to-visit noise" and carry over between encoders.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from echosearch import calibration as cal
+from echosearch.catalog import Catalog
+from echosearch.zeroshot import BINARY_TASKS, TASKS
+
+DEVICES = ("pacer_lead", "tavr", "mitraclip")
+# the standardised features the change model reads, in this order
+FINDINGS = (*DEVICES, "lv_dilated")  # zero-shot findings compared between visits (dilation: evidence of EF change)
+FEATURES = ("study_dist", "view_dist", "view_dist_max", "id_dist", "view_id_dist", "id_other", "next_gap", "has_next",
+            "ef_fall", "ef_rise",
+            *(f"{d}_rise" for d in FINDINGS), *(f"{d}_fall" for d in FINDINGS))
+
+
+@dataclass
+class Timeline:
+    """Every study with a content vector, in (patient, date) order, with what the pair features need."""
+
+    meta: pl.DataFrame  # study_key, study_uid, study_date, patient_key, patient_pseudonym (timeline order)
+    content: np.ndarray  # (n, d) study content vectors, unit length
+    ident: np.ndarray  # (n, d') study identity vectors (the content vectors when the index has none)
+    identity_source: str
+    views: list[str]
+    view_vec: dict[str, np.ndarray]  # view -> (n, d) mean content vector of the study's videos of that view (NaN: none)
+    view_id: dict[str, np.ndarray]  # same for identity video vectors
+    view_pred: dict[str, dict[str, np.ndarray]]  # task -> view -> (n,) the view's prediction (NaN: none)
+    pred: dict[str, np.ndarray]  # task -> (n,) study prediction (mean EF, strongest view for a finding)
+    pred_sd: np.ndarray  # (n,) spread of the EF prediction across the study's clips (NaN: one clip)
+    clips: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # study_key -> [(video_key, view)]
+    same_heart: Any = None  # the index's calibration of "same patient" on identity cosines (identity.study_pair)
+
+    def __len__(self) -> int:
+        return self.meta.height
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.meta["study_key"].to_numpy()
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def _per_view(keys: np.ndarray, vkeys: np.ndarray, vstudy: np.ndarray, vview: np.ndarray, vecs: np.ndarray,
+              views: list[str]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    pos = np.searchsorted(keys, vstudy)
+    pos = np.clip(pos, 0, max(keys.size - 1, 0))
+    ok = keys[pos] == vstudy if keys.size else np.zeros(vstudy.size, bool)
+    for view in views:
+        m = ok & (vview == view)
+        acc = np.zeros((keys.size, vecs.shape[1] if vecs.ndim == 2 else 1))
+        n = np.zeros(keys.size)
+        np.add.at(acc, pos[m], vecs[m])
+        np.add.at(n, pos[m], 1)
+        arr = np.full_like(acc, np.nan)
+        arr[n > 0] = _unit(acc[n > 0])
+        out[view] = arr
+    return out
+
+
+def load_timeline(catalog: Catalog, study_preds: pl.DataFrame) -> Timeline:
+    """Read vectors, views and predictions of every study with a content vector (sorted by key first, then
+    put in timeline order)."""
+    from echosearch.identity import load_studies
+
+    S = load_studies(catalog, "content")
+    S_id = load_studies(catalog)
+    meta = S.meta.sort("patient_key", "study_date", "study_key", nulls_last=True)
+    order = np.searchsorted(S.keys, meta["study_key"].to_numpy())
+    keys = S.keys[order]
+    content = S.vecs[order].astype(np.float64)
+    ident = content
+    if S_id.source != S.source and len(S_id):
+        at = np.clip(np.searchsorted(S_id.keys, keys), 0, len(S_id) - 1)
+        ok = S_id.keys[at] == keys
+        ident = np.where(ok[:, None], S_id.vecs[at].astype(np.float64), np.nan)
+    vids = catalog.con.sql("SELECT video_key, study_key, coalesce(view, '?') AS view FROM videos "
+                           "ORDER BY video_key").pl()
+    vk, vv = catalog.embeddings("video")
+    vids = vids.filter(pl.col("video_key").is_in(vk.tolist()))
+    vrow = np.searchsorted(vk, vids["video_key"].to_numpy())
+    vstudy, vview = vids["study_key"].to_numpy(), vids["view"].to_numpy().astype(str)
+    views = sorted(set(vview.tolist()))
+    by_key = np.argsort(keys)
+    skeys = keys[by_key]
+
+    def in_order(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # computed in key order -> timeline order
+        inv = np.empty_like(by_key)
+        inv[by_key] = np.arange(by_key.size)
+        return {k: a[inv] for k, a in d.items()}
+
+    view_vec = in_order(_per_view(skeys, vids["video_key"].to_numpy(), vstudy, vview, vv[vrow], views))
+    view_id = view_vec
+    if catalog.has_identity() and catalog.has_table("video_identity"):
+        ik, iv = catalog.embeddings("video_identity")
+        if ik.size:
+            r = np.clip(np.searchsorted(ik, vids["video_key"].to_numpy()), 0, ik.size - 1)
+            has = ik[r] == vids["video_key"].to_numpy()
+            view_id = in_order(_per_view(skeys, vids["video_key"].to_numpy()[has], vstudy[has], vview[has],
+                                         iv[r[has]], views))
+    # per-view zero-shot values (mean over that view's clips) and the study values (the pipeline's rule)
+    vp = catalog.con.sql("SELECT p.key AS video_key, p.task, p.value FROM predictions p "
+                         "WHERE p.level = 'video'").pl()
+    vp = vp.join(vids, on="video_key", how="inner")
+    view_pred: dict[str, dict[str, np.ndarray]] = {}
+    for task in TASKS:
+        t = vp.filter(pl.col("task") == task)
+        view_pred[task] = {}
+        for view in views:
+            tv = t.filter(pl.col("view") == view).group_by("study_key").agg(pl.col("value").mean())
+            arr = np.full(keys.size, np.nan)
+            pos = np.searchsorted(skeys, tv["study_key"].to_numpy())
+            pos = np.clip(pos, 0, max(skeys.size - 1, 0))
+            ok = skeys[pos] == tv["study_key"].to_numpy() if skeys.size else np.zeros(0, bool)
+            arr[by_key[pos[ok]]] = tv["value"].to_numpy()[ok]
+            view_pred[task][view] = arr
+    sd = vp.filter(pl.col("task") == "ef").group_by("study_key").agg(pl.col("value").std().alias("sd"))
+    pred_sd = np.full(keys.size, np.nan)
+    pos = np.clip(np.searchsorted(skeys, sd["study_key"].to_numpy()), 0, max(skeys.size - 1, 0))
+    ok = skeys[pos] == sd["study_key"].to_numpy() if skeys.size else np.zeros(0, bool)
+    pred_sd[by_key[pos[ok]]] = sd["sd"].fill_null(np.nan).to_numpy()[ok]
+    sp = pl.DataFrame({"study_key": keys}).join(study_preds, on="study_key", how="left")
+    pred = {t: sp[t].cast(pl.Float64).fill_null(np.nan).to_numpy() if t in sp.columns else np.full(keys.size, np.nan)
+            for t in TASKS}
+    clips: dict[int, list[tuple[int, str]]] = {}
+    for k, s, v in vids.select("video_key", "study_key", "view").iter_rows():
+        clips.setdefault(int(s), []).append((int(k), str(v)))
+    from echosearch.identity import fit_identity_calibrations
+
+    pair_cal = fit_identity_calibrations(catalog, S_id)[0] if len(S_id) > 1 else None
+    return Timeline(meta, content, ident, S_id.source, views, view_vec, view_id, view_pred, pred, pred_sd, clips,
+                    pair_cal)
+
+
+def _like_view(a: dict[str, np.ndarray], i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, max) over the views both studies have of 1 - cosine; NaN where they share no view."""
+    d = np.stack([1.0 - np.einsum("ij,ij->i", v[i], v[j]) for v in a.values()]) if a else np.full((1, i.size), np.nan)
+    with np.errstate(all="ignore"), _quiet():
+        return np.nanmean(d, axis=0), np.nanmax(d, axis=0)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """nan-aware reductions over rows without any value warn; here such a row is simply missing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def raw_pair_features(T: Timeline, i: np.ndarray, j: np.ndarray) -> dict[str, np.ndarray]:
+    """Unstandardised features of the pairs (study i, earlier study j): distances grow with change;
+    ``*_rise`` / ``*_fall`` are the later value minus the earlier one (and its negative), like views first."""
+    out: dict[str, np.ndarray] = {}
+    out["study_dist"] = 1.0 - np.einsum("ij,ij->i", T.content[i], T.content[j])
+    out["view_dist"], out["view_dist_max"] = _like_view(T.view_vec, i, j)
+    out["id_dist"] = 1.0 - np.einsum("ij,ij->i", T.ident[i], T.ident[j])
+    out["view_id_dist"], _ = _like_view(T.view_id, i, j)
+    # the archive's own calibration of "same patient" (its recorded IDs), as log-odds of another heart
+    p_same = T.same_heart.predict(1.0 - out["id_dist"]) if T.same_heart is not None else np.full(i.size, np.nan)
+    p_other = np.clip(1.0 - p_same, 1e-3, 1 - 1e-3)
+    out["id_other"] = np.log(p_other / (1 - p_other))
+    # does the change last? the patient's next visit, if any, is nearer this study than the earlier one when it
+    # does (a device stays, a new heart stays); a noisy acquisition is followed by a return to the old state
+    pk = T.meta["patient_key"].to_numpy()
+    nxt = np.minimum(i + 1, len(T) - 1)
+    has = (i + 1 < len(T)) & (pk[nxt] == pk[i])
+    gap = np.einsum("ij,ij->i", T.content[nxt], T.content[i]) - np.einsum("ij,ij->i", T.content[nxt], T.content[j])
+    out["next_gap"] = np.where(has, gap, np.nan)
+    out["has_next"] = has.astype(np.float64)
+    for task in ("ef", *FINDINGS):
+        per_view = np.stack([v[i] - v[j] for v in T.view_pred[task].values()]) if T.view_pred[task] else None
+        study = T.pred[task][i] - T.pred[task][j]
+        with _quiet():
+            if task == "ef":  # like views averaged; the study means where no view is shared
+                d = np.nanmean(per_view, axis=0) if per_view is not None else study
+            else:  # a device shows in some views only: the strongest like-view rise (or fall)
+                d = np.nanmax(per_view, axis=0) if per_view is not None else study
+                dn = np.nanmin(per_view, axis=0) if per_view is not None else study
+        d = np.where(np.isfinite(d), d, study)
+        name = "ef" if task == "ef" else task
+        out[f"{name}_rise"] = d
+        out[f"{name}_fall"] = -(np.where(np.isfinite(dn), dn, study) if task != "ef" else d)
+    return out
+
+
+@dataclass(frozen=True)
+class Scales:
+    """Centre and spread of each raw feature over consecutive visits without an event (median, 1.4826 MAD):
+    the null the change model's weights are in units of. The shipped model carries the null measured on its
+    tuning cohorts for its encoder; an index built with another encoder estimates it from its own consecutive
+    visits (most of an archive's visits are stable, so the median and MAD are close to the null's)."""
+
+    centre: dict[str, float]
+    scale: dict[str, float]
+
+    def to_json(self) -> dict[str, dict[str, float]]:
+        return {"centre": {k: round(v, 8) for k, v in self.centre.items()},
+                "scale": {k: round(v, 8) for k, v in self.scale.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, dict[str, float]]) -> Scales:
+        return cls({k: float(v) for k, v in data["centre"].items()}, {k: float(v) for k, v in data["scale"].items()})
+
+    @classmethod
+    def fit(cls, raw: dict[str, np.ndarray]) -> Scales:
+        c, s = {}, {}
+        for k, v in raw.items():
+            med, sc = cal.robust_center_scale(v)
+            floor = 1.0 if k.startswith("ef_") else 1e-3  # EF in points; vectors and scores in their units
+            c[k], s[k] = (0.0 if not np.isfinite(med) else med), max(sc if np.isfinite(sc) else floor, floor)
+        return cls(c, s)
+
+    def standardise(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        """(n, len(FEATURES)) z-values; a missing feature (no shared view, no prediction) is 0: no evidence.
+        Distances are centred on the cohort's median; rises and falls are one-sided (max(0, change) / spread)."""
+        cols = []
+        for k in FEATURES:
+            if k in ("has_next", "id_other"):  # already in units of their own
+                z = raw[k]
+            elif k.endswith(("_rise", "_fall")):  # one-sided: a rise is no evidence of a fall (and a sum of both
+                z = np.maximum(raw[k], 0.0) / self.scale[k]  # says "changed either way")
+            else:
+                z = (raw[k] - self.centre[k]) / self.scale[k]
+            cols.append(np.where(np.isfinite(z), np.clip(z, -30, 30), 0.0))
+        return np.stack(cols, axis=1)
+
+
+__all__ = ["BINARY_TASKS", "DEVICES", "FEATURES", "Scales", "Timeline", "load_timeline", "raw_pair_features"]
