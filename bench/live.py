@@ -61,7 +61,8 @@ def direct(index: Path, cohort: Path, env: dict[str, str]) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     summary = json.loads(out.stdout)
     return {"videos": summary["videos_encoded"], "elapsed_s": summary["elapsed_s"], "wall_s": round(wall, 2),
-            "rate": summary["videos_encoded"] / summary["elapsed_s"], "stage_seconds": summary["stage_seconds"]}
+            "rate": summary["videos_encoded"] / summary["elapsed_s"], "stage_seconds": summary["stage_seconds"],
+            "model_seconds": summary["model_seconds"], "steady_frames_per_s": summary["steady_frames_per_s"]}
 
 
 def through_server(index: Path, cohort: Path, env: dict[str, str], pause: float, log: Path) -> dict[str, Any]:
@@ -115,6 +116,7 @@ def through_server(index: Path, cohort: Path, env: dict[str, str], pause: float,
         a = np.asarray(lat)
         return {"videos": summary["videos_encoded"], "elapsed_s": summary["elapsed_s"], "wall_s": round(wall, 2),
                 "rate": summary["videos_encoded"] / summary["elapsed_s"], "stage_seconds": summary["stage_seconds"],
+                "model_seconds": summary["model_seconds"], "steady_frames_per_s": summary["steady_frames_per_s"],
                 "searches": len(a), "p50_ms": round(float(np.percentile(a, 50)), 1) if len(a) else None,
                 "p95_ms": round(float(np.percentile(a, 95)), 1) if len(a) else None,
                 "max_ms": round(float(a.max()), 1) if len(a) else None,

@@ -898,6 +898,13 @@ class Catalog:
         return self.con.sql(f"SELECT video_key, view, 'label' AS source FROM videos WHERE view IS NOT NULL {header} "
                             "ORDER BY 1").pl()
 
+    def embedding_keys(self, level: str) -> np.ndarray:
+        """Sorted keys that have a vector at ``level`` (without reading the vectors: to sample them first)."""
+        table, key = _LEVEL_TABLES[level]
+        if not self.has_table(table):
+            return np.zeros(0, np.int64)
+        return np.asarray([r[0] for r in self.con.sql(f"SELECT {key} FROM {table} ORDER BY 1").fetchall()], np.int64)
+
     def drop_predictions(self, level: str, keys: Sequence[int]) -> None:
         """Forget the zero-shot predictions of ``keys`` at ``level`` (e.g. clips found out of scope)."""
         if keys:

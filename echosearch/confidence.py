@@ -146,8 +146,8 @@ class Judge:
     def _sample(self, level: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(keys, vectors, study vectors or None) of a fixed seeded sample of the level."""
         if level not in self._samples:
-            keys, _ = self.searcher.catalog.embeddings(level)
-            if len(keys) > self.sample_items:
+            keys = self.searcher.catalog.embedding_keys(level)
+            if len(keys) > self.sample_items:  # a sample: only its vectors are read
                 keys = np.sort(np.random.default_rng(self.seed).choice(keys, self.sample_items, replace=False))
             self._samples[level] = (keys, *self._items(level, keys))
         return self._samples[level]

@@ -70,9 +70,18 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
     settings = load_settings(mode="demo")
     try:
         summary = index_sources([cohort], index_dir, settings, progress=True)
-    except (ModelMismatchError, ConfigError) as exc:  # derived data: rebuild it for the models shipped now
-        if isinstance(exc, ConfigError) and "without identity" not in str(exc):
+    except ConfigError as exc:  # built before the demo model had an identity head: fill its vectors in
+        if "without identity" not in str(exc) or not settings.identity_model:
             raise
+        from echosearch.encode import encoder_for_index
+        from echosearch.identity_model import backfill_identity, load_identity_encoder
+
+        with Catalog.open(index_dir) as cat:
+            n = backfill_identity(cat, load_identity_encoder(settings.identity_model, encoder_for_index(cat)))
+        console.print(f"[yellow]the demo index had no identity vectors: filled in for {n} videos from its stored "
+                      "vectors (the shipped identity head)")
+        summary = index_sources([cohort], index_dir, settings, progress=True)
+    except ModelMismatchError as exc:  # derived data: rebuild it for the models shipped now
         console.print(f"[yellow]the demo index was built with another model ({exc}); rebuilding it")
         shutil.rmtree(index_dir)
         summary = index_sources([cohort], index_dir, settings, progress=True)
@@ -117,13 +126,18 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
                                                 "cross-visit pairs only)"))
         console.rule("[bold]5. change scan")
         changes = scan_changes(cat)
-        fl = changes.filter(pl.col("flagged"))
-        change_cols = [c for c in ("patient_pseudonym", "study_date", "z_prev", "z_baseline", "explanation") if c in fl.columns]
-        console.print(frame_table(fl.select(change_cols).head(12), title=f"{fl.height} flagged visits (top 12)"))
+        fl = changes.filter(pl.col("flagged")).sort("change_prob", descending=True)
+        shown = fl.select("patient_pseudonym", "study_date", pl.col("change_prob").round(2),
+                          pl.col("reasons").list.join(", ").alias("flags"), "explanation")
+        console.print(frame_table(shown.head(12), title=f"{fl.height} of {changes['prev_study_key'].is_not_null().sum()} "
+                                                        "follow-up visits flagged (top 12 by change probability)"))
 
         console.rule("[bold]6. evaluation against ground truth (EchoCLIP's published figures as anchors)")
         result = evaluate(cat, truth=cohort / "ground_truth.parquet")
         console.print(format_table(result))
+        from echosearch.eval_change import format_change_table
+
+        console.print(format_change_table(result.get("change", {})))
     console.print(Panel(f"done in {time.time() - t0:.0f} s; index at {index_dir}; open the app with `make app`",
                         title="echosearch demo"))
     return result

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from echosearch.catalog import Catalog, identity_table_sql
 from echosearch.errors import ModelLoadError, ModelMismatchError
 from echosearch.models import weights_sha256
 
@@ -204,3 +205,41 @@ def load_identity_encoder(spec: str, content: Encoder, device: str = "auto") -> 
     shared = ident["weights_sha256"] == content_sha
     return IdentityEncoder(ident["name"], spec, "tower", None, None if shared else enc, info,
                            ident["weights_sha256"], int(ident["embed_dim"]))
+
+
+def backfill_identity(catalog: Catalog, enc: IdentityEncoder) -> int:
+    """Identity vectors for an index whose videos were encoded without them, from its stored content vectors,
+    with no decoding: for a head on the index's own content tower (a ``frame`` head needs the index's frame
+    vectors, ``keep_frame_embeddings``). Binds the identity model, stores video and study identity vectors and
+    builds their vector indexes. Returns the number of videos."""
+    from echosearch.encode import l2_normalise
+    from echosearch.errors import ConfigError
+    from echosearch.pipeline import pool_identity
+    from echosearch.vectorindex import IDENTITY_LEVELS, build_index
+
+    if enc.kind != "head" or enc.head is None or not enc.shares_content_tower:
+        raise ConfigError(f"{enc.name} cannot be filled in from stored vectors: only a head trained on this "
+                          "index's content model can; index into a new folder instead")
+    stored = catalog.get_manifest("identity_model")
+    if stored is not None:
+        catalog.bind_identity(enc.manifest)  # the same model: nothing to do; another: refused
+        return 0
+    ids, vecs = catalog.embeddings("video")
+    if enc.head.pool == "frame":
+        frames = catalog.frame_embeddings([int(k) for k in ids])
+        if len(frames) < len(ids):
+            raise ConfigError("a frame-pooling identity head needs the index's frame vectors (keep_frame_embeddings)")
+        z = np.stack([enc.apply_frames(frames[int(k)]) for k in ids]) if len(ids) else np.zeros((0, enc.embed_dim))
+    else:
+        z = enc.apply_head(l2_normalise(vecs)) if len(ids) else np.zeros((0, enc.embed_dim), np.float32)
+    owner = dict(catalog.con.sql("SELECT video_key, study_key FROM videos").fetchall())
+    counts = dict(catalog.con.sql("SELECT video_key, n_frames_used FROM video_embeddings").fetchall())
+    with catalog.transaction():
+        catalog.con.execute(identity_table_sql(enc.embed_dim))
+        catalog.set_manifest("identity_model", enc.manifest)
+        catalog.store_identity_embeddings("video_identity", [int(k) for k in ids], np.asarray(z, np.float32),
+                                          [int(counts.get(int(k)) or 0) for k in ids])
+        pool_identity(catalog, {int(k): int(owner[int(k)]) for k in ids})
+    for level in IDENTITY_LEVELS:
+        build_index(catalog, level)
+    return int(len(ids))

@@ -282,15 +282,14 @@ class ArchiveModel:
         """From the catalog's video vectors (None when it has none); ``encoder`` gives zero-shot view prompts."""
         if not catalog.has_table("video_embeddings"):
             return None
-        keys, vecs = catalog.embeddings("video")
+        keys = catalog.embedding_keys("video")
+        out = catalog.out_of_scope_videos()
+        keys = keys[~np.isin(keys, np.fromiter(out, np.int64, len(out)))]
+        if len(keys) > max_ref:  # a sample: only its vectors are read
+            keys = np.sort(np.random.default_rng(seed).choice(keys, max_ref, replace=False))
         if len(keys) == 0:
             return None
-        out = catalog.out_of_scope_videos()
-        keep = ~np.isin(keys, np.fromiter(out, np.int64, len(out)))
-        keys, vecs = keys[keep], vecs[keep]
-        if len(keys) > max_ref:
-            pick = np.sort(np.random.default_rng(seed).choice(len(keys), max_ref, replace=False))
-            keys, vecs = keys[pick], vecs[pick]
+        keys, vecs = catalog.embeddings("video", keys.tolist())
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         med = mad = float("nan")
         if len(keys) >= MIN_ARCHIVE:
@@ -353,16 +352,18 @@ def model_evidence(z: float) -> Evidence | None:
     """Log-odds from how far a clip's vector lies from the archive (robust z of its nearest-neighbour cosine)."""
     if not math.isfinite(z):
         return None
+    # weaker than the cheap signals on purpose: an unusual echo (other scanner, rare view) is far from the
+    # archive too, and a header-less AVI has only the prior and its geometry to set against this
     if z < -6:
-        return Evidence("model", -2.5, f"unlike every clip in this archive (nearest-neighbour z {z:.1f})")
+        return Evidence("model", -1.5, f"unlike every clip in this archive (nearest-neighbour z {z:.1f})")
     if z < -3:
-        return Evidence("model", -1.0, f"far from the clips of this archive (nearest-neighbour z {z:.1f})")
+        return Evidence("model", -0.75, f"far from the clips of this archive (nearest-neighbour z {z:.1f})")
     if z > -1.5:
         return Evidence("model", 0.5, "close to clips of this archive")
     return None
 
 
-def finalize(catalog: Catalog, encoder: Any = None) -> int:
+def finalize(catalog: Catalog, encoder: Any = None, chunk: int = 50000) -> int:
     """Add model evidence and model views to the clips not yet model-checked (after encoding); a clip the
     model moves out of scope loses its zero-shot predictions. Returns how many clips were checked."""
     todo = catalog.scope_to_check()
@@ -371,6 +372,17 @@ def finalize(catalog: Catalog, encoder: Any = None) -> int:
     model = ArchiveModel.build(catalog, encoder)
     if model is None:
         return 0
+    n = 0
+    for start in range(0, len(todo), chunk):  # bounded memory on a first index of a large archive
+        n += _finalize_chunk(catalog, model, todo[start:start + chunk])
+    if catalog.has_table("video_embeddings"):
+        catalog.set_manifest("scope", {"nn_median": model.nn_median, "nn_mad": model.nn_mad,
+                                       "view_source": model.view_source, "n_reference": int(len(model.ref_keys)),
+                                       "views": sorted(model.centroids or model.view_prompts)})
+    return n
+
+
+def _finalize_chunk(catalog: Catalog, model: ArchiveModel, todo: np.ndarray) -> int:
     keys, vecs = catalog.embeddings("video", [int(k) for k in todo])
     vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     zs = model.nn_z(vecs, keys)
@@ -393,10 +405,6 @@ def finalize(catalog: Catalog, encoder: Any = None) -> int:
     with catalog.transaction():
         catalog.store_scope(pl.DataFrame(rows, schema=SCOPE_COLUMNS))
         catalog.drop_predictions("video", demoted)
-        if catalog.has_table("video_embeddings"):
-            catalog.set_manifest("scope", {"nn_median": model.nn_median, "nn_mad": model.nn_mad,
-                                           "view_source": model.view_source, "n_reference": int(len(model.ref_keys)),
-                                           "views": sorted(model.centroids or model.view_prompts)})
     return len(rows)
 
 

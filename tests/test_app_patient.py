@@ -90,7 +90,7 @@ def test_dates_show_years_and_flag_marks_sit_above_the_flag_level(app_env: Path)
     at = open_patient("P1")
     charts = specs(at)
     assert len(charts) >= 3, "change, EF and device charts"
-    text = json.dumps(charts)
+    text = json.dumps(charts, default=str)
     assert '"format": "%b %Y"' in text or '"format":"%b %Y"' in text, "years on the date axis"
     change = charts[0]
     rule = [layer for layer in change["layer"] if layer.get("mark", {}).get("type") == "rule"
@@ -106,7 +106,7 @@ def test_dates_show_years_and_flag_marks_sit_above_the_flag_level(app_env: Path)
 
 def test_device_chart_is_a_state_strip_with_readable_labels(app_env: Path) -> None:
     at = open_patient("P1")
-    device = next(c for c in specs(at) if "finding" in json.dumps(c.get("encoding", {})))
+    device = next(c for c in specs(at) if "finding" in json.dumps(c.get("encoding", {}), default=str))
     assert device["mark"]["type"] == "square"
     assert device["encoding"]["y"]["axis"]["labelLimit"] >= 200
     data = device["_rows"]

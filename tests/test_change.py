@@ -32,7 +32,7 @@ def _noisy_preds(studies: list[Study], seed: int) -> None:
 
 def _cohort() -> list[Study]:
     """30 patients; P0 gets a new heart at visit 3, P1 a pacer at visit 3 (missed once at visit 5), P2 an EF
-    fall with dilation at its last visit, and P3's second study is really another patient's (P4's heart)."""
+    fall with dilation at its last visit, and P3's second study is really another patient's."""
     gen = Cohort(seed=11)
     studies = gen.patients(30, visits=(5, 6))
     _noisy_preds(studies, 1)
@@ -52,8 +52,8 @@ def _cohort() -> list[Study]:
     by["P2"][-1].preds["lv_dilated"] = 0.05
     by["P2"][-1].vec = gen.visit(0.6 * by["P2"][-2].vec + 0.4 * gen.centre())
     by["P2"][-1].events = ["ef_decline"]
-    by["P3"][1].vec = by["P4"][0].vec + 0.0  # filed under P3, really P4's heart
-    by["P3"][1].true = "P4"
+    by["P3"][1].vec = gen.visit(gen.centre() - gen.shared * gen.g)  # filed under P3, really someone else's
+    by["P3"][1].true = "P30"
     return studies
 
 
@@ -120,7 +120,8 @@ def test_single_patient_scan(scanned: tuple[Path, pl.DataFrame, list[Study]]) ->
         one = scan_changes(cat, patient="P0")
         assert set(one["patient_pseudonym"].to_list()) == {"P0"}
         whole = df.filter(pl.col("patient_pseudonym") == "P0").sort("visit")
-        assert one["change_prob"].fill_null(-1).to_list() == pytest.approx(whole["change_prob"].fill_null(-1).to_list())
+        assert one["change_prob"].fill_null(-1).to_list() == pytest.approx(whole["change_prob"].fill_null(-1).to_list(),
+                                                                           abs=1e-4)
         assert one["flags"].to_list() == whole["flags"].to_list()
         assert one["run_id"].null_count() == one.height
         with pytest.raises(QueryError):

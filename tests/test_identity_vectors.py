@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from echosearch.catalog import Catalog
+from echosearch.catalog import SCHEMA_VERSION, Catalog
 from echosearch.config import load_settings
 from echosearch.encode import l2_normalise, load_encoder
 from echosearch.errors import ConfigError, ModelMismatchError
@@ -112,7 +112,7 @@ def test_old_index_without_identity_falls_back_to_content(small_cohort: Path, ra
     idx = tmp_path / "old"
     _index(small_cohort, idx, random_model_dir)
     with Catalog.open(idx) as cat:  # as an index written before schema version 3
-        cat.con.execute("DELETE FROM schema_migrations WHERE version = 3")
+        cat.con.execute("DELETE FROM schema_migrations WHERE version >= 3")  # later migrations re-apply safely
         cat.con.execute("UPDATE manifest SET value = '2' WHERE key = 'schema_version'")
         assert not cat.has_table("video_identity")
     with Catalog.open(idx, read_only=True) as cat:  # read-only commands open it without migrating
@@ -123,7 +123,7 @@ def test_old_index_without_identity_falls_back_to_content(small_cohort: Path, ra
                          text=True, check=True).stdout
     assert "identity: content vectors (no identity model)" in out
     with Catalog.open(idx) as cat:
-        assert cat.schema_version() == 3
+        assert cat.schema_version() == SCHEMA_VERSION
         df = audit(cat, store=False)
         assert df.height > 0 and df["own_score"].drop_nulls().len() > 0
     data = json.loads(subprocess.run([sys.executable, "-m", "echosearch", "info", "--index", str(idx), "--json"],
@@ -246,3 +246,53 @@ def test_training_pools_as_indexing_does(pool: str) -> None:
     if pool == "frame":  # not the same as mapping the pooled vector
         pooled = enc.apply_head(np.stack([l2_normalise(f.mean(axis=0)) for f in frames]))
         assert not np.allclose(pooled, vids, atol=1e-3)
+
+
+def test_backfill_gives_an_old_index_the_vectors_indexing_would_store(
+        identity_index: tuple[Path, Path], small_cohort: Path, random_model_dir: Path, tmp_path: Path) -> None:
+    from echosearch.identity_model import backfill_identity
+
+    built, head = identity_index
+    idx = tmp_path / "old"
+    _index(small_cohort, idx, random_model_dir)
+    with Catalog.open(idx) as cat:
+        assert not cat.has_identity()
+        enc = load_identity_encoder(str(head), load_encoder(f"local-dir:{random_model_dir}", device="cpu"))
+        assert backfill_identity(cat, enc) == cat.counts()["videos"] > 0
+        assert cat.has_identity() and backfill_identity(cat, enc) == 0  # once only
+        assert load_index(idx, "study_identity", cat).ntotal == cat.counts()["studies"]
+        got = dict(zip(*[x.tolist() for x in cat.embeddings("study_identity")], strict=True))
+        uid = dict(cat.con.sql("SELECT study_key, study_uid FROM studies").fetchall())
+        other = _random_head(random_model_dir, tmp_path / "other", seed=4)
+        with pytest.raises(ModelMismatchError):
+            backfill_identity(cat, load_identity_encoder(str(other), enc.tower or load_encoder(
+                f"local-dir:{random_model_dir}", device="cpu")))
+    with Catalog.open(built, read_only=True) as cat:
+        want = dict(zip(*[x.tolist() for x in cat.embeddings("study_identity")], strict=True))
+        uid_b = dict(cat.con.sql("SELECT study_key, study_uid FROM studies").fetchall())
+    by_uid = {uid_b[k]: v for k, v in want.items()}
+    assert len(got) == len(by_uid)
+    assert all(np.allclose(v, by_uid[uid[k]], atol=1e-5) for k, v in got.items())
+
+
+def test_shipped_demo_head_is_demo_modes_identity_model() -> None:
+    from echosearch.identity_model import HEAD_CONFIG, demo_identity_head, load_head
+    from echosearch.models import resolve_model, weights_sha256
+
+    head = demo_identity_head()
+    if head is None:
+        pytest.skip("no identity head shipped with the demo model")
+    assert load_settings(mode="demo", secret="x" * 16).identity_model == str(head)
+    assert load_settings(mode="demo", identity_model="none").identity_model is None  # opt out
+    assert load_settings(mode="demo", model="echo-clip").identity_model is None  # the head fits its own tower only
+    assert load_settings(secret="x" * 16).identity_model is None  # production: only when configured
+    _, cfg = load_head(head)
+    src = resolve_model("echosearch-demo")
+    assert src.weights is not None and cfg["tower"]["model"] == "echosearch-demo"
+    assert cfg["tower"]["weights_sha256"] == weights_sha256(src.weights), "trained on the shipped tower"
+    t = cfg["training"]
+    assert t["seed"] == 0 and "seed 777" in t["data"] and t["command"].startswith("echosearch train-identity")
+    text = (head / HEAD_CONFIG).read_text()
+    assert "/tmp/" not in text and "/work/" not in text and "/root" not in text  # no machine path ships
+    folder = src.weights.parent
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 40 * 2**20

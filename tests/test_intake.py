@@ -4,6 +4,7 @@ kill -9 of the standalone receiver mid-intake. Orthanc tests skip (with the fix)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -77,6 +78,19 @@ def _assert_one_each(index: Path, store: IntakeStore, expected: set[str]) -> dic
     return got
 
 
+def _assert_pseudonymous(log_text: str, files: list[Path], index: Path) -> None:
+    """No patient ID or name, no study or instance UID, no path of the index in the log lines."""
+    assert "stored F-" in log_text or "pull:" in log_text  # the lines are there, by label
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for kw in ("PatientID", "StudyInstanceUID", "SOPInstanceUID", "AccessionNumber"):
+            value = str(ds.get(kw, "") or "")
+            assert not value or value not in log_text, kw
+        name = str(ds.get("PatientName", "") or "")
+        assert not name or name not in log_text
+    assert str(index) not in log_text
+
+
 # ---- the store, without any network -------------------------------------------------------------------------
 def test_store_is_durable_deduplicates_and_survives_a_torn_journal(tmp_path: Path) -> None:
     store = IntakeStore(tmp_path / "idx")
@@ -107,6 +121,13 @@ def test_a_second_pull_on_the_same_index_is_refused(tmp_path: Path) -> None:
     store = IntakeStore(tmp_path / "idx")
     with file_lock(store.root / "pull.lock", blocking=False), pytest.raises(IntakeBusy):
         pull("http://127.0.0.1:9/dicom-web", tmp_path / "idx", load_settings(), progress=False)
+
+
+def test_error_reasons_leave_out_urls_that_carry_uids() -> None:
+    from echosearch.intake.pull import _short
+
+    exc = RuntimeError("500 Server Error for url: http://pacs:8042/dicom-web/studies/1.2.840.1/instances?limit=9\nmore")
+    assert _short(exc) == "500 Server Error for url: <url>"
 
 
 def test_receiver_answers_echo_refuses_other_classes_and_wrong_called_ae(tmp_path: Path) -> None:
@@ -150,7 +171,7 @@ def _upload(o: Orthanc, files: list[Path]) -> tuple[dict[str, str], list[Path]]:
 
 def test_pull_by_dicomweb_resumes_and_records_what_fails_as_one_error(
         orthanc: Orthanc, cohort: Path, real_dicom_dir: Path, random_model_dir: Path, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     files = _cohort_files(cohort)
     truth = pl.read_parquet(cohort / "ground_truth.parquet")
     first_study = truth.sort("study_date")["study_uid"][0]
@@ -159,6 +180,7 @@ def test_pull_by_dicomweb_resumes_and_records_what_fails_as_one_error(
     _upload(orthanc, early)
     index = tmp_path / "idx"
     settings = _settings(random_model_dir, index)
+    caplog.set_level(logging.INFO, logger="echosearch")
 
     s1 = pull(orthanc.dicomweb, index, settings, progress=False)
     sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in early}
@@ -209,6 +231,9 @@ def test_pull_by_dicomweb_resumes_and_records_what_fails_as_one_error(
     _assert_one_each(index, IntakeStore(index), sops | {
         str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in late} - {lost})
 
+    _assert_pseudonymous(caplog.text, files + [thyroid], index)
+    assert "WADO-RS retrieval failed 2 time(s)" in caplog.text  # failures are logged, by count and cause
+
     # the command cron runs: nothing new, JSON summary; exit status 12 while another pull holds the lock
     from echosearch.cli import main
 
@@ -238,9 +263,11 @@ class _DroppingClient:
 
 
 def test_cstore_from_orthanc_stores_ultrasound_refuses_the_rest_and_indexes_once(
-        orthanc: Orthanc, cohort: Path, real_dicom_dir: Path, random_model_dir: Path, tmp_path: Path) -> None:
+        orthanc: Orthanc, cohort: Path, real_dicom_dir: Path, random_model_dir: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
     index = tmp_path / "idx"
     real = sorted(real_dicom_dir.glob("*.dcm"))
+    caplog.set_level(logging.INFO, logger="echosearch")
     ids, refused_by_pacs = _upload(orthanc, _cohort_files(cohort) + real)
     assert {f.name for f in refused_by_pacs} <= {"ACUSON_Sequoia_echo_A4C_65f_JPEG.dcm",
                                                  "Philips_iU22_abdomen_JPEGLS.dcm"}
@@ -259,9 +286,10 @@ def test_cstore_from_orthanc_stores_ultrasound_refuses_the_rest_and_indexes_once
     store = IntakeStore(index)
     sops = {orthanc.get(f"/instances/{oid}")["MainDicomTags"]["SOPInstanceUID"] for oid in us}
     got = _assert_one_each(index, store, sops)
-    real_us = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
-               for f in real if f not in refused_by_pacs}
-    assert sum(v for s, (v, _) in got.items() if s in real_us) >= 1  # real echo files became videos
+    _assert_pseudonymous(caplog.text, _cohort_files(cohort) + real, index)
+    cines = ("SonoSite_echo_A4C_30f_JPEG_small.dcm", "US-PAL-8-10x-echo_JPEGLS.dcm", "US-MONO2-8-8x-execho.dcm")
+    for name in cines:  # real echo cines (JPEG, JPEG-LS palette, a retired SOP class) became videos
+        assert got[str(pydicom.dcmread(real_dicom_dir / name, stop_before_pixels=True).SOPInstanceUID)] == (1, 0)
 
 
 # ---- kill -9 of the standalone receiver mid-intake ---------------------------------------------------------
@@ -314,7 +342,11 @@ def test_kill_9_of_the_receiver_loses_nothing_acknowledged_and_indexes_it_once(
     proc = _receiver_process(index, port, random_model_dir, log)
     try:
         acked = _send(port, files[: len(files) // 2 + 1])
-        os.killpg(proc.pid, signal.SIGKILL)  # mid-intake: acknowledged, indexing not finished
+        deadline = time.monotonic() + 60  # kill -9 once the indexing run has opened (and created) the catalog
+        while not (index / "catalog.duckdb").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         pending_at_kill = len(IntakeStore(index).pending())
         assert acked and pending_at_kill > 0, "the kill came after indexing had finished: no crash was tested"

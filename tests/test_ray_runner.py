@@ -27,7 +27,9 @@ UNIT_FILES = 3
 
 
 def _settings(model_dir: Path) -> Settings:
-    return load_settings(model=f"local-dir:{model_dir}", workers=1, batch_size=24, frames_per_video=4)
+    """Identity vectors (the content tower as identity model) and frame vectors on: every column a shard carries."""
+    return load_settings(model=f"local-dir:{model_dir}", identity_model=f"local-dir:{model_dir}", workers=1,
+                         batch_size=24, frames_per_video=4, keep_frame_embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +60,15 @@ def local_index(cohort: Path, random_model_dir: Path, tmp_path_factory: pytest.T
 def ray_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A local Ray instance whose workers carry the kill-once fault (armed by the marker path given here)."""
     ray = pytest.importorskip("ray")
+    from echosearch.run.ray_runner import start_local_ray
+
     marker = tmp_path_factory.mktemp("fault") / "killed"
     os.environ[FAULT_KILL_ONCE] = str(marker)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        start_local_ray(ray, num_cpus=2)
     finally:
         del os.environ[FAULT_KILL_ONCE]  # the driver's own encode calls never fault
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     try:
         yield marker
     finally:
@@ -108,9 +112,14 @@ def test_ray_runner_gives_the_local_runners_rows_and_vectors(ray_index: tuple[Pa
     assert len([s for s in shards if not s.name.startswith("sidecars-")]) == summary.units  # type: ignore[attr-defined]
     with Catalog.open(local_index, read_only=True) as a, Catalog.open(out, read_only=True) as b:
         assert a.counts() == b.counts() and a.counts()["ingest_errors"] == 2
-        ia, va = a.embeddings("video")
-        ib, vb = b.embeddings("video")
-        assert np.array_equal(ia, ib) and float(np.abs(va - vb).max()) <= 1e-6
+        assert b.counts()["video_identity"] == 8 and b.counts()["study_identity"] == b.counts()["studies"]
+        for level in ("video", "study", "video_identity", "study_identity"):
+            ia, va = a.embeddings(level)
+            ib, vb = b.embeddings(level)
+            assert np.array_equal(ia, ib) and float(np.abs(va - vb).max()) <= 1e-6
+        keys = [int(k) for k in ia]
+        fa, fb = a.frame_embeddings(keys), b.frame_embeddings(keys)
+        assert len(fb) == 8 and all(np.abs(fa[k] - fb[k]).max() <= 1e-6 for k in fa)
     for level in ("video", "study", "report"):
         assert (out / "vectors" / f"{level}.faiss").is_file()
 
@@ -141,8 +150,11 @@ def test_merge_is_idempotent_and_shards_alone_rebuild_the_catalog(ray_index: tup
 def test_resume_runs_only_units_without_a_finished_shard(ray_index: tuple[Path, object], local_index: Path,
                                                          cohort: Path, random_model_dir: Path) -> None:
     out, summary = ray_index
+    from echosearch.run.shards import shard_meta
+
     shards = sorted(s for s in (out / SHARD_DIR).glob("*.parquet") if not s.name.startswith("sidecars-"))
-    gone = shards[len(shards) // 2]
+    assert sum(shard_meta(s)["failures"] > 0 for s in shards) == 1  # the junk folder's unit
+    gone = next(s for s in shards if shard_meta(s)["failures"] == 0 and shard_meta(s)["clips"] > 0)
     gone.unlink()
     resumed = _ray(cohort, out, random_model_dir)  # that unit, and the unit whose files failed (retried)
     assert resumed.units_run == 2 and resumed.units_done == summary.units - 2  # type: ignore[attr-defined]
@@ -221,3 +233,36 @@ def test_catalog_chunked_build_equals_the_whole_level_build(tmp_path: Path) -> N
     assert chunked.manifest["recall_at_10"] == whole.manifest["recall_at_10"]
     q = x[:50]
     assert np.array_equal(whole.search(q, 10, plan="ann")[1], chunked.search(q, 10, plan="ann")[1])
+
+
+def test_shard_round_trip_keeps_rows_vectors_frames_identity_and_failures(tmp_path: Path) -> None:
+    from datetime import date
+
+    from echosearch.catalog import VideoRecord
+    from echosearch.run.shards import read_shard, shard_meta, shard_rows, write_shard
+    from echosearch.run.stages import EncodedClip, FailureRecord, UnitResult
+
+    rng = np.random.default_rng(0)
+    recs = [VideoRecord(sha256=f"{i:064x}", path=f"F-{i}.dcm", size_bytes=10 + i, kind="dicom",
+                        patient_pseudonym="P-1", study_uid=f"1.2.{i}", study_date=date(2020, 1, i + 1),
+                        sector_bbox=[1, 2, 3, 4], fps=30.0, location=b"\x00sealed" if i else None) for i in range(3)]
+    clips = [EncodedClip(seq, rec, rng.normal(size=8).astype(np.float32), n, {"ef": 55.5 + seq},
+                         rng.normal(size=(n, 8)).astype(np.float32), rng.normal(size=4).astype(np.float32),
+                         {"in_scope": bool(seq % 2)})
+             for seq, rec, n in ((0, recs[0], 3), (2, recs[1], 1), (3, recs[2], 5))]
+    fail = FailureRecord(1, "F-x.dcm", b"loc", None, "decode", "bad file", None, None)
+    unit = UnitResult("u1", 4, [], [fail], clips)
+    path = write_shard(tmp_path / "u1.parquet", unit, {"keep_frames": True, "run": "r"}, 8, 4)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    meta = shard_meta(path)
+    assert (meta["unit"], meta["ordinal"], meta["clips"], meta["failures"]) == ("u1", 4, 3, 1)
+    table = read_shard(path)
+    assert table.column("seq").to_pylist() == [0, 1, 2, 3]  # input order, failure in its place
+    rows = shard_rows(table, 8, 4)
+    assert rows.records == recs and rows.failures == [fail]
+    assert np.array_equal(rows.vectors, np.stack([c.vector for c in clips]))
+    assert rows.identity is not None and np.array_equal(rows.identity, np.stack([c.identity for c in clips]))
+    assert rows.frame_vectors is not None
+    assert all(np.array_equal(a, c.frame_vectors) for a, c in zip(rows.frame_vectors, clips, strict=True))
+    assert rows.n_frames == [3, 1, 5] and rows.predictions == [{"ef": 55.5}, {"ef": 57.5}, {"ef": 58.5}]
+    assert rows.scopes == [c.scope for c in clips]

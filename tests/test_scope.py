@@ -186,3 +186,28 @@ def test_an_upload_is_scoped_against_the_index(mixed_index: Path) -> None:
         assert not sc.is_echo and vec is None and "not an ultrasound" in " ".join(sc.reasons())
         sc, vec = scope.assess_file(real("SonoSite_echo_A4C_30f_JPEG_small.dcm"), s)
         assert sc.in_scope and vec is not None and sc.view is not None
+
+
+def test_eval_reports_scope_of_real_files_and_nonsense_queries(mixed_index: Path) -> None:
+    from echosearch.encode import encoder_for_index
+    from echosearch.eval_scope import no_close_match, real_file_scope
+
+    with Catalog.open(mixed_index, read_only=True) as cat:
+        real_res = real_file_scope(cat, REAL_DICOM)
+        assert real_res["n"] == 13 and real_res["echo_accuracy"] == 1.0 and not real_res["wrong"], real_res
+        res = no_close_match(cat, encoder_for_index(cat), n=12)
+    assert res["nonsense"]["n"] == 12 and res["nonsense"]["no_close_match_share"] >= 0.75, res
+
+
+def test_cli_search_scope_filter_and_confidence(mixed_index: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from echosearch.cli import main
+
+    assert main(["search", "--index", str(mixed_index), "--like-video", "1", "--scope", "out", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    with Catalog.open(mixed_index, read_only=True) as cat:
+        assert {r["video_key"] for r in out["results"]} <= cat.out_of_scope_videos()
+    assert main(["search", "--index", str(mixed_index), "--text", "xyzzy banana", "--confidence", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["no_close_match"] is True and all("floor" in r["confidence"] for r in out["results"])

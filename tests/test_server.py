@@ -289,6 +289,11 @@ def test_dicom_receiver_in_the_server_feeds_its_ingest_jobs(cohorts: tuple[Path,
                 assert time.monotonic() < deadline, "received clips did not become searchable within 120 s"
                 time.sleep(0.5)
             jobs = client.call("GET", "/v1/jobs")["jobs"]
-            assert jobs and all(j["state"] == "done" for j in jobs)
+            while any(j["state"] in ("queued", "running") for j in jobs):  # searchable before the job's last step
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+                jobs = client.call("GET", "/v1/jobs")["jobs"]
+            assert jobs and all(j["state"] == "done" and j["failed"] == 0 for j in jobs)
+            assert sum(j["summary"]["scan"]["videos_added"] for j in jobs) == len(files)
     finally:
         assert stop(proc) == 0

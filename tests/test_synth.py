@@ -248,9 +248,35 @@ def test_packbits_roundtrip() -> None:
 
 def test_invalid_config_is_refused(tmp_path: Path) -> None:
     for kw in ({"patients": 0}, {"visits": (3, 2)}, {"views": ("A5C",)}, {"mislabel_rate": 0.9},
-               {"difficulty": -1.0}, {"fmt": "mp4"}, {"size": "huge"}):
+               {"difficulty": -1.0}, {"fmt": "mp4"}, {"size": "huge"}, {"event_rate": -1.0}, {"event_rate": 11.0}):
         with pytest.raises(ValueError):
             generate_cohort(tmp_path, **kw)  # type: ignore[arg-type]
+
+
+def _event_counts(cfg: SynthConfig) -> tuple[dict[str, int], int]:
+    counts = dict.fromkeys(EVENTS, 0)
+    for row in plan_cohort(cfg):
+        for p in row:
+            for e in p.visit.events:
+                counts[e] += 1
+    return counts, sum(len(row) for row in plan_cohort(cfg))
+
+
+def test_event_rate_gives_enough_positives_and_leaves_the_default_unchanged() -> None:
+    """``event_rate`` 1 draws the same histories as before the option; 3 gives 30+ of every event type from 110
+    patients of 4-6 visits, for a change measurement with useful intervals (any seed)."""
+    base = SynthConfig(patients=40, seed=9, visits=(4, 6))
+    same = dataclasses.replace(base, event_rate=1.0)
+    assert [[(p.visit.events, p.visit.ef, p.study_uid) for p in r] for r in plan_cohort(base)] == \
+        [[(p.visit.events, p.visit.ef, p.study_uid) for p in r] for r in plan_cohort(same)]
+    none, _ = _event_counts(dataclasses.replace(base, event_rate=0.0))
+    assert sum(none.values()) == 0
+    for seed in (9, 77):
+        cfg = SynthConfig(patients=110, seed=seed, visits=(4, 6), event_rate=3.0)
+        counts, n_studies = _event_counts(cfg)
+        assert min(counts.values()) >= 30 and n_studies < 600, counts
+        default, _ = _event_counts(dataclasses.replace(cfg, event_rate=1.0))
+        assert all(counts[e] > default[e] for e in EVENTS), (counts, default)
 
 
 def test_cli(tmp_path: Path) -> None:
@@ -264,6 +290,8 @@ def test_cli(tmp_path: Path) -> None:
                               "A4C", "--format", "avi", "--mislabel-rate", "0.5", "--seed", "3"])
     assert res.exit_code == 0, res.output
     assert "wrote" in res.output and (tmp_path / "c" / "avi" / "FileList.csv").is_file()
-    for bad in (["--visits", "4:2"], ["--views", "A4C,XYZ"], ["--format", "mp4"], ["--patients", "0"]):
+    assert "--event-rate" in runner.invoke(app, ["synth", "--help"]).output
+    for bad in (["--visits", "4:2"], ["--views", "A4C,XYZ"], ["--format", "mp4"], ["--patients", "0"],
+                ["--event-rate", "-1"]):
         res = runner.invoke(app, ["synth", str(tmp_path / "d"), *bad])
         assert res.exit_code == 2, (bad, res.output)

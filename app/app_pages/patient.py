@@ -186,8 +186,8 @@ vlabel = {v["visit"]: f"Visit {v['visit']} · {ui.fmt_date(v['study_date'])} · 
 default_b = flag_rows[0]["visit"] if flag_rows else visits[-1]["visit"]
 default_a = max(1, default_b - 1)
 c1, c2, c3 = st.columns([2, 2, 1])
-va = c1.selectbox("Earlier visit", list(vlabel), index=default_a - 1, format_func=vlabel.get)
-vb = c2.selectbox("Later visit", list(vlabel), index=default_b - 1, format_func=vlabel.get)
+va = c1.selectbox("Earlier visit", list(vlabel), index=default_a - 1, format_func=lambda v: vlabel.get(v, str(v)))
+vb = c2.selectbox("Later visit", list(vlabel), index=default_b - 1, format_func=lambda v: vlabel.get(v, str(v)))
 key_a = int(tl.filter(pl.col("visit") == va)["study_key"][0])
 key_b = int(tl.filter(pl.col("visit") == vb)["study_key"][0])
 vids = idx.study_videos([key_a, key_b])

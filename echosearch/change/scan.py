@@ -30,6 +30,9 @@ from echosearch.zeroshot import TASKS, recorded_thresholds
 DEVICE_NAMES = {"pacer_lead": "pacer/ICD lead", "tavr": "TAVR valve", "mitraclip": "MitraClip"}
 CLAUSE_TYPES = (*FLAG_TYPES, "other_patient")
 MIN_PROBABILITY = 0.8  # a flag is shown from this calibrated probability: about 9 in 10 shown flags are true
+# "another patient's study" needs two things: a heart unlike the previous visit's (this probability) and a next
+# visit that returns to the previous heart; it points to the identity audit rather than asserting a mislabel
+SUSPECT_PROBABILITY = MIN_PROBABILITY
 LABELS = {"ef_fall": "EF fall", "ef_rise": "EF rise", "new_heart": "new heart",
           "other_patient": "possibly another patient's study",
           **{f"new_{d}": f"new {n}" for d, n in DEVICE_NAMES.items()},
@@ -150,7 +153,7 @@ def score_cohort(catalog: Catalog, model: ChangeModel | None = None) -> ScanCont
     p_heart = np.zeros(pk.size)
     p_heart[sp.i] = sp.prob["new_heart"]
     suspect = np.zeros(pk.size, bool)
-    for r in np.nonzero(p_heart >= MIN_PROBABILITY)[0]:
+    for r in np.nonzero(p_heart >= SUSPECT_PROBABILITY)[0]:
         nxt = r + 1
         if nxt < pk.size and pk[nxt] == pk[r] and prev[r] >= 0 and \
                 _id_cos(T, int(nxt), int(prev[r])) > _id_cos(T, int(nxt), int(r)):
@@ -159,7 +162,7 @@ def score_cohort(catalog: Catalog, model: ChangeModel | None = None) -> ScanCont
         prev, first = _pairs(pk, suspect)
         have = prev >= 0
         sp, _ = _score(T, np.nonzero(have)[0], prev[have], scales, model, rates)
-        hf = first >= 0
+    hf = first >= 0
     sf, _ = _score(T, np.nonzero(hf)[0], first[hf], scales, model, rates)
     return ScanContext(T, prev, first, scales, model, rates, sp, sf, suspect,
                        recorded_thresholds(catalog.get_manifest("zeroshot")))
@@ -185,9 +188,9 @@ def _ef_clause(T: Timeline, a: int, b: int, kind: str, p: float, margin: float) 
     per_view = {v: (round(float(arr[b]), 1), round(float(arr[a]), 1)) for v, arr in T.view_pred["ef"].items()
                 if np.isfinite(arr[a]) and np.isfinite(arr[b])}
     views = ", ".join(f"{v} {x:.0f}->{y:.0f}" for v, (x, y) in per_view.items())
-    word = "fell" if kind == "ef_fall" else "rose"
-    text = (f"EF {word} {ef0:.0f}% -> {ef1:.0f}% ({ef1 - ef0:+.0f} points; {views or 'study means'}; "
-            f"margin {margin:g} points), probability {p:.2f}")
+    word = "fall" if kind == "ef_fall" else "rise"
+    text = (f"EF {word} of more than {margin:g} points: predicted EF {ef0:.0f}% -> {ef1:.0f}% ({ef1 - ef0:+.0f}; "
+            f"{views or 'study means'}), probability {p:.2f}")
     return {"type": kind, "label": LABELS[kind], "probability": round(p, 3), "text": text,
             "evidence": {"before": _clips(T, b, list(per_view) or None), "after": _clips(T, a, list(per_view) or None),
                          "values": {"ef_before": round(float(ef0), 1), "ef_after": round(float(ef1), 1),
@@ -249,7 +252,10 @@ def clauses(ctx: ScanContext, min_probability: float = MIN_PROBABILITY) -> dict[
     for r in range(n):
         b = int(ctx.prev[r])
         start = r == 0 or pk[r] != pk[r - 1]
-        nxt = next((k for k in range(r + 1, n) if pk[k] == pk[r] and not ctx.suspect[k]), -1)
+        nxt = r + 1  # this patient's next visit that is not another patient's study, or -1
+        while nxt < n and pk[nxt] == pk[r] and ctx.suspect[nxt]:
+            nxt += 1
+        nxt = nxt if nxt < n and pk[nxt] == pk[r] else -1
         seen = {d: _seen(T, r, d, present_thr.get(d)) for d in DEVICES}
         if start or b < 0:
             state = {d: bool(seen[d]) for d in DEVICES}

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
             1.0, "--event-rate", min=0.0, max=10.0,
             help="Multiplies each visit's chance of every event (EF decline/recovery, pacer, TAVR, MitraClip, "
                  "transplant). 1 is the default clinical mix; 3 gives 30+ positives of every event type from "
-                 "about 80 patients with --visits 4:6, enough for change AUCs with useful intervals."),
+                 "about 110 patients with --visits 4:6, enough for change AUCs with useful intervals."),
     ) -> None:
         """Generate synthetic patients, studies and cine loops (DICOM/AVI), reports and ground truth.
 

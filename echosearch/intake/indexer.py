@@ -136,8 +136,8 @@ class BackgroundIndexer(threading.Thread):
                 if busy:
                     log.info("indexing %d received instance(s) waits for the catalog (a reader holds it)", len(batch))
                 else:
-                    log.warning("indexing %d received instance(s) failed, retrying in %.0f s: %s", len(batch),
-                                self.retry_s, self.last_error)
+                    log.warning("indexing %d received instance(s) failed (%s), retrying in %.0f s", len(batch),
+                                type(exc).__name__, self.retry_s)  # its message may name files: not logged
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()

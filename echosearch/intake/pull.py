@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PULL_LOCK = "pull.lock"
 PULL_STAGE = "pull"
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
 _TAGS = {"StudyInstanceUID": "0020000D", "StudyDate": "00080020", "SeriesInstanceUID": "0020000E",
          "SOPInstanceUID": "00080018", "SOPClassUID": "00080016"}
 
@@ -118,20 +120,28 @@ def _check_uids(data: bytes, study: str, sop: str) -> None:
         raise IntakeError("the server sent an instance other than the one asked for")
 
 
-def with_catalog(index_dir: Path, fn: Any, wait_s: float = 120.0) -> Any:
-    """``fn(catalog)`` on the index's catalog, waiting up to ``wait_s`` while another process (a receiver
-    indexing) holds it."""
-    from echosearch.catalog import Catalog
-
+def _retry_locked(fn: Any, wait_s: float = 120.0) -> Any:
+    """``fn()``, again every second for up to ``wait_s`` while another process (a receiver indexing, a
+    search) holds the catalog."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            with Catalog.open(index_dir, create=True) as cat:
-                return fn(cat)
+            return fn()
         except CatalogError as exc:
             if "another process" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
+
+
+def with_catalog(index_dir: Path, fn: Any, wait_s: float = 120.0) -> Any:
+    """``fn(catalog)`` on the index's catalog, waiting up to ``wait_s`` while another process holds it."""
+    from echosearch.catalog import Catalog
+
+    def run() -> Any:
+        with Catalog.open(index_dir, create=True) as cat:
+            return fn(cat)
+
+    return _retry_locked(run, wait_s)
 
 
 def pull(url: str, index_dir: Path | str, settings: Settings, *, since: date | None = None,
@@ -252,7 +262,7 @@ def pull(url: str, index_dir: Path | str, settings: Settings, *, since: date | N
             pending = store.pending()
             if pending:
                 fn = index_fn or CatalogIndexer(index_dir, settings, progress=progress)
-                result = fn([store.path_of(e) for e in pending])
+                result = _retry_locked(lambda: fn([store.path_of(e) for e in pending]))
                 store.mark_indexed(pending)
                 summary.indexed = len(pending)
                 scan = getattr(result, "scan", None)
@@ -276,8 +286,10 @@ def _placeholder(store: IntakeStore, study: str, sop: str | None) -> str:
 
 
 def _short(exc: BaseException) -> str:
+    """The first line of an error, URLs (they carry study and instance UIDs) left out: fit for logs and for
+    the reason of an ingest error row."""
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return text[:200]
+    return _URL.sub("<url>", text)[:200]
 
 
 class _bar:

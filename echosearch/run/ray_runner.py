@@ -32,7 +32,7 @@ from echosearch.run.stages import EncodeSpec, EncodeStage, ReadContext, UnitResu
 from echosearch.run.units import DEFAULT_UNIT_FILES, Unit, config_digest, plan_units, shard_path
 
 log = logging.getLogger(__name__)
-READ_MEMORY = 512 << 20  # bytes reserved per read task (a unit's decoded, prepared frames)
+READ_MEMORY = 1 << 30  # bytes reserved per read task (worker ~0.3 GB + a unit's decoded, prepared frames)
 INSTALL_HINT = 'the Ray executor needs Ray: pip install "echosearch[ray]"'
 
 
@@ -145,15 +145,34 @@ def _write_batch(batch: dict[str, np.ndarray], index_dir: str, meta: dict[str, A
 
 
 # ---- the driver ---------------------------------------------------------------------------------------
+def start_local_ray(ray: Any, num_cpus: int | None) -> None:
+    """A local Ray instance on 127.0.0.1 only, no dashboard, no usage reporting.
+
+    Ray resolves 127.0.0.1 to the machine's routable address unless its cluster mode is off (as on macOS),
+    and then binds its servers to every interface: this instance turns it off while it starts, so that every
+    Ray server (GCS, raylet, workers) listens on the loopback interface alone."""
+    from ray._private import ray_constants
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        log.warning("the local Ray instance runs on %s, not 127.0.0.1", ray.util.get_node_ip_address())
+
+
 def _start_ray(ray: Any, address: str | None, num_cpus: int | None) -> bool:
-    """Connect to ``address`` or start a local instance on 127.0.0.1 (no dashboard); True when started here."""
+    """Connect to ``address`` or start a local instance on 127.0.0.1; True when started here."""
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        start_local_ray(ray, num_cpus)
     return True
 
 
@@ -230,12 +249,15 @@ def _run_units(ray: Any, todo: list[Unit], ctx: ReadContext, spec: EncodeSpec, i
     ds = ds.map_batches(_write_batch, batch_size=1, batch_format="numpy", num_cpus=0.25,
                         fn_kwargs={"index_dir": str(index_dir), "meta": meta, "dim": enc.embed_dim,
                                    "identity_dim": identity_dim})
-    from echosearch.ingest import _progress
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with _progress(progress, len(todo)) as advance:
+    columns = (TextColumn("units"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:  # stdout: --json
+        task = bar.add_task("", total=len(todo))
         for row in ds.iter_rows():
             summary.clips_encoded += int(row["clips"])
             summary.failed += int(row["failed"])
             summary.report_objects += int(row["reports"])
-            advance("")
+            bar.update(task, advance=1)
     return n_actors, float(per_actor.get("num_gpus", 0.0))

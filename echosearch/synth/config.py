@@ -32,8 +32,8 @@ class SynthConfig:
     ``workers`` is the number of processes used for rendering (``None``: one per CPU, at most 8, and a
     single process for small cohorts); the output does not depend on it. ``event_rate`` multiplies the
     per-visit chance of every event (EF decline/recovery, implants, transplant; 1 = the default mix, where a
-    cohort of 100 patients with 4-6 visits has 17-48 of each; 3 gives 30+ of every event type from about
-    80 patients of 4-6 visits), for measurements that need many positives.
+    cohort of 100 patients with 4-6 visits has 17-48 of each; 3 gives 30+ of every event type from
+    about 110 patients of 4-6 visits), for measurements that need many positives.
     """
 
     patients: int = 20
