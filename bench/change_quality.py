@@ -1,12 +1,13 @@
 """Change quality on fresh synthetic cohorts: fit the change model on tuning seeds, report on other seeds.
 
-Each cohort: 90 patients, 4-6 visits, A4C + PLAX + A2C, 3 % mislabelled, ``--event-rate 3`` (30+ positives of
-every event type), indexed through the real pipeline with the shipped demo model. ``--fit`` refits
+Each cohort: 90 patients, 4-6 visits, A4C + PLAX + A2C, 3 % mislabelled, ``--event-rate 3`` (30-100
+positives of every event type), indexed through the real pipeline with the shipped demo model. ``--fit`` refits
 ``echosearch/data/change_model.json`` from the tuning cohorts only; the report runs ``eval``'s change
-measurement (every score on the same pairs, bootstrap intervals) on each report cohort. Usage:
+measurement (every score on the same pairs, bootstrap intervals) on each report cohort. Usage (WORKDIR: any
+folder with room for the cohorts, e.g. indexes/change):
 
-    .venv/bin/python bench/change_quality.py --work /tmp/chg --fit            # tune on 301, report on 401 402
-    .venv/bin/python bench/change_quality.py --work /tmp/chg --report 403 404 # more held-out seeds
+    .venv/bin/python bench/change_quality.py --work WORKDIR --fit            # tune on 301, report on 401 402
+    .venv/bin/python bench/change_quality.py --work WORKDIR --report 403 404 # more held-out seeds
 
 Each cohort takes about 1-2 min to generate and 10-30 min to index on 2 shared CPU cores.
 """

@@ -10,6 +10,7 @@ two cohorts: ``small`` (192x256-320x240, ~21 frames a clip: the test cohorts) an
 (480x640-768x1024 at 30-60 fps, 40-64 frames: what a PACS export holds).
 
     python bench/encode.py [--patients 12] [--frames 16] [--sizes small,realistic] [--skip-convnext]
+    python bench/encode.py --identity   # (b) without and with the demo model's identity head (target <= 1.25x)
 """
 
 from __future__ import annotations

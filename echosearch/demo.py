@@ -122,8 +122,8 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
                                                         "the synthetic ground truth)"))
         st = study_truth(join_truth(cat, truth))
         levels = levels_frame(identity_metrics(cat, st, n_boot=200), audit_metrics(cat, st))
-        console.print(frame_table(levels, title="identity vs content vectors on the same studies (true patients; "
-                                                "cross-visit pairs only)"))
+        console.print(frame_table(levels, title="identity vs content vectors, same studies: cross-visit pair AUC "
+                                                "(true patients) and the audit against the truth"))
         console.rule("[bold]5. change scan")
         changes = scan_changes(cat)
         fl = changes.filter(pl.col("flagged")).sort("change_prob", descending=True)

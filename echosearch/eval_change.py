@@ -143,7 +143,8 @@ def _clause_truth(d: pl.DataFrame, margin: float) -> dict[str, np.ndarray]:
 
 def change_metrics(catalog: Catalog, vt: pl.DataFrame, *, n_boot: int = 500, seed: int = 0,
                    scan: pl.DataFrame | None = None) -> dict[str, Any]:
-    """All change figures (see the module doc) for an index and its truth rows (``evaluate.join_truth``)."""
+    """All change figures (see the module doc) for an index and its truth rows (``evaluate.join_truth``);
+    ``<task>.pairs`` lists the (study key, earlier study key) pairs every score of that task was measured on."""
     if "events" not in vt.columns or "visit_index" not in vt.columns:
         return {"skipped": "truth has no events/visit_index columns"}
     st = change_truth(vt)
@@ -158,7 +159,8 @@ def change_metrics(catalog: Catalog, vt: pl.DataFrame, *, n_boot: int = 500, see
         ev = [set(e) for e in d["events"].to_list()]
         none = np.asarray([not e for e in ev], dtype=bool)
         scores = {"echosearch": d["echosearch"].fill_null(np.nan).to_numpy(), **_baselines(catalog, d)}
-        out: dict[str, Any] = {"n_pairs": d.height, "n_negatives": int(none.sum())}
+        out: dict[str, Any] = {"n_pairs": d.height, "n_negatives": int(none.sum()),
+                               "pairs": [[int(a), int(b)] for a, b in d.select("study_key", "other_key").iter_rows()]}
         for e in EVENTS:
             pos = np.asarray([e in x for x in ev], dtype=bool)
             out[e] = {"n_pos": int(pos.sum()), "n_neg": int(none.sum())}

@@ -315,9 +315,9 @@ def levels_frame(ident: dict[str, Any], aud: dict[str, Any]) -> pl.DataFrame:
         if pair is None and a is None:
             continue
         lo, hi = (pair or {}).get("ci95") or [None, None]
-        rows.append({"vectors": kind, "cross-visit pair AUC": (pair or {}).get("auc"),
+        rows.append({"vectors": kind, "pair AUC": (pair or {}).get("auc"),
                      "95% CI": f"{_fmt(lo)}-{_fmt(hi)}" if lo is not None else "",
-                     "audit precision": (a or {}).get("precision"), "audit recall": (a or {}).get("recall"),
-                     "recall at precision 0.9": (a or {}).get("recall_at_precision_0.9"),
+                     "precision": (a or {}).get("precision"), "recall": (a or {}).get("recall"),
+                     "recall@P0.9": (a or {}).get("recall_at_precision_0.9"),
                      "flagged": (a or {}).get("n_flagged"), "mislabelled": (a or {}).get("n_mislabelled")})
     return pl.DataFrame(rows)

@@ -172,6 +172,7 @@ def test_eval_scores_every_baseline_on_the_scans_pairs(scanned: tuple[Path, pl.D
             ev.append(set().union(*[visits.get((p, k), set()) for k in range(lo + 1, hi + 1)]))
         none = np.asarray([not e for e in ev])
         assert res[task]["n_negatives"] == int(none.sum()) and res[task]["n_pairs"] == d.height
+        assert sorted(map(tuple, res[task]["pairs"])) == sorted(d.select("study_key", other).iter_rows())
         assert own
         for e in ("transplant", "pacer_implant"):
             pos = np.asarray([e in x for x in ev])

@@ -82,13 +82,17 @@ class ChangeModel:
     scales: Scales | None = None  # the null of the encoder it was fitted for (``info["encoder"]``)
 
     def scales_for(self, encoder: dict[str, Any] | None, identity_source: str) -> Scales | None:
-        """The stored null when the index was built with the encoder (and identity source) the model was
-        fitted for; None: estimate it from the index's own visits."""
+        """The stored null when the index was built with the encoder the model was fitted for; None: estimate
+        it from the index's own visits."""
         mine = self.info.get("encoder") or {}
         if self.scales is None or not encoder or not mine:
             return None
         same = mine.get("weights_sha256") == encoder.get("weights_sha256") and mine.get("name") == encoder.get("name")
-        return self.scales if same and self.info.get("identity_source", identity_source) == identity_source else None
+        return self.scales if same else None
+
+    def same_identity(self, identity_source: str) -> bool:
+        """Whether the identity features mean what they meant when the model was fitted."""
+        return self.info.get("identity_source", identity_source) == identity_source
 
     def logits(self, X: np.ndarray) -> dict[str, np.ndarray]:
         A = np.c_[X, np.ones(len(X))]

@@ -146,8 +146,14 @@ def score_cohort(catalog: Catalog, model: ChangeModel | None = None) -> ScanCont
     none = np.zeros(pk.size, bool)
     prev, first = _pairs(pk, none)
     have = prev >= 0
-    scales = model.scales_for(catalog.get_manifest("model"), T.identity_source) or \
-        Scales.fit(raw_pair_features(T, np.nonzero(have)[0], prev[have]))
+    stored = model.scales_for(catalog.get_manifest("model"), T.identity_source)
+    own = Scales.fit(raw_pair_features(T, np.nonzero(have)[0], prev[have]))
+    scales = own if stored is None else stored
+    if stored is not None and not model.same_identity(T.identity_source):
+        # identity vectors of another source than the model's: its identity features in this index's own units
+        ids = ("id_dist", "view_id_dist")
+        scales = Scales({**stored.centre, **{k: own.centre[k] for k in ids}},
+                        {**stored.scale, **{k: own.scale[k] for k in ids}})
     sp, rates = _score(T, np.nonzero(have)[0], prev[have], scales, model, None)
     # a heart unlike the previous one that the next visit does not continue: another patient's study
     p_heart = np.zeros(pk.size)

@@ -151,15 +151,21 @@ def start_local_ray(ray: Any, num_cpus: int | None) -> None:
     Ray resolves 127.0.0.1 to the machine's routable address unless its cluster mode is off (as on macOS),
     and then binds its servers to every interface: this instance turns it off while it starts, so that every
     Ray server (GCS, raylet, workers) listens on the loopback interface alone."""
-    from ray._private import ray_constants
+    import importlib
 
+    try:
+        ray_constants: Any = importlib.import_module("ray._private.ray_constants")
+    except ImportError:  # another Ray layout: _node_ip_address alone
+        ray_constants = None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    cluster_mode = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if cluster_mode is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+        if cluster_mode is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
     if ray.util.get_node_ip_address() != "127.0.0.1":
         log.warning("the local Ray instance runs on %s, not 127.0.0.1", ray.util.get_node_ip_address())
 

@@ -51,7 +51,7 @@ def _vectors(rows: list[np.ndarray | None], dim: int) -> pa.Array:
     values = np.zeros(len(rows) * dim, np.float32)
     keep = np.repeat(~mask, dim)
     values[keep] = flat
-    return pa.FixedSizeListArray.from_arrays(pa.array(values), dim, mask=pa.array(mask))
+    return pa.FixedSizeListArray.from_arrays(pa.array(values), dim, mask=pa.array(mask, pa.bool_()))
 
 
 def shard_table(unit: UnitResult, meta: dict[str, Any], dim: int, identity_dim: int | None) -> pa.Table:
@@ -90,7 +90,7 @@ def shard_table(unit: UnitResult, meta: dict[str, Any], dim: int, identity_dim: 
         frames = pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float32)), dim)
         offsets = np.concatenate([[0], np.cumsum([len(p) if p is not None else 0 for p in per])]).astype(np.int32)
         cols["frame_vectors"] = pa.ListArray.from_arrays(pa.array(offsets), frames,
-                                                         mask=pa.array([p is None for p in per]))
+                                                         mask=pa.array([p is None for p in per], pa.bool_()))
     table = pa.table(cols)
     full = {**meta, "format": SHARD_FORMAT, "version": SHARD_VERSION, "unit": unit.name, "ordinal": unit.ordinal,
             "clips": len(unit.encoded), "failures": sum(not f.is_report for f in unit.failures),

@@ -152,9 +152,7 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse({"error": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code},
                             status_code=status)
 
-    def log(who: str, action: str, detail: dict[str, Any]) -> None:
-        with state.writer() as cat:
-            cat.log_access(who, action, detail)
+    log = state.log
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:

@@ -105,7 +105,11 @@ def serve(index_dir: Path, settings: Settings, *, host: str = "127.0.0.1", port:
     mode = check_server_safety(host)
     index_dir = Path(index_dir).resolve()
     sock = bind(host, port)
-    state = ServerState(index_dir, settings, resume=resume)
+    try:
+        state = ServerState(index_dir, settings, resume=resume)
+    except BaseException:
+        sock.close()
+        raise
     pid = os.getpid()
     try:
         bound_port = sock.getsockname()[1]

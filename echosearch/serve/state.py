@@ -77,6 +77,15 @@ class ServerState:
         finally:
             cur.close()
 
+    def log(self, actor: str, action: str, detail: dict[str, Any]) -> None:
+        """Append to the access log without waiting for a job's write transaction: ``access_log`` has no key
+        and is only ever appended to, so this insert cannot conflict with another writer."""
+        cur = Catalog(self.index_dir, self.root.con.cursor(), read_only=False)
+        try:
+            cur.log_access(actor, action, detail)
+        finally:
+            cur.close()
+
     def start_receiver(self, *, host: str, port: int, ae_title: str | None = None) -> Any:
         """Start the DICOM receiver (C-STORE SCP, :mod:`echosearch.intake`) in this process: each batch of
         received instances becomes an ingest job of this server. Returns the receiver's handle."""
