@@ -24,6 +24,9 @@ import polars as pl
 
 from echosearch.errors import CatalogError, ConfigError, IndexNotFoundError, ModelMismatchError
 from echosearch.pseudonym import LABEL_PREFIX
+from echosearch.store.analysis_queries import AnalysisQueries
+from echosearch.store.app_queries import AppQueries
+from echosearch.store.run_queries import RunQueries
 
 if TYPE_CHECKING:
     from echosearch.pseudonym import Pseudonymizer
@@ -314,8 +317,11 @@ def stored_path(value: str) -> Path:
     return Path(os.fsdecode(raw))
 
 
-class Catalog:
-    """A connection to one index's catalog. Use :meth:`open`; close it (or use ``with``)."""
+class Catalog(AppQueries, RunQueries, AnalysisQueries):
+    """A connection to one index's catalog. Use :meth:`open`; close it (or use ``with``).
+
+    Its core (here) opens, migrates and writes the indexing path's rows; the named queries of the app,
+    the runners and the analyses live in :mod:`echosearch.store`."""
 
     def __init__(self, index_dir: Path, con: duckdb.DuckDBPyConnection, read_only: bool,
                  write_lock: threading.RLock | None = None) -> None:
