@@ -1,6 +1,6 @@
 """Build hook: ship the Streamlit app (``app/`` of the checkout) inside the wheel as ``echosearch/app``.
 
-Everything else is configured in pyproject.toml. ``echosearch.app_api.app_script`` finds the installed copy,
+Everything else is configured in pyproject.toml. ``echosearch.appcore.launch.app_script`` finds the installed copy,
 so ``pip install "echosearch[app]"`` then ``echosearch serve`` works without a source checkout; an editable
 install keeps using the checkout's ``app/``.
 """

@@ -24,11 +24,11 @@ pages = [
 ]
 nav = st.navigation(pages)
 with st.sidebar:
-    st.caption(f"Index: `{ui.index_dir().name}`")
+    st.caption(f"Index: `{ui.index_dir().name}`" + (" (through its server)" if ui.app_index().remote else ""))
     st.caption(f"Signed in as **{who}**; searches, patient views and decisions are logged.")
     if st.user.get("is_logged_in"):
         st.button("Sign out", on_click=st.logout)
-    elif st.session_state.get("actor") and ui.app_api.auth_mode(APP_DIR) == "password" and st.button("Sign out"):
+    elif st.session_state.get("actor") and ui.auth.auth_mode(APP_DIR) == "password" and st.button("Sign out"):
         st.session_state.clear()
         st.rerun()
 nav.run()

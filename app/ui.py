@@ -8,8 +8,11 @@ from typing import Any
 
 import streamlit as st
 
-from echosearch import app_api
+from echosearch.appcore import auth
+from echosearch.appcore.data import AppIndex, clip_html, open_app_index
+from echosearch.appcore.launch import resolve_index
 from echosearch.errors import EchosearchError
+from echosearch.login_guard import LoginGuard
 
 APP_DIR = Path(__file__).resolve().parent
 MAX_CHOICES = 2000  # longer lists become a search box
@@ -19,21 +22,17 @@ PAGES = {"search": "app_pages/search.py", "patient": "app_pages/patient.py", "au
 
 # ---- resources shared by every session of this process -------------------------------------------------
 def index_dir() -> Path:
-    return app_api.resolve_index(sys.argv[1:]).resolve()
+    return resolve_index(sys.argv[1:]).resolve()
 
 
 @st.cache_resource(show_spinner="Opening the index ...")
-def _app_index(path: str) -> app_api.AppIndex:
-    return app_api.AppIndex(path)
+def _app_index(path: str) -> AppIndex:
+    return open_app_index(path)
 
 
-@st.cache_resource(show_spinner="Loading the model and vector indexes ...")
-def _searcher(path: str) -> Any:
-    return app_api.open_searcher(_app_index(path))
-
-
-def app_index() -> app_api.AppIndex:
-    """The process-wide index; stops the page with a readable message when it cannot be opened."""
+def app_index() -> AppIndex:
+    """The process-wide index (through the index's server when one runs, see ``open_app_index``); stops the
+    page with a readable message when it cannot be opened."""
     try:
         return _app_index(str(index_dir()))
     except EchosearchError as exc:
@@ -43,8 +42,8 @@ def app_index() -> app_api.AppIndex:
 
 
 @st.cache_resource(show_spinner=False)
-def _login_guard(path: str) -> app_api.LoginGuard:
-    return app_api.login_guard(_app_index(path))
+def _login_guard(path: str) -> LoginGuard:
+    return auth.login_guard(_app_index(path))
 
 
 def client_address() -> str | None:
@@ -56,26 +55,17 @@ def client_address() -> str | None:
     return ip if isinstance(ip, str) and ip else None
 
 
-def searcher() -> Any:
-    try:
-        return _searcher(str(index_dir()))
-    except EchosearchError as exc:
-        st.error(f"Search is unavailable: {exc}")
-        st.stop()
-        raise
-
-
 # ---- who is using the app -------------------------------------------------------------------------------
 def _listening_on_loopback() -> bool:
     addr = st.get_option("server.address")
-    return bool(addr) and app_api.is_loopback(str(addr))
+    return bool(addr) and auth.is_loopback(str(addr))
 
 
 def require_login() -> str:
     """The actor name for the audit trail; shows a login and stops the run until one is known."""
     if st.session_state.get("actor"):
         return str(st.session_state["actor"])
-    mode = app_api.auth_mode(APP_DIR)
+    mode = auth.auth_mode(APP_DIR)
     if mode == "oidc":
         if not st.user.is_logged_in:
             st.title("echosearch")
@@ -93,7 +83,7 @@ def require_login() -> str:
             ok = st.form_submit_button("Sign in", type="primary")
         if ok:
             guard = _login_guard(str(index_dir()))
-            signed_in, message = app_api.password_login(app_index(), guard, name, password, client_address())
+            signed_in, message = auth.password_login(app_index(), guard, name, password, client_address())
             if signed_in:
                 st.session_state["actor"] = name.strip()
                 st.rerun()
@@ -103,13 +93,13 @@ def require_login() -> str:
         st.error("This app is reachable from the network but no login is configured. Start it with "
                  "`echosearch serve` (127.0.0.1 by default) or configure a login (see docs/app.md).")
         st.stop()
-    actor = app_api.local_actor()
+    actor = auth.local_actor()
     st.session_state["actor"] = actor
     return actor
 
 
 def actor() -> str:
-    return str(st.session_state.get("actor") or app_api.local_actor())
+    return str(st.session_state.get("actor") or auth.local_actor())
 
 
 def log_once(key: str, action: str, detail: dict[str, Any]) -> None:
@@ -140,11 +130,11 @@ def clip(video_key: int | None, caption: str | None = None) -> None:
         return
     try:
         with st.spinner("Preparing clip ..."):
-            prev = app_index().preview(int(video_key))
+            data, mime = app_index().clip(int(video_key))
     except Exception as exc:  # a clip that cannot be shown must not break the page
         st.caption(f"clip unavailable: {exc}")
         return
-    st.html(app_api.preview_html(prev))  # inline data: URI, never a /media/ URL (see clip_html)
+    st.html(clip_html(data, mime))  # inline data: URI, never a /media/ URL (see clip_html)
     if caption:
         st.caption(caption)
 

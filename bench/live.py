@@ -6,7 +6,8 @@ Two synthetic cohorts (seeds apart from any tuning): A seeds an index, B is what
 1. direct: a copy of the seeded index, ``echosearch index B`` (its own process, as a user runs it);
 2. server: another copy served by ``echosearch server``; B is submitted as an ingest job while a client
    sends text searches (a pause of ``--pause`` seconds between them) and records each latency while the
-   job runs.
+   job runs; a second client loads what the app's four pages read (``RemoteAppIndex``, as under
+   ``echosearch serve``) in a loop and records each load's time and any error.
 
 The rate is videos encoded per second of the pipeline (the summaries' ``elapsed_s``; the server's job
 reuses the server's loaded model, the direct run loads it, so wall times are also printed). Usage:
@@ -65,7 +66,8 @@ def direct(index: Path, cohort: Path, env: dict[str, str]) -> dict[str, Any]:
             "model_seconds": summary["model_seconds"], "steady_frames_per_s": summary["steady_frames_per_s"]}
 
 
-def through_server(index: Path, cohort: Path, env: dict[str, str], pause: float, log: Path) -> dict[str, Any]:
+def through_server(index: Path, cohort: Path, env: dict[str, str], pause: float, log: Path,
+                   pages_client: bool = True) -> dict[str, Any]:
     import httpx
 
     from echosearch.serve.client import ServerClient, recorded_server
@@ -101,8 +103,38 @@ def through_server(index: Path, cohort: Path, env: dict[str, str], pause: float,
                     i += 1
                     time.sleep(pause)
 
+        pages: list[float] = []
+        page_errors: list[str] = []
+
+        def pages_loader() -> None:
+            """What the app's four pages read, through the server as `echosearch serve` runs them."""
+            from echosearch.appcore.remote import RemoteAppIndex
+
+            app = RemoteAppIndex(client.url, index, timeout=60)
+            try:
+                while not done.is_set():
+                    t0 = time.perf_counter()
+                    try:
+                        pts = app.patients()
+                        app.filter_options()
+                        if pts.height:
+                            app.patient_timeline(int(pts["patient_key"][0]))
+                        app.audit_results()
+                        app.status()
+                        app.ingest_errors()
+                        app.access_log(100)
+                    except Exception as exc:  # noqa: BLE001 - counted, the bench goes on
+                        page_errors.append(f"{type(exc).__name__}: {exc}")
+                    if running.is_set():
+                        pages.append((time.perf_counter() - t0) * 1000)
+                    time.sleep(pause)
+            finally:
+                app.close()
+
         t = threading.Thread(target=searcher, daemon=True)
         t.start()
+        tp = threading.Thread(target=pages_loader if pages_client else done.wait, daemon=True)
+        tp.start()
         t0 = time.perf_counter()
         job = client.submit_job([cohort], cohort / "reports.csv")
         running.set()
@@ -110,6 +142,7 @@ def through_server(index: Path, cohort: Path, env: dict[str, str], pause: float,
         wall = time.perf_counter() - t0
         done.set()
         t.join()
+        tp.join()
         if job["state"] != "done":
             raise SystemExit(f"job failed: {job.get('error')}")
         summary = job["summary"]
@@ -120,7 +153,9 @@ def through_server(index: Path, cohort: Path, env: dict[str, str], pause: float,
                 "searches": len(a), "p50_ms": round(float(np.percentile(a, 50)), 1) if len(a) else None,
                 "p95_ms": round(float(np.percentile(a, 95)), 1) if len(a) else None,
                 "max_ms": round(float(a.max()), 1) if len(a) else None,
-                "distinct_counts_seen": len(set(counts))}
+                "distinct_counts_seen": len(set(counts)), "page_loads": len(pages),
+                "page_p95_ms": round(float(np.percentile(pages, 95)), 1) if pages else None,
+                "page_errors": page_errors[:5], "n_page_errors": len(page_errors)}
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -135,6 +170,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--pause", type=float, default=0.2, help="seconds between a client's searches")
     ap.add_argument("--repeats", type=int, default=2, help="direct/server pairs, alternating which goes first")
+    ap.add_argument("--no-pages", action="store_true", help="no second client loading the app's pages")
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
     args = ap.parse_args()
@@ -161,7 +197,7 @@ def main() -> None:
             shutil.rmtree(work / name, ignore_errors=True)
             shutil.copytree(seeded, work / name)
             pair[name] = (direct(work / name, b, env) if name == "direct"
-                          else through_server(work / name, b, env, args.pause, work / "server.log"))
+                          else through_server(work / name, b, env, args.pause, work / "server.log", not args.no_pages))
         pair["rate_ratio"] = round(pair["server"]["rate"] / pair["direct"]["rate"], 3)
         runs.append(pair)
     p95 = [r["server"]["p95_ms"] for r in runs if r["server"]["p95_ms"] is not None]

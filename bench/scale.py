@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def runners(work: Path, patients: int, seed: int, unit_files: int, cpus: int) -> dict[str, Any]:
     from echosearch.catalog import Catalog
     from echosearch.config import load_settings
-    from echosearch.pipeline import index_sources
     from echosearch.run.compare import catalog_differences
+    from echosearch.run.local import index_sources
     from echosearch.run.ray_runner import index_with_ray
     from echosearch.synth import generate_cohort
 

@@ -185,7 +185,7 @@ class Judge:
     def _calibrate(self, kind: str, level: str, context: float) -> Calibration:
         if kind == "text":
             enc = self.searcher.encoder()
-            texts = [r[0] for r in self.searcher.catalog.con.sql("SELECT text FROM reports ORDER BY study_key").fetchall()]
+            texts = self.searcher.catalog.report_texts()
             refs = reference_queries(texts, seed=self.seed)
             if not refs:  # no reports: the standard view phrases stand in
                 from echosearch.report_facts import VIEW_PHRASES

@@ -113,7 +113,7 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
         suspects = audit(cat)  # identity vectors when the index has them (demo mode: the shipped head)
         flagged = suspects.filter(pl.col("suspect"))
         true_mis = set(truth.filter(pl.col("mislabelled"))["study_uid"].to_list())
-        uid_of = dict(cat.con.sql("SELECT study_key, study_uid FROM studies").fetchall())
+        uid_of = cat.study_uids()
         cols = [c for c in ("rank", "study_key", "own_score", "best_other_score", "p_same") if c in flagged.columns]
         table = flagged.select(cols).with_columns(
             pl.col("study_key").map_elements(lambda k: "yes" if uid_of.get(k) in true_mis else "no",

@@ -93,7 +93,7 @@ def cross_visit_pairs(patient: np.ndarray, max_pairs: int, seed: int) -> tuple[n
 def _single_clip(catalog: Catalog, study_keys: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """One content video vector per study (drawn by seed), and whether each study has one."""
     ids, vecs = catalog.embeddings("video")
-    owner = catalog.con.sql("SELECT video_key, study_key FROM videos ORDER BY video_key").pl()
+    owner = catalog.video_studies().select("video_key", "study_key")
     owner = owner.filter(pl.col("video_key").is_in(ids.tolist()))
     pick = (owner.with_columns(pl.lit(np.random.default_rng(seed).random(owner.height)).alias("_r"))
             .sort("_r").unique("study_key", keep="first").sort("study_key"))

@@ -72,8 +72,7 @@ def view_accuracy(catalog: Catalog, truth: pl.DataFrame | None = None, encoder: 
     vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     view_of = dict(labels.iter_rows())
     y = np.array([view_of[int(k)] for k in keys])
-    pat = dict(catalog.con.sql("SELECT v.video_key, s.patient_key FROM videos v JOIN studies s USING (study_key)"
-                               ).fetchall())
+    pat = catalog.video_patient_keys()
     groups = np.array([pat[int(k)] for k in keys])
     names = sorted(set(y.tolist()))
     pred = np.empty(len(keys), dtype=object)
@@ -141,7 +140,7 @@ def no_close_match(catalog: Catalog, encoder: Any, n: int = 60, seed: int = EVAL
 
     s = Searcher(catalog.index_dir, catalog=catalog, encoder=encoder)
     judge = Judge(s)
-    texts = [r[0] for r in catalog.con.sql("SELECT text FROM reports ORDER BY study_key").fetchall()]
+    texts = catalog.report_texts()
     real = reference_queries(texts, n=n, seed=seed)
     out: dict[str, Any] = {}
     for name, queries in (("nonsense", null_queries(n, seed=seed)), ("report_sentences", real)):
@@ -167,6 +166,5 @@ def scope_metrics(catalog: Catalog, truth: pl.DataFrame | None = None, encoder: 
         return res
     res["real_files"] = real_file_scope(catalog)
     res["no_close_match"] = no_close_match(catalog, encoder)
-    res["stored"] = catalog.con.sql("SELECT count(*) FILTER (WHERE NOT in_scope) AS out_of_scope, count(*) AS n "
-                                    "FROM clip_scope").pl().to_dicts()[0] if catalog.has_scope() else {}
+    res["stored"] = catalog.scope_counts()
     return res

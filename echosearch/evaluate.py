@@ -82,7 +82,7 @@ def _split_events(text: str | None) -> list[str]:
 
 def join_truth(catalog: Catalog, truth: pl.DataFrame) -> pl.DataFrame:
     """Truth rows with ``video_key`` and ``study_key``: by path suffix first, then by SOP Instance UID."""
-    videos = catalog.con.sql("SELECT video_key, study_key, sop_uid FROM videos ORDER BY video_key").pl()
+    videos = catalog.video_studies()
     where = catalog.locations(None)  # the files' own paths (sealed in the catalog)
     suffix: dict[str, int] = {}
     for key in videos["video_key"].to_list():

@@ -66,10 +66,7 @@ def load_studies(catalog: Catalog, vectors: Literal["auto", "identity", "content
     ``auto``: the identity vectors when the index has them, else the content vectors."""
     level = study_level(catalog, vectors)
     ids, vecs = catalog.embeddings(level)
-    meta = catalog.con.sql(
-        "SELECT s.study_key, s.study_uid, s.study_date, s.patient_key, p.patient_pseudonym "
-        "FROM studies s JOIN patients p USING (patient_key) ORDER BY s.study_key"
-    ).pl()
+    meta = catalog.study_patients()
     meta = pl.DataFrame({"study_key": ids}, schema={"study_key": pl.Int64}).join(meta, on="study_key", how="inner")
     keep = np.isin(ids, meta["study_key"].to_numpy())
     ids, vecs = ids[keep], vecs[keep]
@@ -213,10 +210,10 @@ def fit_identity_calibrations(catalog: Catalog, S: StudySet | None = None, *, fp
     blur the positives slightly). Pairs are sampled with ``seed`` and at most ``max_pairs`` of each kind.
     """
     gen = catalog.generation()
-    row = catalog.one("SELECT count(*), coalesce(sum(hash(study_key, patient_key)), 0) FROM studies")
+    n_studies, pair_hash = catalog.study_patient_fingerprint()
     source = S.source if S is not None else ("identity" if study_level(catalog) == "study_identity" else "content")
     # patients can be relabelled without new vectors; identity and content vectors calibrate apart
-    fingerprint = (f"{row[0]}:{row[1]}" if row else "") + ("" if source == "content" else f":{source}")
+    fingerprint = f"{n_studies}:{pair_hash}" + ("" if source == "content" else f":{source}")
     if not refit:
         a, b = cal.load(catalog, PAIR_CAL, gen), cal.load(catalog, PATIENT_CAL, gen)
         if a is not None and b is not None and a.extra.get("fingerprint") == b.extra.get("fingerprint") == fingerprint:
@@ -272,8 +269,7 @@ def resolve_study(catalog: Catalog, study: int | str) -> int:
     text = str(study)
     key = catalog.study_key(text)
     if key is None and text.isdigit():
-        row = catalog.one("SELECT study_key FROM studies WHERE study_key = ?", [int(text)])
-        key = int(row[0]) if row else None
+        key = int(text) if catalog.has_study_key(int(text)) else None
     if key is None:
         raise QueryError(f"unknown study {text!r} (give a Study Instance UID or study key)")
     return key

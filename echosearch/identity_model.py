@@ -9,6 +9,9 @@ Two kinds, both loadable offline:
   itself, indexing reuses the content encoder's frame vectors and only the head runs.
 - **tower**: any model name / ``local-dir:DIR`` (e.g. ``echo-clip-r``): its image tower's video vector is the
   identity vector. It sees the frames the content encoder prepared (resized to its own input size).
+- **tower-tail**: a folder written by ``echosearch train-identity --train-stages K``: the base tower's early
+  stages (shared with the content encoder when it is the same model), a fine-tuned copy of its last K stages
+  and a head (:mod:`echosearch.identity_tower`).
 
 A study's identity vector is the mean of its videos', re-normalised, as for the content vectors.
 """
@@ -25,12 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from echosearch.catalog import Catalog, identity_table_sql
+from echosearch.catalog import Catalog
 from echosearch.errors import ModelLoadError, ModelMismatchError
 from echosearch.models import weights_sha256
 
 if TYPE_CHECKING:
     from echosearch.encode import Encoder
+    from echosearch.identity_tower import TailRunner
+    from echosearch.prepare import FramePolicy
 
 HEAD_CONFIG = "identity_head.json"
 HEAD_WEIGHTS = "identity_head.safetensors"
@@ -101,12 +106,14 @@ def save_head(folder: Path, head: IdentityHead, tower: dict[str, Any], training:
 
 
 def load_head(folder: Path) -> tuple[IdentityHead, dict[str, Any]]:
-    """(head in eval mode, its config) from a head folder."""
+    """(head in eval mode, its config) from a head folder (or the head of an identity tower folder)."""
     from safetensors.torch import load_file
+
+    from echosearch.identity_tower import TOWER_FORMAT
 
     try:
         cfg = json.loads((folder / HEAD_CONFIG).read_text())
-        if cfg.get("format") != HEAD_FORMAT:
+        if cfg.get("format") not in (HEAD_FORMAT, TOWER_FORMAT):
             raise ModelLoadError(f"{folder / HEAD_CONFIG} is not an echosearch identity head")
         head = IdentityHead(**cfg["head"])
         head.load_state_dict(load_file(str(folder / HEAD_WEIGHTS)))
@@ -119,28 +126,36 @@ class IdentityEncoder:
     """Identity vectors of videos from their prepared frames (or the content encoder's frame vectors)."""
 
     def __init__(self, name: str, source: str, kind: str, head: IdentityHead | None, tower: Encoder | None,
-                 tower_info: dict[str, Any], weights: str | None, embed_dim: int) -> None:
+                 tower_info: dict[str, Any], weights: str | None, embed_dim: int, tail: TailRunner | None = None,
+                 policy: FramePolicy | None = None) -> None:
         self.name, self.source, self.kind = name, source, kind
         self.head, self.tower, self.tower_info = head, tower, tower_info
         self.weights, self.embed_dim = weights, embed_dim
+        self.tail = tail  # tower-tail: frame vectors from shared early stages + fine-tuned last stages
+        self.policy = policy  # the content encoder's frame policy (what backfilling decodes with)
 
     @property
     def shares_content_tower(self) -> bool:
-        return self.tower is None
+        """The identity vectors are a function of the content encoder's frame vectors alone."""
+        return self.tower is None and self.tail is None
 
     @property
     def manifest(self) -> dict[str, Any]:
         """What the index records beside the content model (``identity_model``)."""
         return {"name": self.name, "source": self.source, "kind": self.kind, "weights_sha256": self.weights,
                 "embed_dim": self.embed_dim, "tower": self.tower_info,
-                "shares_content_tower": self.shares_content_tower}
+                "shares_content_tower": self.shares_content_tower,
+                **({"shared_stages": self.tail.tail.split, "shares_early_stages": self.tail.shared}
+                   if self.tail is not None else {})}
 
     def tower_video_vectors(self, frames: Sequence[np.ndarray], content_frame_vecs: Sequence[np.ndarray]
                             ) -> np.ndarray:
         """(n_videos, tower dim) video vectors of the tower: mean of frame vectors, L2-normalised."""
         from echosearch.encode import l2_normalise
 
-        if self.tower is None:
+        if self.tail is not None:
+            per_video = self.tail.frame_vectors(frames)
+        elif self.tower is None:
             per_video = list(content_frame_vecs)
         else:
             allv = self.tower.encode_frames(np.concatenate(list(frames)))
@@ -164,6 +179,8 @@ class IdentityEncoder:
     def tower_frame_vectors(self, frames: Sequence[np.ndarray], content_frame_vecs: Sequence[np.ndarray]
                             ) -> list[np.ndarray]:
         """The tower's frame vectors of each video (the content encoder's when the tower is shared)."""
+        if self.tail is not None:
+            return self.tail.frame_vectors(frames)
         if self.tower is None:
             return [np.asarray(v, np.float32) for v in content_frame_vecs]
         allv = self.tower.encode_frames(np.concatenate(list(frames)))
@@ -184,6 +201,10 @@ def load_identity_encoder(spec: str, content: Encoder, device: str = "auto") -> 
     folder = head_folder(spec)
     if folder is not None:
         head, cfg = load_head(folder)
+        if "tail" in cfg:
+            from echosearch.identity_tower import load_tower_encoder
+
+            return load_tower_encoder(folder, cfg, head, content, device)
         tower_info = dict(cfg.get("tower") or {})
         tower: Encoder | None = None
         if tower_info.get("weights_sha256") != content_sha:
@@ -197,45 +218,55 @@ def load_identity_encoder(spec: str, content: Encoder, device: str = "auto") -> 
         if head.in_dim != int(tower_info.get("embed_dim", head.in_dim)):
             raise ModelLoadError(f"the identity head {folder} expects {head.in_dim}-d tower vectors")
         return IdentityEncoder(str(cfg.get("name") or folder.name), str(folder.resolve()), "head", head, tower,
-                               tower_info, weights_sha256(folder / HEAD_WEIGHTS), head.out_dim)
+                               tower_info, weights_sha256(folder / HEAD_WEIGHTS), head.out_dim, policy=content.policy)
     enc = load_encoder(spec, device=device, frames_per_video=content.policy.n_frames, policy="auto")
     ident = enc.identity
     info = {"model": spec, "name": ident["name"], "weights_sha256": ident["weights_sha256"],
             "embed_dim": ident["embed_dim"]}
     shared = ident["weights_sha256"] == content_sha
     return IdentityEncoder(ident["name"], spec, "tower", None, None if shared else enc, info,
-                           ident["weights_sha256"], int(ident["embed_dim"]))
+                           ident["weights_sha256"], int(ident["embed_dim"]), policy=content.policy)
 
 
-def backfill_identity(catalog: Catalog, enc: IdentityEncoder) -> int:
-    """Identity vectors for an index whose videos were encoded without them, from its stored content vectors,
-    with no decoding: for a head on the index's own content tower (a ``frame`` head needs the index's frame
-    vectors, ``keep_frame_embeddings``). Binds the identity model, stores video and study identity vectors and
-    builds their vector indexes. Returns the number of videos."""
+def backfill_identity(catalog: Catalog, enc: IdentityEncoder, workers: int = 1) -> int:
+    """Identity vectors for an index whose videos were encoded without them. A head on the index's own content
+    tower needs no decoding: it maps the stored content vectors (a ``frame`` head needs the index's frame
+    vectors, ``keep_frame_embeddings``); any other identity encoder (an identity tower, another model) decodes
+    the videos again with the index's frame policy (``workers`` processes). Binds the identity model, stores
+    video and study identity vectors and builds their vector indexes. Returns the number of videos."""
     from echosearch.encode import l2_normalise
     from echosearch.errors import ConfigError
     from echosearch.pipeline import pool_identity
     from echosearch.vectorindex import IDENTITY_LEVELS, build_index
 
-    if enc.kind != "head" or enc.head is None or not enc.shares_content_tower:
-        raise ConfigError(f"{enc.name} cannot be filled in from stored vectors: only a head trained on this "
-                          "index's content model can; index into a new folder instead")
     stored = catalog.get_manifest("identity_model")
     if stored is not None:
         catalog.bind_identity(enc.manifest)  # the same model: nothing to do; another: refused
         return 0
+    if enc.head is None and enc.shares_content_tower:
+        raise ConfigError(f"{enc.name} is the content model itself: identity already uses the content vectors")
     ids, vecs = catalog.embeddings("video")
-    if enc.head.pool == "frame":
+    if enc.head is None or not enc.shares_content_tower:
+        from echosearch.frame_policy import preprocessing_mismatch
+        from echosearch.prepare import policy_manifest
+
+        stored_pp = {k: v for k, v in ((catalog.get_manifest("model") or {}).get("preprocessing") or {}).items()
+                     if k not in ("mean", "std")}
+        if enc.policy is None or preprocessing_mismatch(stored_pp, policy_manifest(enc.policy)):
+            raise ConfigError(f"{enc.name} was not loaded with this index's frame policy: load it on "
+                              "encoder_for_index(catalog) to fill its vectors in")
+        ids, z = _decoded_identity(catalog, enc, [int(k) for k in ids], workers)
+    elif enc.head.pool == "frame":
         frames = catalog.frame_embeddings([int(k) for k in ids])
         if len(frames) < len(ids):
             raise ConfigError("a frame-pooling identity head needs the index's frame vectors (keep_frame_embeddings)")
         z = np.stack([enc.apply_frames(frames[int(k)]) for k in ids]) if len(ids) else np.zeros((0, enc.embed_dim))
     else:
         z = enc.apply_head(l2_normalise(vecs)) if len(ids) else np.zeros((0, enc.embed_dim), np.float32)
-    owner = dict(catalog.con.sql("SELECT video_key, study_key FROM videos").fetchall())
-    counts = dict(catalog.con.sql("SELECT video_key, n_frames_used FROM video_embeddings").fetchall())
+    owner = catalog.study_key_of_videos()
+    counts = catalog.video_frame_counts()
     with catalog.transaction():
-        catalog.con.execute(identity_table_sql(enc.embed_dim))
+        catalog.create_identity_tables(enc.embed_dim)
         catalog.set_manifest("identity_model", enc.manifest)
         catalog.store_identity_embeddings("video_identity", [int(k) for k in ids], np.asarray(z, np.float32),
                                           [int(counts.get(int(k)) or 0) for k in ids])
@@ -243,3 +274,38 @@ def backfill_identity(catalog: Catalog, enc: IdentityEncoder) -> int:
     for level in IDENTITY_LEVELS:
         build_index(catalog, level)
     return int(len(ids))
+
+
+def _decoded_identity(catalog: Catalog, enc: IdentityEncoder, keys: list[int], workers: int = 1
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(video keys, identity vectors) of ``keys`` decoded again from their files (videos that no longer decode
+    are left out, with a warning), a few videos per forward pass as indexing batches them."""
+    import logging
+
+    from echosearch.discover import FileRecord
+    from echosearch.ingest import FailedFile, iter_processed
+
+    assert enc.policy is not None
+    rows = {int(r[0]): r for r in catalog.encoded_video_files() if int(r[0]) in set(keys)}
+    where = catalog.locations(sorted(rows))
+    by_sha = {r[1]: k for k, r in rows.items()}
+    records = [FileRecord(path=where[k], size=int(r[3]), sha256=r[1], kind=r[2]) for k, r in sorted(rows.items())]
+    got: dict[int, np.ndarray] = {}
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        if pending:
+            vecs = enc.video_vectors([f for _, f in pending], [np.zeros((len(f), 0), np.float32) for _, f in pending])
+            got.update({k: v for (k, _), v in zip(pending, vecs, strict=True)})
+            pending.clear()
+
+    for item in iter_processed(records, enc.policy, workers):
+        if isinstance(item, FailedFile):
+            logging.getLogger(__name__).warning("skipping a video that no longer decodes: %s", item.reason)
+            continue
+        pending.append((by_sha[item.record.sha256], item.frames))
+        if sum(len(f) for _, f in pending) >= 64:
+            flush()
+    flush()
+    ids = np.array(sorted(got), np.int64)
+    return ids, (np.stack([got[int(k)] for k in ids]) if len(ids) else np.zeros((0, enc.embed_dim), np.float32))

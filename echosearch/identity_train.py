@@ -58,6 +58,10 @@ class IdentityTrainConfig:
     holdout: float = 0.25  # share of patients (with 2+ studies) held out
     clean: bool = True  # second pass without the studies the audit suspects
     clean_fpr: float = 0.02
+    train_stages: int = 0  # > 0: fine-tune a copy of the tower's last K stages too (echosearch.identity_tower_train)
+    tail_lr: float = 3e-4  # learning rate of the copied stages
+    aug_copies: int = 2  # cached versions of each clip: plain + augmented copies (tower training)
+    frames_per_step: int = 4  # frames of each video per training step (tower training)
     workers: int = 1
     device: str = "cpu"
 
@@ -97,9 +101,7 @@ def tower_features(index_dir: Path, init: str | None = None, *, device: str = "c
     with Catalog.open(index_dir, read_only=True) as cat:
         content = encoder_for_index(cat, device=device)
         source = str(cat.get_manifest("model_source") or content.name)
-        rows = cat.con.sql(
-            "SELECT v.video_key, v.sha256, v.kind, v.size_bytes, v.study_key, s.patient_key FROM videos v "
-            "JOIN studies s USING (study_key) WHERE v.encoded_at IS NOT NULL ORDER BY v.video_key").fetchall()
+        rows = cat.encoded_video_files()
         stored = cat.frame_embeddings([int(r[0]) for r in rows]) if init is None else None
         where = cat.locations([int(r[0]) for r in rows]) if not stored or len(stored) < len(rows) else {}
     if not rows:
@@ -266,8 +268,20 @@ def _fit(data: _Data, feats: Features, train_rows: np.ndarray, hold_rows: np.nda
     return head
 
 
+def heldout_content_auc(index_dir: Path, study_keys: np.ndarray, study_patient: np.ndarray, hold_rows: np.ndarray
+                        ) -> float | None:
+    """Study-pair AUC of the index's content vectors on the held-out studies (the baseline on the same pairs)."""
+    if not hold_rows.size:
+        return None
+    with Catalog.open(index_dir, read_only=True) as cat:
+        ids, vecs = cat.embeddings("study", study_keys[hold_rows].tolist())
+    if not np.array_equal(ids, study_keys[hold_rows]):
+        return None
+    return pair_auc(vecs / np.linalg.norm(vecs, axis=1, keepdims=True), study_patient[hold_rows])
+
+
 def train_identity(index_dir: Path, out_dir: Path, config: IdentityTrainConfig | None = None,
-                   progress: Progress | None = None, features: Features | None = None,
+                   progress: Progress | None = None, features: Any = None,
                    provenance: dict[str, Any] | None = None) -> IdentityTrainResult:
     """Train an identity head on the index's recorded patients and save it to ``out_dir`` (a folder the
     ``identity_model`` setting accepts). ``features`` skips the decoding (e.g. a second run on the same index);
@@ -275,6 +289,13 @@ def train_identity(index_dir: Path, out_dir: Path, config: IdentityTrainConfig |
     from echosearch.identity import StudySet, score_studies
 
     cfg = config or IdentityTrainConfig()
+    if cfg.train_stages > 0:
+        from echosearch.identity_tower_train import TowerFeatures, train_tower
+
+        if features is not None and not isinstance(features, TowerFeatures):
+            raise EchosearchError("tower training needs cached split activations (tower_activations)")
+        return train_tower(index_dir, Path(out_dir), cfg, IdentityTrainResult(out_dir=Path(out_dir)), progress,
+                           features, provenance)
     t0 = time.perf_counter()
     feats = features or tower_features(index_dir, cfg.init, device=cfg.device, workers=cfg.workers,
                                        progress=progress)
@@ -283,12 +304,7 @@ def train_identity(index_dir: Path, out_dir: Path, config: IdentityTrainConfig |
     train_rows, hold_rows = np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
     if train_rows.size == 0 or np.unique(feats.study_patient[train_rows], return_counts=True)[1].max() < 2:
         raise EchosearchError("no patient with two or more studies to train on")
-    content_auc = None
-    if hold_rows.size:
-        with Catalog.open(index_dir, read_only=True) as cat:
-            ids, vecs = cat.embeddings("study", feats.study_keys[hold_rows].tolist())
-        if np.array_equal(ids, feats.study_keys[hold_rows]):
-            content_auc = pair_auc(vecs / np.linalg.norm(vecs, axis=1, keepdims=True), feats.study_patient[hold_rows])
+    content_auc = heldout_content_auc(index_dir, feats.study_keys, feats.study_patient, hold_rows)
     data = _Data(feats)
     result = IdentityTrainResult(out_dir=Path(out_dir), content_auc=content_auc,
                                  n_holdout_studies=int(hold_rows.size), n_holdout_patients=int(held.size))

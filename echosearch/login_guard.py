@@ -6,7 +6,7 @@ failures on, the key is locked for ``lock_s`` after the latest one, doubling wit
 to ``max_lock_s`` (not above ``window_s``, so waiting out a lock does not reset the count). A locked attempt
 is refused without looking at the password; a success clears that name's count. The state is a function of
 the failure and success times alone, so :meth:`LoginGuard.replay` rebuilds it from the access log after a
-restart (``app_api.login_guard``).
+restart (``appcore.auth.login_guard``).
 """
 
 from __future__ import annotations

@@ -19,34 +19,12 @@ import polars as pl
 from echosearch.catalog import Catalog
 from echosearch.errors import ModelMismatchError, QueryError
 from echosearch.filters import Filters, resolve_ids
+from echosearch.run.single import embed_file
 from echosearch.vectorindex import LEVELS, VectorIndex, build_all, catalog_count, load_index, normalise
 
 RESULT_COLUMNS = ("rank", "score", "video_key", "study_key", "study_uid", "patient_pseudonym", "study_date", "view",
                   "manufacturer", "path", "pred_ef")
 REPORT_COLUMNS = ("rank", "score", "study_key", "study_uid", "patient_pseudonym", "study_date", "report_text")
-
-_VIDEO_META = """
-SELECT v.video_key, v.study_key, s.study_uid, p.patient_pseudonym, s.study_date, v.view, v.manufacturer, v.path,
-       coalesce(vp.value, sp.value) AS pred_ef
-FROM videos v JOIN studies s ON s.study_key = v.study_key JOIN patients p ON p.patient_key = s.patient_key
-LEFT JOIN predictions vp ON vp.level = 'video' AND vp.task = 'ef' AND vp.key = v.video_key
-LEFT JOIN predictions sp ON sp.level = 'study' AND sp.task = 'ef' AND sp.key = v.study_key
-WHERE v.video_key IN (SELECT unnest(?::BIGINT[]))
-"""
-_STUDY_META = """
-SELECT NULL::BIGINT AS video_key, s.study_key, any_value(s.study_uid) AS study_uid,
-       any_value(p.patient_pseudonym) AS patient_pseudonym, any_value(s.study_date) AS study_date,
-       string_agg(DISTINCT v.view, ',' ORDER BY v.view) AS view, min(v.manufacturer) AS manufacturer,
-       NULL::VARCHAR AS path, coalesce(any_value(sp.value), avg(vp.value)) AS pred_ef,
-       any_value(r.text) AS report_text
-FROM studies s JOIN patients p ON p.patient_key = s.patient_key
-LEFT JOIN videos v ON v.study_key = s.study_key
-LEFT JOIN reports r ON r.study_key = s.study_key
-LEFT JOIN predictions sp ON sp.level = 'study' AND sp.task = 'ef' AND sp.key = s.study_key
-LEFT JOIN predictions vp ON vp.level = 'video' AND vp.task = 'ef' AND vp.key = v.video_key
-WHERE s.study_key IN (SELECT unnest(?::BIGINT[]))
-GROUP BY s.study_key
-"""
 
 TEXT_CONTEXT = 0.5
 """Default weight of a clip's study vector in a text query's clip scores (docs/search.md, "Study context").
@@ -142,8 +120,7 @@ class Searcher:
     def _study_of(self, video_keys: np.ndarray) -> np.ndarray:
         """Study key of each video key (cached key table)."""
         if self._video_study is None:
-            t = self.catalog.con.sql("SELECT video_key, study_key FROM videos ORDER BY video_key").to_arrow_table()
-            self._video_study = (t.column(0).to_numpy().astype(np.int64), t.column(1).to_numpy().astype(np.int64))
+            self._video_study = self.catalog.video_study_keys()
         keys, studies = self._video_study
         pos = np.clip(np.searchsorted(keys, video_keys), 0, max(len(keys) - 1, 0))
         return studies[pos] if len(keys) else np.zeros(len(video_keys), np.int64)
@@ -292,9 +269,7 @@ class Searcher:
         key = "video_key" if level == "video" else "study_key"
         hits = pl.DataFrame({"rank": np.arange(1, len(ids) + 1, dtype=np.int32), "score": scores.astype(np.float64),
                              key: ids.astype(np.int64)})
-        sql = _VIDEO_META if level == "video" else _STUDY_META
-        meta = self.catalog.con.sql(sql, params=[[int(i) for i in ids]]).pl()
-        meta = meta.with_columns(pl.col("video_key").cast(pl.Int64), pl.col("study_key").cast(pl.Int64))
+        meta = self.catalog.hit_rows(level, [int(i) for i in ids])
         out = hits.join(meta, on=key, how="left").sort("rank")
         cols = REPORT_COLUMNS if level == "report" else RESULT_COLUMNS
         out = out.select([c for c in cols if c in out.columns])
@@ -323,9 +298,8 @@ class Searcher:
         return self._search(vec, k, level, filters, collapse_study=collapse_study, context=context)
 
     def embed_file(self, path: Path | str) -> np.ndarray:
-        """The video vector of a DICOM/AVI/MP4 file, prepared and encoded as the index's videos were."""
-        from echosearch.pipeline import embed_file
-
+        """The video vector of a DICOM/AVI/MP4 file, read and encoded by the indexing stages as the index's
+        videos were."""
         if not Path(path).is_file():
             raise QueryError(f"no such file: {path}")
         video_vec, _frames = embed_file(Path(path), self.encoder())

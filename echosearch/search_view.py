@@ -71,7 +71,7 @@ def scope_warning(scope: ClipScope) -> str:
 
 
 def trusted_search(searcher: Any, req: Any, n_reports: int = 3) -> SearchOutcome:
-    """Run an app :class:`~echosearch.app_api.SearchRequest` with scope, confidence and reading labels.
+    """Run an app :class:`~echosearch.appcore.search.SearchRequest` with scope, confidence and reading labels.
 
     Raises QueryError for an empty text, an unknown clip or study, or a bad filter."""
     from echosearch.query import TEXT_CONTEXT

@@ -114,11 +114,7 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
     from echosearch.frame_policy import resolve_frame_policy
     from echosearch.ingest import FailedFile, iter_processed
 
-    rows = cat.con.sql(
-        "SELECT v.video_key, v.path, v.kind, v.sha256, v.size_bytes, r.text, s.patient_key, v.view, s.study_key "
-        "FROM videos v "
-        "JOIN studies s USING (study_key) JOIN reports r USING (study_key) ORDER BY v.video_key"
-    ).fetchall()
+    rows = cat.videos_with_reports()
     if not rows:
         raise EchosearchError(f"index {cat.index_dir} has no videos with reports: nothing to train on")
     # the policy the trained model's hints declare ("sector", written with the weights below)

@@ -434,11 +434,7 @@ def _latency_p50(vi: VectorIndex, rows: VectorRows, seed: int, n: int = 30) -> f
 # ---- catalog-facing API ------------------------------------------------------------------------------
 def catalog_count(catalog: Any, level: str) -> int:
     """Rows in the level's embedding table (0 when no model is bound yet)."""
-    table = _TABLES[level][0]
-    if not catalog.has_table(table):
-        return 0
-    rows = catalog.con.execute(f"SELECT count(*) FROM {table}").fetchall()  # fetchall: no dangling result
-    return int(rows[0][0]) if rows else 0
+    return int(catalog.row_count(_TABLES[level][0]))
 
 
 def build_index(catalog: Any, level: str, *, target_recall: float = 0.95, latency_ms: float = 10.0,

@@ -78,14 +78,9 @@ class CatalogRows(VectorRows):
     per vector, are held throughout)."""
 
     def __init__(self, catalog: Any, level: str, chunk_rows: int = 65_536) -> None:
-        table, key = LEVEL_TABLES[level]
         self.catalog, self.level, self.chunk_rows = catalog, level, max(1, int(chunk_rows))
         self.d = int(catalog.level_dim(level) or 1)
-        if not catalog.has_table(table):
-            self.ids = np.zeros(0, np.int64)
-            return
-        arrow = catalog.con.sql(f"SELECT {key} FROM {table} ORDER BY {key}").to_arrow_table()
-        self.ids = arrow.column(0).to_numpy().astype(np.int64)
+        self.ids = np.asarray(catalog.embedding_keys(level), np.int64)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         want = self.ids[np.asarray(rows, dtype=np.int64)]

@@ -17,7 +17,9 @@ import polars as pl
 import pytest
 from conftest import REAL_DICOM
 
-from echosearch import app_api
+from echosearch.appcore import auth
+from echosearch.appcore.data import SERVER_ENV, LocalAppIndex
+from echosearch.appcore.launch import INDEX_ENV
 from echosearch.catalog import Catalog
 from echosearch.errors import ConfigError
 
@@ -79,9 +81,10 @@ def loopback() -> Iterator[None]:
 @pytest.fixture
 def app_env(index_dir: Path, monkeypatch: pytest.MonkeyPatch, loopback: None) -> Path:
     """Environment of an AppTest run: the index, loopback address, no login configured."""
-    monkeypatch.setenv(app_api.INDEX_ENV, str(index_dir))
-    monkeypatch.delenv(app_api.PASSWORD_ENV, raising=False)
-    monkeypatch.setenv(app_api.USER_ENV, "tester")
+    monkeypatch.setenv(INDEX_ENV, str(index_dir))
+    monkeypatch.delenv(auth.PASSWORD_ENV, raising=False)
+    monkeypatch.delenv(SERVER_ENV, raising=False)  # the catalog opened in the test process
+    monkeypatch.setenv(auth.USER_ENV, "tester")
     return index_dir
 
 
@@ -203,7 +206,7 @@ def test_a_link_to_an_unknown_patient_shows_no_patient_and_logs_nothing(app_env:
         "No such patient in this index: the link names a patient pseudonym that this index does not hold."]
     assert not at.selectbox and not at.get("vega_lite_chart") and not at.subheader  # type: ignore[attr-defined]
     assert log_rows(app_env, "view_patient").height == before
-    known = app_api.AppIndex(app_env).patients()["patient_pseudonym"].to_list()[-1]
+    known = LocalAppIndex(app_env).patients()["patient_pseudonym"].to_list()[-1]
     at = open_patient_link(known)  # a link to a patient the index holds opens that patient
     ok(at)
     assert at.selectbox[0].value == known  # type: ignore[attr-defined]
@@ -223,7 +226,7 @@ def test_audit_decision_persists(app_env: Path, media_added: list[str]) -> None:
         ok(at)
     rank = next(sb for sb in at.selectbox if sb.label == "Review suspect").value
     assert clips(at) and not media_added, "the suspect's clips are shown inline"
-    suspects = app_api.AppIndex(app_env).audit_results(suspects_only=False)
+    suspects = LocalAppIndex(app_env).audit_results(suspects_only=False)
     study_key = int(suspects.filter(pl.col("rank") == rank)["study_key"][0])
     save = next(b for b in at.button if b.label == "Save decision")
     assert at.radio[0].value is None and save.disabled, "no decision is preselected; Save waits for a choice"
@@ -245,7 +248,7 @@ def test_audit_decision_persists(app_env: Path, media_added: list[str]) -> None:
 
 
 def test_password_login_is_required_when_configured(app_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(app_api.PASSWORD_ENV, "correct horse battery staple")
+    monkeypatch.setenv(auth.PASSWORD_ENV, "correct horse battery staple")
     at = new_app().run()
     assert not at.get("tabs") and at.form, "only the login form before signing in"
     at.text_input[0].input("dr who")
@@ -262,8 +265,8 @@ def test_password_login_is_required_when_configured(app_env: Path, monkeypatch: 
 def test_password_login_locks_after_repeated_failures(tmp_path_factory: pytest.TempPathFactory,
                                                       monkeypatch: pytest.MonkeyPatch, loopback: None) -> None:
     index = index_copy(tmp_path_factory, "login-lock")  # its own throttle (one per index and process)
-    monkeypatch.setenv(app_api.INDEX_ENV, str(index))
-    monkeypatch.setenv(app_api.PASSWORD_ENV, "correct horse battery staple")
+    monkeypatch.setenv(INDEX_ENV, str(index))
+    monkeypatch.setenv(auth.PASSWORD_ENV, "correct horse battery staple")
     at = new_app().run()
     at.text_input[0].input("mallory")
     for i in range(6):
@@ -278,7 +281,7 @@ def test_password_login_locks_after_repeated_failures(tmp_path_factory: pytest.T
     assert log_rows(index, "login_failed").height == 5 and log_rows(index, "login").height == 0
     assert log_rows(index, "login_locked").height == 2, "every refusal is logged"
     # a restarted server rebuilds the lock from the access log
-    wait = app_api.login_guard(app_api.AppIndex(index)).retry_after("mallory")
+    wait = auth.login_guard(LocalAppIndex(index)).retry_after("mallory")
     assert 0 < wait <= 60
 
 
@@ -293,8 +296,8 @@ def test_app_refuses_a_network_address_without_login(app_env: Path) -> None:
 
 # ---- data access -----------------------------------------------------------------------------------------
 def test_one_process_reads_and_writes_concurrently(index_dir: Path) -> None:
-    app = app_api.AppIndex(index_dir)  # a second AppIndex in this process shares the DuckDB instance
-    before = app.sql("SELECT count(*) AS n FROM access_log")["n"][0]
+    app = LocalAppIndex(index_dir)  # a second index in this process shares the DuckDB instance
+    before = app.access_log(10**6).height
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
@@ -311,7 +314,7 @@ def test_one_process_reads_and_writes_concurrently(index_dir: Path) -> None:
     for t in threads:
         t.join()
     assert not errors
-    assert app.sql("SELECT count(*) AS n FROM access_log")["n"][0] == before + 40
+    assert app.access_log(10**6).height == before + 40
     with pytest.raises(Exception, match="decision"):
         app.record_decision(1, "maybe", "tester")
 
@@ -333,20 +336,21 @@ def test_previews_are_cached_atomically_with_a_gif_fallback(index_dir: Path, mon
 
 # ---- serve and safety ------------------------------------------------------------------------------------
 def test_loopback_and_auth_rules(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert app_api.is_loopback("127.0.0.1") and app_api.is_loopback("::1") and app_api.is_loopback("localhost")
-    assert not app_api.is_loopback("0.0.0.0") and not app_api.is_loopback("10.1.2.3")
+    assert auth.is_loopback("127.0.0.1") and auth.is_loopback("::1") and auth.is_loopback("localhost")
+    assert not auth.is_loopback("0.0.0.0") and not auth.is_loopback("10.1.2.3")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv(app_api.PASSWORD_ENV, raising=False)
-    assert app_api.check_serve_safety("127.0.0.1") == "none"
+    monkeypatch.delenv(auth.PASSWORD_ENV, raising=False)
+    monkeypatch.delenv(SERVER_ENV, raising=False)  # the catalog opened in the test process
+    assert auth.check_serve_safety("127.0.0.1") == "none"
     with pytest.raises(ConfigError, match="without authentication"):
-        app_api.check_serve_safety("0.0.0.0")
-    monkeypatch.setenv(app_api.PASSWORD_ENV, "s3cret-s3cret")
-    assert app_api.check_serve_safety("0.0.0.0") == "password"
-    assert app_api.check_password("s3cret-s3cret") and not app_api.check_password("s3cret")
+        auth.check_serve_safety("0.0.0.0")
+    monkeypatch.setenv(auth.PASSWORD_ENV, "s3cret-s3cret")
+    assert auth.check_serve_safety("0.0.0.0") == "password"
+    assert auth.check_password("s3cret-s3cret") and not auth.check_password("s3cret")
     (tmp_path / ".streamlit").mkdir()
     (tmp_path / ".streamlit" / "secrets.toml").write_text('[auth]\nredirect_uri = "x"\n')
-    assert app_api.auth_mode() == "oidc"
+    assert auth.auth_mode() == "oidc"
 
 
 def test_serve_command(index_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -355,11 +359,13 @@ def test_serve_command(index_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_pat
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv(app_api.PASSWORD_ENV, raising=False)
+    monkeypatch.delenv(auth.PASSWORD_ENV, raising=False)
+    monkeypatch.delenv(SERVER_ENV, raising=False)  # the catalog opened in the test process
     assert main(["serve", "--index", str(index_dir), "--port", "8599", "--dry-run"]) == 0
-    cmd = capsys.readouterr().out
+    server, cmd = capsys.readouterr().out.splitlines()
     assert "--server.address 127.0.0.1" in cmd and "--server.headless true" in cmd
     assert f"-- --index {index_dir.resolve()}" in cmd and str(MAIN) in cmd
+    assert server.startswith("server: ") and f"server --index {index_dir.resolve()} --host 127.0.0.1 --port 0" in server
     assert main(["serve", "--index", str(index_dir), "--host", "0.0.0.0", "--dry-run"]) == ConfigError.exit_code
     assert "without authentication" in capsys.readouterr().err
     assert main(["serve", "--index", str(tmp_path / "nothing"), "--dry-run"]) == 3
@@ -371,9 +377,10 @@ def test_report_text_is_shown_as_plain_text(tmp_path_factory: pytest.TempPathFac
     payload = "<img src=x onerror=alert(1)> **LV** [see](http://evil.example) :red[alarm]."
     with Catalog.open(index) as cat:
         cat.con.execute("UPDATE reports SET text = ? || ' ' || text", [payload])
-    monkeypatch.setenv(app_api.INDEX_ENV, str(index))
-    monkeypatch.delenv(app_api.PASSWORD_ENV, raising=False)
-    monkeypatch.setenv(app_api.USER_ENV, "tester")
+    monkeypatch.setenv(INDEX_ENV, str(index))
+    monkeypatch.delenv(auth.PASSWORD_ENV, raising=False)
+    monkeypatch.delenv(SERVER_ENV, raising=False)  # the catalog opened in the test process
+    monkeypatch.setenv(auth.USER_ENV, "tester")
     at = new_app().run()
     at.text_input[0].input("SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION.")
     at.form_submit_button[0].click().run()

@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 from test_app import app_env, clips, index_copy, loopback, new_app, ok  # noqa: F401  (fixtures reused)
 
-from echosearch import app_api
+from echosearch.appcore.data import LocalAppIndex
 from echosearch.catalog import Catalog
 
 
@@ -54,14 +54,14 @@ def test_suspects_in_the_order_of_the_probability_shown(app_env: Path) -> None: 
     assert len(p) >= 2 and np.all(np.diff(p[np.isfinite(p)]) >= -1e-12), "listed lowest probability first"
     assert set(table["audit"]) == {"suspect"}
     # the review order is the API's rank, and every suspect of the run is listed
-    res = app_api.AppIndex(app_env).audit_results()
+    res = LocalAppIndex(app_env).audit_results()
     assert res["rank"].to_list() == list(table["#"]) and res["study_key"].n_unique() == len(table)
 
 
 def test_run_date_calibration_and_readable_values(app_env: Path) -> None:  # noqa: F811
     at = _page(app_env)
     text = " ".join(_texts(at))
-    run = app_api.AppIndex(app_env).audit_run()
+    run = LocalAppIndex(app_env).audit_run()
     assert run is not None and run["vectors"] in ("identity", "content") and 0.5 <= run["calibration_auc"] <= 1
     assert f"Latest run: {run['started_at'].strftime('%Y-%m-%d %H:%M')} UTC" in text
     assert f"AUC {run['calibration_auc']:.3f}" in text
@@ -84,7 +84,7 @@ def test_one_similarity_figure_and_both_patients_side_by_side(app_env: Path) -> 
     other = first["similarity to that patient"]
     if other == other:  # a closest other patient exists (not NaN)
         assert f"similarity to this patient {other:.3f}" in captions
-    row = app_api.AppIndex(app_env).audit_results().row(0, named=True)
+    row = LocalAppIndex(app_env).audit_results().row(0, named=True)
     ev = json.loads(row["evidence"])
     n_panels = 1 + bool(ev["own_patient_studies"]) + bool(ev["best_other_studies"])
     assert n_panels == 3 and len(clips(at)) == 3, "this study and both patients' closest studies, as clips"
@@ -102,7 +102,7 @@ def test_audit_run_of_an_older_run_reads_the_stored_calibration(index_dir: Path,
         params.pop("calibration_auc")
         cat.con.execute("UPDATE runs SET params = ? WHERE run_id = ?", [json.dumps(params), run])
         stored = cat.con.sql("SELECT auc FROM calibrations WHERE name = 'identity.study_patient'").fetchall()[0][0]
-    app = app_api.AppIndex(idx)
+    app = LocalAppIndex(idx)
     try:
         info = app.audit_run()
         assert info is not None and info["calibration_auc"] == pytest.approx(stored)

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from echosearch import app_api
+from echosearch.appcore import auth
+from echosearch.appcore.data import SERVER_ENV, LocalAppIndex
+from echosearch.appcore.launch import INDEX_ENV
 from echosearch.change import MIN_PROBABILITY
 
 try:
@@ -40,9 +42,10 @@ def app_env(index_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     old = config.get_option("server.address")
     config.set_option("server.address", "127.0.0.1")
-    monkeypatch.setenv(app_api.INDEX_ENV, str(index_dir))
-    monkeypatch.delenv(app_api.PASSWORD_ENV, raising=False)
-    monkeypatch.setenv(app_api.USER_ENV, "tester")
+    monkeypatch.setenv(INDEX_ENV, str(index_dir))
+    monkeypatch.delenv(auth.PASSWORD_ENV, raising=False)
+    monkeypatch.delenv(SERVER_ENV, raising=False)  # the catalog opened in the test process
+    monkeypatch.setenv(auth.USER_ENV, "tester")
     yield index_dir
     config.set_option("server.address", old)
 
@@ -96,10 +99,9 @@ def test_dates_show_years_and_flag_marks_sit_above_the_flag_level(app_env: Path)
     rule = [layer for layer in change["layer"] if layer.get("mark", {}).get("type") == "rule"
             or layer.get("mark") == "rule"]
     assert rule and rule[0]["encoding"]["y"]["datum"] == MIN_PROBABILITY
-    from echosearch.app_api import AppIndex
 
-    tl = AppIndex(app_env).patient_timeline(int(AppIndex(app_env).patients().filter(
-        AppIndex(app_env).patients()["patient_pseudonym"] == "P1")["patient_key"][0]))
+    tl = LocalAppIndex(app_env).patient_timeline(int(LocalAppIndex(app_env).patients().filter(
+        LocalAppIndex(app_env).patients()["patient_pseudonym"] == "P1")["patient_key"][0]))
     flagged = tl.filter(tl["flagged"].fill_null(False))
     assert flagged.height >= 1 and (flagged["change_prob"] >= MIN_PROBABILITY).all(), "a flag lifts the change line to its level"
 

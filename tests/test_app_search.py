@@ -12,7 +12,9 @@ import pytest
 from conftest import REAL_DICOM
 from test_app import clips, index_copy, log_rows, new_app, ok
 
-from echosearch import app_api
+from echosearch.appcore import auth
+from echosearch.appcore.data import SERVER_ENV
+from echosearch.appcore.launch import INDEX_ENV
 
 THYROID = REAL_DICOM / "Acuson_thyroid_YBR_FULL_RLE.dcm"
 CT = REAL_DICOM / "wrong_CT_small.dcm"
@@ -43,9 +45,10 @@ def loopback() -> Iterator[None]:
 
 @pytest.fixture
 def env(search_index: Path, monkeypatch: pytest.MonkeyPatch, loopback: None) -> Path:
-    monkeypatch.setenv(app_api.INDEX_ENV, str(search_index))
-    monkeypatch.delenv(app_api.PASSWORD_ENV, raising=False)
-    monkeypatch.setenv(app_api.USER_ENV, "tester")
+    monkeypatch.setenv(INDEX_ENV, str(search_index))
+    monkeypatch.delenv(auth.PASSWORD_ENV, raising=False)
+    monkeypatch.delenv(SERVER_ENV, raising=False)  # the catalog opened in the test process
+    monkeypatch.setenv(auth.USER_ENV, "tester")
     return search_index
 
 

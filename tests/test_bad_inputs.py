@@ -24,12 +24,13 @@ from badinputs import (
     write_video,
 )
 
-from echosearch import ingest
 from echosearch.catalog import Catalog
 from echosearch.config import Settings, load_settings
 from echosearch.errors import SomeInputsFailed
-from echosearch.ingest import REPORT_STAGE, scan
 from echosearch.pseudonym import Pseudonymizer
+from echosearch.run import read as ingest
+from echosearch.run.local import scan
+from echosearch.run.records import REPORT_STAGE
 
 WORDS = {  # kind -> words its reason must hold
     "rows_as_string": "Rows", "number_of_frames_abc": "Number of Frames", "transfer_syntax_unknown": "transfer syntax",

@@ -422,7 +422,7 @@ def test_missing_attributes_give_reasons_a_person_can_act_on(
 
 
 def test_unforeseen_exceptions_keep_context_then_detail(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import echosearch.ingest as ingest
+    import echosearch.run.read as ingest
     from echosearch.discover import FileRecord
     from echosearch.prepare import FramePolicy
 

@@ -20,7 +20,7 @@ from echosearch.encode import l2_normalise, load_encoder
 from echosearch.errors import ConfigError, ModelMismatchError
 from echosearch.identity import audit, load_studies, match_patients
 from echosearch.identity_model import IdentityHead, load_identity_encoder, save_head
-from echosearch.pipeline import index_sources
+from echosearch.run.local import index_sources
 from echosearch.vectorindex import load_index
 
 

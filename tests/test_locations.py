@@ -13,8 +13,8 @@ from echosearch.catalog import Catalog
 from echosearch.cli import main
 from echosearch.config import load_settings
 from echosearch.errors import ConfigError
-from echosearch.ingest import scan
 from echosearch.pseudonym import Pseudonymizer
+from echosearch.run.local import scan
 
 SECRET = "test-secret-0123456789abcdef"
 
@@ -43,7 +43,7 @@ def _scan(src: Path, index: Path, **overrides: object) -> None:
 def test_no_identifier_from_a_path_reaches_catalog_or_search_output(
         pacs_export: tuple[Path, pl.DataFrame], random_model_dir: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from echosearch.pipeline import index_sources
+    from echosearch.run.local import index_sources
 
     monkeypatch.setenv("ECHOSEARCH_SECRET", SECRET)
     src, truth = pacs_export
@@ -148,7 +148,7 @@ def test_a_file_gone_before_encoding_is_an_error_row_with_its_sealed_location(
     and the operator can still find which file it was."""
     import shutil
 
-    from echosearch.pipeline import index_sources
+    from echosearch.run.local import index_sources
 
     monkeypatch.setenv("ECHOSEARCH_SECRET", SECRET)
     src = tmp_path / "export"

@@ -16,7 +16,7 @@ from echosearch.config import load_settings
 from echosearch.encode import load_encoder
 from echosearch.errors import ModelMismatchError
 from echosearch.models import write_model_folder
-from echosearch.pipeline import index_sources
+from echosearch.run.local import index_sources
 
 
 def _index(cohort: Path, index_dir: Path, model_dir: Path, **kw: object) -> object:
@@ -98,7 +98,7 @@ def test_kill_9_mid_index_then_rerun_matches_uninterrupted(small_cohort: Path, r
 
 
 def test_embed_file_matches_indexed_vector(small_cohort: Path, random_model_dir: Path, tmp_path: Path) -> None:
-    from echosearch.pipeline import embed_file
+    from echosearch.run.single import embed_file
 
     _index(small_cohort, tmp_path / "idx", random_model_dir)
     enc = load_encoder(f"local-dir:{random_model_dir}", frames_per_video=4)

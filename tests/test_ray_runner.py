@@ -17,9 +17,9 @@ import pytest
 from echosearch.catalog import Catalog
 from echosearch.config import Settings, load_settings
 from echosearch.errors import ConfigError
-from echosearch.pipeline import index_sources
 from echosearch.run.compare import catalog_differences
-from echosearch.run.stages import FAULT_KILL_ONCE
+from echosearch.run.encode import FAULT_KILL_ONCE
+from echosearch.run.local import index_sources
 from echosearch.run.units import SHARD_DIR
 from echosearch.vectorindex import ArrayRows, build_from_rows, build_index, build_vectors
 
@@ -162,6 +162,76 @@ def test_resume_runs_only_units_without_a_finished_shard(ray_index: tuple[Path, 
     assert catalog_differences(local_index, out) == []
 
 
+def test_the_ray_runners_stages_run_in_process_give_the_local_runners_catalog(
+        cohort: Path, local_index: Path, random_model_dir: Path, tmp_path: Path) -> None:
+    """What the Ray runner distributes (read_unit -> encode_unit -> write_shard per unit, then merge), run here
+    without Ray: the local runner's catalog, because both runners only pass the same stages' records along."""
+    from echosearch.discover import load_sidecars
+    from echosearch.run.encode import EncodeStage
+    from echosearch.run.merge import merge_shards, write_sidecars
+    from echosearch.run.read import read_unit
+    from echosearch.run.setup import load_run_encoder, prepare_run
+    from echosearch.run.shards import write_shard
+    from echosearch.run.units import plan_units, shard_path
+
+    settings, out = _settings(random_model_dir), tmp_path / "units"
+    enc = load_run_encoder(settings)
+    with Catalog.open(out, create=True) as cat:
+        setup = prepare_run(cat, settings, enc)
+    meta = {**setup.meta, "run": "r1"}
+    side = load_sidecars([cohort])
+    write_sidecars(out, side, "r1")
+    stage, ctx = EncodeStage.from_spec(setup.encode_spec()), setup.read_context(side)
+    idim = int(meta["identity_model"]["embed_dim"])
+    units = plan_units([cohort], meta["config"], UNIT_FILES)
+    for unit in reversed(units):  # in any order: the merge orders shards by plan position
+        done = stage.encode_unit(read_unit(unit.name, unit.ordinal, unit.items, ctx))
+        write_shard(shard_path(out, unit.name), done, meta, enc.embed_dim, idim)
+    merge_shards(out, settings, encoder=enc)
+    assert catalog_differences(local_index, out) == []
+
+
+def test_local_runner_resumes_a_failed_run_without_duplicates(cohort: Path, local_index: Path, random_model_dir: Path,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encode stage fails on the second batch: the first batch's rows and vectors are committed, nothing of
+    the second; a re-run reads only the files not finished and ends with the uninterrupted run's catalog."""
+    from echosearch.run.encode import EncodeStage
+
+    real, calls = EncodeStage.encode, []
+
+    def fail_second(self: EncodeStage, batch: list) -> list:  # type: ignore[type-arg]
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("encoder failed")
+        return real(self, batch)
+
+    monkeypatch.setattr(EncodeStage, "encode", fail_second)
+    out = tmp_path / "idx"
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        index_sources([cohort], out, _settings(random_model_dir), progress=False)
+    with Catalog.open(out, read_only=True) as cat:
+        assert cat.counts()["videos"] == cat.counts()["video_embeddings"] == calls[0] < 8  # the first batch only
+    monkeypatch.setattr(EncodeStage, "encode", real)
+    again = index_sources([cohort], out, _settings(random_model_dir), progress=False)
+    assert again.videos_encoded == 8 - calls[0]  # only the files not finished were read and encoded again
+    assert again.scan["skipped_known"] == calls[0] + 1  # the finished files and the copy of one of them
+    assert catalog_differences(local_index, out) == []
+
+
+def test_scan_then_index_gives_the_catalog_of_index_alone(cohort: Path, local_index: Path, random_model_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """Rows recorded by ``scan`` keep their keys when ``index`` later reads, encodes and writes their files."""
+    from echosearch.run.local import scan
+
+    out = tmp_path / "idx"
+    with Catalog.open(out, create=True) as cat:
+        scanned = scan([cohort], cat, _settings(random_model_dir), progress=False)
+    assert scanned.videos_added == 8 and scanned.failed == 2
+    summary = index_sources([], out, _settings(random_model_dir), progress=False)  # the scanned files alone
+    assert summary.videos_encoded == 8 and summary.scan["videos_added"] == 0 and summary.failed == 0
+    assert catalog_differences(local_index, out) == []
+
+
 def test_without_ray_the_executor_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from echosearch.cli import main
@@ -239,8 +309,8 @@ def test_shard_round_trip_keeps_rows_vectors_frames_identity_and_failures(tmp_pa
     from datetime import date
 
     from echosearch.catalog import VideoRecord
+    from echosearch.run.records import EncodedClip, FailureRecord, UnitResult
     from echosearch.run.shards import read_shard, shard_meta, shard_rows, write_shard
-    from echosearch.run.stages import EncodedClip, FailureRecord, UnitResult
 
     rng = np.random.default_rng(0)
     recs = [VideoRecord(sha256=f"{i:064x}", path=f"F-{i}.dcm", size_bytes=10 + i, kind="dicom",

@@ -19,8 +19,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from echosearch.catalog import Catalog
 from echosearch.config import Settings, load_settings
 from echosearch.discover import FileRecord, discover, inspect_file
-from echosearch.ingest import FailedFile, PreparedVideo, iter_processed, process_file, scan
 from echosearch.prepare import FramePolicy
+from echosearch.run.local import scan
+from echosearch.run.read import FailedFile, PreparedVideo, process_file
+from echosearch.run.workers import iter_processed
 
 REAL = REAL_DICOM
 N_ULTRASOUND, N_NOT_ULTRASOUND = 9, 4
@@ -284,19 +286,28 @@ def test_scan_synthetic_cohort_identity_and_sidecars(tmp_path: Path, settings: S
 
 @pytest.mark.parametrize("record_batch", [1, 8])
 def test_interrupted_scan_keeps_committed_files_and_resumes(
-    tmp_path: Path, real_dir: Path, settings: Settings, record_batch: int
+    tmp_path: Path, real_dir: Path, settings: Settings, record_batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import echosearch.run.local as local
+
     src = tmp_path / "src"
     src.mkdir()
     for name in SMALL:
         shutil.copy(real_dir / name, src / name)
+    written: list[object] = []
+    real_write = local.write_batch
 
-    def crash_after_two(key: int, prepared: PreparedVideo) -> None:
-        if key == 2:
-            raise KeyboardInterrupt  # stands in for Ctrl-C / kill between two files
+    def crash_after_two(cat: Catalog, batch: list, write: object) -> object:  # type: ignore[type-arg]
+        done = real_write(cat, batch, write)  # type: ignore[arg-type]
+        written.extend(batch)
+        if len(written) >= 2:
+            raise KeyboardInterrupt  # stands in for Ctrl-C / kill after the commit that holds the second file
+        return done
 
+    monkeypatch.setattr(local, "write_batch", crash_after_two)
     with Catalog.open(tmp_path / "idx", create=True) as cat, pytest.raises(KeyboardInterrupt):
-        scan([src], cat, settings, progress=False, on_video=crash_after_two, record_batch=record_batch)
+        scan([src], cat, settings, progress=False, record_batch=record_batch)
+    monkeypatch.undo()
     # one file per commit: the two handed on survived; one commit of all three: every file survived
     committed = 2 if record_batch == 1 else len(SMALL)
     with Catalog.open(tmp_path / "idx") as cat:

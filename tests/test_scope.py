@@ -16,8 +16,8 @@ from echosearch import scope
 from echosearch.catalog import Catalog
 from echosearch.discover import inspect_file
 from echosearch.filters import Filters, resolve_ids
-from echosearch.ingest import process_file
 from echosearch.prepare import FramePolicy
+from echosearch.run.read import process_file
 
 NOT_ECHO = ("Acuson_thyroid_YBR_FULL_RLE.dcm", "Philips_iU22_abdomen_JPEGLS.dcm", "US1_J2KR.dcm")
 ECHO_BMODE = ("SonoSite_echo_A4C_30f_JPEG_small.dcm", "ACUSON_Sequoia_echo_A4C_65f_JPEG.dcm",
@@ -114,7 +114,7 @@ def mixed_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not REAL_DICOM.is_dir():
         pytest.skip(f"real DICOM corpus not found at {REAL_DICOM}")
     from echosearch.config import load_settings
-    from echosearch.pipeline import index_sources
+    from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 
     base = tmp_path_factory.mktemp("scope")

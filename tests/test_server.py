@@ -297,3 +297,141 @@ def test_dicom_receiver_in_the_server_feeds_its_ingest_jobs(cohorts: tuple[Path,
             assert sum(j["summary"]["scan"]["videos_added"] for j in jobs) == len(files)
     finally:
         assert stop(proc) == 0
+
+
+# ---- the app as a client of the server -----------------------------------------------------------------------
+def _app_test(index: Path, url: str, monkeypatch: pytest.MonkeyPatch) -> object:
+    """The app (AppTest, in this process) pointed at the server, on loopback, no login."""
+    from streamlit import config
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ECHOSEARCH_INDEX", str(index))
+    monkeypatch.setenv("ECHOSEARCH_SERVER", url)
+    monkeypatch.setenv("ECHOSEARCH_APP_USER", "dr app")
+    config.set_option("server.address", "127.0.0.1")  # restored by the caller
+    return AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "main.py"), default_timeout=240)
+
+
+def _no_errors(at: object) -> None:
+    assert not at.exception, [e.value for e in at.exception]  # type: ignore[attr-defined]
+    assert not at.error, [e.value for e in at.error]  # type: ignore[attr-defined]
+
+
+def test_the_app_reads_through_the_server_while_it_indexes(cohorts: tuple[Path, Path, Path], index: Path,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The remote AppIndex answers the pages' data calls while an ingest job writes (a direct open would fail on
+    the lock), the search page runs in the app against it, and once the job is done every call returns what the
+    local AppIndex returns on the same catalog after the server has stopped."""
+    from polars.testing import assert_frame_equal
+    from streamlit import config
+
+    from echosearch.appcore.data import LocalAppIndex
+    from echosearch.appcore.remote import RemoteAppIndex
+    from echosearch.appcore.search import SearchRequest
+
+    _, b, _ = cohorts
+    proc, url = start(index, tmp_path / "server.log")
+    old_address = config.get_option("server.address")
+    try:
+        remote = RemoteAppIndex(url, index)
+        with ServerClient(url) as client:
+            job = client.submit_job([b], b / "reports.csv")
+            rounds, counts, during = 0, [], 0
+            while (state := client.job(job["job_id"])["state"]) in ("queued", "running") or rounds == 0:
+                during += state in ("queued", "running")
+                pts = remote.patients()
+                counts.append(pts.height)
+                key = int(pts.filter(pts["n_studies"] > 1)["patient_key"][0])
+                assert remote.patient_timeline(key).height >= 2
+                assert remote.search(SearchRequest("text", k=5, text=QUERY)).hits.height
+                assert remote.filter_options()["views"]
+                rounds += 1
+            assert client.wait_job(job["job_id"])["state"] == "done"
+        assert counts == sorted(counts) and during >= 1, "the pages' calls answered while the job wrote"
+        at = _app_test(index, url, monkeypatch).run()  # type: ignore[attr-defined]
+        _no_errors(at)
+        assert any("through its server" in c.value for c in at.sidebar.caption)
+        at.text_input(key="f_text").input(QUERY)
+        at.form_submit_button[0].click().run()
+        _no_errors(at)
+        assert any("most like" in s.value for s in at.subheader)
+        assert [h for h in at.html if 'src="data:video' in h.value or 'src="data:image' in h.value], "clips via HTTP"
+        assert remote.run_audit() is not None
+        audited = remote.audit_results(suspects_only=False)
+        study = int(audited["study_key"][0])
+        remote.record_decision(study, "dismissed", "dr remote", "checked")
+        remote.log("dr remote", "view_patient", {"patient_key": key})
+        pts = remote.patients()
+        assert pts.height == 6  # cohorts A and B
+        key = int(pts.filter(pts["n_studies"] > 1)["patient_key"][0])
+        req = SearchRequest("text", k=8, text=QUERY, context=0.0)
+        got = {"patients": pts, "timeline": remote.patient_timeline(key), "audit": remote.audit_results(False),
+               "run": remote.audit_run(), "decisions": remote.decisions(study),
+               "videos": remote.study_videos([study]), "info": remote.study_info([study]),
+               "reports": remote.reports([study]), "errors": remote.ingest_errors(),
+               "calibrations": remote.calibrations(), "search": remote.search(req), "form": remote.filter_options(),
+               "clip": remote.clip(int(remote.study_videos([study])["video_key"][0]))}
+        remote.close()
+    finally:
+        config.set_option("server.address", old_address)
+        assert stop(proc) == 0
+    local = LocalAppIndex(index)
+    try:
+        assert_frame_equal(got["patients"], local.patients())
+        assert_frame_equal(got["timeline"], local.patient_timeline(key))
+        assert_frame_equal(got["audit"], local.audit_results(False))
+        assert got["run"] == local.audit_run()
+        assert_frame_equal(got["decisions"], local.decisions(study))
+        assert got["decisions"]["reviewer"].to_list() == ["dr remote"]
+        for name, fn in (("videos", local.study_videos), ("info", local.study_info), ("reports", local.reports)):
+            assert_frame_equal(got[name], fn([study]))
+        assert_frame_equal(got["errors"], local.ingest_errors())
+        assert_frame_equal(got["calibrations"], local.calibrations())
+        form = local.filter_options()
+        assert_frame_equal(got["form"].pop("patients"), form.pop("patients"))
+        assert got["form"] == form
+        mine = local.search(req)
+        assert got["search"].hits["video_key"].to_list() == mine.hits["video_key"].to_list()
+        assert got["search"].hits["score"].to_list() == pytest.approx(mine.hits["score"].to_list(), abs=1e-5)
+        assert got["search"].no_match == mine.no_match
+        assert got["clip"][1].startswith(("video/", "image/")) and got["clip"][0] == local.clip(
+            int(got["videos"]["video_key"][0]))[0]
+        log = local.access_log(10**6)
+        actors = log.filter(log["action"].is_in(["view_patient", "search", "audit_decision"]))
+        assert set(actors["actor"]) <= {"dr app", "dr remote"}, "app reads are logged by the app, for its user"
+        assert log.filter((log["action"] == "view_patient") & (log["actor"] == "dr remote")).height == 1
+    finally:
+        local.close()
+
+
+def test_serve_starts_a_server_and_the_app_and_stops_both(index: Path, tmp_path: Path) -> None:
+    """`echosearch serve` starts `echosearch server` for the index (recorded in server.json) and the app; SIGTERM
+    of `serve` stops both: the server's address file is removed and neither port answers."""
+    import urllib.request
+
+    port = free_port()
+    with (tmp_path / "serve.log").open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "echosearch", "serve", "--index", str(index), "--port",
+                                 str(port)], stdout=out, stderr=subprocess.STDOUT, env=env())
+    app_url = f"http://127.0.0.1:{port}/_stcore/health"
+    try:
+        deadline, record, healthy = time.monotonic() + 180, None, False
+        while not (record and healthy):
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "serve did not bring up the server and the app within 180 s"
+            time.sleep(0.5)
+            record = recorded_server(index)
+            try:
+                with urllib.request.urlopen(app_url, timeout=2) as r:
+                    healthy = r.status == 200
+            except OSError:
+                healthy = False
+        assert record is not None and record["pid"] != proc.pid and record["host"] == "127.0.0.1"
+    finally:
+        code = stop(proc)
+    assert code == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    assert not (index / ADDRESS_FILE).exists() and recorded_server(index) is None
+    with pytest.raises(OSError):
+        urllib.request.urlopen(app_url, timeout=2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(record["pid"]), 0)

@@ -280,10 +280,10 @@ def test_event_rate_gives_enough_positives_and_leaves_the_default_unchanged() ->
 
 
 def test_cli(tmp_path: Path) -> None:
-    from echosearch.cli.synth_cmd import register
+    from echosearch.cli.synth_cmd import synth
 
     app = typer.Typer()
-    register(app)
+    app.command("synth")(synth)
     app.command("noop")(lambda: None)  # a second command keeps `synth` a subcommand
     runner = CliRunner()
     res = runner.invoke(app, ["synth", str(tmp_path / "c"), "--patients", "2", "--visits", "1:2", "--views",

@@ -1,4 +1,4 @@
-"""Decode workers (``ingest.iter_processed``) and multiprocessing's resource tracker die with a killed indexer."""
+"""Decode workers (``run.workers.iter_processed``) and multiprocessing's resource tracker die with a killed indexer."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ SCRIPT = """
 import sys, time
 from pathlib import Path
 from echosearch.discover import FileRecord
-from echosearch.ingest import iter_processed
+from echosearch.run.workers import iter_processed
 from echosearch.prepare import FramePolicy
 
 if __name__ == "__main__":
@@ -98,7 +98,7 @@ WATCHED = """
 import os, sys, time
 if sys.argv[1] == "fallback":
     sys.platform = "other"  # the portable path: a thread polling os.getppid()
-from echosearch.ingest import _die_with_parent
+from echosearch.run.workers import _die_with_parent
 _die_with_parent(int(sys.argv[2]), poll_s=0.05)
 print("armed", flush=True)
 time.sleep(60)

@@ -11,7 +11,7 @@ import polars as pl
 import streamlit as st
 import ui
 
-from echosearch.app_api import TASK_LABELS
+from echosearch.appcore.views import TASK_LABELS
 from echosearch.change import EF_MARGIN, MIN_PROBABILITY
 from echosearch.zeroshot import BINARY_TASKS, recorded_thresholds
 

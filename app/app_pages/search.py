@@ -18,9 +18,11 @@ import polars as pl
 import streamlit as st
 import ui
 
-from echosearch import app_api
+from echosearch.appcore.data import preview_html
+from echosearch.appcore.search import EF_BANDS, SearchRequest, make_filters, sentences
 from echosearch.errors import EchosearchError
 from echosearch.previews import preferred_extension, preview_policy, render_preview
+from echosearch.search_view import READING_LABEL, SearchOutcome, describe_filters, report_ef
 
 EXAMPLE = "SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION."
 DEVICE_LABELS = {"pacer_lead": "pacemaker/ICD lead", "tavr": "TAVR valve", "mitraclip": "MitraClip"}
@@ -58,7 +60,7 @@ if not ss.get("_url_read"):
         ss["f_patient"] = qp["patient"]
     if qp.get("scope") in SCOPE_LABELS:
         ss["f_scope"] = qp["scope"]
-    if qp.get("ef") in app_api.EF_BANDS:
+    if qp.get("ef") in EF_BANDS:
         ss["f_ef"] = qp["ef"]
     if qp.get("level") in LEVEL_LABELS:
         ss["f_level"] = qp["level"]
@@ -85,7 +87,7 @@ with st.sidebar:
                                format_func=lambda p: "any patient" if p == "any" else ui.patient_label(p, raw.get(p)))
     else:
         patient = st.text_input("Patient (pseudonym)", placeholder="P-...", key="f_patient").strip() or "any"
-    ef_band = st.selectbox("Predicted EF", list(app_api.EF_BANDS), key="f_ef")
+    ef_band = st.selectbox("Predicted EF", list(EF_BANDS), key="f_ef")
     devices = st.multiselect("Device present (predicted)", list(DEVICE_LABELS), format_func=lambda v: DEVICE_LABELS[v],
                              key="f_devices")
     makers = st.multiselect("Manufacturer", opts["manufacturers"], key="f_makers") if opts["manufacturers"] else []
@@ -96,7 +98,7 @@ if since == lo and until == hi:
     since = until = None
 patient_value = None if patient == "any" else patient
 try:
-    filters = app_api.make_filters(since=since, until=until, views=views, patient=patient_value, ef_band=ef_band,
+    filters = make_filters(since=since, until=until, views=views, patient=patient_value, ef_band=ef_band,
                                    devices=devices, manufacturers=makers, scope=None if scope == "all" else scope,
                                    modes=modes)
 except EchosearchError as exc:
@@ -105,7 +107,7 @@ except EchosearchError as exc:
 signature = json.dumps({"f": filters.as_dict() if filters else {}, "level": level, "k": k}, default=str, sort_keys=True)
 
 
-def share_url(req: app_api.SearchRequest | None) -> None:
+def share_url(req: SearchRequest | None) -> None:
     """Put the query, filters and patient in the URL (a link restores the page)."""
     params: dict[str, str] = {}
     if req is not None and req.kind == "text" and req.text:
@@ -129,13 +131,13 @@ def share_url(req: app_api.SearchRequest | None) -> None:
     st.query_params.from_dict(params)
 
 
-def run(req: app_api.SearchRequest, query_clip: str | None = None) -> None:
+def run(req: SearchRequest, query_clip: str | None = None) -> None:
     """Run a search under the current filters, keep its outcome in the session and log it. An error or a
     refused upload replaces earlier results: nothing old stays on the page under a new heading."""
     ss.pop("search", None)
     try:
         with st.spinner("Searching ..."):
-            out = app_api.trusted_search(ui.searcher(), req)
+            out = idx.search(req)
     except (EchosearchError, OSError) as exc:
         ss["search_error"] = str(exc)
         share_url(None)
@@ -143,15 +145,15 @@ def run(req: app_api.SearchRequest, query_clip: str | None = None) -> None:
     ss.pop("search_error", None)
     idx.log(ui.actor(), "search", req.log_detail(out.hits.height))
     if req.kind == "file" and out.query_vector is not None:  # later filter changes re-run by the vector
-        req = app_api.SearchRequest("vector", k=req.k, level=req.level, filters=req.filters,
+        req = SearchRequest("vector", k=req.k, level=req.level, filters=req.filters,
                                     vector=out.query_vector, label=req.label)
     ss["search"] = {"label": req.label, "outcome": out, "hits": out.hits, "reports": out.reports, "level": req.level,
                     "query_clip": query_clip, "request": req, "signature": signature}
     share_url(req)
 
 
-def request(**kw: Any) -> app_api.SearchRequest:
-    return app_api.SearchRequest(k=k, level=level, filters=filters, **kw)
+def request(**kw: Any) -> SearchRequest:
+    return SearchRequest(k=k, level=level, filters=filters, **kw)
 
 
 # ---- query -----------------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ with clip_tab:
             try:
                 policy = preview_policy((idx.manifest().get("model") or {}).get("preprocessing"))
                 prev = render_preview(path, Path(tmp) / f"preview{preferred_extension()}", policy)
-                clip = app_api.preview_html(prev)
+                clip = preview_html(prev)
             except Exception:  # no preview is no reason to fail; the search reports unreadable files
                 clip = None
             run(request(kind="file", path=path, label="the uploaded clip"), clip)
@@ -193,8 +195,8 @@ if linked:
 
 res = ss.get("search")
 if res and res.get("signature") != signature:  # the filters changed: re-run, never show stale results
-    old: app_api.SearchRequest = res["request"]
-    run(app_api.SearchRequest(old.kind, k=k, level=level, filters=filters, text=old.text, path=old.path,
+    old: SearchRequest = res["request"]
+    run(SearchRequest(old.kind, k=k, level=level, filters=filters, text=old.text, path=old.path,
                               video_key=old.video_key, study_uid=old.study_uid, label=old.label,
                               context=old.context, vector=old.vector), res.get("query_clip"))
     res = ss.get("search")
@@ -208,9 +210,9 @@ if not res:
             "“More like this” on any result. Filters are in the sidebar.")
     st.stop()
 
-out: app_api.SearchOutcome = res["outcome"]
+out: SearchOutcome = res["outcome"]
 hits: pl.DataFrame = out.hits
-active = app_api.describe_filters(filters)
+active = describe_filters(filters)
 if out.warning:
     st.subheader(f"Not searched: {res['label']} is out of scope")
     st.warning(out.warning)
@@ -241,9 +243,9 @@ with rc:
             st.caption("For reference only: the query found no close match, so this is not a reading.")
         else:
             st.markdown("**Preliminary reading**")
-            st.caption(app_api.READING_LABEL)
+            st.caption(READING_LABEL)
         for r in reports.iter_rows(named=True):  # report text is data: plain text, never markdown or HTML
-            st.text(f"• {' '.join(app_api.sentences(r.get('report_text'), 3))}")
+            st.text(f"• {' '.join(sentences(r.get('report_text'), 3))}")
 if hits.height == 0:
     st.warning("Nothing matches these filters" + (f" ({active})." if active else "."))
     st.stop()
@@ -251,7 +253,7 @@ if hits.height == 0:
 study_keys = hits["study_key"].drop_nulls().to_list()
 vids = idx.study_videos(study_keys)
 own_reports = {r["study_key"]: r["text"] for r in idx.reports(study_keys).iter_rows(named=True)}
-scopes = app_api.clip_scopes(idx, [int(v) for v in hits["video_key"].drop_nulls().to_list()]) \
+scopes = idx.clip_scopes([int(v) for v in hits["video_key"].drop_nulls().to_list()]) \
     if "video_key" in hits.columns else {}
 qvec = out.query_vector if out.meta.get("kind") == "text" else None
 rows = hits.rows(named=True)
@@ -277,11 +279,11 @@ for start in range(0, len(rows), COLUMNS):
                            + "; no model values are shown for it.")
             report = own_reports.get(h["study_key"])
             pred = f"{h['pred_ef']:.0f} %" if h.get("pred_ef") is not None else "none"
-            stated = app_api.report_ef(report)
+            stated = report_ef(report)
             st.caption(f"Predicted EF (model estimate): {pred} · Report EF (stated in the report): "
                        + (f"{stated:.0f} %" if stated is not None else "not stated"))
             if report:
-                marked = app_api.matched_sentences(ui.searcher(), report, qvec) if qvec is not None else []
+                marked = idx.matched_sentences(report, qvec) if qvec is not None else []
                 st.text("Report: " + report)  # plain text: report text is never markdown or HTML
                 best = [s for s, hit in marked if hit]
                 if best:

@@ -93,8 +93,7 @@ def load_timeline(catalog: Catalog, study_preds: pl.DataFrame) -> Timeline:
         at = np.clip(np.searchsorted(S_id.keys, keys), 0, len(S_id) - 1)
         ok = S_id.keys[at] == keys
         ident = np.where(ok[:, None], S_id.vecs[at].astype(np.float64), np.nan)
-    vids = catalog.con.sql("SELECT video_key, study_key, coalesce(view, '?') AS view FROM videos "
-                           "ORDER BY video_key").pl()
+    vids = catalog.video_study_views()
     vk, vv = catalog.embeddings("video")
     vids = vids.filter(pl.col("video_key").is_in(vk.tolist()))
     vrow = np.searchsorted(vk, vids["video_key"].to_numpy())
@@ -118,8 +117,7 @@ def load_timeline(catalog: Catalog, study_preds: pl.DataFrame) -> Timeline:
             view_id = in_order(_per_view(skeys, vids["video_key"].to_numpy()[has], vstudy[has], vview[has],
                                          iv[r[has]], views))
     # per-view zero-shot values (mean over that view's clips) and the study values (the pipeline's rule)
-    vp = catalog.con.sql("SELECT p.key AS video_key, p.task, p.value FROM predictions p "
-                         "WHERE p.level = 'video'").pl()
+    vp = catalog.video_prediction_rows()
     vp = vp.join(vids, on="video_key", how="inner")
     view_pred: dict[str, dict[str, np.ndarray]] = {}
     for task in TASKS:

@@ -46,19 +46,7 @@ def study_predictions(catalog: Catalog) -> pl.DataFrame:
     (:func:`echosearch.zeroshot.study_predictions`): the mean for regressions, the maximum over views for
     findings (a device is seen only in the views that show it).
     """
-    rows = catalog.con.sql(
-        """
-        WITH s AS (SELECT key AS study_key, task, value FROM predictions WHERE level = 'study'),
-             v AS (SELECT vi.study_key, p.task,
-                          CASE WHEN list_contains(?, p.task) THEN max(p.value) ELSE avg(p.value) END AS value
-                   FROM predictions p JOIN videos vi ON p.level = 'video' AND p.key = vi.video_key
-                   GROUP BY vi.study_key, p.task)
-        SELECT * FROM s
-        UNION ALL
-        SELECT * FROM v WHERE NOT EXISTS (SELECT 1 FROM s WHERE s.study_key = v.study_key AND s.task = v.task)
-        """,
-        params=[sorted(FINDING_TASKS)],
-    ).pl()
+    rows = catalog.study_prediction_rows(FINDING_TASKS)
     base = pl.DataFrame(schema={"study_key": pl.Int64, **{t: pl.Float64 for t in TASKS}})
     if rows.height == 0:
         return base

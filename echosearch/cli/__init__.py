@@ -1,12 +1,13 @@
 """The ``echosearch`` command line: a thin typer layer over the library.
 
-Each command group lives in its own module with a ``register(app)`` function. Expected failures are
-:class:`~echosearch.errors.EchosearchError` subclasses: printed as one line on stderr with their exit code.
+Each command is a module-level function of one of the ``*_cmd`` modules, registered on :data:`app` below (in the
+order ``--help`` lists them); the options that several commands share (``--index``, ``--json``, ``--server``) are
+declared once in :mod:`echosearch.cli.common`. Expected failures are :class:`~echosearch.errors.EchosearchError`
+subclasses: printed as one line on stderr with their exit code.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import typer
@@ -25,6 +26,18 @@ except ImportError:  # pragma: no cover
     pass
 
 from echosearch import __version__
+from echosearch.cli import (
+    index_cmd,
+    info_cmd,
+    ingest_cmd,
+    intake_cmd,
+    longitudinal_cmd,
+    merge_cmd,
+    search_cmd,
+    serve_cmd,
+    server_cmd,
+    synth_cmd,
+)
 from echosearch.errors import EchosearchError
 
 app = typer.Typer(
@@ -34,9 +47,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-COMMAND_MODULES = ("info_cmd", "synth_cmd", "ingest_cmd", "index_cmd", "search_cmd", "longitudinal_cmd", "serve_cmd",
-                   "server_cmd", "intake_cmd", "merge_cmd")
 
 
 def _version(value: bool) -> None:
@@ -52,9 +62,28 @@ def _root(
     """Embedding search and longitudinal patient tracking for echocardiography archives."""
 
 
-for _name in COMMAND_MODULES:
-    _module = importlib.import_module(f"echosearch.cli.{_name}")
-    _module.register(app)
+# every command, in the order --help lists them
+app.command()(info_cmd.locate)
+app.command()(info_cmd.info)
+app.command()(synth_cmd.synth)
+app.command()(ingest_cmd.scan)
+app.command()(ingest_cmd.preview)
+app.command()(index_cmd.index)
+app.command()(index_cmd.train)
+app.command("train-identity")(index_cmd.train_identity)
+app.add_typer(index_cmd.model_app, name="model")
+app.command()(search_cmd.search)
+app.command()(search_cmd.reports)
+app.command()(search_cmd.reindex)
+app.command()(longitudinal_cmd.audit)
+app.command()(longitudinal_cmd.changes)
+app.command()(longitudinal_cmd.match)
+app.command("eval")(longitudinal_cmd.eval_)
+app.command()(serve_cmd.serve)
+app.command()(server_cmd.server)
+app.command()(intake_cmd.receive)
+app.command()(intake_cmd.pull)
+app.command()(merge_cmd.merge)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,16 @@
-"""Shared helpers of the CLI modules: JSON output, rich tables of polars frames."""
+"""Shared helpers of the CLI modules: the options every command spells the same way, JSON output, rich tables
+of polars frames."""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import polars as pl
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -77,11 +80,26 @@ SERVER_HELP = ("URL of a running `echosearch server` to ask (default: the server
                "if one runs; else the catalog is opened directly).")
 
 
-def server_option() -> Any:
-    """The ``--server URL`` option of the commands that can go through a running server."""
-    import typer
+# ---- shared options: declared once, used as ``index: IndexOpt`` / ``json_out: JsonOpt = False`` ------------
+def index_option(help_text: str = "Index folder.") -> Any:
+    """The ``--index DIR`` / ``-i DIR`` option; ``help_text`` for the commands that say more about the folder."""
+    return typer.Option("--index", "-i", help=help_text)
 
-    return typer.Option(None, "--server", envvar="ECHOSEARCH_SERVER", help=SERVER_HELP)
+
+def json_option(help_text: str = "Print JSON.") -> Any:
+    """The ``--json`` flag (machine-readable output on stdout)."""
+    return typer.Option("--json", help=help_text)
+
+
+IndexOpt = Annotated[Path, index_option()]
+"""An existing index folder (required)."""
+NewIndexOpt = Annotated[Path, index_option("Index folder (created when missing).")]
+"""An index folder that the command creates when missing (required)."""
+JsonOpt = Annotated[bool, json_option()]
+TableJsonOpt = Annotated[bool, json_option("Print JSON instead of a table.")]
+SummaryJsonOpt = Annotated[bool, json_option("Print the summary as JSON.")]
+ServerOpt = Annotated[str | None, typer.Option("--server", envvar="ECHOSEARCH_SERVER", help=SERVER_HELP)]
+"""``--server URL`` (or ECHOSEARCH_SERVER): default None, the server recorded in the index folder if one runs."""
 
 
 def remote(index: Any, server: str | None) -> Any:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from echosearch.cli.common import console, print_json, shown
+from echosearch.cli.common import JsonOpt, console, index_option, print_json, shown
 from echosearch.config import Settings
 from echosearch.errors import ConfigError, SomeInputsFailed
 
@@ -38,27 +39,25 @@ def index_on_ray(executor: str, sources: Sequence[Path], index_dir: Path, settin
                                "or the ingest_errors table")
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def merge(
-        index_dir: Path = typer.Option(..., "--index", "-i", help="Index folder whose shards/ to load."),
-        chunk_rows: int = typer.Option(65_536, "--chunk-rows", min=1,
-                                       help="Vectors read at a time while building the vector indexes."),
-        device: str = typer.Option(None, "--device", help="auto, cpu or cuda (report text vectors)."),
-        json_out: bool = typer.Option(False, "--json", help="Print JSON."),
-    ) -> None:
-        """Load the Parquet shards of `index --executor ray` into the catalog (idempotent: a second run changes
-        nothing) and build the vector indexes chunk by chunk."""
-        from echosearch.config import load_settings
-        from echosearch.run.merge import merge_shards
+def merge(
+    index_dir: Annotated[Path, index_option("Index folder whose shards/ to load.")],
+    chunk_rows: int = typer.Option(65_536, "--chunk-rows", min=1,
+                                   help="Vectors read at a time while building the vector indexes."),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda (report text vectors)."),
+    json_out: JsonOpt = False,
+) -> None:
+    """Load the Parquet shards of `index --executor ray` into the catalog (idempotent: a second run changes
+    nothing) and build the vector indexes chunk by chunk."""
+    from echosearch.config import load_settings
+    from echosearch.run.merge import merge_shards
 
-        settings = load_settings(device=device)
-        summary = merge_shards(index_dir, settings, chunk_rows=chunk_rows)
-        if json_out:
-            print_json(asdict(summary))
-            return
-        console.print(f"{summary.shards} shards in {shown(index_dir)}: {summary.shards_merged} merged, "
-                      f"{summary.videos_added} videos added ({summary.videos_known} already there), "
-                      f"{summary.failures_recorded} failures recorded, {summary.studies_pooled} studies pooled; "
-                      f"vector indexes {'rebuilt' if summary.vector_indexes_built else 'current'}; "
-                      f"{summary.elapsed_s:.1f} s")
+    settings = load_settings(device=device)
+    summary = merge_shards(index_dir, settings, chunk_rows=chunk_rows)
+    if json_out:
+        print_json(asdict(summary))
+        return
+    console.print(f"{summary.shards} shards in {shown(index_dir)}: {summary.shards_merged} merged, "
+                  f"{summary.videos_added} videos added ({summary.videos_known} already there), "
+                  f"{summary.failures_recorded} failures recorded, {summary.studies_pooled} studies pooled; "
+                  f"vector indexes {'rebuilt' if summary.vector_indexes_built else 'current'}; "
+                  f"{summary.elapsed_s:.1f} s")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
-from echosearch.cli.common import console, print_json
+from echosearch.cli.common import console, index_option, print_json
 from echosearch.errors import IngestError, SomeInputsFailed
 
 
@@ -42,33 +42,31 @@ def follow_job(client: Any, sources: list[Path], reports: Path | None, labels: P
                                "or the ingest_errors table")
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def server(
-        index: Path = typer.Option(..., "--index", "-i", help="Index folder (created on the first ingest job)."),
-        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; other than loopback needs "
-                                                             "ECHOSEARCH_API_TOKEN or ECHOSEARCH_APP_PASSWORD."),
-        port: int = typer.Option(8600, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
-        model: str = typer.Option(None, "--model", "-m", help="Model of a new index (default: the model setting)."),
-        workers: int = typer.Option(None, "--workers", "-w", min=0, help="Decode processes of ingest jobs."),
-        no_resume: bool = typer.Option(False, "--no-resume",
-                                       help="Do not finish encoding videos an interrupted ingest left behind."),
-        dicom_port: int = typer.Option(None, "--dicom-port", min=0, max=65535,
-                                       help="Also receive studies by DICOM C-STORE on this port (0: any free port)."),
-        ae_title: str = typer.Option(None, "--ae-title", help="AE title of the DICOM receiver (default ECHOSEARCH)."),
-    ) -> None:
-        """Serve an index over HTTP (API under /v1, OpenAPI at /docs) until interrupted."""
-        from echosearch.config import load_settings
-        from echosearch.serve.run import serve
+def server(
+    index: Annotated[Path, index_option("Index folder (created on the first ingest job).")],
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; other than loopback needs "
+                                                         "ECHOSEARCH_API_TOKEN or ECHOSEARCH_APP_PASSWORD."),
+    port: int = typer.Option(8600, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
+    model: str = typer.Option(None, "--model", "-m", help="Model of a new index (default: the model setting)."),
+    workers: int = typer.Option(None, "--workers", "-w", min=0, help="Decode processes of ingest jobs."),
+    no_resume: bool = typer.Option(False, "--no-resume",
+                                   help="Do not finish encoding videos an interrupted ingest left behind."),
+    dicom_port: int = typer.Option(None, "--dicom-port", min=0, max=65535,
+                                   help="Also receive studies by DICOM C-STORE on this port (0: any free port)."),
+    ae_title: str = typer.Option(None, "--ae-title", help="AE title of the DICOM receiver (default ECHOSEARCH)."),
+) -> None:
+    """Serve an index over HTTP (API under /v1, OpenAPI at /docs) until interrupted."""
+    from echosearch.config import load_settings
+    from echosearch.serve.run import serve
 
-        settings = load_settings(index=index, model=model, workers=workers)
+    settings = load_settings(index=index, model=model, workers=workers)
 
-        def ready(record: dict[str, Any]) -> None:
-            url, dicom = record["url"], record.get("dicom")
-            typer.echo(f"echosearch server on {url} (index {index.resolve()}, auth: {record['auth']}; API docs "
-                       f"{url}/docs)" + (f"; DICOM receiver {dicom['ae_title']} on port {dicom['port']}" if dicom else ""),
-                       err=True)
-            sys.stderr.flush()
+    def ready(record: dict[str, Any]) -> None:
+        url, dicom = record["url"], record.get("dicom")
+        typer.echo(f"echosearch server on {url} (index {index.resolve()}, auth: {record['auth']}; API docs "
+                   f"{url}/docs)" + (f"; DICOM receiver {dicom['ae_title']} on port {dicom['port']}" if dicom else ""),
+                   err=True)
+        sys.stderr.flush()
 
-        serve(index, settings, host=host, port=port, on_ready=ready, resume=not no_resume, dicom_port=dicom_port,
-              ae_title=ae_title)
+    serve(index, settings, host=host, port=port, on_ready=ready, resume=not no_resume, dicom_port=dicom_port,
+          ae_title=ae_title)

@@ -2,7 +2,7 @@
 
 Arrivals are batched (a study's clips come within a second or two of each other, and each indexing run
 ends by rebuilding the vector indexes), then handed to an *index function*: by default
-:class:`CatalogIndexer`, which runs the ordinary indexing path (``pipeline.index_sources``) on the new files
+:class:`CatalogIndexer`, which runs the local runner (:func:`echosearch.run.local.index_sources`) on the new files
 with an encoder loaded once. A server that owns the catalog passes its own function instead (for example
 one that submits an ingest job). A failing run (the catalog held by another process, a model that does not
 load) leaves the instances pending and is retried; nothing is dropped.
@@ -28,7 +28,7 @@ INLINE_DECODE_MAX = 12  # batches up to this many files are decoded in the index
 
 
 class CatalogIndexer:
-    """Index files through ``pipeline.index_sources`` (scan, encode, pool, vector indexes) into ``index_dir``,
+    """Index files through the local runner (read, encode, write, pool, vector indexes) into ``index_dir``,
     keeping one encoder across runs. ``warm()`` loads it ahead of the first study."""
 
     def __init__(self, index_dir: Path | str, settings: Settings, *, progress: bool = False) -> None:
@@ -39,14 +39,12 @@ class CatalogIndexer:
     def warm(self) -> None:
         with self._lock:
             if self._encoder is None:
-                from echosearch.encode import load_encoder
+                from echosearch.run.setup import load_run_encoder
 
-                s = self.settings
-                self._encoder = load_encoder(s.model, device=s.device, frames_per_video=s.frames_per_video,
-                                             policy=s.frame_policy, sampling=s.frame_sampling)
+                self._encoder = load_run_encoder(self.settings)
 
     def __call__(self, paths: list[Path]) -> Any:
-        from echosearch.pipeline import index_sources
+        from echosearch.run.local import index_sources
 
         self.warm()
         settings = self.settings

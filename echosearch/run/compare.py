@@ -15,43 +15,37 @@ import polars as pl
 
 from echosearch.catalog import EMBEDDING_LEVELS, IDENTITY_LEVELS, Catalog
 
-_TABLES = {
-    "patients": "SELECT * FROM patients ORDER BY patient_key",
-    "studies": "SELECT * FROM studies ORDER BY study_key",
-    "videos": "SELECT * EXCLUDE (scanned_at, encoded_at, location) FROM videos ORDER BY video_key",
-    "reports": "SELECT * FROM reports ORDER BY study_key",
-    "labels": "SELECT * FROM labels ORDER BY level, key, name",
-    "ingest_errors": "SELECT path, sha256, stage, reason FROM ingest_errors ORDER BY path, stage",
-}
+_EXACT = ("patients", "studies", "videos", "reports", "labels", "ingest_errors")
+
+
+def _gap(a: pl.DataFrame, b: pl.DataFrame, columns: list[str]) -> float:
+    """Largest absolute difference between float ``columns`` of two frames of the same shape."""
+    return max((float(np.nanmax(np.abs(a[c].to_numpy() - b[c].to_numpy()), initial=0.0)) for c in columns),
+               default=0.0)
 
 
 def catalog_differences(a: Path, b: Path, atol: float = 1e-6) -> list[str]:
     """What differs between the catalogs of index folders ``a`` and ``b`` (empty: the same rows and vectors)."""
     out: list[str] = []
     with Catalog.open(a, read_only=True) as ca, Catalog.open(b, read_only=True) as cb:
-        for name, sql in _TABLES.items():
-            ta, tb = ca.con.sql(sql).pl(), cb.con.sql(sql).pl()
+        for name in _EXACT:
+            ta, tb = ca.compared_rows(name), cb.compared_rows(name)
             if ta.shape != tb.shape or not ta.equals(tb):
                 out.append(f"{name}: {ta.height} vs {tb.height} rows differ")
-        if ca.has_table("clip_scope") or cb.has_table("clip_scope"):
-            sql = "SELECT * FROM clip_scope ORDER BY video_key"
-            sa, sb = (c.con.sql(sql).pl() if c.has_table("clip_scope") else pl.DataFrame() for c in (ca, cb))
+        sa, sb = ca.compared_rows("clip_scope"), cb.compared_rows("clip_scope")
+        if sa.width or sb.width:
             fl = [n for n, t in sa.schema.items() if t == pl.Float64]
-            if sa.drop(fl).equals(sb.drop(fl)) is False or sa.shape != sb.shape:
+            if sa.shape != sb.shape or not sa.drop(fl).equals(sb.drop(fl)):
                 out.append("clip_scope rows differ")
-            elif fl and (gap := max(float(np.nanmax(np.abs(sa[c].to_numpy() - sb[c].to_numpy()), initial=0.0))
-                                    for c in fl)) > atol:
+            elif (gap := _gap(sa, sb, fl)) > atol:
                 out.append(f"clip_scope confidences differ by up to {gap:.3g}")
         if ca.locations(None) != cb.locations(None):
             out.append("videos: sealed locations open to different files")
-        pa_, pb = (c.con.sql("SELECT level, key, task, model, value FROM predictions ORDER BY level, key, task").pl()
-                   for c in (ca, cb))
-        if pa_.drop("value").equals(pb.drop("value")) is False or pa_.height != pb.height:
+        pa_, pb = ca.compared_rows("predictions"), cb.compared_rows("predictions")
+        if pa_.height != pb.height or not pa_.drop("value").equals(pb.drop("value")):
             out.append(f"predictions: {pa_.height} vs {pb.height} rows or keys differ")
-        else:
-            gap = float(np.max(np.abs(pa_["value"].to_numpy() - pb["value"].to_numpy()), initial=0.0))
-            if gap > atol:
-                out.append(f"predictions: values differ by up to {gap:.3g}")
+        elif (gap := _gap(pa_, pb, ["value"])) > atol:
+            out.append(f"predictions: values differ by up to {gap:.3g}")
         for level in EMBEDDING_LEVELS + IDENTITY_LEVELS:
             if level in IDENTITY_LEVELS and not (ca.has_identity() or cb.has_identity()):
                 continue
@@ -60,17 +54,14 @@ def catalog_differences(a: Path, b: Path, atol: float = 1e-6) -> list[str]:
                 out.append(f"{level} vectors: keys differ ({len(ia)} vs {len(ib)})")
             elif len(ia) and (gap := float(np.abs(va - vb).max())) > atol:
                 out.append(f"{level} vectors: differ by up to {gap:.3g}")
-        counts = ("SELECT video_key, n_frames_used FROM video_embeddings ORDER BY video_key",
-                  "SELECT study_key, n_videos FROM study_embeddings ORDER BY study_key")
-        for sql in counts:
-            if not ca.con.sql(sql).pl().equals(cb.con.sql(sql).pl()):
-                out.append(f"counts differ: {sql}")
+        for name in ("video_counts", "study_counts"):
+            if not ca.compared_rows(name).equals(cb.compared_rows(name)):
+                out.append(f"{name} differ")
         fa, fb = ca.has_table("frame_embeddings"), cb.has_table("frame_embeddings")
         if fa and fb:
-            keys = [int(k) for k in ia] if len(ia := ca.embeddings("video")[0]) else []
+            keys = [int(k) for k in ca.embeddings("video")[0]]
             ra, rb = ca.frame_embeddings(keys), cb.frame_embeddings(keys)
             if ra.keys() != rb.keys() or any(ra[k].shape != rb[k].shape or np.abs(ra[k] - rb[k]).max() > atol
                                              for k in ra):
                 out.append("frame vectors differ")
     return out
-

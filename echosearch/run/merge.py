@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -24,11 +23,12 @@ from echosearch.catalog import Catalog
 from echosearch.config import Settings
 from echosearch.discover import Sidecars
 from echosearch.errors import ConfigError
-from echosearch.ingest import ScanSummary, attach_sidecars
-from echosearch.pipeline import embed_reports, pool_studies, store_predictions
 from echosearch.pseudonym import Pseudonymizer
+from echosearch.run.finish import finish_index
+from echosearch.run.records import EncodedClip, FailureRecord
 from echosearch.run.shards import read_shard, shard_meta, shard_rows
 from echosearch.run.units import SHARD_DIR
+from echosearch.run.write import attach_sidecars, write_encoded, write_failure
 
 SIDECAR_PREFIX = "sidecars-"
 DEFAULT_CHUNK_ROWS = 65_536
@@ -50,45 +50,6 @@ class MergeSummary:
     vector_indexes_built: bool = False
     elapsed_s: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
-
-
-class ShardStore:
-    """The merge's catalog queries (kept beside the merge, on a :class:`Catalog`)."""
-
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-
-    def encoded(self, hashes: list[str]) -> set[str]:
-        """Which of ``hashes`` the catalog holds as videos with a content vector."""
-        if not hashes or not self.catalog.has_table("video_embeddings"):
-            return set()
-        rows = self.catalog.con.execute(
-            "SELECT v.sha256 FROM videos v JOIN video_embeddings e USING (video_key) "
-            "WHERE v.sha256 IN (SELECT unnest(?::VARCHAR[]))", [hashes]).fetchall()
-        return {str(r[0]) for r in rows}
-
-    def encoded_hashes(self) -> set[str]:
-        """Content hashes of every video with a content vector (the read stage skips them)."""
-        if not self.catalog.has_table("video_embeddings"):
-            return set()
-        rows = self.catalog.con.sql("SELECT v.sha256 FROM videos v JOIN video_embeddings e USING (video_key)").fetchall()
-        return {str(r[0]) for r in rows}
-
-    def recorded_errors(self, paths: list[str]) -> set[tuple[str, str, str]]:
-        """(path, sha256 or '', stage) of the ``ingest_errors`` rows of ``paths``."""
-        if not paths:
-            return set()
-        rows = self.catalog.con.execute(
-            "SELECT path, coalesce(sha256, ''), stage FROM ingest_errors WHERE path IN (SELECT unnest(?::VARCHAR[]))",
-            [paths]).fetchall()
-        return {(str(p), str(s), str(st)) for p, s, st in rows}
-
-    def reports_without_vectors(self) -> int:
-        if not self.catalog.has_table("report_embeddings"):
-            return 0
-        row = self.catalog.one("SELECT count(*) FROM reports r LEFT JOIN report_embeddings e USING (study_key) "
-                               "WHERE e.study_key IS NULL")
-        return int(row[0]) if row else 0
 
 
 def shard_files(index_dir: Path) -> list[tuple[dict[str, Any], Path]]:
@@ -172,7 +133,6 @@ def merge_shards(index_dir: Path, settings: Settings, *, chunk_rows: int = DEFAU
     sr_reports: list[tuple[str, str, str, str]] = []
     bound: set[str] = set()
     with Catalog.open(index_dir, create=True) as cat:
-        store = ShardStore(cat)
         cat.check_pseudonym_key(pz.fingerprint())
         for i, (meta, path) in enumerate(shards):
             ident = json.dumps({k: meta.get(k) for k in ("model", "identity_model", "zeroshot", "secret_fingerprint",
@@ -180,30 +140,18 @@ def merge_shards(index_dir: Path, settings: Settings, *, chunk_rows: int = DEFAU
             if ident not in bound:
                 bind_from_shard(cat, meta)
                 bound.add(ident)
-            if _merge_one(cat, store, meta, path, summary, sr_reports):
+            if _merge_one(cat, meta, path, summary, sr_reports):
                 summary.shards_merged += 1
             if on_shard:
                 on_shard(i + 1, len(shards))
         side = load_sidecar_files(index_dir)
         side.reports.extend(sr_reports)
-        scan = ScanSummary()
-        attach_sidecars(cat, side, pz, scan)
-        summary.reports_attached, summary.labels_recorded = scan.reports_attached, scan.labels_recorded
-        model = cat.get_manifest("model")
-        if model is not None:
-            lazy = _LazyEncoder(cat, settings.device, encoder)
-            if len(cat.scope_to_check()):
-                from echosearch import scope
-
-                scope.finalize(cat, lazy.get())  # model evidence and views, before pooling (as the local runner)
-            summary.studies_pooled = pool_studies(cat, str(model["name"]))
-            if store.reports_without_vectors():
-                summary.reports_embedded = embed_reports(cat, lazy.get())
-            if not _vectors_current(cat):
-                from echosearch.vectorindex import build_all
-
-                build_all(cat, chunk_rows=chunk_rows)
-                summary.vector_indexes_built = True
+        attached = attach_sidecars(cat, side, pz)
+        summary.reports_attached, summary.labels_recorded = attached.reports_attached, attached.labels_recorded
+        lazy = _LazyEncoder(cat, settings.device, encoder)
+        finished = finish_index(cat, lazy.get, build_vectors=lambda: not _vectors_current(cat), chunk_rows=chunk_rows)
+        summary.studies_pooled, summary.reports_embedded = finished.studies_pooled, finished.reports_embedded
+        summary.vector_indexes_built = bool(finished.vector_indexes)
         if summary.shards_merged:
             cat.new_run("merge", {"shards": summary.shards, "merged": summary.shards_merged,
                                   "videos_added": summary.videos_added})
@@ -212,50 +160,36 @@ def merge_shards(index_dir: Path, settings: Settings, *, chunk_rows: int = DEFAU
     return summary
 
 
-def _merge_one(cat: Catalog, store: ShardStore, meta: dict[str, Any], path: Path, summary: MergeSummary,
+def _merge_one(cat: Catalog, meta: dict[str, Any], path: Path, summary: MergeSummary,
                sr_reports: list[tuple[str, str, str, str]]) -> bool:
-    """Merge one shard in one transaction; False when the catalog already holds all of it."""
+    """Merge one shard in one transaction (the write stage of the local runner); False when the catalog
+    already holds all of it."""
     cheap = read_shard(path, ["row_kind", "seq", "sha256", "path", "stage", "report_study_uid", "report_text"])
     rows = cheap.to_pylist()
     for r in rows:
         if r["row_kind"] == "failure" and r["report_text"] and r["report_study_uid"]:
             sr_reports.append(("study_uid", r["report_study_uid"], r["report_text"], "dicom-sr"))
     clip_hashes = [r["sha256"] for r in rows if r["row_kind"] == "clip"]
-    done = store.encoded(clip_hashes)
-    errors = store.recorded_errors([r["path"] for r in rows if r["row_kind"] == "failure"])
-    new_fail = [r for r in rows if r["row_kind"] == "failure"
-                and (r["path"], r["sha256"] or "", r["stage"]) not in errors]
+    done = cat.encoded_among(clip_hashes)
+    errors = cat.recorded_errors([r["path"] for r in rows if r["row_kind"] == "failure"])
+    new_fail = {(r["path"], r["sha256"] or "", r["stage"]) for r in rows if r["row_kind"] == "failure"} - errors
     summary.videos_known += len(done)
     if len(done) == len(clip_hashes) and not new_fail:
         return False
     dim = int(meta["model"]["embed_dim"])
     idim = int(meta["identity_model"]["embed_dim"]) if meta.get("identity_model") else None
     data = shard_rows(read_shard(path), dim, idim)
-    keep = [i for i, r in enumerate(data.records) if r.sha256 not in done]
-    model_name = str(meta["model"]["name"])
+    fails: list[FailureRecord] = [f for f in data.failures if (f.path, f.sha256 or "", f.stage) in new_fail]
+    clips = [EncodedClip(i, rec, data.vectors[i], data.n_frames[i], data.predictions[i],
+                         data.frame_vectors[i] if data.frame_vectors is not None else None,
+                         data.identity[i] if data.identity is not None else None, data.scopes[i])
+             for i, rec in enumerate(data.records) if rec.sha256 not in done]
     with cat.transaction():
-        todo = {(r["path"], r["sha256"] or "", r["stage"]) for r in new_fail}
-        for f in data.failures:
-            if (f.path, f.sha256 or "", f.stage) in todo:
-                cat.record_error(f.path, f.sha256, f.stage, f.reason, f.location)
-                summary.failures_recorded += 1
-        if keep:
-            recs = [data.records[i] for i in keep]
-            keys_of = cat.record_videos(recs)
-            cat.clear_errors([r.path for r in recs])
-            keys = [keys_of[r.sha256] for r in recs]
-            scopes = [(k, sc) for k, i in zip(keys, keep, strict=True) if (sc := data.scopes[i]) is not None]
-            if scopes and cat.has_scope():
-                from echosearch.scope import SCOPE_COLUMNS
-
-                cat.store_scope(pl.DataFrame([{"video_key": k, **sc} for k, sc in scopes], schema=SCOPE_COLUMNS))
-            counts = [data.n_frames[i] for i in keep]
-            frames = [data.frame_vectors[i] for i in keep] if data.frame_vectors is not None else None
-            cat.store_video_embeddings(keys, data.vectors[keep], counts, frames)
-            if data.identity is not None:
-                cat.store_identity_embeddings("video_identity", keys, data.identity[keep], counts)
-            store_predictions(cat, "video", keys, [data.predictions[i] for i in keep], model_name)
-            summary.videos_added += len(keep)
+        for f in fails:
+            summary.failures_recorded += write_failure(cat, f)
+        if clips:
+            write_encoded(cat, clips, str(meta["model"]["name"]))
+            summary.videos_added += len(clips)
     return True
 
 

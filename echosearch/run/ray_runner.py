@@ -24,12 +24,15 @@ import numpy as np
 
 from echosearch.catalog import Catalog
 from echosearch.config import Settings
-from echosearch.encode import Encoder, load_encoder
+from echosearch.encode import Encoder
 from echosearch.errors import ConfigError
-from echosearch.run.merge import ShardStore, merge_shards, write_sidecars
+from echosearch.run.encode import EncodeSpec, EncodeStage
+from echosearch.run.merge import merge_shards, write_sidecars
+from echosearch.run.read import ReadContext, read_unit
+from echosearch.run.records import UnitResult
+from echosearch.run.setup import load_run_encoder, prepare_run
 from echosearch.run.shards import shard_meta, write_shard
-from echosearch.run.stages import EncodeSpec, EncodeStage, ReadContext, UnitResult, read_unit
-from echosearch.run.units import DEFAULT_UNIT_FILES, Unit, config_digest, plan_units, shard_path
+from echosearch.run.units import DEFAULT_UNIT_FILES, Unit, plan_units, shard_path
 
 log = logging.getLogger(__name__)
 READ_MEMORY = 1 << 30  # bytes reserved per read task (worker ~0.3 GB + a unit's decoded, prepared frames)
@@ -64,39 +67,6 @@ def require_ray() -> Any:
     return ray
 
 
-def prepare_run(cat: Catalog, enc: Encoder, settings: Settings) -> dict[str, Any]:
-    """Bind the model, identity model and zero-shot method to the catalog (refusing a mismatch, as the local
-    runner does) and return what every shard records about them."""
-    from echosearch.pipeline import identity_encoder
-    from echosearch.pseudonym import Pseudonymizer
-    from echosearch.zeroshot import PromptBank, load_prompts, resolve_method
-
-    pz = Pseudonymizer(settings.require_secret())
-    cat.check_pseudonym_key(pz.fingerprint())
-    if not settings.store_raw_identifiers:
-        cat.seal_plain_paths(pz)
-    cat.bind_model(enc.identity)
-    if cat.get_manifest("model_source") is None:
-        cat.set_manifest("model_source", settings.model)
-    id_enc = identity_encoder(cat, enc, settings)
-    method = resolve_method(settings.zeroshot_method, enc.source.spec)
-    prompts = load_prompts(str(settings.zeroshot_prompts)) if settings.zeroshot_prompts else None
-    bank = PromptBank.build(enc, prompts, method=method)
-    done = cat.get_manifest("zeroshot")
-    if done and (done.get("method"), done.get("prompts")) != (bank.method, bank.source):
-        raise ConfigError(f"{cat.index_dir} holds zero-shot predictions by method {done.get('method')} with prompts "
-                          f"{done.get('prompts')}; this run would use {bank.method} with {bank.source}: set "
-                          "zeroshot_method/zeroshot_prompts to match, or index into a new folder")
-    cat.set_manifest("zeroshot", bank.manifest())
-    meta: dict[str, Any] = {"model": enc.identity, "model_source": cat.get_manifest("model_source"),
-                            "identity_model": id_enc.manifest if id_enc is not None else None,
-                            "zeroshot": bank.manifest(), "secret_fingerprint": pz.fingerprint(),
-                            "keep_frames": settings.keep_frame_embeddings,
-                            "store_raw": settings.store_raw_identifiers}
-    meta["config"] = config_digest(meta)
-    return meta
-
-
 def pending_units(index_dir: Path, units: Sequence[Unit]) -> list[Unit]:
     """Units without a finished shard (a shard that recorded failures counts as unfinished: retried)."""
     out = []
@@ -126,7 +96,7 @@ class _EncodeActor:
 
         if ray.get_gpu_ids():
             spec = EncodeSpec(**{**asdict(spec), "device": "cuda"})
-        self.stage = EncodeStage(spec)
+        self.stage = EncodeStage.from_spec(spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = [self.stage.encode_unit(pickle.loads(b)) for b in batch["payload"]]
@@ -196,14 +166,12 @@ def index_with_ray(sources: Sequence[Path], index_dir: Path, settings: Settings,
     t0 = time.perf_counter()
     summary = RayIndexSummary()
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    enc = encoder or load_encoder(settings.model, device=settings.device, frames_per_video=settings.frames_per_video,
-                                  policy=settings.frame_policy, sampling=settings.frame_sampling)
+    enc = encoder or load_run_encoder(settings)
     with Catalog.open(index_dir, create=True) as cat:
-        meta = prepare_run(cat, enc, settings)
-        known = ShardStore(cat).encoded_hashes()
-    meta["run"] = run
-    identity = meta["identity_model"]
-    spec = EncodeSpec.from_settings(settings, identity["source"] if identity else None)
+        setup = prepare_run(cat, settings, enc)
+        known = cat.encoded_hashes()
+    meta = {**setup.meta, "run": run}
+    spec = setup.encode_spec()
     sources = [Path(s) for s in sources]
     side = load_sidecars(sources, reports=reports, labels=labels)
     write_sidecars(index_dir, side, run)
@@ -214,7 +182,7 @@ def index_with_ray(sources: Sequence[Path], index_dir: Path, settings: Settings,
     t_setup = time.perf_counter()
     stages["setup"] = round(t_setup - t0, 3)
     if todo:
-        ctx = ReadContext(enc.policy, side, settings.require_secret(), settings.store_raw_identifiers, known)
+        ctx = setup.read_context(side, known)
         started = _start_ray(ray, address, num_cpus)
         t_ray = time.perf_counter()
         stages["ray_start"] = round(t_ray - t_setup, 3)

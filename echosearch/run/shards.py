@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from echosearch.catalog import VideoRecord
 from echosearch.errors import CatalogError
-from echosearch.run.stages import EncodedClip, FailureRecord, UnitResult
+from echosearch.run.records import EncodedClip, FailureRecord, UnitResult
 
 SHARD_FORMAT = "echosearch-shard"
 SHARD_VERSION = 1
@@ -54,6 +54,11 @@ def _vectors(rows: list[np.ndarray | None], dim: int) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(values), dim, mask=pa.array(mask, pa.bool_()))
 
 
+def _rec(clip: EncodedClip) -> VideoRecord:
+    assert clip.record is not None, "a query clip has no catalog row"
+    return clip.record
+
+
 def shard_table(unit: UnitResult, meta: dict[str, Any], dim: int, identity_dim: int | None) -> pa.Table:
     """The Arrow table of an encoded unit, rows in input order (clips and failures interleaved by ``seq``)."""
     rows: list[tuple[int, EncodedClip | FailureRecord]] = sorted(
@@ -68,14 +73,14 @@ def shard_table(unit: UnitResult, meta: dict[str, Any], dim: int, identity_dim: 
         values: list[Any] = []
         for c, f in zip(clips, fails, strict=True):
             if c is not None:
-                values.append(getattr(c.record, name))
+                values.append(getattr(_rec(c), name))
             else:
                 assert f is not None
                 values.append(getattr(f, name) if name in ("sha256", "path", "location") else None)
         cols[name] = pa.array(values, typ)
     for name, typ in _FAILURE_TYPES.items():
         cols[name] = pa.array([getattr(f, name) if f is not None else None for f in fails], typ)
-    cols["record_extra"] = pa.array([json.dumps(c.record.extra, default=str) if c is not None and c.record.extra
+    cols["record_extra"] = pa.array([json.dumps(_rec(c).extra, default=str) if c is not None and _rec(c).extra
                                      else None for c in clips], pa.string())
     cols["scope"] = pa.array([json.dumps(c.scope) if c is not None and c.scope is not None else None for c in clips],
                              pa.string())

@@ -13,18 +13,20 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from echosearch import __version__, errors
 from echosearch.filters import Filters
 from echosearch.serve import ops
+from echosearch.serve.frames import frame_response, wants_arrow
 from echosearch.serve.state import ServerState
 
 MAX_UPLOAD_BYTES = 1 << 30
@@ -34,7 +36,8 @@ _STATUS = {errors.QueryError: 400, errors.ConfigError: 400, errors.IndexNotFound
 
 
 class FilterBody(BaseModel):
-    """Metadata filters (see ``echosearch search --help``); raw ``where`` SQL is refused by the server."""
+    """Metadata filters (see ``echosearch search --help``); raw ``where`` SQL is refused by the server.
+    ``scope``: "in" (echo B-mode clips only) or "out"; ``modes``: "bmode", "doppler"."""
 
     patients: list[str] = []
     exclude_patients: list[str] = []
@@ -47,6 +50,8 @@ class FilterBody(BaseModel):
     devices: list[str] = []
     study_uids: list[str] = []
     where: str | None = None
+    scope: Literal["in", "out"] | None = None
+    modes: list[str] = []
 
     def filters(self) -> Filters:
         return Filters(**self.model_dump())
@@ -112,7 +117,7 @@ def _one(**given: Any) -> tuple[str, Any]:
 
 
 @contextmanager
-def _saved(upload: UploadFile) -> Iterator[Path]:
+def saved_upload(upload: UploadFile) -> Iterator[Path]:
     """An uploaded clip in a private temporary file (its suffix kept: the decoder goes by it), removed after."""
     suffix = Path(upload.filename or "clip").suffix[:16]
     with tempfile.TemporaryDirectory(prefix="echosearch-upload-") as tmp:
@@ -124,8 +129,22 @@ def _saved(upload: UploadFile) -> Iterator[Path]:
         yield path
 
 
-def _actor(request: Request) -> str:
-    """The caller's name, after its credentials are checked (401/429 otherwise)."""
+ACTOR_HEADER = "X-Echosearch-Actor"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request is for. ``name`` is the actor recorded (a decision's reviewer, the access log's actor);
+    ``via`` the credential's name. A client that keeps its own access log (the app) names the person it acts
+    for in the ``X-Echosearch-Actor`` header: then ``logs_itself`` and the routes leave logging to it."""
+
+    name: str
+    via: str
+    logs_itself: bool = False
+
+
+def _actor(request: Request) -> Caller:
+    """The caller, after its credentials are checked (401/429 otherwise)."""
     state: ServerState = request.app.state.echosearch
     verdict = state.auth.check(request.headers.get("authorization"), request.client.host if request.client else None)
     if verdict.actor is None:
@@ -133,10 +152,14 @@ def _actor(request: Request) -> str:
         if verdict.retry_after_s:
             headers["Retry-After"] = str(int(verdict.retry_after_s) + 1)
         raise HTTPException(verdict.status, verdict.reason, headers=headers)
-    return verdict.actor
+    forwarded = (request.headers.get(ACTOR_HEADER) or "").strip()[:200]
+    if forwarded:
+        return Caller(forwarded, verdict.actor, logs_itself=True)
+    return Caller(verdict.actor, verdict.actor)
 
 
-Actor = Annotated[str, Depends(_actor)]
+Actor = Annotated[Caller, Depends(_actor)]
+Accept = Annotated[str | None, Header(include_in_schema=False)]
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -152,7 +175,9 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse({"error": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code},
                             status_code=status)
 
-    log = state.log
+    def log(who: Caller, action: str, detail: dict[str, Any]) -> None:
+        if not who.logs_itself:
+            state.log(who.name, action, detail)
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
@@ -171,7 +196,7 @@ def create_app(state: ServerState) -> FastAPI:
         data["jobs"] = [j.as_dict() for j in state.jobs.all()]
         return ops.jsonable(data)
 
-    def _search(who: str, kind: str, value: Any, body: SearchBody, vector: np.ndarray | None) -> dict[str, Any]:
+    def _search(who: Caller, kind: str, value: Any, body: SearchBody, vector: np.ndarray | None) -> dict[str, Any]:
         filters = body.filters.filters()
         out = ops.search(state.live.current(), kind, value, k=body.k, level=body.level, filters=filters,
                          collapse=body.collapse, context=body.context, vector=vector)
@@ -199,7 +224,7 @@ def create_app(state: ServerState) -> FastAPI:
                       ) -> dict[str, Any]:
         """Nearest videos or studies to an uploaded DICOM/AVI/MP4 clip (not added to the index)."""
         body = SearchBody.model_validate_json(params)
-        with _saved(file) as path:
+        with saved_upload(file) as path:
             vector = _embed(path)
             from echosearch.discover import hash_file
 
@@ -224,19 +249,21 @@ def create_app(state: ServerState) -> FastAPI:
     def reports_upload(who: Actor, file: Annotated[UploadFile, File()], k: Annotated[int, Form(ge=1)] = 5,
                        ) -> dict[str, Any]:
         """Nearest report texts to an uploaded clip."""
-        with _saved(file) as path:
+        with saved_upload(file) as path:
             vector = _embed(path)
         out = ops.reports(state.live.current(), "video", file.filename or "upload", k=k, vector=vector)
         log(who, "reports", {"kind": "video", "k": k})
         return out
 
     @v1.get("/patients/{patient}/timeline")
-    def timeline(patient: str, who: Actor) -> dict[str, Any]:
-        """A patient's studies in date order with predictions and change scores (pseudonym or key)."""
+    def timeline(patient: str, who: Actor, accept: Accept = None) -> Any:
+        """A patient's studies in date order with predictions and change scores (pseudonym or key); an Arrow
+        table of the studies when asked for one (``Accept: application/vnd.apache.arrow.stream``)."""
         with state.reader() as cat:
-            out = ops.timeline(cat, patient)
-        log(who, "view_patient", {"patient_key": out["patient_key"]})
-        return out
+            key, studies = ops.timeline_frame(cat, patient)
+        log(who, "view_patient", {"patient_key": key})
+        out = frame_response(accept, studies, "studies")
+        return out | {"patient_key": key} if isinstance(out, dict) else out
 
     @v1.post("/audit")
     def run_audit(body: AuditBody, who: Actor) -> dict[str, Any]:
@@ -247,22 +274,27 @@ def create_app(state: ServerState) -> FastAPI:
         return out
 
     @v1.get("/audit")
-    def audit_results(who: Actor, suspects_only: bool = True) -> dict[str, Any]:
-        """The latest audit run with each study's latest reviewer decision."""
+    def audit_results(who: Actor, suspects_only: bool = True, accept: Accept = None) -> Any:
+        """The latest audit run in review order with each study's latest reviewer decision (Arrow when asked)."""
         with state.reader() as cat:
+            if wants_arrow(accept):
+                from echosearch.appcore.views import audit_review
+
+                return frame_response(accept, audit_review(cat, suspects_only))
             return ops.audit_results(cat, suspects_only)
 
     @v1.post("/audit/decisions")
     def decide(body: DecisionBody, who: Actor) -> dict[str, Any]:
         """Record a reviewer decision (the signed-in actor is the reviewer)."""
         with state.writer() as cat:
-            cat.record_decision(body.study_key, body.decision, who, body.note)
-        return {"study_key": body.study_key, "decision": body.decision, "reviewer": who}
+            cat.record_decision(body.study_key, body.decision, who.name, body.note)
+        return {"study_key": body.study_key, "decision": body.decision, "reviewer": who.name}
 
     @v1.get("/audit/decisions")
-    def decisions(who: Actor, study_key: int | None = None) -> dict[str, Any]:
+    def decisions(who: Actor, study_key: int | None = None, accept: Accept = None) -> Any:
+        """Reviewer decisions, newest first (all, or one study's)."""
         with state.reader() as cat:
-            return {"decisions": ops.records(cat.decisions(study_key))}
+            return frame_response(accept, cat.decisions(study_key), "decisions")
 
     @v1.post("/changes")
     def changes(body: ChangesBody, who: Actor) -> dict[str, Any]:
@@ -286,17 +318,17 @@ def create_app(state: ServerState) -> FastAPI:
         """Which patients does an uploaded clip look like (identity vectors when the index has them)?"""
         from echosearch.pipeline import match_vector
 
-        with _saved(file) as path, state.reader() as cat:
+        with saved_upload(file) as path, state.reader() as cat:
             vector = match_vector(cat, path, state.encoder())
             out = ops.match(cat, study=None, vector=vector, k=k, what={"video": file.filename or "upload"})
         log(who, "match", {"kind": "video"})
         return out
 
     @v1.get("/errors")
-    def ingest_errors(who: Actor, limit: int = 1000) -> dict[str, Any]:
+    def ingest_errors(who: Actor, limit: int = 1000, accept: Accept = None) -> Any:
         """Recorded ingest failures, newest first (file labels; `echosearch locate` opens them)."""
         with state.reader() as cat:
-            return {"errors": ops.records(cat.ingest_error_rows(limit))}
+            return frame_response(accept, cat.ingest_error_rows(limit), "errors")
 
     @v1.post("/jobs", status_code=202)
     def submit_job(body: JobBody, who: Actor) -> dict[str, Any]:
@@ -314,5 +346,8 @@ def create_app(state: ServerState) -> FastAPI:
         """A job's state and progress (videos and frames encoded, failures, summary when done)."""
         return ops.jsonable(state.jobs.get(job_id).as_dict())
 
+    from echosearch.serve.app_routes import app_router
+
     app.include_router(v1)
+    app.include_router(app_router(state, log))
     return app

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from echosearch.app_api import PASSWORD_ENV, REPLAY_S, check_password, is_loopback, local_actor
+from echosearch.appcore.auth import PASSWORD_ENV, REPLAY_S, check_password, is_loopback, local_actor
 from echosearch.catalog import Catalog
 from echosearch.errors import ConfigError
 from echosearch.login_guard import Limits, LoginGuard

@@ -28,7 +28,7 @@ def auth_headers() -> dict[str, str]:
     """The Authorization header the environment's credentials give (none when none are set)."""
     import base64
 
-    from echosearch.app_api import PASSWORD_ENV, USER_ENV
+    from echosearch.appcore.auth import PASSWORD_ENV, USER_ENV
     from echosearch.serve.auth import TOKEN_ENV
 
     token = os.environ.get(TOKEN_ENV)
@@ -90,13 +90,16 @@ class ServerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One request; an error response raises the library's exception for it."""
+    def call(self, method: str, path: str, *, raw: bool = False, with_type: bool = False, **kwargs: Any) -> Any:
+        """One request; an error response raises the library's exception for it. Returns the JSON document, or
+        with ``raw`` the body's bytes (and with ``with_type`` also its media type)."""
         try:
             r = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise errors.CatalogError(f"cannot reach the echosearch server at {self.url}: {exc}") from exc
         if r.status_code < 400:
+            if raw:
+                return (r.content, r.headers.get("content-type", "").split(";")[0].strip()) if with_type else r.content
             return r.json()
         try:
             body = r.json()

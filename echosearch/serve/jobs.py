@@ -1,9 +1,10 @@
 """Ingest jobs of the server: folders and files already on the server's disk, indexed one job at a time.
 
 A job runs :func:`echosearch.pipeline.index_sources` in a worker thread on its own cursor of the server's
-connection. The pipeline commits every record batch and every encoded batch in its own short transaction,
-so searches (other cursors) see each batch as it lands, and a job killed with the server loses at most the
-batch in flight: on restart the server resumes the videos that were recorded but not yet encoded.
+connection. The local runner commits each encoded batch (its rows and vectors together) in one short
+transaction, so searches (other cursors) see each batch as it lands, and a job killed with the server loses
+at most the batch in flight: submitting the job again indexes the rest (files already in the catalog are
+skipped); videos recorded by ``scan`` without vectors are encoded when the server starts.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class JobRunner:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking jobs; a running job stops after its next committed batch (waited for up to
-        ``timeout`` seconds) and is marked failed; an interrupted job's videos are resumed on restart."""
+        ``timeout`` seconds) and is marked failed; submitting it again indexes what it had not committed."""
         with self._cv:
             self._stop = True
             self._cv.notify()
@@ -142,7 +143,7 @@ class JobRunner:
                 job.videos_encoded, job.frames_encoded = videos, frames
                 self.on_commit()
                 if self._stop:  # the server is stopping: end after this committed batch
-                    raise JobCancelled("the server stopped during this job; its videos are resumed on restart")
+                    raise JobCancelled("the server stopped during this job; submit it again to index the rest")
 
             settings = self.settings
             if len(job.sources) <= INLINE_DECODE_MAX and all(Path(s).is_file() for s in job.sources):

@@ -109,11 +109,13 @@ def audit(cat: Catalog, *, fpr: float, k: int, unverifiable: bool) -> dict[str, 
 
 
 def audit_results(cat: Catalog, suspects_only: bool) -> dict[str, Any]:
-    """The latest stored audit run with each study's latest reviewer decision."""
+    """The latest stored audit run in review order with each study's latest reviewer decision."""
+    from echosearch.appcore.views import audit_review
+
     run = cat.latest_run("audit")
     if run is None:
         return {"run_id": None, "studies": []}
-    rows = records(cat.audit_results(run, suspects_only))
+    rows = records(audit_review(cat, suspects_only))
     for r in rows:
         r["evidence"] = json.loads(r["evidence"])
     return {"run_id": run, "studies": rows}
@@ -143,23 +145,12 @@ def match(cat: Catalog, *, study: str | None, vector: np.ndarray | None, k: int,
     return {**what, "candidates": records(df)}
 
 
-def timeline(cat: Catalog, patient: str) -> dict[str, Any]:
-    """A patient's studies in date order with zero-shot predictions and change scores (computed now)."""
-    from echosearch.change import scan_changes, study_predictions
+def timeline_frame(cat: Catalog, patient: str) -> tuple[int, pl.DataFrame]:
+    """(patient key, the patient's studies in date order with zero-shot predictions and change scores computed
+    now) of a patient given by pseudonym or key."""
+    from echosearch.appcore.views import patient_timeline
 
     key = cat.patient_key(patient)
     if key is None:
         raise QueryError(f"unknown patient {patient!r}")
-    studies = cat.patient_studies(key)
-    if studies.height:
-        preds = study_predictions(cat)
-        studies = studies.join(preds, on="study_key", how="left")
-        try:
-            ch = scan_changes(cat, patient=key, store=False)
-        except QueryError:  # no study vectors yet
-            ch = pl.DataFrame()
-        if ch.height:
-            keep = [c for c in ch.columns if c == "study_key" or c not in studies.columns]
-            studies = studies.join(ch.select(keep), on="study_key", how="left")
-        studies = studies.with_row_index("visit", offset=1)
-    return {"patient_key": key, "studies": records(studies)}
+    return key, patient_timeline(cat, key)

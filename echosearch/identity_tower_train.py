@@ -1,0 +1,272 @@
+"""Fine-tune the last stages of the image tower for identity (``echosearch train-identity --train-stages K``).
+
+The frozen part (stem and early stages) runs once per frame: every encoded video of the index is decoded and
+prepared with the index's own frame policy, and its split activations are cached (float16) for ``aug_copies``
+versions of the clip: the plain frames and copies under augmentations that keep identity (a probe shifted,
+rotated and at another depth by a few pixels / degrees / percent; other gain and gamma), drawn by seed per
+video. The copies share the clip's frames (copy ``c`` holds frames ``c, c + A, c + 2A, ...``), so caching costs
+one pass of the frozen stages over the clip whatever the number of copies. A step takes a batch of patients, for each of their videos one cached version and a random subset of
+its frames, runs the copied stages (:class:`~echosearch.identity_tower.TowerTail`), pools each video's frame
+vectors, applies the head, pools each study's videos as the index pools them and applies the same supervised
+contrastive loss over studies as the head-only training (positives: the recorded patient's studies from
+other visits). Mislabels: a first pass, the identity audit on the training studies' vectors, the suspects
+dropped, a second pass from the same initial weights. Held-out patients: cross-visit study-pair AUC every
+epoch, beside the content vectors' on the same pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from echosearch.catalog import Catalog
+from echosearch.errors import EchosearchError
+from echosearch.identity_model import IdentityHead
+from echosearch.identity_tower import TowerTail, frozen_forward, save_tower, split_point
+
+if TYPE_CHECKING:
+    from echosearch.encode import Encoder
+    from echosearch.identity_train import IdentityTrainConfig, IdentityTrainResult, Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TowerFeatures:
+    """Cached split activations per video, (copies, frames / copies, C, H, W) float16, copy 0 plain."""
+
+    acts: list[torch.Tensor]
+    video_study: np.ndarray
+    study_keys: np.ndarray
+    study_patient: np.ndarray
+    tower: dict[str, Any]
+    split: int
+
+
+def augment(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Another acquisition of the same heart: probe shifted (<= 6 px), turned (<= 5 deg), depth (+-8 %), gain
+    (x0.75-1.3) and gamma (0.8-1.25), the same for every frame of the clip."""
+    import cv2
+
+    n, s = frames.shape[0], frames.shape[1]
+    angle, scale = rng.uniform(-5, 5), rng.uniform(0.92, 1.08)
+    m = np.asarray(cv2.getRotationMatrix2D((s / 2, s / 2), angle, scale), np.float64)
+    m[:, 2] += rng.uniform(-6, 6, 2)
+    gain, gamma = rng.uniform(0.75, 1.3), rng.uniform(0.8, 1.25)
+    lut = np.clip(255.0 * gain * (np.arange(256) / 255.0) ** gamma, 0, 255).astype(np.uint8)
+    out = np.empty_like(frames)
+    for i in range(n):
+        out[i] = cv2.warpAffine(frames[i], m, (s, s), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
+    return lut[out]
+
+
+def _split_acts(base: Encoder, frames: np.ndarray, split: int, batch: int = 64) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch):
+            out.append(frozen_forward(base.model.visual, base.frames_to_tensor(frames[i:i + batch]), split).cpu())
+    return torch.cat(out).to(torch.float16)
+
+
+def tower_activations(index_dir: Path, cfg: IdentityTrainConfig, progress: Progress | None = None) -> TowerFeatures:
+    """Decode every encoded video of the index once and cache its split activations (plain + augmented)."""
+    from echosearch.discover import FileRecord
+    from echosearch.encode import encoder_for_index, load_encoder
+    from echosearch.ingest import FailedFile, iter_processed
+
+    with Catalog.open(index_dir, read_only=True) as cat:
+        content = encoder_for_index(cat, device=cfg.device)
+        source = str(cat.get_manifest("model_source") or content.name)
+        rows = cat.encoded_video_files()
+        where = cat.locations([int(r[0]) for r in rows])
+    if not rows:
+        raise EchosearchError(f"index {index_dir} has no encoded videos: nothing to train on")
+    base = content if cfg.init is None else load_encoder(cfg.init, device=cfg.device,
+                                                         frames_per_video=content.policy.n_frames)
+    spec = source if cfg.init is None else cfg.init
+    if spec.startswith("local-dir:"):
+        spec = f"local-dir:{Path(spec[len('local-dir:'):]).expanduser().resolve()}"
+    ident = base.identity
+    info = {"model": spec, "name": ident["name"], "weights_sha256": ident["weights_sha256"],
+            "embed_dim": int(ident["embed_dim"])}
+    split = split_point(base.model.visual, cfg.train_stages)
+    by_sha = {r[1]: r for r in rows}
+    records = [FileRecord(path=where[int(r[0])], size=int(r[3]), sha256=r[1], kind=r[2]) for r in rows]
+    got: dict[int, tuple[torch.Tensor, int, int]] = {}
+    for i, item in enumerate(iter_processed(records, content.policy, cfg.workers)):
+        if progress:
+            progress("features", i + 1, len(records), {})
+        if isinstance(item, FailedFile):
+            log.warning("skipping a video that no longer decodes: %s", item.reason)
+            continue
+        r = by_sha[item.record.sha256]
+        key = int(r[0])
+        a = max(1, min(cfg.aug_copies, len(item.frames)))
+        n = len(item.frames) // a
+        versions = [item.frames[c::a][:n] if c == 0 else
+                    augment(item.frames[c::a][:n], np.random.default_rng([cfg.seed, key, c])) for c in range(a)]
+        acts = _split_acts(base, np.concatenate(versions), split)
+        got[key] = (acts.reshape(a, n, *acts.shape[1:]), int(r[4]), int(r[5]))
+    keys = sorted(got)
+    study_keys = np.unique([got[k][1] for k in keys]).astype(np.int64)
+    patient_of = {got[k][1]: got[k][2] for k in keys}
+    return TowerFeatures(acts=[got[k][0] for k in keys],
+                         video_study=np.searchsorted(study_keys, [got[k][1] for k in keys]).astype(np.int64),
+                         study_keys=study_keys,
+                         study_patient=np.array([patient_of[int(s)] for s in study_keys], dtype=np.int64),
+                         tower=info, split=split)
+
+
+class _TowerData:
+    """Videos of each study and the cached activations, with study vectors through a tail and a head."""
+
+    def __init__(self, feats: TowerFeatures) -> None:
+        self.feats = feats
+        self.video_study = torch.from_numpy(feats.video_study)
+        self.n_studies = len(feats.study_keys)
+
+    def study_vectors(self, tail: TowerTail, head: IdentityHead, studies: torch.Tensor, frames: int | None = None,
+                      gen: torch.Generator | None = None, chunk: int = 512) -> torch.Tensor:
+        """Identity vectors of ``studies`` (rows in that order). Training (``gen``): a random cached version and
+        ``frames`` random frames per video; evaluation: the plain version, every frame."""
+        pos = torch.full((self.n_studies,), -1, dtype=torch.long)
+        pos[studies] = torch.arange(len(studies))
+        vids = torch.nonzero(pos[self.video_study] >= 0).squeeze(1).tolist()
+        xs, owner = [], []
+        for j, v in enumerate(vids):
+            a = self.feats.acts[v]
+            if gen is not None:
+                c = int(torch.randint(a.shape[0], (1,), generator=gen))
+                idx = torch.randperm(a.shape[1], generator=gen)[:frames or a.shape[1]]
+                x = a[c, idx]
+            else:
+                x = a[0]
+            xs.append(x)
+            owner.append(torch.full((len(x),), j, dtype=torch.long))
+        h = torch.cat(xs)
+        fo = torch.cat(owner)
+        fv = torch.cat([tail(h[i:i + chunk].float()) for i in range(0, len(h), chunk)])
+        vv = torch.nn.functional.normalize(torch.zeros(len(vids), fv.shape[1]).index_add(0, fo, fv), dim=-1)
+        z = head(vv)
+        out = torch.zeros(len(studies), z.shape[1]).index_add(0, pos[self.video_study[vids]], z)
+        return torch.nn.functional.normalize(out, dim=-1)
+
+
+def _fit(data: _TowerData, tail0: TowerTail, head0: IdentityHead, train_rows: np.ndarray, hold_rows: np.ndarray,
+         cfg: IdentityTrainConfig, phase: int, content_auc: float | None, progress: Progress | None,
+         history: list[dict[str, float]]) -> tuple[TowerTail, IdentityHead]:
+    """One pass from the initial weights (``tail0``, ``head0``) on the studies ``train_rows``."""
+    from echosearch.identity_train import pair_auc, supcon_loss
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    tail, head = copy.deepcopy(tail0), copy.deepcopy(head0)
+    opt = torch.optim.AdamW([{"params": tail.parameters(), "lr": cfg.tail_lr},
+                             {"params": head.parameters(), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
+    total = cfg.epochs * cfg.steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg.tail_lr, cfg.lr], total_steps=max(total, 1),
+                                                pct_start=0.1)
+    feats = data.feats
+    patients = feats.study_patient[train_rows]
+    uniq = np.unique(patients)
+    rows_of = {int(p): torch.from_numpy(train_rows[patients == p]) for p in uniq}
+    labels = torch.from_numpy(feats.study_patient)
+    step, t0 = 0, time.perf_counter()
+    for epoch in range(cfg.epochs):
+        losses = []
+        tail.train()
+        head.train()
+        for _ in range(cfg.steps_per_epoch):
+            chosen = torch.randperm(len(uniq), generator=gen)[:cfg.batch_patients].tolist()
+            studies = torch.cat([rows_of[int(uniq[i])] for i in chosen])
+            z = data.study_vectors(tail, head, studies, cfg.frames_per_step, gen)
+            loss = supcon_loss(z, labels[studies], cfg.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([*tail.parameters(), *head.parameters()], 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.item()))
+            step += 1
+            if progress:
+                progress(f"pass {phase}", step, total, {"loss": losses[-1]})
+        tail.eval()
+        head.eval()
+        metrics: dict[str, float] = {"pass": float(phase), "epoch": float(epoch + 1), "loss": float(np.mean(losses)),
+                                     "seconds": round(time.perf_counter() - t0, 2)}
+        if len(hold_rows):
+            with torch.no_grad():
+                zh = data.study_vectors(tail, head, torch.from_numpy(hold_rows)).numpy()
+            auc = pair_auc(zh, feats.study_patient[hold_rows])
+            if auc is not None:
+                metrics["heldout_auc"] = auc
+            if content_auc is not None:
+                metrics["content_auc"] = content_auc
+        history.append(metrics)
+        if progress:
+            progress("epoch", epoch + 1, cfg.epochs, metrics)
+    return tail, head
+
+
+def train_tower(index_dir: Path, out_dir: Path, cfg: IdentityTrainConfig, result: IdentityTrainResult,
+                progress: Progress | None = None, features: TowerFeatures | None = None,
+                provenance: dict[str, Any] | None = None) -> IdentityTrainResult:
+    """Fine-tune the last ``cfg.train_stages`` stages and a head on the index's recorded patients; save an identity
+    tower folder to ``out_dir``. ``features``: cached activations (:func:`tower_activations`) to reuse."""
+    from echosearch.encode import load_encoder
+    from echosearch.identity import StudySet, score_studies
+    from echosearch.identity_train import heldout_content_auc, split_patients
+
+    t0 = time.perf_counter()
+    feats = features or tower_activations(index_dir, cfg, progress)
+    held = split_patients(feats.study_patient, cfg.holdout, cfg.seed)
+    is_held = np.isin(feats.study_patient, held)
+    train_rows, hold_rows = np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
+    if train_rows.size == 0 or np.unique(feats.study_patient[train_rows], return_counts=True)[1].max() < 2:
+        raise EchosearchError("no patient with two or more studies to train on")
+    content_auc = heldout_content_auc(index_dir, feats.study_keys, feats.study_patient, hold_rows)
+    base = load_encoder(str(feats.tower["model"]), device="cpu")
+    if base.identity["weights_sha256"] != feats.tower["weights_sha256"]:
+        raise EchosearchError(f"the cached activations were computed with other weights than {feats.tower['model']}")
+    torch.manual_seed(cfg.seed)
+    tail0 = TowerTail(base.model.visual, feats.split)
+    head0 = IdentityHead(tail0.out_dim, cfg.out_dim, cfg.hidden, cfg.residual, "video")
+    data = _TowerData(feats)
+    result.content_auc = content_auc
+    result.n_holdout_studies, result.n_holdout_patients = int(hold_rows.size), int(held.size)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        tail, head = _fit(data, tail0, head0, train_rows, hold_rows, cfg, 1, content_auc, progress, result.history)
+        if cfg.clean:
+            with torch.no_grad():
+                z = data.study_vectors(tail, head, torch.from_numpy(train_rows)).numpy()
+            S = StudySet(feats.study_keys[train_rows], np.ascontiguousarray(z), feats.study_patient[train_rows],
+                         pl.DataFrame(), "identity")
+            suspect = score_studies(S, fpr=cfg.clean_fpr)["suspect"]
+            result.dropped_study_keys = [int(k) for k in feats.study_keys[train_rows][suspect]]
+            if suspect.any():
+                train_rows = train_rows[~suspect]
+                tail, head = _fit(data, tail0, head0, train_rows, hold_rows, cfg, 2, content_auc, progress,
+                                  result.history)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    result.n_train_studies = int(train_rows.size)
+    result.identity_auc = result.history[-1].get("heldout_auc") if result.history else None
+    result.seconds = round(time.perf_counter() - t0, 2)
+    training = {"index": Path(index_dir).name, "seed": cfg.seed, "epochs": cfg.epochs,
+                "config": {k: v for k, v in vars(cfg).items() if k not in ("workers", "device")},
+                "n_train_studies": result.n_train_studies, "n_holdout_studies": result.n_holdout_studies,
+                "n_holdout_patients": result.n_holdout_patients, "dropped_studies": len(result.dropped_study_keys),
+                "heldout_auc": result.identity_auc, "content_auc": content_auc, "seconds": result.seconds,
+                "history": result.history, **(provenance or {})}
+    save_tower(Path(out_dir), tail.eval(), head.eval(), feats.tower, training)
+    return result
