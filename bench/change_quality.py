@@ -32,7 +32,7 @@ COHORT: dict[str, Any] = {"patients": 90, "visits": (4, 6), "views": ("A4C", "PL
 def build(work: Path, seed: int) -> Path:
     """The cohort and index of a seed (reused when present)."""
     from echosearch.config import load_settings
-    from echosearch.pipeline import index_sources
+    from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 
     root = work / f"c{seed}"

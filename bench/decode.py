@@ -26,8 +26,8 @@ import pydicom
 
 from echosearch.discover import inspect_file
 from echosearch.frame_policy import resolve_frame_policy
-from echosearch.ingest import process_file
 from echosearch.prepare import FramePolicy, sample_indices
+from echosearch.run.read import process_file
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "testdata" / "real-dicom"

@@ -34,9 +34,10 @@ from encode import model_only  # noqa: E402  (bench/encode.py's (a): vectors com
 
 from echosearch.discover import FileRecord  # noqa: E402
 from echosearch.encode import Encoder, load_encoder  # noqa: E402
-from echosearch.ingest import PreparedVideo, iter_processed  # noqa: E402
 from echosearch.models import write_model_folder  # noqa: E402
 from echosearch.prepare import FramePolicy  # noqa: E402
+from echosearch.run.read import PreparedVideo  # noqa: E402
+from echosearch.run.workers import iter_processed
 
 ECHO_FILES = ("ACUSON_Sequoia_echo_A4C_65f_JPEG.dcm", "SonoSite_echo_A4C_30f_JPEG_small.dcm",
               "Philips_EPIQ_echo_PLAX_JPEGLossless.dcm", "US-MONO2-8-8x-execho.dcm", "US-PAL-8-10x-echo_JPEGLS.dcm",

@@ -45,7 +45,7 @@ def full_pipeline(enc, cohort: Path, frames: int, batch: int, workers: int,  # t
     """(b) frames/s of the whole index run (decode + prepare + encode + catalog + vector index), end to end;
     the summary also carries the steady rate (first to last committed batch) and the fixed stage costs."""
     from echosearch.config import load_settings
-    from echosearch.pipeline import index_sources
+    from echosearch.run.local import index_sources
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(mode="demo", frames_per_video=frames, batch_size=batch, workers=workers,

@@ -125,7 +125,7 @@ def main() -> None:
     from echosearch.config import load_settings
     from echosearch.encode import load_encoder
     from echosearch.intake import IntakeStore
-    from echosearch.pipeline import index_sources
+    from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 
     work = Path(tempfile.mkdtemp(prefix="echosearch-bench-intake-"))

@@ -176,7 +176,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from echosearch.config import load_settings
-    from echosearch.pipeline import index_sources
+    from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="echosearch-live-"))

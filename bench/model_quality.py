@@ -33,7 +33,7 @@ def evaluate_model(model: str, seeds: list[int], work: Path, patients: int, work
     """One row per cohort: recall@10 per finding and its mean, zero-shot EF MAE, same-patient AUC."""
     from echosearch.config import load_settings
     from echosearch.evaluate import evaluate
-    from echosearch.pipeline import index_sources
+    from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 
     rows = []

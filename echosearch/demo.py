@@ -45,8 +45,8 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
     from echosearch.eval_identity import audit_metrics, identity_metrics, levels_frame
     from echosearch.evaluate import evaluate, format_table, join_truth, study_truth
     from echosearch.identity import audit
-    from echosearch.pipeline import index_sources
     from echosearch.query import Searcher
+    from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 
     t0 = time.time()

@@ -27,8 +27,8 @@ def build(out: Path, workdir: Path | None = None, epochs: int = TRAIN_EPOCHS, pa
     from echosearch.catalog import Catalog
     from echosearch.config import load_settings
     from echosearch.frame_policy import resolve_frame_policy
-    from echosearch.ingest import scan
     from echosearch.models import REGISTRY
+    from echosearch.run.local import scan
     from echosearch.synth import generate_cohort
     from echosearch.train import TrainConfig, train
 

@@ -86,7 +86,7 @@ def preview_policy(index_policy: dict[str, Any] | None = None, frames: int = PRE
 def preview_frames(source: Path, policy: FramePolicy) -> tuple[np.ndarray, float]:
     """Prepared frames (T,S,S,3) uint8 of ``source`` (duplicates of short clips dropped) and a playback rate."""
     from echosearch.discover import inspect_file
-    from echosearch.ingest import process_file
+    from echosearch.run.read import process_file
 
     prepared = process_file(inspect_file(Path(source)), policy)
     _, first = np.unique(prepared.frame_indices, return_index=True)

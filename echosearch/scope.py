@@ -425,7 +425,7 @@ def assess_file(path: Path, searcher: Any) -> tuple[ClipScope, np.ndarray | None
     scope, with why, and has no vector."""
     from echosearch.discover import inspect_file
     from echosearch.errors import IngestError
-    from echosearch.ingest import process_file
+    from echosearch.run.read import process_file
 
     enc = searcher.encoder()
     try:

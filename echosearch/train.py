@@ -112,7 +112,8 @@ def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
                 ) -> tuple[list[np.ndarray], list[str], list[int], list[str | None], list[int]]:
     from echosearch.discover import FileRecord
     from echosearch.frame_policy import resolve_frame_policy
-    from echosearch.ingest import FailedFile, iter_processed
+    from echosearch.run.read import FailedFile
+    from echosearch.run.workers import iter_processed
 
     rows = cat.videos_with_reports()
     if not rows:

@@ -38,7 +38,7 @@ def model_name() -> str:
 def _built_index(root: str) -> Path:
     """Cohort -> index, once per process (shared by test_app.py and test_browser.py)."""
     from echosearch.config import load_settings
-    from echosearch.pipeline import index_sources
+    from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 
     base = Path(root)

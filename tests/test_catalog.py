@@ -195,3 +195,38 @@ def test_frame_vectors_are_stored_by_key_and_position(tmp_path: Path) -> None:
         assert [(r[0], r[1]) for r in rows] == [(k1, 0), (k1, 1), (k1, 2), (k2, 0), (k2, 1)]
         assert np.allclose(rows[4][2], f2[1]) and np.allclose(rows[0][2], f1[0])
         assert cat.generation() == 1  # one atomic write, one generation
+
+
+def test_named_queries_are_defined_once_across_the_catalog_layer() -> None:
+    """Catalog combines its core with the store/ groups: a name defined twice would silently shadow one of them."""
+    from echosearch.store.analysis_queries import AnalysisQueries
+    from echosearch.store.app_queries import AppQueries
+    from echosearch.store.run_queries import RunQueries
+
+    seen: dict[str, str] = {}
+    for cls in (Catalog, AppQueries, RunQueries, AnalysisQueries):
+        for name, value in vars(cls).items():
+            if callable(value) or isinstance(value, (property, classmethod, staticmethod)):
+                if name.startswith("__"):
+                    continue
+                assert name not in seen, f"{name} is defined in both {seen[name]} and {cls.__name__}"
+                seen[name] = cls.__name__
+
+
+def test_sql_lives_in_the_catalog_layer() -> None:
+    """No module outside catalog.py, store/ and filters.py (which builds WHERE fragments) holds an SQL statement."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    allowed = {"echosearch/catalog.py", "echosearch/filters.py"}
+    statement = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|WITH)\s", re.I)
+    offenders = []
+    for path in sorted([*root.joinpath("echosearch").rglob("*.py"), *root.joinpath("app").rglob("*.py")]):
+        rel = path.relative_to(root).as_posix()
+        if rel in allowed or rel.startswith("echosearch/store/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and statement.match(node.value) \
+                    and ("FROM" in node.value.upper() or "INTO" in node.value.upper() or "TABLE" in node.value.upper()):
+                offenders.append(f"{rel}:{node.lineno}")
+    assert not offenders, offenders

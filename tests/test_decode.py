@@ -120,8 +120,8 @@ def test_frames_picked_from_the_header_read_once(monkeypatch: pytest.MonkeyPatch
     """A pick function sees the header's metadata and gets what explicit indices get; ingesting a file reads
     its header once."""
     from echosearch.discover import inspect_file
-    from echosearch.ingest import process_file
     from echosearch.prepare import FramePolicy
+    from echosearch.run.read import process_file
 
     path = real("SonoSite_echo_A4C_30f_JPEG_small.dcm")
     expected = decode_video(path, "dicom", [29, 0, 0])
@@ -402,8 +402,8 @@ def test_missing_attributes_give_reasons_a_person_can_act_on(
     tmp_path: Path, rgb_clip: np.ndarray, drop: str, pi: str, reason: str
 ) -> None:
     from echosearch.discover import inspect_file
-    from echosearch.ingest import FailedFile, safe_process
     from echosearch.prepare import FramePolicy
+    from echosearch.run.read import FailedFile, safe_process
 
     ds = us_dataset(rgb_clip if pi == "RGB" else rgb_clip[..., 0], pi)
     if pi == "PALETTE COLOR":

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not demo_model_available(), reason="shipped demo
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from echosearch.config import load_settings
     from echosearch.evaluate import evaluate
-    from echosearch.pipeline import index_sources
+    from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 
     root = tmp_path_factory.mktemp("demo-model")

@@ -140,7 +140,7 @@ def _demo_model_present() -> bool:
 def test_end_to_end_synthetic_cohort(tmp_path: Path) -> None:
     """Synthetic cohort -> index with the demo model -> audit, changes and evaluation (minutes on 2 cores)."""
     from echosearch.config import load_settings
-    from echosearch.pipeline import index_sources
+    from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 
     generate_cohort(tmp_path / "cohort", patients=24, seed=7, visits=(2, 4), mislabel_rate=0.08)

@@ -22,10 +22,10 @@ from echosearch.discover import inspect_file
 from echosearch.encode import Encoder, encoder_for_index, load_encoder
 from echosearch.errors import ConfigError, ModelMismatchError
 from echosearch.frame_policy import resolve_frame_policy
-from echosearch.ingest import process_file
 from echosearch.models import REGISTRY, ModelSpec, write_model_folder
-from echosearch.pipeline import index_sources
 from echosearch.prepare import FramePolicy, policy_manifest, sample_indices
+from echosearch.run.local import index_sources
+from echosearch.run.read import process_file
 
 # a tiny open_clip model with EchoCLIP's image side (224) and frame-policy hint: loads in well under a second
 TINY_CFG = {"embed_dim": 16, "vision_cfg": {"image_size": 224, "patch_size": 32, "width": 32, "layers": 1,

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from echosearch.discover import inspect_file
 from echosearch.errors import EchosearchError
-from echosearch.ingest import PreparedVideo, process_file
 from echosearch.prepare import FramePolicy
+from echosearch.run.read import PreparedVideo, process_file
 
 POLICY = FramePolicy("sector", 8, 112)
 PER_EXAMPLE_S = 10

@@ -55,7 +55,7 @@ def _settings(monkeypatch: pytest.MonkeyPatch) -> None:
 def cohorts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(cohort A, cohort B, an index of cohort A)."""
     from echosearch.config import load_settings
-    from echosearch.pipeline import index_sources
+    from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 
     base = tmp_path_factory.mktemp("server")

@@ -362,8 +362,8 @@ def train_index(small_cohort: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """The small cohort scanned (with its reports) into an index; training decodes its own frames."""
     from echosearch.catalog import Catalog
     from echosearch.config import load_settings
-    from echosearch.ingest import scan
     from echosearch.prepare import FramePolicy
+    from echosearch.run.local import scan
 
     idx = tmp_path_factory.mktemp("train") / "idx"
     with Catalog.open(idx, create=True) as cat:

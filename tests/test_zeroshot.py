@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from echosearch.catalog import Catalog
-from echosearch.change import _explain, scan_changes
+from echosearch.change import scan_changes
 from echosearch.errors import ConfigError
 from echosearch.models import ModelSpec
 from echosearch.zeroshot import (
@@ -293,14 +293,6 @@ def test_change_uses_the_recorded_presence_threshold(tmp_path: Path) -> None:
            for df_name, df in (("old", old), ("new", new))}
     assert "new pacer/ICD lead" not in row["old"]["explanation"]
     assert "new pacer/ICD lead" in row["new"]["explanation"] and "new pacer/ICD lead" in row["new"]["reasons"]
-
-
-def test_explain_without_a_threshold_uses_the_change_rule() -> None:
-    thr = {"ef": 10.0, "pacer_lead": 0.02, "tavr": 0.02, "mitraclip": 0.02, "lv_dilated": 0.02}
-    r = {"pacer_lead": 0.33, "pacer_lead_prev": 0.25, "tavr": 0.26, "tavr_prev": 0.25}
-    assert _explain(r, thr, {"pacer_lead": 0.4, "tavr": None})[1] == []  # below 0.4: not present
-    assert _explain(r, thr, {"pacer_lead": None, "tavr": None})[1] == ["new pacer/ICD lead"]  # rise > noise only
-    assert _explain(r, thr)[1] == []  # default 0: both values already above it
 
 
 def test_compare_methods_on_video_and_frame_vectors(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ shows, :mod:`echosearch.change.model` turns it into probabilities, :mod:`echosea
 device and heart states along each timeline and writes the flags. See ``docs/longitudinal.md``.
 """
 
-from echosearch.change.legacy import _explain
 from echosearch.change.model import EF_MARGIN, FLAG_TYPES, ChangeModel, default_model
 from echosearch.change.scan import (
     CLAUSE_TYPES,
@@ -17,5 +16,5 @@ from echosearch.change.scan import (
     study_predictions,
 )
 
-__all__ = ["CLAUSE_TYPES", "DEVICE_NAMES", "EF_MARGIN", "FLAG_TYPES", "LABELS", "MIN_PROBABILITY", "ChangeModel", "_explain",
+__all__ = ["CLAUSE_TYPES", "DEVICE_NAMES", "EF_MARGIN", "FLAG_TYPES", "LABELS", "MIN_PROBABILITY", "ChangeModel",
            "default_model", "scan_changes", "score_cohort", "study_predictions"]

@@ -114,7 +114,7 @@ def match(
     with Catalog.open(index, read_only=True) as cat:
         if video is not None:
             from echosearch.encode import encoder_for_index
-            from echosearch.pipeline import match_vector
+            from echosearch.run.single import match_vector
 
             df = match_patients(cat, match_vector(cat, video, encoder_for_index(cat)), k_patients=k)
         else:

@@ -248,7 +248,7 @@ def pull(url: str, index_dir: Path | str, settings: Settings, *, since: date | N
         summary.watermark_after = after.isoformat() if after else None
 
         def save(cat: Any) -> None:
-            from echosearch.ingest import stored_location
+            from echosearch.run.read import stored_location
 
             for where, reason in errors:
                 label, location = stored_location(Path(where), pz, settings.store_raw_identifiers)

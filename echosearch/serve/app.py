@@ -93,7 +93,6 @@ class ChangesBody(BaseModel):
 
     patient: str | None = None
     min_probability: float | None = Field(None, ge=0.0, le=1.0)
-    z_threshold: float | None = None
 
 
 class MatchBody(BaseModel):
@@ -232,7 +231,7 @@ def create_app(state: ServerState) -> FastAPI:
         return _search(who, "video", file.filename or "upload", body, vector) | {"file_sha256": sha}
 
     def _embed(path: Path) -> np.ndarray:
-        from echosearch.pipeline import embed_file
+        from echosearch.run.single import embed_file
 
         vec, _frames = embed_file(path, state.encoder())
         return np.asarray(vec, dtype=np.float32)
@@ -316,7 +315,7 @@ def create_app(state: ServerState) -> FastAPI:
     def match_upload(who: Actor, file: Annotated[UploadFile, File()], k: Annotated[int, Form(ge=1)] = 5,
                      ) -> dict[str, Any]:
         """Which patients does an uploaded clip look like (identity vectors when the index has them)?"""
-        from echosearch.pipeline import match_vector
+        from echosearch.run.single import match_vector
 
         with saved_upload(file) as path, state.reader() as cat:
             vector = match_vector(cat, path, state.encoder())

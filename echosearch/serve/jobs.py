@@ -132,7 +132,7 @@ class JobRunner:
 
     def _execute(self, job: Job) -> None:
         from echosearch.discover import count_candidates
-        from echosearch.pipeline import index_sources
+        from echosearch.run.local import index_sources
 
         job.state, job.started_at = "running", _now()
         cur = self.root.cursor()
