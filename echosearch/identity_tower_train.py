@@ -225,6 +225,8 @@ def train_tower(index_dir: Path, out_dir: Path, cfg: IdentityTrainConfig, result
     from echosearch.identity import StudySet, score_studies
     from echosearch.identity_train import heldout_content_auc, split_patients
 
+    if cfg.pool != "video":
+        raise EchosearchError("an identity tower pools its frame vectors per video before its head (--pool video)")
     t0 = time.perf_counter()
     feats = features or tower_activations(index_dir, cfg, progress)
     held = split_patients(feats.study_patient, cfg.holdout, cfg.seed)

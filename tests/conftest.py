@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,12 @@ def demo_model_available() -> bool:
     from echosearch.models import DEMO_MODEL_DIR
 
     return (DEMO_MODEL_DIR / "open_clip_model.safetensors").is_file()
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module() -> Iterator[None]:
+    """Streamlit's AppTest leaves the app script as ``sys.modules["__main__"]``; every process spawned later in
+    this session (decode workers) would then run that script on start-up and die. Put the real one back."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
