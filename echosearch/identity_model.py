@@ -236,7 +236,7 @@ def backfill_identity(catalog: Catalog, enc: IdentityEncoder, workers: int = 1) 
     video and study identity vectors and builds their vector indexes. Returns the number of videos."""
     from echosearch.encode import l2_normalise
     from echosearch.errors import ConfigError
-    from echosearch.pipeline import pool_identity
+    from echosearch.run.finish import pool_identity
     from echosearch.vectorindex import IDENTITY_LEVELS, build_index
 
     stored = catalog.get_manifest("identity_model")
@@ -283,7 +283,8 @@ def _decoded_identity(catalog: Catalog, enc: IdentityEncoder, keys: list[int], w
     import logging
 
     from echosearch.discover import FileRecord
-    from echosearch.ingest import FailedFile, iter_processed
+    from echosearch.run.read import FailedFile
+    from echosearch.run.workers import iter_processed
 
     assert enc.policy is not None
     rows = {int(r[0]): r for r in catalog.encoded_video_files() if int(r[0]) in set(keys)}

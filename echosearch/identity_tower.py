@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 TOWER_FORMAT = "echosearch-identity-tower"
 TAIL_WEIGHTS = "identity_tail.safetensors"
-TAP_BYTES = 512 * 2**20  # most split activations kept from the content encoder's recent forward passes
+TAP_BYTES = 256 * 2**20  # most split activations kept from the content encoder's recent forward passes (beyond: recomputed)
 
 
 def trunk_of(visual: Any) -> Any:

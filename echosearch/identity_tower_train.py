@@ -80,7 +80,8 @@ def tower_activations(index_dir: Path, cfg: IdentityTrainConfig, progress: Progr
     """Decode every encoded video of the index once and cache its split activations (plain + augmented)."""
     from echosearch.discover import FileRecord
     from echosearch.encode import encoder_for_index, load_encoder
-    from echosearch.ingest import FailedFile, iter_processed
+    from echosearch.run.read import FailedFile
+    from echosearch.run.workers import iter_processed
 
     with Catalog.open(index_dir, read_only=True) as cat:
         content = encoder_for_index(cat, device=cfg.device)

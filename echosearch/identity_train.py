@@ -96,7 +96,8 @@ def tower_features(index_dir: Path, init: str | None = None, *, device: str = "c
     L2-normalised frame vectors once."""
     from echosearch.discover import FileRecord
     from echosearch.encode import encoder_for_index, load_encoder
-    from echosearch.ingest import FailedFile, iter_processed
+    from echosearch.run.read import FailedFile
+    from echosearch.run.workers import iter_processed
 
     with Catalog.open(index_dir, read_only=True) as cat:
         content = encoder_for_index(cat, device=device)

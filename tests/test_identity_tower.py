@@ -15,7 +15,7 @@ from echosearch.config import load_settings
 from echosearch.encode import l2_normalise, load_encoder
 from echosearch.identity_model import HEAD_CONFIG, HEAD_WEIGHTS, IdentityHead, load_identity_encoder, save_head
 from echosearch.identity_tower import TAIL_WEIGHTS, TailRunner, TowerTail
-from echosearch.pipeline import index_sources
+from echosearch.run.local import index_sources
 
 
 def _index(cohort: Path, index_dir: Path, model_dir: Path, **kw: object) -> object:

@@ -1,6 +1,6 @@
 """Ingest jobs of the server: folders and files already on the server's disk, indexed one job at a time.
 
-A job runs :func:`echosearch.pipeline.index_sources` in a worker thread on its own cursor of the server's
+A job runs :func:`echosearch.run.local.index_sources` in a worker thread on its own cursor of the server's
 connection. The local runner commits each encoded batch (its rows and vectors together) in one short
 transaction, so searches (other cursors) see each batch as it lands, and a job killed with the server loses
 at most the batch in flight: submitting the job again indexes the rest (files already in the catalog are
