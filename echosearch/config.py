@@ -77,20 +77,49 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     def require_secret(self) -> bytes:
-        """The pseudonymisation key. Production refuses to run without one; demo mode generates one."""
+        """The pseudonymisation key. Production refuses to run without one; demo mode uses :func:`demo_secret`."""
         if self.secret is not None and self.secret.get_secret_value():
             value = self.secret.get_secret_value()
             if len(value) < 16:
                 raise ConfigError("ECHOSEARCH_SECRET must be at least 16 characters")
             return value.encode()
         if self.mode == "demo":
-            generated = secrets.token_hex(32)
+            generated = demo_secret()
             self.secret = SecretStr(generated)
             return generated.encode()
         raise ConfigError(
             "no pseudonymisation secret: set ECHOSEARCH_SECRET (>= 16 characters) or `secret` in "
             "echosearch.toml; use ECHOSEARCH_MODE=demo only for synthetic data"
         )
+
+
+def demo_secret() -> str:
+    """Demo mode's key (synthetic data only): generated once per user and kept in the user's cache folder
+    (``$XDG_CACHE_HOME/echosearch/demo-secret``, mode 0600), so that a demo index can be opened again by later
+    commands (``locate``, ``train-identity``, a second ``index``) instead of each process sealing with its own."""
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "echosearch" / "demo-secret"
+    try:
+        value = path.read_text().strip()
+        if len(value) >= 16:
+            return value
+    except OSError:
+        pass
+    value = secrets.token_hex(32)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value)
+        try:
+            os.link(tmp, path)  # the first process to store one wins; the others read it
+        except FileExistsError:
+            value = path.read_text().strip() or value
+        finally:
+            tmp.unlink()
+    except OSError:
+        pass  # no writable cache folder: this process's own key, as before
+    return value
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -18,10 +18,17 @@ def test_production_requires_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings().require_secret()
 
 
-def test_demo_generates_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_generates_a_secret_once_per_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Demo mode's key is generated once and kept (0600) in the user's cache, so a later process (locate,
+    train-identity, a second index run) opens the same demo index; another user's cache gets another key."""
     monkeypatch.delenv("ECHOSEARCH_SECRET", raising=False)
-    s = load_settings(mode="demo")
-    assert len(s.require_secret()) >= 32
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a"))
+    first = load_settings(mode="demo").require_secret()
+    assert len(first) >= 32 and load_settings(mode="demo").require_secret() == first
+    kept = tmp_path / "a" / "echosearch" / "demo-secret"
+    assert kept.read_text().encode() == first and kept.stat().st_mode & 0o077 == 0
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
+    assert load_settings(mode="demo").require_secret() != first
 
 
 def test_env_and_toml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
