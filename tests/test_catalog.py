@@ -199,12 +199,10 @@ def test_frame_vectors_are_stored_by_key_and_position(tmp_path: Path) -> None:
 
 def test_named_queries_are_defined_once_across_the_catalog_layer() -> None:
     """Catalog combines its core with the store/ groups: a name defined twice would silently shadow one of them."""
-    from echosearch.store.analysis_queries import AnalysisQueries
-    from echosearch.store.app_queries import AppQueries
-    from echosearch.store.run_queries import RunQueries
-
+    groups = [c for c in Catalog.__mro__ if c.__module__.startswith("echosearch.store.") and c.__name__ != "QueryBase"]
+    assert len(groups) >= 6  # the catalog's core and every group of named queries take part
     seen: dict[str, str] = {}
-    for cls in (Catalog, AppQueries, RunQueries, AnalysisQueries):
+    for cls in (Catalog, *groups):
         for name, value in vars(cls).items():
             if callable(value) or isinstance(value, (property, classmethod, staticmethod)):
                 if name.startswith("__"):

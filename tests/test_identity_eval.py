@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from echosearch import calibration as cal
-from echosearch.catalog import Catalog, identity_table_sql
+from echosearch.catalog import Catalog
 from echosearch.eval_identity import (
     audit_metrics,
     bootstrap_aucs,
@@ -30,6 +30,7 @@ from echosearch.eval_identity import (
     weighted_auc,
 )
 from echosearch.evaluate import evaluate, join_truth, study_truth
+from echosearch.store.schema import identity_table_sql
 
 try:
     from test_evaluate import _truth_rows

@@ -94,9 +94,9 @@ class Plan:
 def plan(index: Path, host: str, port: int, base_url_path: str | None = None) -> Plan:
     """Check the index and the login rules; find a running server for the index or plan one."""
     from echosearch.appcore.auth import check_serve_safety
-    from echosearch.catalog import CATALOG_FILE
     from echosearch.errors import IndexNotFoundError
     from echosearch.serve.client import recorded_server
+    from echosearch.store.schema import CATALOG_FILE
 
     index = Path(index).resolve()
     if not (index / CATALOG_FILE).is_file():

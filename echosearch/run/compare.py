@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from echosearch.catalog import EMBEDDING_LEVELS, IDENTITY_LEVELS, Catalog
+from echosearch.catalog import Catalog
+from echosearch.store.schema import EMBEDDING_LEVELS, IDENTITY_LEVELS
 
 _EXACT = ("patients", "studies", "videos", "reports", "labels", "ingest_errors")
 

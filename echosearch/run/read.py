@@ -217,8 +217,8 @@ def stored_location(path: Path, pz: Pseudonymizer, store_raw: bool) -> tuple[str
 
 def _path_str(path: Path) -> str:
     """The absolute path as stored and reported: names that are not UTF-8 get ``\\xHH`` escapes
-    (:func:`echosearch.catalog.storable_path`)."""
-    from echosearch.catalog import storable_path
+    (:func:`echosearch.store.base.storable_path`)."""
+    from echosearch.store.base import storable_path
 
     return storable_path(path.absolute().as_posix())
 

@@ -8,20 +8,17 @@ writing SQL of their own. Rows are ordered by key wherever callers rely on an or
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 
 from echosearch.store.base import QueryBase
+from echosearch.store.schema import identity_table_sql
 
 
 class AnalysisQueries(QueryBase):
     """Mixed into :class:`echosearch.catalog.Catalog`."""
 
-    if TYPE_CHECKING:
-        def has_table(self, name: str) -> bool: ...
-
-        def has_scope(self) -> bool: ...
 
     # ---- studies and patients ----------------------------------------------------------------------
     def study_patients(self) -> pl.DataFrame:
@@ -123,8 +120,6 @@ class AnalysisQueries(QueryBase):
     def create_identity_tables(self, dim: int) -> None:
         """Create the identity vector tables of width ``dim`` when missing (call inside a transaction to bind
         them with the vectors written there)."""
-        from echosearch.catalog import identity_table_sql  # the catalog module imports this one
-
         self.con.execute(identity_table_sql(int(dim)))
 
     def row_count(self, table: str) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 
-from echosearch.store.base import QueryBase
+from echosearch.store.base import QueryBase, utc_now
 
 _KEYS = "(SELECT unnest(?::BIGINT[]))"
 
@@ -124,3 +124,58 @@ class AppQueries(QueryBase):
         clause = f"WHERE {' AND '.join(where)} " if where else ""
         return self._frame(f"SELECT * FROM access_log {clause}ORDER BY occurred_at DESC LIMIT ?",
                            [*params, int(limit)])
+
+    def patient_key(self, patient: str | int) -> int | None:
+        """The key of a patient given by pseudonym or key."""
+        row = self.one("SELECT patient_key FROM patients WHERE patient_pseudonym = ? OR CAST(patient_key AS VARCHAR) = ?",
+                       [str(patient), str(patient)])
+        return int(row[0]) if row else None
+
+    def patient_studies(self, patient_key: int) -> pl.DataFrame:
+        """A patient's studies in date order with their video count and views."""
+        return self.con.sql(
+            "SELECT s.study_key, s.study_uid, s.study_date, count(v.video_key) AS n_videos, "
+            "string_agg(DISTINCT v.view, ', ' ORDER BY v.view) AS views FROM studies s "
+            "LEFT JOIN videos v USING (study_key) WHERE s.patient_key = ? GROUP BY ALL "
+            "ORDER BY s.study_date NULLS LAST, s.study_key", params=[int(patient_key)]).pl()
+
+    def audit_results(self, run_id: int, suspects_only: bool = True) -> pl.DataFrame:
+        """One audit run joined with patients and each study's latest reviewer decision."""
+        where = "AND a.suspect" if suspects_only else ""
+        return self.con.sql(
+            f"""WITH d AS (SELECT study_key, decision, reviewer, occurred_at AS decided_at, note,
+                    row_number() OVER (PARTITION BY study_key ORDER BY occurred_at DESC) AS rn FROM audit_decisions)
+                SELECT a.rank, a.study_key, s.study_uid, s.study_date, a.recorded_patient_key,
+                       rp.patient_pseudonym AS recorded_patient, a.own_score, a.best_other_patient_key,
+                       bp.patient_pseudonym AS best_other_patient, a.best_other_score, a.margin, a.p_same, a.suspect,
+                       a.evidence, d.decision, d.reviewer, d.decided_at, d.note
+                FROM identity_audit a JOIN studies s USING (study_key)
+                JOIN patients rp ON rp.patient_key = a.recorded_patient_key
+                LEFT JOIN patients bp ON bp.patient_key = a.best_other_patient_key
+                LEFT JOIN d ON d.study_key = a.study_key AND d.rn = 1
+                WHERE a.run_id = ? {where} ORDER BY a.rank""", params=[int(run_id)]).pl()
+
+    def record_decision(self, study_key: int, decision: str, reviewer: str, note: str | None = None) -> None:
+        """Append a reviewer decision on an audited study and log it, in one transaction."""
+        with self.transaction():
+            self.con.execute("INSERT INTO audit_decisions VALUES (?, ?, ?, ?, ?)",
+                             [int(study_key), decision, reviewer, utc_now(), note or None])
+            self.log_access(reviewer, "audit_decision", {"study_key": int(study_key), "decision": decision})
+
+    def decisions(self, study_key: int | None = None) -> pl.DataFrame:
+        """Reviewer decisions, newest first (all, or one study's)."""
+        if study_key is None:
+            return self.con.sql("SELECT * FROM audit_decisions ORDER BY occurred_at DESC").pl()
+        return self.con.sql("SELECT * FROM audit_decisions WHERE study_key = ? ORDER BY occurred_at DESC",
+                            params=[int(study_key)]).pl()
+
+    def ingest_error_rows(self, limit: int = 1000) -> pl.DataFrame:
+        """Recorded failures, newest first (file labels, never sealed locations)."""
+        return self.con.sql("SELECT error_id, stage, reason, path, occurred_at FROM ingest_errors "
+                            "ORDER BY occurred_at DESC, error_id DESC LIMIT ?", params=[int(limit)]).pl()
+
+    def access_events(self, actions: Sequence[str], since: datetime) -> list[tuple[Any, ...]]:
+        """(occurred_at, action, actor, detail) of the access log's ``actions`` since ``since``, oldest first."""
+        return self.con.execute("SELECT occurred_at, action, actor, detail FROM access_log WHERE action IN "
+                                "(SELECT unnest(?::VARCHAR[])) AND occurred_at >= ? ORDER BY occurred_at",
+                                [list(actions), since]).fetchall()

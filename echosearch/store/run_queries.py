@@ -4,7 +4,6 @@ pooling, sidecar matching, search hits, catalog comparisons)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -148,5 +147,3 @@ class RunQueries(QueryBase):
             return pl.DataFrame()
         return self.con.sql(_COMPARED[name]).pl()
 
-    if TYPE_CHECKING:  # defined by Catalog
-        def has_table(self, name: str) -> bool: ...
