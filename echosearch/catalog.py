@@ -114,6 +114,15 @@ class Catalog(EmbeddingQueries, LocationQueries, ScopeQueries, AppQueries, RunQu
         catalog's write lock (see :meth:`share_writes`). Close it when done."""
         return Catalog(self.index_dir, self.con.cursor(), read_only or self.read_only, self.write_lock)
 
+    @contextmanager
+    def cursor_block(self, read_only: bool = False) -> Iterator[Catalog]:
+        """:meth:`cursor` for one ``with`` block (closed at its end): how a server thread reads or writes."""
+        cur = self.cursor(read_only)
+        try:
+            yield cur
+        finally:
+            cur.close()
+
     def share_writes(self) -> Catalog:
         """Serialise the write transactions of this catalog and of every cursor made from it from now on
         (a server's ingest jobs and requests): DuckDB would abort one of two concurrent writers of a row."""

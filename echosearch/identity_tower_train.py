@@ -224,7 +224,7 @@ def train_tower(index_dir: Path, out_dir: Path, cfg: IdentityTrainConfig, result
     tower folder to ``out_dir``. ``features``: cached activations (:func:`tower_activations`) to reuse."""
     from echosearch.encode import load_encoder
     from echosearch.identity import StudySet, score_studies
-    from echosearch.identity_train import heldout_content_auc, split_patients
+    from echosearch.identity_train import heldout_content_auc, split_patients, training_record
 
     if cfg.pool != "video":
         raise EchosearchError("an identity tower pools its frame vectors per video before its head (--pool video)")
@@ -265,11 +265,6 @@ def train_tower(index_dir: Path, out_dir: Path, cfg: IdentityTrainConfig, result
     result.n_train_studies = int(train_rows.size)
     result.identity_auc = result.history[-1].get("heldout_auc") if result.history else None
     result.seconds = round(time.perf_counter() - t0, 2)
-    training = {"index": Path(index_dir).name, "seed": cfg.seed, "epochs": cfg.epochs,
-                "config": {k: v for k, v in vars(cfg).items() if k not in ("workers", "device")},
-                "n_train_studies": result.n_train_studies, "n_holdout_studies": result.n_holdout_studies,
-                "n_holdout_patients": result.n_holdout_patients, "dropped_studies": len(result.dropped_study_keys),
-                "heldout_auc": result.identity_auc, "content_auc": content_auc, "seconds": result.seconds,
-                "history": result.history, **(provenance or {})}
+    training = training_record(index_dir, cfg, result, content_auc, provenance)
     save_tower(Path(out_dir), tail.eval(), head.eval(), feats.tower, training)
     return result

@@ -328,11 +328,17 @@ def train_identity(index_dir: Path, out_dir: Path, config: IdentityTrainConfig |
     result.n_train_studies = int(train_rows.size)
     result.identity_auc = result.history[-1].get("heldout_auc") if result.history else None
     result.seconds = round(time.perf_counter() - t0, 2)
-    training = {"index": Path(index_dir).name, "seed": cfg.seed, "epochs": cfg.epochs,
-                "config": {k: v for k, v in vars(cfg).items() if k not in ("workers", "device")},
-                "n_train_studies": result.n_train_studies, "n_holdout_studies": result.n_holdout_studies,
-                "n_holdout_patients": result.n_holdout_patients, "dropped_studies": len(result.dropped_study_keys),
-                "heldout_auc": result.identity_auc, "content_auc": content_auc, "seconds": result.seconds,
-                "history": result.history, **(provenance or {})}
+    training = training_record(index_dir, cfg, result, content_auc, provenance)
     save_head(Path(out_dir), head.eval(), feats.tower, training)
     return result
+
+
+def training_record(index_dir: Path | str, cfg: IdentityTrainConfig, result: IdentityTrainResult,
+                    content_auc: float | None, provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """What an identity folder records of its training (seed, config, split sizes, held-out AUCs, history)."""
+    return {"index": Path(index_dir).name, "seed": cfg.seed, "epochs": cfg.epochs,
+            "config": {k: v for k, v in vars(cfg).items() if k not in ("workers", "device")},
+            "n_train_studies": result.n_train_studies, "n_holdout_studies": result.n_holdout_studies,
+            "n_holdout_patients": result.n_holdout_patients, "dropped_studies": len(result.dropped_study_keys),
+            "heldout_auc": result.identity_auc, "content_auc": content_auc, "seconds": result.seconds,
+            "history": result.history, **(provenance or {})}

@@ -167,20 +167,14 @@ class LocalAppIndex(AppIndex):
     @contextmanager
     def reader(self) -> Iterator[Catalog]:
         """A catalog on a fresh cursor: safe to use from the calling thread while others read or write."""
-        cur = self._root.cursor(read_only=True)
-        try:
+        with self._root.cursor_block(read_only=True) as cur:
             yield cur
-        finally:
-            cur.close()
 
     @contextmanager
     def writer(self) -> Iterator[Catalog]:
         """A writable catalog on a fresh cursor (its transactions take the connection's write lock)."""
-        cur = self._root.cursor()
-        try:
+        with self._root.cursor_block() as cur:
             yield cur
-        finally:
-            cur.close()
 
     def searcher(self) -> Any:
         """A :class:`~echosearch.query.Searcher` reading through a cursor of this connection (made once):

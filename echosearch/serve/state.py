@@ -62,20 +62,14 @@ class ServerState:
     @contextmanager
     def reader(self) -> Iterator[Catalog]:
         """A catalog on a fresh read cursor (for the calling thread)."""
-        cur = self.root.cursor(read_only=True)
-        try:
+        with self.root.cursor_block(read_only=True) as cur:
             yield cur
-        finally:
-            cur.close()
 
     @contextmanager
     def writer(self) -> Iterator[Catalog]:
         """A writable catalog on a fresh cursor (its transactions take the server's write lock)."""
-        cur = self.root.cursor()
-        try:
+        with self.root.cursor_block() as cur:
             yield cur
-        finally:
-            cur.close()
 
     def log(self, actor: str, action: str, detail: dict[str, Any]) -> None:
         """Append to the access log without waiting for a job's write transaction: ``access_log`` has no key
