@@ -9,9 +9,11 @@ Two kinds, both loadable offline:
   itself, indexing reuses the content encoder's frame vectors and only the head runs.
 - **tower**: any model name / ``local-dir:DIR`` (e.g. ``echo-clip-r``): its image tower's video vector is the
   identity vector. It sees the frames the content encoder prepared (resized to its own input size).
-- **tower-tail**: a folder written by ``echosearch train-identity --train-stages K``: the base tower's early
-  stages (shared with the content encoder when it is the same model), a fine-tuned copy of its last K stages
-  and a head (:mod:`echosearch.identity_tower`).
+- **tower-tail**: a folder written by ``echosearch train-identity --method tower --train-stages K``: the base
+  tower's early stages (shared with the content encoder when it is the same model), a fine-tuned copy of its
+  last K stages and a head (:mod:`echosearch.identity_tower`).
+- **map**: a folder written by ``echosearch train-identity --method map`` (the default): a closed-form
+  projection of the frame-mean activation maps of the base tower's early stages (:mod:`echosearch.identity_map`).
 
 A study's identity vector is the mean of its videos', re-normalised, as for the content vectors.
 """
@@ -34,6 +36,7 @@ from echosearch.models import weights_sha256
 
 if TYPE_CHECKING:
     from echosearch.encode import Encoder
+    from echosearch.identity_map import MapRunner
     from echosearch.identity_tower import TailRunner
     from echosearch.prepare import FramePolicy
 
@@ -105,6 +108,16 @@ def save_head(folder: Path, head: IdentityHead, tower: dict[str, Any], training:
     return folder
 
 
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((folder / HEAD_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"could not read {folder / HEAD_CONFIG}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{folder / HEAD_CONFIG} is not an echosearch identity model")
+    return cfg
+
+
 def load_head(folder: Path) -> tuple[IdentityHead, dict[str, Any]]:
     """(head in eval mode, its config) from a head folder (or the head of an identity tower folder)."""
     from safetensors.torch import load_file
@@ -127,17 +140,18 @@ class IdentityEncoder:
 
     def __init__(self, name: str, source: str, kind: str, head: IdentityHead | None, tower: Encoder | None,
                  tower_info: dict[str, Any], weights: str | None, embed_dim: int, tail: TailRunner | None = None,
-                 policy: FramePolicy | None = None) -> None:
+                 policy: FramePolicy | None = None, maps: MapRunner | None = None) -> None:
         self.name, self.source, self.kind = name, source, kind
         self.head, self.tower, self.tower_info = head, tower, tower_info
         self.weights, self.embed_dim = weights, embed_dim
         self.tail = tail  # tower-tail: frame vectors from shared early stages + fine-tuned last stages
         self.policy = policy  # the content encoder's frame policy (what backfilling decodes with)
+        self.maps = maps  # map: frame-mean split activation maps -> closed-form projection
 
     @property
     def shares_content_tower(self) -> bool:
         """The identity vectors are a function of the content encoder's frame vectors alone."""
-        return self.tower is None and self.tail is None
+        return self.tower is None and self.tail is None and self.maps is None
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -145,8 +159,10 @@ class IdentityEncoder:
         return {"name": self.name, "source": self.source, "kind": self.kind, "weights_sha256": self.weights,
                 "embed_dim": self.embed_dim, "tower": self.tower_info,
                 "shares_content_tower": self.shares_content_tower,
-                **({"shared_stages": self.tail.tail.split, "shares_early_stages": self.tail.shared}
-                   if self.tail is not None else {})}
+                **({"shared_stages": self.tail.split, "shares_early_stages": self.tail.shared}
+                   if self.tail is not None else {}),
+                **({"shared_stages": self.maps.acts.split, "shares_early_stages": self.maps.acts.shared}
+                   if self.maps is not None else {})}
 
     def tower_video_vectors(self, frames: Sequence[np.ndarray], content_frame_vecs: Sequence[np.ndarray]
                             ) -> np.ndarray:
@@ -172,6 +188,8 @@ class IdentityEncoder:
         """Identity vectors of videos (L2-normalised), one row per video."""
         if not len(frames):
             return np.zeros((0, self.embed_dim), np.float32)
+        if self.maps is not None:
+            return self.maps.video_vectors(frames)
         if self.head is not None and self.head.pool == "frame":
             return np.stack([self.apply_frames(f) for f in self.tower_frame_vectors(frames, content_frame_vecs)])
         return self.apply_head(self.tower_video_vectors(frames, content_frame_vecs))
@@ -200,6 +218,11 @@ def load_identity_encoder(spec: str, content: Encoder, device: str = "auto") -> 
     content_sha = content.identity["weights_sha256"]
     folder = head_folder(spec)
     if folder is not None:
+        from echosearch.identity_map import MAP_FORMAT, load_map_encoder
+
+        raw = _read_config(folder)
+        if raw.get("format") == MAP_FORMAT:
+            return load_map_encoder(folder, raw, content, device)
         head, cfg = load_head(folder)
         if "tail" in cfg:
             from echosearch.identity_tower import load_tower_encoder

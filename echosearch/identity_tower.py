@@ -146,13 +146,13 @@ def tap_for(encoder: Encoder, split: int) -> SplitTap:
     return taps[split]
 
 
-class TailRunner:
-    """Frame vectors of the identity tower: the base encoder's early stages (reused from its forward pass when
-    the tap has them) and the fine-tuned tail."""
+class SplitActivations:
+    """Split activations of a base encoder's frames: reused from the content encoder's own forward pass through
+    its tap when the base is the content model (``shared``), else computed here."""
 
-    def __init__(self, base: Encoder, tail: TowerTail, shared: bool) -> None:
-        self.base, self.tail, self.shared = base, tail.eval().to(base.device), shared
-        self.tap = tap_for(base, tail.split) if shared else None
+    def __init__(self, base: Encoder, split: int, shared: bool) -> None:
+        self.base, self.split, self.shared = base, split, shared
+        self.tap = tap_for(base, split) if shared else None
 
     def split_activations(self, frames: np.ndarray, batch_size: int = 64) -> torch.Tensor:
         """Split activations of prepared uint8 frames (N,S,S,3), from the tap when possible."""
@@ -162,22 +162,31 @@ class TailRunner:
                 got = self.tap.take(x.float().sum(dim=(1, 2, 3)).cpu())
                 if got is not None:
                     self.tap.hits += len(got)
-                    return got
+                    return got.cpu()
                 self.tap.misses += len(frames)
             out = []
             with self.base._autocast():
                 for i in range(0, len(frames), batch_size):
                     x = self.base.frames_to_tensor(frames[i:i + batch_size])
-                    out.append(frozen_forward(self.base.model.visual, x, self.tail.split).float())
+                    out.append(frozen_forward(self.base.model.visual, x, self.split).float().cpu())
             if self.tap is not None:  # what this computed is not in the tap's stream
                 self.tap.sums.clear()
                 self.tap.acts.clear()
             return torch.cat(out)
 
+
+class TailRunner(SplitActivations):
+    """Frame vectors of the identity tower: the base encoder's early stages (reused from its forward pass when
+    the tap has them) and the fine-tuned tail."""
+
+    def __init__(self, base: Encoder, tail: TowerTail, shared: bool) -> None:
+        super().__init__(base, tail.split, shared)
+        self.tail = tail.eval().to(base.device)
+
     def frame_vectors(self, frames: Sequence[np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
         """The tail's L2-normalised frame vectors of each video."""
         allf = np.concatenate(list(frames))
-        h = self.split_activations(allf)
+        h = self.split_activations(allf).to(self.base.device)
         out = []
         with torch.inference_mode(), self.base._autocast():
             for i in range(0, len(h), batch_size):

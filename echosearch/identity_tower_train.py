@@ -19,7 +19,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TowerFeatures:
-    """Cached split activations per video, (copies, frames / copies, C, H, W) float16, copy 0 plain."""
+    """Cached split activations per video, (copies, frames / copies, C, H, W) float16, copy 0 plain (or what
+    ``reduce`` made of them), in the order of ``video_keys``."""
 
     acts: list[torch.Tensor]
     video_study: np.ndarray
@@ -49,6 +51,7 @@ class TowerFeatures:
     study_patient: np.ndarray
     tower: dict[str, Any]
     split: int
+    video_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def augment(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -76,8 +79,12 @@ def _split_acts(base: Encoder, frames: np.ndarray, split: int, batch: int = 64) 
     return torch.cat(out).to(torch.float16)
 
 
-def tower_activations(index_dir: Path, cfg: IdentityTrainConfig, progress: Progress | None = None) -> TowerFeatures:
-    """Decode every encoded video of the index once and cache its split activations (plain + augmented)."""
+def tower_activations(index_dir: Path, cfg: IdentityTrainConfig, progress: Progress | None = None, *,
+                      stages: int | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> TowerFeatures:
+    """Decode every encoded video of the index once and cache its split activations before the last ``stages``
+    stages (default ``cfg.train_stages``), plain + augmented; ``reduce`` (e.g. a frame mean, then no augmented
+    copies) maps each video's plain activations (frames, C, H, W) before they are kept."""
     from echosearch.discover import FileRecord
     from echosearch.encode import encoder_for_index, load_encoder
     from echosearch.run.read import FailedFile
@@ -98,7 +105,7 @@ def tower_activations(index_dir: Path, cfg: IdentityTrainConfig, progress: Progr
     ident = base.identity
     info = {"model": spec, "name": ident["name"], "weights_sha256": ident["weights_sha256"],
             "embed_dim": int(ident["embed_dim"])}
-    split = split_point(base.model.visual, cfg.train_stages)
+    split = split_point(base.model.visual, cfg.train_stages if stages is None else stages)
     by_sha = {r[1]: r for r in rows}
     records = [FileRecord(path=where[int(r[0])], size=int(r[3]), sha256=r[1], kind=r[2]) for r in rows]
     got: dict[int, tuple[torch.Tensor, int, int]] = {}
@@ -110,12 +117,13 @@ def tower_activations(index_dir: Path, cfg: IdentityTrainConfig, progress: Progr
             continue
         r = by_sha[item.record.sha256]
         key = int(r[0])
-        a = max(1, min(cfg.aug_copies, len(item.frames)))
+        a = 1 if reduce is not None else max(1, min(cfg.aug_copies, len(item.frames)))
         n = len(item.frames) // a
         versions = [item.frames[c::a][:n] if c == 0 else
                     augment(item.frames[c::a][:n], np.random.default_rng([cfg.seed, key, c])) for c in range(a)]
         acts = _split_acts(base, np.concatenate(versions), split)
-        got[key] = (acts.reshape(a, n, *acts.shape[1:]), int(r[4]), int(r[5]))
+        kept = reduce(acts) if reduce is not None else acts.reshape(a, n, *acts.shape[1:])
+        got[key] = (kept, int(r[4]), int(r[5]))
     keys = sorted(got)
     study_keys = np.unique([got[k][1] for k in keys]).astype(np.int64)
     patient_of = {got[k][1]: got[k][2] for k in keys}
@@ -123,7 +131,7 @@ def tower_activations(index_dir: Path, cfg: IdentityTrainConfig, progress: Progr
                          video_study=np.searchsorted(study_keys, [got[k][1] for k in keys]).astype(np.int64),
                          study_keys=study_keys,
                          study_patient=np.array([patient_of[int(s)] for s in study_keys], dtype=np.int64),
-                         tower=info, split=split)
+                         tower=info, split=split, video_keys=np.array(keys, np.int64))
 
 
 class _TowerData:

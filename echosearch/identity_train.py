@@ -42,6 +42,10 @@ Progress = Callable[[str, int, int, dict[str, float]], None]
 
 @dataclass
 class IdentityTrainConfig:
+    method: str = "map"  # map (closed form, echosearch.identity_map) | head; train_stages > 0: a tower
+    components: int = 256  # map: PCA dimensions kept (the identity vector's width)
+    reg: float = 0.01  # map: ridge on the within-patient scatter (in whitened units)
+    map_stages: int = 1  # map: the map is taken before the tower's last K stages
     epochs: int = 5  # measured: more passes over a cohort of 100-odd patients overfit it (docs/longitudinal.md)
     seed: int = 0
     init: str | None = None  # image tower (model name / local-dir:DIR); None = the index's content model
@@ -290,6 +294,15 @@ def train_identity(index_dir: Path, out_dir: Path, config: IdentityTrainConfig |
     from echosearch.identity import StudySet, score_studies
 
     cfg = config or IdentityTrainConfig()
+    if cfg.method not in ("map", "head"):
+        raise EchosearchError(f"unknown identity training method {cfg.method!r} (map or head)")
+    if cfg.method == "map" and cfg.train_stages == 0:
+        from echosearch.identity_map import train_map
+
+        if features is not None:
+            raise EchosearchError("an identity map computes its own activation maps (no cached features)")
+        return train_map(index_dir, Path(out_dir), cfg, IdentityTrainResult(out_dir=Path(out_dir)), progress,
+                         provenance)
     if cfg.train_stages > 0:
         from echosearch.identity_tower_train import TowerFeatures, train_tower
 

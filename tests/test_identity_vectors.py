@@ -159,10 +159,11 @@ def test_train_identity_is_deterministic_and_its_head_is_an_identity_model(
 
     idx = tmp_path / "idx"
     _index(small_cohort, idx, random_model_dir, keep_frame_embeddings=True)  # features read from the catalog
-    cfg = IdentityTrainConfig(epochs=3, steps_per_epoch=4, seed=5, hidden=32, out_dim=16, residual=False)
+    cfg = IdentityTrainConfig(method="head", epochs=3, steps_per_epoch=4, seed=5, hidden=32, out_dim=16,
+                              residual=False)
     a = train_identity(idx, tmp_path / "a", cfg)
     out = subprocess.run([sys.executable, "-m", "echosearch", "train-identity", "--index", str(idx), "--out",
-                          str(tmp_path / "b"), "--epochs", "3", "--seed", "5", "--hidden", "32", "--dim", "16",
+                          str(tmp_path / "b"), "--method", "head", "--epochs", "3", "--seed", "5", "--hidden", "32", "--dim", "16",
                           "--projection", "--json"], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "a" / HEAD_WEIGHTS).read_bytes() != b""

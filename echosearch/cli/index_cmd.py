@@ -161,6 +161,14 @@ def train_identity(
     index_dir: Annotated[Path, index_option("Index whose recorded patient IDs are the labels.")],
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (give it as the identity_model setting)."),
     init: str = typer.Option(None, "--init", help="Image tower (default: the index's own content model)."),
+    method: str = typer.Option("map", "--method",
+                               help="map: closed-form projection of the tower's activation maps (keeps where the "
+                                    "heart sits; no training loop); head: an MLP on the tower's vectors. "
+                                    "--train-stages K trains a tower."),
+    components: int = typer.Option(256, "--components", min=2, help="map: dimensions kept (the vector's width)."),
+    reg: float = typer.Option(0.01, "--reg", min=0.0, help="map: ridge on the within-patient scatter."),
+    map_stages: int = typer.Option(1, "--map-stages", min=1,
+                                   help="map: take the activation maps before the tower's last K stages."),
     epochs: int = typer.Option(5, "--epochs", min=1, help="Epochs (of 20 steps of 32 patients) per pass."),
     seed: int = typer.Option(0, "--seed"),
     hidden: int = typer.Option(256, "--hidden", min=0, help="Hidden width of the MLP head (0 = linear)."),
@@ -183,15 +191,19 @@ def train_identity(
     workers: int = typer.Option(1, "--workers"),
     json_out: JsonOpt = False,
 ) -> None:
-    """Train an identity head on the index's own patient IDs (frozen image tower, cross-visit positives)."""
+    """Train an identity model on the index's own patient IDs (frozen image tower, cross-visit positives)."""
     from echosearch.cli.common import shown
     from echosearch.identity_train import IdentityTrainConfig
     from echosearch.identity_train import train_identity as run
 
     if pool not in ("video", "frame"):
         raise typer.BadParameter("--pool must be video or frame")
-    cfg = IdentityTrainConfig(epochs=epochs, seed=seed, init=init, hidden=hidden, out_dim=dim, holdout=holdout,
-                              clean=clean, workers=workers, residual=residual, steps_per_epoch=steps,
+    if method not in ("map", "head"):
+        raise typer.BadParameter("--method must be map or head (--train-stages K trains a tower)")
+    if train_stages:
+        method = "head"  # a tower: a fine-tuned copy of the last stages and a head
+    cfg = IdentityTrainConfig(method=method, components=components, reg=reg, map_stages=map_stages, epochs=epochs,
+                              seed=seed, init=init, hidden=hidden, out_dim=dim, holdout=holdout, clean=clean, workers=workers, residual=residual, steps_per_epoch=steps,
                               temperature=temperature, pool=pool, train_stages=train_stages, tail_lr=tail_lr)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[info]}"), console=console, disable=json_out) as bar:
@@ -210,12 +222,15 @@ def train_identity(
                 tasks[phase] = bar.add_task(phase, total=n, info="")
             bar.update(tasks[phase], completed=i, info=f"loss {metrics['loss']:.3f}" if "loss" in metrics else "")
 
-        command = " ".join(["echosearch train-identity", "--index", index_dir.name, "--out", out.name,
-                            *(f"--{k} {v}" for k, v in (("epochs", epochs), ("seed", seed), ("hidden", hidden),
-                                                        ("steps", steps), ("temperature", temperature),
-                                                        ("pool", pool), ("holdout", holdout))),
-                            *((f"--train-stages {train_stages}", f"--tail-lr {tail_lr}") if train_stages else ()),
-                            "--residual" if residual else f"--projection --dim {dim}",
+        if method == "map":
+            opts = [f"--method map --components {components} --reg {reg} --map-stages {map_stages}",
+                    f"--holdout {holdout} --seed {seed}"]
+        else:
+            opts = [f"--method head --epochs {epochs} --seed {seed} --hidden {hidden} --steps {steps}",
+                    f"--temperature {temperature} --pool {pool} --holdout {holdout}",
+                    *((f"--train-stages {train_stages}", f"--tail-lr {tail_lr}") if train_stages else ()),
+                    "--residual" if residual else f"--projection --dim {dim}"]
+        command = " ".join(["echosearch train-identity", "--index", index_dir.name, "--out", out.name, *opts,
                             "--clean" if clean else "--no-clean"])
         provenance = {"command": command, **({"data": data} if data else {})}
         result = run(index_dir, out, cfg, progress=cb, provenance=provenance)
