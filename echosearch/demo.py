@@ -78,8 +78,8 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
 
         with Catalog.open(index_dir) as cat:
             n = backfill_identity(cat, load_identity_encoder(settings.identity_model, encoder_for_index(cat)))
-        console.print(f"[yellow]the demo index had no identity vectors: filled in for {n} videos from its stored "
-                      "vectors (the shipped identity head)")
+        console.print(f"[yellow]the demo index had no identity vectors: filled in for {n} videos with the shipped "
+                      "identity model")
         summary = index_sources([cohort], index_dir, settings, progress=True)
     except ModelMismatchError as exc:  # derived data: rebuild it for the models shipped now
         console.print(f"[yellow]the demo index was built with another model ({exc}); rebuilding it")
@@ -110,7 +110,7 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
 
         console.rule("[bold]4. identity audit")
         console.print(f"identity: {cat.info()['identity']}")
-        suspects = audit(cat)  # identity vectors when the index has them (demo mode: the shipped head)
+        suspects = audit(cat)  # identity vectors when the index has them (demo mode: the shipped identity model)
         flagged = suspects.filter(pl.col("suspect"))
         true_mis = set(truth.filter(pl.col("mislabelled"))["study_uid"].to_list())
         uid_of = cat.study_uids()

@@ -73,6 +73,7 @@ def test_train_map_is_deterministic_and_loads_as_an_identity_model(
     b = train_identity(content_index, tmp_path / "b", cfg)
     assert (tmp_path / "a" / MAP_WEIGHTS).read_bytes() == (tmp_path / "b" / MAP_WEIGHTS).read_bytes()
     assert a.n_holdout_patients >= 1 and a.n_train_studies > 0 and a.history
+    assert [h.get("heldout_auc") for h in a.history] == [h.get("heldout_auc") for h in b.history]
     assert all(h["content_auc"] == a.content_auc for h in a.history)
     cfg_json = json.loads((tmp_path / "a" / HEAD_CONFIG).read_text())
     assert cfg_json["format"] == "echosearch-identity-map" and cfg_json["map"]["shape"] == [160, 7, 7]

@@ -214,7 +214,8 @@ def train_identity(
                 if not json_out:
                     auc = metrics.get("heldout_auc")
                     base = metrics.get("content_auc")
-                    console.print(f"pass {metrics['pass']:.0f} epoch {i}/{n}: loss {metrics['loss']:.4f}, "
+                    fit = "fit" if method == "map" else f"epoch {i}/{n}: loss {metrics['loss']:.4f},"
+                    console.print(f"pass {metrics['pass']:.0f} {fit} "
                                   f"held-out cross-visit AUC {'-' if auc is None else f'{auc:.3f}'} "
                                   f"(content vectors {'-' if base is None else f'{base:.3f}'})")
                 return
