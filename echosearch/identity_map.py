@@ -185,10 +185,7 @@ def _video_classes(index_dir: Path, video_keys: np.ndarray, video_patient: np.nd
     from echosearch.catalog import Catalog
 
     with Catalog.open(index_dir, read_only=True) as cat:
-        views = dict(cat.video_views().select("video_key", "view").iter_rows())
-        if cat.has_scope():
-            scoped = dict(cat.con.sql("SELECT video_key, view FROM clip_scope WHERE view IS NOT NULL").fetchall())
-            views = {**scoped, **views}
+        views = cat.best_views()
     return np.array([f"{int(p)}|{views.get(int(k)) or '?'}" for k, p in zip(video_keys, video_patient, strict=True)])
 
 

@@ -55,6 +55,14 @@ class ScopeQueries(QueryBase):
         return self.con.sql(f"SELECT video_key, view, 'label' AS source FROM videos WHERE view IS NOT NULL {header} "
                             "ORDER BY 1").pl()
 
+    def best_views(self) -> dict[int, str]:
+        """Each clip's view as best known: labelled (:meth:`video_views`), else the scope's (zero-shot)."""
+        scoped: dict[int, str] = {}
+        if self.has_scope():
+            scoped = {int(k): str(v) for k, v in self.con.sql(
+                "SELECT video_key, view FROM clip_scope WHERE view IS NOT NULL").fetchall()}
+        return {**scoped, **{int(k): str(v) for k, v in self.video_views().select("video_key", "view").iter_rows()}}
+
     def embedding_keys(self, level: str) -> np.ndarray:
         """Sorted keys that have a vector at ``level`` (without reading the vectors: to sample them first)."""
         table, key = LEVEL_TABLES[level]
