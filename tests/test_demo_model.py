@@ -82,8 +82,8 @@ def test_text_to_video_retrieval_of_findings(evaluated: dict) -> None:
 
 
 @pytest.mark.xfail(reason="issue 24's target, cross-visit study-pair AUC >= 0.95 on identity vectors: the shipped "
-                          "identity head on the demo model's frozen tower reaches ~0.8-0.85 on fresh cohorts "
-                          "(docs/longitudinal.md); the tower carries too little identity", strict=False)
+                          "identity map on the demo model's frozen tower reaches ~0.90-0.92 on fresh cohorts "
+                          "(docs/longitudinal.md)", strict=False)
 def test_identity_target(evaluated: dict) -> None:
     ident = evaluated["echosearch"]["identity"]
     assert ident["vectors"] == "identity", "demo mode indexes with the shipped identity head"
