@@ -25,8 +25,10 @@ DEVICES = ("pacer_lead", "tavr", "mitraclip")
 # the standardised features the change model reads, in this order
 FINDINGS = (*DEVICES, "lv_dilated")  # zero-shot findings compared between visits (dilation: evidence of EF change)
 FEATURES = ("study_dist", "view_dist", "view_dist_max", "id_dist", "view_id_dist", "id_other", "next_gap", "has_next",
-            "ef_fall", "ef_rise",
-            *(f"{d}_rise" for d in FINDINGS), *(f"{d}_fall" for d in FINDINGS))
+            "ef_fall", "ef_rise", "ef_probe_fall", "ef_probe_rise",
+            *(f"{d}_rise" for d in FINDINGS), *(f"{d}_fall" for d in FINDINGS),
+            *(f"{d}_probe_rise" for d in DEVICES), *(f"{d}_probe_fall" for d in DEVICES))
+PROBE_FEATURES = frozenset(f for f in FEATURES if "_probe_" in f)  # missing where the reports give no labels
 
 
 @dataclass
@@ -42,9 +44,11 @@ class Timeline:
     view_id: dict[str, np.ndarray]  # same for identity video vectors
     view_pred: dict[str, dict[str, np.ndarray]]  # task -> view -> (n,) the view's prediction (NaN: none)
     pred: dict[str, np.ndarray]  # task -> (n,) study prediction (mean EF, strongest view for a finding)
+    # both also hold "<task>_probe" (EF, devices): estimates learnt from the archive's own reports (probes.py)
     pred_sd: np.ndarray  # (n,) spread of the EF prediction across the study's clips (NaN: one clip)
     clips: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # study_key -> [(video_key, view)]
     same_heart: Any = None  # the index's calibration of "same patient" on identity cosines (identity.study_pair)
+    probe_error: dict[str, float] = field(default_factory=dict)  # "<task>_probe" -> out-of-fold mean abs. error
 
     def __len__(self) -> int:
         return self.meta.height
@@ -139,6 +143,9 @@ def load_timeline(catalog: Catalog, study_preds: pl.DataFrame) -> Timeline:
     sp = pl.DataFrame({"study_key": keys}).join(study_preds, on="study_key", how="left")
     pred = {t: sp[t].cast(pl.Float64).fill_null(np.nan).to_numpy() if t in sp.columns else np.full(keys.size, np.nan)
             for t in TASKS}
+    probe_view, probe, probe_mae = _probes(catalog, meta, skeys, by_key, vids, vv[vrow], views, pred)
+    view_pred.update(probe_view)
+    pred.update(probe)
     clips: dict[int, list[tuple[int, str]]] = {}
     for k, s, v in vids.select("video_key", "study_key", "view").iter_rows():
         clips.setdefault(int(s), []).append((int(k), str(v)))
@@ -146,7 +153,57 @@ def load_timeline(catalog: Catalog, study_preds: pl.DataFrame) -> Timeline:
 
     pair_cal = fit_identity_calibrations(catalog, S_id)[0] if len(S_id) > 1 else None
     return Timeline(meta, content, ident, S_id.source, views, view_vec, view_id, view_pred, pred, pred_sd, clips,
-                    pair_cal)
+                    pair_cal, probe_mae)
+
+
+def _probes(catalog: Catalog, meta: pl.DataFrame, skeys: np.ndarray, by_key: np.ndarray, vids: pl.DataFrame,
+            vecs: np.ndarray, views: list[str], zero_shot: dict[str, np.ndarray]
+            ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, float]]:
+    """Report-trained estimates (``probes.py``) in timeline order: task -> view -> (n,) mean over the study's clips
+    of that view, task -> (n,) study value (EF: mean over clips; a device: the strongest view), and each task's
+    out-of-fold error. Tasks are named ``<task>_probe``; a task without labels is left out. A device with labels
+    also gets ``<device>_present``: the probability it is present (zero-shot score and probe, calibrated on the
+    reports)."""
+    from echosearch.change.probes import cross_fitted, presence, report_targets
+    from echosearch.zeroshot import load_prompts
+
+    n = meta.height
+    rep = catalog.study_reports(meta["study_key"].to_list())
+    positives = {d: spec.get("positive") or [] for d, spec in load_prompts().get("binary", {}).items() if d in DEVICES}
+    targets = report_targets(dict(rep.select("study_key", "text").iter_rows()), positives)
+    vstudy = vids["study_key"].to_numpy()
+    pos = np.clip(np.searchsorted(skeys, vstudy), 0, max(skeys.size - 1, 0))
+    ok = skeys[pos] == vstudy if skeys.size else np.zeros(vstudy.size, bool)
+    row = by_key[pos][ok]  # each clip's study's timeline row
+    view = vids["view"].to_numpy().astype(str)[ok]
+    patients = meta["patient_key"].to_numpy()[row]
+    by_view: dict[str, dict[str, np.ndarray]] = {}
+    study: dict[str, np.ndarray] = {}
+    errors: dict[str, float] = {}
+    for task, said in targets.items():
+        y = np.asarray([said.get(int(s), np.nan) for s in vstudy[ok]], np.float64)
+        fit = cross_fitted(vecs[ok], view, patients, y)
+        if not np.isfinite(fit.values).any():
+            continue
+        name = f"{task}_probe"
+        by_view[name] = {}
+        for v in views:
+            m = (view == v) & np.isfinite(fit.values)
+            tot, cnt = np.bincount(row[m], fit.values[m], n), np.bincount(row[m], minlength=n)
+            by_view[name][v] = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+        with _quiet():
+            if task == "ef":
+                m = np.isfinite(fit.values)
+                tot, cnt = np.bincount(row[m], fit.values[m], n), np.bincount(row[m], minlength=n)
+                study[name] = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+            else:
+                study[name] = np.nanmax(np.stack(list(by_view[name].values())), axis=0)
+        errors[name] = fit.mae
+        if task in DEVICES:
+            stated = np.asarray([said.get(int(k), np.nan) for k in meta["study_key"]], np.float64)
+            study[f"{task}_present"] = presence(np.c_[zero_shot[task], study[name]],
+                                                meta["patient_key"].to_numpy(), stated)
+    return by_view, study, errors
 
 
 def _like_view(a: dict[str, np.ndarray], i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,19 +241,21 @@ def raw_pair_features(T: Timeline, i: np.ndarray, j: np.ndarray) -> dict[str, np
     gap = np.einsum("ij,ij->i", T.content[nxt], T.content[i]) - np.einsum("ij,ij->i", T.content[nxt], T.content[j])
     out["next_gap"] = np.where(has, gap, np.nan)
     out["has_next"] = has.astype(np.float64)
-    for task in ("ef", *FINDINGS):
+    for task in ("ef", "ef_probe", *FINDINGS, *(f"{d}_probe" for d in DEVICES)):
+        if task not in T.pred:  # a probe without labels in this archive: no evidence
+            out[f"{task}_rise"] = out[f"{task}_fall"] = np.full(i.size, np.nan)
+            continue
         per_view = np.stack([v[i] - v[j] for v in T.view_pred[task].values()]) if T.view_pred[task] else None
         study = T.pred[task][i] - T.pred[task][j]
         with _quiet():
-            if task == "ef":  # like views averaged; the study means where no view is shared
+            if task in ("ef", "ef_probe"):  # like views averaged; the study means where no view is shared
                 d = np.nanmean(per_view, axis=0) if per_view is not None else study
             else:  # a device shows in some views only: the strongest like-view rise (or fall)
                 d = np.nanmax(per_view, axis=0) if per_view is not None else study
                 dn = np.nanmin(per_view, axis=0) if per_view is not None else study
         d = np.where(np.isfinite(d), d, study)
-        name = "ef" if task == "ef" else task
-        out[f"{name}_rise"] = d
-        out[f"{name}_fall"] = -(np.where(np.isfinite(dn), dn, study) if task != "ef" else d)
+        out[f"{task}_rise"] = d
+        out[f"{task}_fall"] = -(np.where(np.isfinite(dn), dn, study) if task not in ("ef", "ef_probe") else d)
     return out
 
 
@@ -242,4 +301,4 @@ class Scales:
         return np.stack(cols, axis=1)
 
 
-__all__ = ["BINARY_TASKS", "DEVICES", "FEATURES", "Scales", "Timeline", "load_timeline", "raw_pair_features"]
+__all__ = ["BINARY_TASKS", "DEVICES", "FEATURES", "PROBE_FEATURES", "Scales", "Timeline", "load_timeline", "raw_pair_features"]

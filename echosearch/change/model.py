@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from echosearch.change.features import DEVICES, FEATURES, Scales
+from echosearch.change.features import DEVICES, FEATURES, PROBE_FEATURES, Scales
 
 FLAG_TYPES = ("ef_fall", "ef_rise", *(f"new_{d}" for d in DEVICES), *(f"removed_{d}" for d in DEVICES), "new_heart")
 ANY = "any_change"  # a model of its own for the visit's change score: anything on the flag list happened
@@ -33,10 +33,10 @@ def evidence(flag: str) -> tuple[str, ...]:
     its own evidence keeps it from being inferred from the absence of other changes, which does not carry over
     between archives."""
     if flag in ("ef_fall", "ef_rise"):
-        return (*_GENERAL, "ef_fall", "ef_rise", "lv_dilated_rise", "lv_dilated_fall")
+        return (*_GENERAL, "ef_fall", "ef_rise", "ef_probe_fall", "ef_probe_rise", "lv_dilated_rise", "lv_dilated_fall")
     for d in DEVICES:
         if flag in (f"new_{d}", f"removed_{d}"):
-            return (*_GENERAL, f"{d}_rise", f"{d}_fall")
+            return (*_GENERAL, f"{d}_rise", f"{d}_fall", f"{d}_probe_rise", f"{d}_probe_fall")
     if flag == "new_heart":
         return (*_GENERAL, "id_dist", "view_id_dist", "id_other")
     return FEATURES
@@ -59,13 +59,23 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 50)
     w[-1] = _logit(float(np.clip(y.mean(), 1e-3, 1 - 1e-3)))
     pen = np.full(A.shape[1], l2)
     pen[-1] = 0.0
+
+    def loss(w: np.ndarray) -> float:  # penalised negative log-likelihood (logaddexp: no overflow)
+        z = A @ w
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(pen * w * w))
+
+    cur = loss(w)
     for _ in range(iters):
         p = _sigmoid(A @ w)
         g = A.T @ (p - y) + pen * w
         H = (A * (p * (1 - p))[:, None]).T @ A + np.diag(pen + 1e-9)
         step = np.linalg.solve(H, g)
-        w -= step
-        if np.abs(step).max() < 1e-8:
+        t = 1.0  # backtracking: a full Newton step overshoots on (nearly) separable labels
+        while t > 1e-6 and loss(w - t * step) > cur:
+            t /= 2
+        w -= t * step
+        cur = loss(w)
+        if np.abs(t * step).max() < 1e-8:
             break
     return w
 
@@ -80,6 +90,9 @@ class ChangeModel:
     ef_margin: float = EF_MARGIN
     info: dict[str, Any] = field(default_factory=dict)
     scales: Scales | None = None  # the null of the encoder it was fitted for (``info["encoder"]``)
+    # per flag type, weights fitted without the report-trained probes: an archive whose reports give a probe no
+    # labels scores that flag with these (its probe features are missing, not "no change")
+    fallback: dict[str, np.ndarray] = field(default_factory=dict)
 
     def scales_for(self, encoder: dict[str, Any] | None, identity_source: str) -> Scales | None:
         """The stored null when the index was built with the encoder the model was fitted for; None: estimate
@@ -94,18 +107,27 @@ class ChangeModel:
         """Whether the identity features mean what they meant when the model was fitted."""
         return self.info.get("identity_source", identity_source) == identity_source
 
-    def logits(self, X: np.ndarray) -> dict[str, np.ndarray]:
+    def logits(self, X: np.ndarray, missing: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+        """Per flag type, the logit of each pair; a type whose probe features are ``missing`` in this archive
+        uses its fallback weights (fitted without probes)."""
         A = np.c_[X, np.ones(len(X))]
-        return {t: A @ w for t, w in self.weights.items()}
+        idx = {f: k for k, f in enumerate(FEATURES)}
+        out = {}
+        for t, w in self.weights.items():
+            gone = any(w[idx[f]] != 0 for f in missing if f in idx)
+            out[t] = A @ (self.fallback[t] if gone and t in self.fallback else w)
+        return out
 
     def probabilities(self, X: np.ndarray, adapt: bool = True, iters: int = 30,
-                      rates: dict[str, float] | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+                      rates: dict[str, float] | None = None,
+                      missing: frozenset[str] = frozenset()) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """(probability per flag type, the event rate it assumes). ``adapt``: the rate is re-estimated on these
         pairs by EM (prior shift), so the probabilities are calibrated to this archive's own frequency of each
-        event rather than the tuning cohorts'; without ``adapt`` the tuning rate is kept; ``rates``: given."""
+        event rather than the tuning cohorts'; without ``adapt`` the tuning rate is kept; ``rates``: given.
+        ``missing``: features this archive cannot compute (a probe without labels)."""
         out: dict[str, np.ndarray] = {}
         got: dict[str, float] = {}
-        for t, z in self.logits(X).items():
+        for t, z in self.logits(X, missing).items():
             pi0 = self.prevalence[t]
             pi = pi0 if rates is None else rates[t]
             p = _sigmoid(z + _logit(pi) - _logit(pi0))
@@ -125,7 +147,8 @@ class ChangeModel:
         return {"features": list(FEATURES), "ef_margin": self.ef_margin, "info": self.info,
                 "scales": self.scales.to_json() if self.scales is not None else None,
                 "prevalence": self.prevalence, "weights": {t: [round(float(x), 6) for x in w]
-                                                           for t, w in self.weights.items()}}
+                                                           for t, w in self.weights.items()},
+                "fallback": {t: [round(float(x), 6) for x in w] for t, w in self.fallback.items()}}
 
     def save(self, path: Path) -> None:
         """Write atomically (temporary file, then rename)."""
@@ -142,25 +165,34 @@ class ChangeModel:
             raise ValueError(f"{path or MODEL_FILE} was fitted on other features; refit it (bench/change_quality.py --fit)")
         return cls({t: np.asarray(w, dtype=np.float64) for t, w in data["weights"].items()},
                    {t: float(v) for t, v in data["prevalence"].items()}, float(data.get("ef_margin", EF_MARGIN)),
-                   dict(data.get("info", {})), Scales.from_json(data["scales"]) if data.get("scales") else None)
+                   dict(data.get("info", {})), Scales.from_json(data["scales"]) if data.get("scales") else None,
+                   {t: np.asarray(w, dtype=np.float64) for t, w in (data.get("fallback") or {}).items()})
 
     @classmethod
     def fit(cls, X: np.ndarray, labels: dict[str, np.ndarray], l2: float = 1.0,
             info: dict[str, Any] | None = None, ef_margin: float = EF_MARGIN,
             scales: Scales | None = None) -> ChangeModel:
         labels = {**labels, ANY: np.any(np.stack([labels[t] for t in FLAG_TYPES]), axis=0)}
-        w = {}
         free = np.asarray([f == "has_next" for f in FEATURES])
-        for t in (*FLAG_TYPES, ANY):
-            use = np.asarray([f in evidence(t) for f in FEATURES])
+        probe = np.asarray([f in PROBE_FEATURES for f in FEATURES])
+
+        def fit(t: str, use: np.ndarray) -> np.ndarray:
             for _ in range(len(FEATURES)):  # monotone: more evidence never lowers a probability
-                w[t] = fit_logistic(X * use, labels[t].astype(np.float64), l2)  # unused features keep weight 0
-                neg = use & ~free & (w[t][:-1] < 0)
+                w = fit_logistic(X * use, labels[t].astype(np.float64), l2)  # unused features keep weight 0
+                neg = use & ~free & (w[:-1] < 0)
                 if not neg.any():
                     break
-                use &= ~neg
+                use = use & ~neg
+            return w
+
+        w, back = {}, {}
+        for t in (*FLAG_TYPES, ANY):
+            use = np.asarray([f in evidence(t) for f in FEATURES])
+            w[t] = fit(t, use)
+            if (use & probe).any():
+                back[t] = fit(t, use & ~probe)
         prev = {t: float(np.clip(labels[t].mean(), 1e-4, 0.95)) for t in (*FLAG_TYPES, ANY)}
-        return cls(w, prev, ef_margin, dict(info or {}), scales)
+        return cls(w, prev, ef_margin, dict(info or {}), scales, back)
 
 
 def default_model() -> ChangeModel:

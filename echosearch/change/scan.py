@@ -21,7 +21,14 @@ import numpy as np
 import polars as pl
 
 from echosearch.catalog import Catalog
-from echosearch.change.features import DEVICES, Scales, Timeline, load_timeline, raw_pair_features
+from echosearch.change.features import (
+    DEVICES,
+    PROBE_FEATURES,
+    Scales,
+    Timeline,
+    load_timeline,
+    raw_pair_features,
+)
 from echosearch.change.model import ANY, FLAG_TYPES, ChangeModel, default_model
 from echosearch.errors import QueryError
 from echosearch.zeroshot import BINARY_TASKS as FINDING_TASKS
@@ -111,7 +118,8 @@ def _score(T: Timeline, i: np.ndarray, j: np.ndarray, scales: Scales, model: Cha
            rates: dict[str, float] | None) -> tuple[PairScores, dict[str, float]]:
     raw = raw_pair_features(T, i, j)
     X = scales.standardise(raw)
-    prob, rates = model.probabilities(X, rates=rates)
+    missing = frozenset(f for f in PROBE_FEATURES if f.rsplit("_", 1)[0] not in T.pred)  # probes without labels
+    prob, rates = model.probabilities(X, rates=rates, missing=missing)
     # a heart is also "other" when the archive's own same-patient calibration says these two studies are
     # unlike any patient's pair of visits (identity cosines against its recorded IDs; identity.study_pair)
     other = 1.0 / (1.0 + np.exp(-raw["id_other"]))
@@ -285,7 +293,11 @@ def clauses(ctx: ScanContext, min_probability: float = MIN_PROBABILITY) -> dict[
 
 
 def _seen(T: Timeline, row: int, dev: str, thr: float | None) -> bool | None:
-    """Whether the study's zero-shot score shows the device (None: no threshold recorded, or no value)."""
+    """Whether the study shows the device: its presence probability calibrated on the archive's reports when
+    there is one (``probes.presence``), else its zero-shot score against the recorded threshold (None: neither)."""
+    p = T.pred.get(f"{dev}_present")
+    if p is not None and np.isfinite(p[row]):
+        return bool(p[row] > 0.5)
     v = T.pred[dev][row]
     if thr is None or not np.isfinite(v):
         return None
