@@ -191,12 +191,18 @@ def _ef_clause(T: Timeline, a: int, b: int, kind: str, p: float, margin: float) 
                 if np.isfinite(arr[a]) and np.isfinite(arr[b])}
     views = ", ".join(f"{v} {x:.0f}->{y:.0f}" for v, (x, y) in per_view.items())
     word = "fall" if kind == "ef_fall" else "rise"
+    values: dict[str, Any] = {"ef_before": round(float(ef0), 1), "ef_after": round(float(ef1), 1),
+                              "per_view": {v: list(x) for v, x in per_view.items()}}
+    probe = T.pred.get("ef_probe")
+    learnt = ""
+    if probe is not None and np.isfinite(probe[a]) and np.isfinite(probe[b]):  # the report-trained estimate
+        values["ef_probe_before"], values["ef_probe_after"] = round(float(probe[b]), 1), round(float(probe[a]), 1)
+        learnt = f"; EF learnt from this archive's reports {probe[b]:.0f}% -> {probe[a]:.0f}%"
     text = (f"EF {word} of more than {margin:g} points: predicted EF {ef0:.0f}% -> {ef1:.0f}% ({ef1 - ef0:+.0f}; "
-            f"{views or 'study means'}), probability {p:.2f}")
+            f"{views or 'study means'}{learnt}), probability {p:.2f}")
     return {"type": kind, "label": LABELS[kind], "probability": round(p, 3), "text": text,
             "evidence": {"before": _clips(T, b, list(per_view) or None), "after": _clips(T, a, list(per_view) or None),
-                         "values": {"ef_before": round(float(ef0), 1), "ef_after": round(float(ef1), 1),
-                                    "per_view": {v: list(x) for v, x in per_view.items()}}}}
+                         "values": values}}
 
 
 def _device_clause(T: Timeline, a: int, b: int, kind: str, dev: str, p: float, confirmed: str) -> dict[str, Any]:
@@ -210,13 +216,17 @@ def _device_clause(T: Timeline, a: int, b: int, kind: str, dev: str, p: float, c
         head = f"{DEVICE_NAMES[dev]} no longer seen"
     where = f"zero-shot score {per_view[best][0]:.3f} -> {per_view[best][1]:.3f} in {best}" if best else \
         f"zero-shot score {T.pred[dev][b]:.3f} -> {T.pred[dev][a]:.3f}"
+    values: dict[str, Any] = {"score_before": round(float(T.pred[dev][b]), 4),
+                              "score_after": round(float(T.pred[dev][a]), 4),
+                              "per_view": {v: list(x) for v, x in per_view.items()}}
+    seen = T.pred.get(f"{dev}_present")
+    if seen is not None and np.isfinite(seen[a]) and np.isfinite(seen[b]):  # calibrated on the archive's reports
+        values["present_before"], values["present_after"] = round(float(seen[b]), 3), round(float(seen[a]), 3)
+        where += f"; present {seen[b]:.0%} -> {seen[a]:.0%} by this archive's reports"
     text = f"{head} ({where}{confirmed}), probability {p:.2f}"
     views = [best] if best else None
     return {"type": kind, "label": LABELS[kind], "probability": round(p, 3), "text": text,
-            "evidence": {"before": _clips(T, b, views), "after": _clips(T, a, views),
-                         "values": {"score_before": round(float(T.pred[dev][b]), 4),
-                                    "score_after": round(float(T.pred[dev][a]), 4),
-                                    "per_view": {v: list(x) for v, x in per_view.items()}}}}
+            "evidence": {"before": _clips(T, b, views), "after": _clips(T, a, views), "values": values}}
 
 
 def _heart_clause(T: Timeline, a: int, b: int, nxt: int, kind: str, p: float, typical: float) -> dict[str, Any]:

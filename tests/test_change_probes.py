@@ -1,0 +1,95 @@
+"""Report-trained probes for the change scan: a study's estimate never depends on its own patient's reports,
+the probe recovers a signal the vectors carry, and an archive without labels falls back to the model fitted
+without probes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from echosearch.change.features import FEATURES, PROBE_FEATURES
+from echosearch.change.model import ChangeModel
+from echosearch.change.probes import MIN_PATIENTS, cross_fitted, presence, report_targets
+
+
+def _archive(seed: int, patients: int = 60, visits: int = 3, dim: int = 16) -> dict[str, np.ndarray]:
+    """Clips of two views per study; the EF is a linear function of the clip vector plus noise."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=dim)
+    pk = np.repeat(np.arange(patients) * 7 + 3, visits * 2)  # keys need not be consecutive
+    views = np.tile(np.array(["A4C", "PLAX"]), patients * visits)
+    vecs = rng.normal(size=(pk.size, dim))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ef = 50 + 40 * (vecs @ w) / np.linalg.norm(w) + rng.normal(0, 1, pk.size)
+    return {"pk": pk, "views": views, "vecs": vecs, "ef": ef}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_patients_estimates_ignore_its_own_reports(seed: int) -> None:
+    a = _archive(seed)
+    base = cross_fitted(a["vecs"], a["views"], a["pk"], a["ef"])
+    rng = np.random.default_rng(seed + 10)
+    for p in rng.choice(np.unique(a["pk"]), 3, replace=False):
+        changed = a["ef"].copy()
+        mine = a["pk"] == p
+        changed[mine] = rng.uniform(5, 95, mine.sum())  # this patient's reports say something else entirely
+        again = cross_fitted(a["vecs"], a["views"], a["pk"], changed)
+        np.testing.assert_allclose(again.values[mine], base.values[mine])
+        assert not np.allclose(again.values[~mine], base.values[~mine])  # the others did learn from them
+
+
+def test_probe_recovers_what_the_vectors_carry() -> None:
+    a = _archive(3)
+    fit = cross_fitted(a["vecs"], a["views"], a["pk"], a["ef"])
+    assert np.isfinite(fit.values).all()
+    assert np.corrcoef(fit.values, a["ef"])[0, 1] > 0.9
+    assert fit.mae < 5 and fit.n_labelled_patients == 60
+    unlabelled = a["ef"].copy()
+    unlabelled[:12] = np.nan  # studies without a stated EF still get an estimate, from every labelled patient
+    fit2 = cross_fitted(a["vecs"], a["views"], a["pk"], unlabelled)
+    assert np.isfinite(fit2.values[:12]).all() and np.abs(fit2.values[:12] - a["ef"][:12]).mean() < 5
+
+
+def test_too_few_labelled_patients_give_no_estimate() -> None:
+    a = _archive(4, patients=MIN_PATIENTS - 1)
+    assert np.isnan(cross_fitted(a["vecs"], a["views"], a["pk"], a["ef"]).values).all()
+    stated = (a["ef"] > 50).astype(float)
+    assert np.isnan(presence(a["ef"], a["pk"], stated)).all()
+
+
+def test_presence_is_calibrated_on_the_reports() -> None:
+    rng = np.random.default_rng(5)
+    pk = np.repeat(np.arange(80), 4)
+    present = rng.random(pk.size) < 0.3
+    score = np.where(present, 0.2, 0.1) + rng.normal(0, 0.03, pk.size)  # zero-shot scores well above 0 for all
+    p = presence(score, pk, present.astype(float))
+    assert np.isfinite(p).all()
+    assert np.mean((p > 0.5) == present) > 0.9  # a threshold of 0 would call every study "present"
+    mine = pk == 7
+    flipped = present.astype(float)
+    flipped[mine] = 1 - flipped[mine]
+    np.testing.assert_allclose(presence(score, pk, flipped)[mine], p[mine])  # cross-fitted too
+
+
+def test_report_targets() -> None:
+    texts = {1: "LV EJECTION FRACTION IS 35%. MITRACLIP IN PLACE.", 2: "NORMAL STUDY.",
+             3: "LEFT VENTRICULAR EJECTION FRACTION ESTIMATED AT 60%.", 4: None}
+    got = report_targets(texts, {"mitraclip": ["MITRACLIP IN PLACE."], "tavr": ["A STENT-VALVE IS PRESENT."]})
+    assert got["ef"] == {1: 35.0, 3: 60.0}
+    assert got["mitraclip"] == {1: 1.0, 2: 0.0, 3: 0.0}  # no report: no label
+    assert "tavr" not in got  # a device no report names gives no labels (its absence says nothing)
+
+
+def test_missing_probes_use_the_fallback_weights() -> None:
+    n = len(FEATURES) + 1
+    idx = {f: k for k, f in enumerate(FEATURES)}
+    w = np.zeros(n)
+    w[idx["tavr_probe_rise"]], w[-1] = 2.0, -3.0
+    back = np.zeros(n)
+    back[idx["tavr_rise"]], back[-1] = 1.0, -2.0
+    model = ChangeModel({"new_tavr": w}, {"new_tavr": 0.1}, fallback={"new_tavr": back})
+    X = np.zeros((3, len(FEATURES)))
+    X[:, idx["tavr_rise"]] = [0.0, 1.0, 2.0]
+    X[:, idx["tavr_probe_rise"]] = [1.0, 1.0, 1.0]
+    np.testing.assert_allclose(model.logits(X)["new_tavr"], [-1.0, -1.0, -1.0])
+    np.testing.assert_allclose(model.logits(X, frozenset(PROBE_FEATURES))["new_tavr"], [-2.0, -1.0, 0.0])
