@@ -186,24 +186,23 @@ def _probes(catalog: Catalog, meta: pl.DataFrame, skeys: np.ndarray, by_key: np.
         if not np.isfinite(fit.values).any():
             continue
         name = f"{task}_probe"
-        by_view[name] = {}
-        for v in views:
-            m = (view == v) & np.isfinite(fit.values)
-            tot, cnt = np.bincount(row[m], fit.values[m], n), np.bincount(row[m], minlength=n)
-            by_view[name][v] = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+        has = np.isfinite(fit.values)
+        by_view[name] = {v: _mean_per_row(row, fit.values, has & (view == v), n) for v in views}
         with _quiet():
-            if task == "ef":
-                m = np.isfinite(fit.values)
-                tot, cnt = np.bincount(row[m], fit.values[m], n), np.bincount(row[m], minlength=n)
-                study[name] = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
-            else:
-                study[name] = np.nanmax(np.stack(list(by_view[name].values())), axis=0)
+            study[name] = _mean_per_row(row, fit.values, has, n) if task == "ef" else \
+                np.nanmax(np.stack(list(by_view[name].values())), axis=0)
         errors[name] = fit.mae
         if task in DEVICES:
             stated = np.asarray([said.get(int(k), np.nan) for k in meta["study_key"]], np.float64)
             study[f"{task}_present"] = presence(np.c_[zero_shot[task], study[name]],
                                                 meta["patient_key"].to_numpy(), stated)
     return by_view, study, errors
+
+
+def _mean_per_row(row: np.ndarray, values: np.ndarray, m: np.ndarray, n: int) -> np.ndarray:
+    """(n,) mean of ``values[m]`` per timeline row ``row[m]``; NaN where a row has none."""
+    tot, cnt = np.bincount(row[m], values[m], n), np.bincount(row[m], minlength=n)
+    return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
 
 
 def _like_view(a: dict[str, np.ndarray], i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -301,4 +300,5 @@ class Scales:
         return np.stack(cols, axis=1)
 
 
-__all__ = ["BINARY_TASKS", "DEVICES", "FEATURES", "PROBE_FEATURES", "Scales", "Timeline", "load_timeline", "raw_pair_features"]
+__all__ = ["BINARY_TASKS", "DEVICES", "FEATURES", "PROBE_FEATURES", "Scales", "Timeline", "load_timeline",
+           "raw_pair_features"]

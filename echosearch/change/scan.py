@@ -388,7 +388,9 @@ def scan_changes(catalog: Catalog, *, patient: str | int | None = None, min_prob
     if store and not catalog.read_only:
         run_id = catalog.new_run("changes", {"patient": patient, "min_probability": min_probability,
                                              "event_rates": ctx.rates, "model": ctx.model.info,
-                                             "identity": T.identity_source})
+                                             "identity": T.identity_source,
+                                             "probes_mean_abs_error": {k: round(v, 4) for k, v in
+                                                                       T.probe_error.items()}})
         cols_db = ["run_id", "patient_key", "study_key", "prev_study_key", "baseline_study_key", "score_prev",
                    "score_baseline", "z_prev", "z_baseline", "flagged", "explanation"]
         with_run = out.with_columns(pl.lit(run_id, pl.Int64).alias("run_id"))
