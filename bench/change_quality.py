@@ -6,10 +6,10 @@ positives of every event type), indexed through the real pipeline with the shipp
 measurement (every score on the same pairs, bootstrap intervals) on each report cohort. Usage (WORKDIR: any
 folder with room for the cohorts, e.g. indexes/change):
 
-    .venv/bin/python bench/change_quality.py --work WORKDIR --fit            # tune on 301, report on 401 402
-    .venv/bin/python bench/change_quality.py --work WORKDIR --report 403 404 # more held-out seeds
+    .venv/bin/python bench/change_quality.py --work WORKDIR --fit   # tune on 301-303, report on 401 402
+    .venv/bin/python bench/change_quality.py --work WORKDIR --report 401 402 403 404   # the shipped figures
 
-Each cohort takes about 1-2 min to generate and 10-30 min to index on 2 shared CPU cores.
+Each cohort takes about 1-2 min to generate and 3-30 min to index, depending on the machine's load.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def report(work: Path, seeds: list[int], n_boot: int) -> list[dict[str, Any]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="Folder for the cohorts and indexes (reused).")
-    ap.add_argument("--tune", type=int, nargs="*", default=[301])
+    ap.add_argument("--tune", type=int, nargs="*", default=[301, 302, 303])
     ap.add_argument("--report", type=int, nargs="*", default=[401, 402])
     ap.add_argument("--fit", action="store_true", help="Refit the shipped change model on the tuning seeds.")
     ap.add_argument("--l2", type=float, default=1.0)
