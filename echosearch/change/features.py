@@ -22,12 +22,13 @@ from echosearch.catalog import Catalog
 from echosearch.zeroshot import BINARY_TASKS, TASKS
 
 DEVICES = ("pacer_lead", "tavr", "mitraclip")
+REPORT_ONLY = ("transplant",)  # findings tracked by report-trained probes only (no zero-shot task): a new heart
 # the standardised features the change model reads, in this order
 FINDINGS = (*DEVICES, "lv_dilated")  # zero-shot findings compared between visits (dilation: evidence of EF change)
 FEATURES = ("study_dist", "view_dist", "view_dist_max", "id_dist", "view_id_dist", "id_other", "next_gap", "has_next",
             "ef_fall", "ef_rise", "ef_probe_fall", "ef_probe_rise",
             *(f"{d}_rise" for d in FINDINGS), *(f"{d}_fall" for d in FINDINGS),
-            *(f"{d}_probe_rise" for d in DEVICES), *(f"{d}_probe_fall" for d in DEVICES))
+            *(f"{d}_probe_rise" for d in DEVICES), *(f"{d}_probe_fall" for d in DEVICES), "transplant_probe_rise")
 PROBE_FEATURES = frozenset(f for f in FEATURES if "_probe_" in f)  # missing where the reports give no labels
 
 
@@ -169,7 +170,9 @@ def _probes(catalog: Catalog, meta: pl.DataFrame, skeys: np.ndarray, by_key: np.
 
     n = meta.height
     rep = catalog.study_reports(meta["study_key"].to_list())
-    positives = {d: spec.get("positive") or [] for d, spec in load_prompts().get("binary", {}).items() if d in DEVICES}
+    prompts = load_prompts()
+    positives = {d: spec.get("positive") or [] for d, spec in prompts.get("binary", {}).items() if d in DEVICES}
+    positives.update({t: list(v) for t, v in (prompts.get("report_findings") or {}).items() if t in REPORT_ONLY})
     targets = report_targets(dict(rep.select("study_key", "text").iter_rows()), positives)
     vstudy = vids["study_key"].to_numpy()
     pos = np.clip(np.searchsorted(skeys, vstudy), 0, max(skeys.size - 1, 0))
@@ -192,10 +195,10 @@ def _probes(catalog: Catalog, meta: pl.DataFrame, skeys: np.ndarray, by_key: np.
             study[name] = _mean_per_row(row, fit.values, has, n) if task == "ef" else \
                 np.nanmax(np.stack(list(by_view[name].values())), axis=0)
         errors[name] = fit.mae
-        if task in DEVICES:
+        if task in (*DEVICES, *REPORT_ONLY):
             stated = np.asarray([said.get(int(k), np.nan) for k in meta["study_key"]], np.float64)
-            study[f"{task}_present"] = presence(np.c_[zero_shot[task], study[name]],
-                                                meta["patient_key"].to_numpy(), stated)
+            scores = np.c_[zero_shot[task], study[name]] if task in zero_shot else study[name]
+            study[f"{task}_present"] = presence(scores, meta["patient_key"].to_numpy(), stated)
     return by_view, study, errors
 
 
@@ -240,7 +243,7 @@ def raw_pair_features(T: Timeline, i: np.ndarray, j: np.ndarray) -> dict[str, np
     gap = np.einsum("ij,ij->i", T.content[nxt], T.content[i]) - np.einsum("ij,ij->i", T.content[nxt], T.content[j])
     out["next_gap"] = np.where(has, gap, np.nan)
     out["has_next"] = has.astype(np.float64)
-    for task in ("ef", "ef_probe", *FINDINGS, *(f"{d}_probe" for d in DEVICES)):
+    for task in ("ef", "ef_probe", *FINDINGS, *(f"{d}_probe" for d in (*DEVICES, *REPORT_ONLY))):
         if task not in T.pred:  # a probe without labels in this archive: no evidence
             out[f"{task}_rise"] = out[f"{task}_fall"] = np.full(i.size, np.nan)
             continue
@@ -300,5 +303,5 @@ class Scales:
         return np.stack(cols, axis=1)
 
 
-__all__ = ["BINARY_TASKS", "DEVICES", "FEATURES", "PROBE_FEATURES", "Scales", "Timeline", "load_timeline",
-           "raw_pair_features"]
+__all__ = ["BINARY_TASKS", "DEVICES", "FEATURES", "PROBE_FEATURES", "REPORT_ONLY", "Scales", "Timeline",
+           "load_timeline", "raw_pair_features"]

@@ -38,7 +38,7 @@ def evidence(flag: str) -> tuple[str, ...]:
         if flag in (f"new_{d}", f"removed_{d}"):
             return (*_GENERAL, f"{d}_rise", f"{d}_fall", f"{d}_probe_rise", f"{d}_probe_fall")
     if flag == "new_heart":
-        return (*_GENERAL, "id_dist", "view_id_dist", "id_other")
+        return (*_GENERAL, "id_dist", "view_id_dist", "id_other", "transplant_probe_rise")
     return FEATURES
 
 

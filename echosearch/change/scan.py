@@ -236,12 +236,18 @@ def _heart_clause(T: Timeline, a: int, b: int, nxt: int, kind: str, p: float, ty
     if nxt >= 0:
         values["next_visit_similarity_to_this"] = round(_id_cos(T, nxt, a), 3)
         values["next_visit_similarity_to_previous"] = round(_id_cos(T, nxt, b), 3)
+    status = T.pred.get("transplant_present")
+    seen = ""
+    if status is not None and np.isfinite(status[a]) and np.isfinite(status[b]):  # calibrated on the reports
+        values["post_transplant_before"], values["post_transplant_after"] = round(float(status[b]), 3), \
+            round(float(status[a]), 3)
+        seen = f"; post-transplant appearance {status[b]:.0%} -> {status[a]:.0%} by this archive's reports"
     if kind == "new_heart":
         tail = (f"; the next visit continues it ({values['next_visit_similarity_to_this']:.2f}): a new heart of "
                 f"this patient (transplant)") if nxt >= 0 else "; no later visit yet to confirm it (transplant, or "\
                 "a study of another patient?)"
         text = (f"different heart: identity similarity to the previous visit {c_prev:.2f} (same-patient visits "
-                f"typically {typical:.2f}){tail}, probability {p:.2f}")
+                f"typically {typical:.2f}){seen}{tail}, probability {p:.2f}")
     else:
         text = (f"heart unlike the previous visit's ({c_prev:.2f}) while the next visit matches the previous one "
                 f"({values['next_visit_similarity_to_previous']:.2f}): possibly a study of another patient filed "
