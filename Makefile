@@ -96,7 +96,7 @@ lint: setup
 
 # Retrain the shipped demo model (documented seed and cohort; ~15-25 min on 2 CPU cores).
 demo-model: setup
-	$(BIN)/python -m echosearch.demo_model --out echosearch/data/echosearch-demo
+	$(BIN)/python -m echosearch.model.demo_model --out echosearch/data/echosearch-demo
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -12,7 +12,7 @@ from echosearch.appcore import auth
 from echosearch.appcore.data import AppIndex, clip_html, open_app_index
 from echosearch.appcore.launch import resolve_index
 from echosearch.errors import EchosearchError
-from echosearch.login_guard import LoginGuard
+from echosearch.serve.login_guard import LoginGuard
 
 APP_DIR = Path(__file__).resolve().parent
 MAX_CHOICES = 2000  # longer lists become a search box

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     import open_clip
 
-    from echosearch.decode import decode_video
-    from echosearch.frame_policy import resolve_frame_policy
-    from echosearch.prepare import sample_indices, sector_and_input
+    from echosearch.ingest.decode import decode_video
+    from echosearch.ingest.frame_policy import resolve_frame_policy
+    from echosearch.ingest.prepare import sample_indices, sector_and_input
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=Path(".devdata"))

@@ -53,8 +53,8 @@ def training_pairs(root: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
     from echosearch.change.features import load_timeline, raw_pair_features
     from echosearch.change.model import EF_MARGIN
     from echosearch.change.scan import _pairs, study_predictions
-    from echosearch.eval_change import _clause_truth, change_truth
-    from echosearch.evaluate import join_truth, load_truth
+    from echosearch.evaluation.change import _clause_truth, change_truth
+    from echosearch.evaluation.core import join_truth, load_truth
 
     with Catalog.open(root / "index", read_only=True) as cat:
         T = load_timeline(cat, study_predictions(cat))
@@ -101,8 +101,8 @@ def report(work: Path, seeds: list[int], n_boot: int) -> list[dict[str, Any]]:
     from rich.console import Console
 
     from echosearch.catalog import Catalog
-    from echosearch.eval_change import change_metrics, format_change_table
-    from echosearch.evaluate import join_truth, load_truth
+    from echosearch.evaluation.change import change_metrics, format_change_table
+    from echosearch.evaluation.core import join_truth, load_truth
 
     out = []
     for s in seeds:

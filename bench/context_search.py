@@ -26,7 +26,7 @@ from search import N_VIEWS, STUDIES_PER_PATIENT, VIDEOS_PER_STUDY, synth  # noqa
 from echosearch.catalog import Catalog, VideoRecord  # noqa: E402
 from echosearch.filters import Filters  # noqa: E402
 from echosearch.query import Searcher, context_score  # noqa: E402
-from echosearch.vectorindex import build_all, normalise  # noqa: E402
+from echosearch.store.vectorindex import build_all, normalise  # noqa: E402
 
 VIEWS = [f"V{i}" for i in range(N_VIEWS)]
 

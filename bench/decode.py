@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 import pydicom
 
-from echosearch.discover import inspect_file
-from echosearch.frame_policy import resolve_frame_policy
-from echosearch.prepare import FramePolicy, sample_indices
+from echosearch.ingest.discover import inspect_file
+from echosearch.ingest.frame_policy import resolve_frame_policy
+from echosearch.ingest.prepare import FramePolicy, sample_indices
 from echosearch.run.read import process_file
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from encode import model_only  # noqa: E402  (bench/encode.py's (a): vectors come back to the host)
 
-from echosearch.discover import FileRecord  # noqa: E402
-from echosearch.encode import Encoder, load_encoder  # noqa: E402
-from echosearch.models import write_model_folder  # noqa: E402
-from echosearch.prepare import FramePolicy  # noqa: E402
+from echosearch.ingest.discover import FileRecord  # noqa: E402
+from echosearch.ingest.prepare import FramePolicy  # noqa: E402
+from echosearch.model.encode import Encoder, load_encoder  # noqa: E402
+from echosearch.model.models import write_model_folder  # noqa: E402
 from echosearch.run.read import PreparedVideo  # noqa: E402
 from echosearch.run.workers import iter_processed
 

@@ -113,8 +113,8 @@ def identity_overhead(a: argparse.Namespace, repeats: int = 3) -> float:
     """(b) for the demo model with identity vectors from its shipped identity model (or ``--identity-model``)
     against without: time ratio (median of ``repeats`` alternating runs; a head runs on the content frame
     vectors, an identity tower on the content encoder's early-stage activations plus its own last stages)."""
-    from echosearch.encode import load_encoder
-    from echosearch.identity_model import demo_identity_head
+    from echosearch.identity.model import demo_identity_head
+    from echosearch.model.encode import load_encoder
     from echosearch.synth import generate_cohort
 
     head = Path(a.identity_model) if a.identity_model else demo_identity_head()
@@ -150,8 +150,8 @@ def main() -> None:
     ap.add_argument("--identity-model", help="with --identity: this identity model folder instead of the shipped one")
     a = ap.parse_args()
     os.environ.setdefault("ECHOSEARCH_SECRET", "bench-secret-0123456789")
-    from echosearch.encode import load_encoder
-    from echosearch.models import write_model_folder
+    from echosearch.model.encode import load_encoder
+    from echosearch.model.models import write_model_folder
     from echosearch.synth import generate_cohort
 
     results: dict[str, dict[str, Any]] = {}

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from echosearch import calibration as cal
-from echosearch.eval_identity import project_audit
+from echosearch.evaluation.identity import project_audit
 from echosearch.identity import StudySet, fit_patient_calibration, score_studies
+from echosearch.identity import calibration as cal
 
 AUCS = (0.80, 0.86, 0.90, 0.95, 0.99)
 RATES = (0.10, 0.01, 0.001)

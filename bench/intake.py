@@ -123,8 +123,8 @@ def main() -> None:
     import pydicom
 
     from echosearch.config import load_settings
-    from echosearch.encode import load_encoder
     from echosearch.intake import IntakeStore
+    from echosearch.model.encode import load_encoder
     from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 

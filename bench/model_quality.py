@@ -32,7 +32,7 @@ FIGURES = ("mean", "mean_clip_only", "mean_in_view", "ef_mae", "identity_auc")
 def evaluate_model(model: str, seeds: list[int], work: Path, patients: int, workers: int) -> list[dict[str, Any]]:
     """One row per cohort: recall@10 per finding and its mean, zero-shot EF MAE, same-patient AUC."""
     from echosearch.config import load_settings
-    from echosearch.evaluate import evaluate
+    from echosearch.evaluation.core import evaluate
     from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 

@@ -86,7 +86,7 @@ def _recall(vi: Any, x: np.ndarray, keys: np.ndarray, q: np.ndarray, k: int = 10
 
 def chunked_index(work: Path, n: int, d: int, chunk_rows: int, seed: int, kind: str) -> dict[str, Any]:
     from echosearch.catalog import Catalog
-    from echosearch.vectorindex import build_index
+    from echosearch.store.vectorindex import build_index
 
     x = _vectors(n + 500, d, seed)
     base, q = x[:n], x[n:]  # held-out queries: not in the index

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from echosearch.vectorindex import build_vectors, normalise  # noqa: E402
+from echosearch.store.vectorindex import build_vectors, normalise  # noqa: E402
 
 D = 512
 VIDEOS_PER_STUDY = 8

@@ -275,7 +275,7 @@ class Catalog(EmbeddingQueries, LocationQueries, ScopeQueries, AppQueries, RunQu
         """Record the model/preprocessing identity, or refuse when the index was built with another."""
         stored = self.get_manifest("model")
         if stored is not None:
-            from echosearch.frame_policy import preprocessing_mismatch
+            from echosearch.ingest.frame_policy import preprocessing_mismatch
 
             keys = ("name", "weights_sha256", "embed_dim")
             why = preprocessing_mismatch(stored.get("preprocessing"), identity.get("preprocessing"))

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     def _identity_default(self) -> Settings:
         """Demo mode pairs the shipped demo model with its shipped identity head; ``none`` means no identity model."""
         if self.identity_model is None and self.mode == "demo" and self.model == "echosearch-demo":
-            from echosearch.identity_model import demo_identity_head
+            from echosearch.identity.model import demo_identity_head
 
             head = demo_identity_head()
             self.identity_model = str(head) if head is not None else None

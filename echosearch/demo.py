@@ -42,8 +42,8 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
     from echosearch.change import scan_changes
     from echosearch.config import load_settings
     from echosearch.errors import ConfigError, ModelMismatchError
-    from echosearch.eval_identity import audit_metrics, identity_metrics, levels_frame
-    from echosearch.evaluate import evaluate, format_table, join_truth, study_truth
+    from echosearch.evaluation.core import evaluate, format_table, join_truth, study_truth
+    from echosearch.evaluation.identity import audit_metrics, identity_metrics, levels_frame
     from echosearch.identity import audit
     from echosearch.query import Searcher
     from echosearch.run.local import index_sources
@@ -73,8 +73,8 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
     except ConfigError as exc:  # built before the demo model had an identity head: fill its vectors in
         if "without identity" not in str(exc) or not settings.identity_model:
             raise
-        from echosearch.encode import encoder_for_index
-        from echosearch.identity_model import backfill_identity, load_identity_encoder
+        from echosearch.identity.model import backfill_identity, load_identity_encoder
+        from echosearch.model.encode import encoder_for_index
 
         with Catalog.open(index_dir) as cat:
             n = backfill_identity(cat, load_identity_encoder(settings.identity_model, encoder_for_index(cat)))
@@ -135,7 +135,7 @@ def run(out: Path, patients: int | None = None) -> dict[str, Any]:
         console.rule("[bold]6. evaluation against ground truth (EchoCLIP's published figures as anchors)")
         result = evaluate(cat, truth=cohort / "ground_truth.parquet")
         console.print(format_table(result))
-        from echosearch.eval_change import format_change_table
+        from echosearch.evaluation.change import format_change_table
 
         console.print(format_change_table(result.get("change", {})))
     console.print(Panel(f"done in {time.time() - t0:.0f} s; index at {index_dir}; open the app with `make app`",

@@ -19,7 +19,7 @@ import duckdb
 import numpy as np
 
 from echosearch.errors import QueryError
-from echosearch.zeroshot import TASKS
+from echosearch.model.zeroshot import TASKS
 
 DEVICE_TASKS = ("pacer_lead", "tavr", "mitraclip")
 PREDICTION_TASKS = TASKS  # every zero-shot task is a filterable column
@@ -28,7 +28,7 @@ WHERE_COLUMNS = (
     "video_key", "study_key", "study_uid", "study_date", "accession_pseudonym", "patient_key", "patient_pseudonym",
     "view", "manufacturer", "manufacturer_model", "path", "kind", "n_frames", "fps", "height", "width",
     "series_uid", "sop_uid", "scanned_at", "encoded_at", *PREDICTION_TASKS, "pred_ef",
-    "in_scope", "is_echo", "echo_confidence", "mode", "view_source",  # clip scope (schema 4; echosearch.scope)
+    "in_scope", "is_echo", "echo_confidence", "mode", "view_source",  # clip scope (schema 4; echosearch.model.scope)
 )
 SCOPES = ("in", "out")
 MODES = ("bmode", "doppler")

@@ -20,7 +20,7 @@ from echosearch.catalog import Catalog
 from echosearch.errors import ModelMismatchError, QueryError
 from echosearch.filters import Filters, resolve_ids
 from echosearch.run.single import embed_file
-from echosearch.vectorindex import LEVELS, VectorIndex, build_all, catalog_count, load_index, normalise
+from echosearch.store.vectorindex import LEVELS, VectorIndex, build_all, catalog_count, load_index, normalise
 
 RESULT_COLUMNS = ("rank", "score", "video_key", "study_key", "study_uid", "patient_pseudonym", "study_date", "view",
                   "manufacturer", "path", "pred_ef")
@@ -100,7 +100,7 @@ class Searcher:
     def encoder(self) -> Any:
         """The encoder this index was built with (loaded on first text/file query)."""
         if self._encoder is None:
-            from echosearch.encode import encoder_for_index
+            from echosearch.model.encode import encoder_for_index
 
             self._encoder = encoder_for_index(self.catalog)
         else:

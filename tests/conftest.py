@@ -43,8 +43,8 @@ def random_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import open_clip
     import torch
 
-    from echosearch.models import write_model_folder
-    from echosearch.train import DEMO_MODEL_CFG
+    from echosearch.model.models import write_model_folder
+    from echosearch.model.train import DEMO_MODEL_CFG
 
     torch.manual_seed(0)
     model = open_clip.CLIP(**DEMO_MODEL_CFG)
@@ -63,7 +63,7 @@ def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def demo_model_available() -> bool:
-    from echosearch.models import DEMO_MODEL_DIR
+    from echosearch.model.models import DEMO_MODEL_DIR
 
     return (DEMO_MODEL_DIR / "open_clip_model.safetensors").is_file()
 

@@ -52,7 +52,7 @@ def _built_index(root: str) -> Path:
 def index_copy(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """A private copy of the session's test index (built on first use); skips without the demo model."""
     if model_name() == "echosearch-demo":
-        from echosearch.models import DEMO_MODEL_DIR
+        from echosearch.model.models import DEMO_MODEL_DIR
 
         if not (DEMO_MODEL_DIR / "open_clip_model.safetensors").is_file():
             pytest.skip(f"the shipped demo model is missing ({DEMO_MODEL_DIR}); build it with `make demo-model`")
@@ -320,7 +320,7 @@ def test_one_process_reads_and_writes_concurrently(index_dir: Path) -> None:
 
 
 def test_previews_are_cached_atomically_with_a_gif_fallback(index_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from echosearch import previews
+    from echosearch.ingest import previews
 
     with Catalog.open(index_dir) as cat:
         counts = previews.make_previews(index_dir, [1, 2], catalog=cat)

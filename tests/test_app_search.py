@@ -109,7 +109,7 @@ def frequent_sentences(index: Path, n: int = 6) -> list[str]:
     from collections import Counter
 
     from echosearch.catalog import Catalog
-    from echosearch.report_facts import split_sentences
+    from echosearch.model.report_facts import split_sentences
 
     with Catalog.open(index) as cat:
         reports = [r[0] for r in cat.con.sql("SELECT text FROM reports").fetchall()]

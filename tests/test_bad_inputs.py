@@ -27,7 +27,7 @@ from badinputs import (
 from echosearch.catalog import Catalog
 from echosearch.config import Settings, load_settings
 from echosearch.errors import SomeInputsFailed
-from echosearch.pseudonym import Pseudonymizer
+from echosearch.ingest.pseudonym import Pseudonymizer
 from echosearch.run import read as ingest
 from echosearch.run.local import scan
 from echosearch.run.records import REPORT_STAGE
@@ -207,8 +207,8 @@ def test_rows_of_an_earlier_scan_survive_a_scan_that_meets_the_corpus(
 def test_a_container_header_that_over_counts_is_sampled_over_the_frames_that_exist(tmp_path: Path) -> None:
     from badinputs import patch_avi
 
-    from echosearch.decode import decode_video
-    from echosearch.prepare import FramePolicy, sample_indices
+    from echosearch.ingest.decode import decode_video
+    from echosearch.ingest.prepare import FramePolicy, sample_indices
 
     clip = write_video(tmp_path / "clip.avi", synthetic_frames(12, seed=3))
     liar = tmp_path / "liar.avi"
@@ -225,7 +225,7 @@ def test_a_file_that_cannot_be_read_is_reported_even_as_root(
 ) -> None:
     """The corpus has a file without read permission only when not root (permissions do not bind root):
     here the refusal is simulated, so that the reason is checked everywhere."""
-    import echosearch.discover as discover
+    import echosearch.ingest.discover as discover
 
     good = write_good_clips(tmp_path / "src", real_dir)
     locked = good[0]

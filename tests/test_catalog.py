@@ -217,11 +217,12 @@ def test_sql_lives_in_the_catalog_layer() -> None:
 
     root = Path(__file__).resolve().parents[1]
     allowed = {"echosearch/catalog.py", "echosearch/filters.py"}
+    vector_files = {"echosearch/store/vectorindex.py", "echosearch/store/vectorrows.py"}  # FAISS side of store/: no SQL
     statement = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|WITH)\s", re.I)
     offenders = []
     for path in sorted([*root.joinpath("echosearch").rglob("*.py"), *root.joinpath("app").rglob("*.py")]):
         rel = path.relative_to(root).as_posix()
-        if rel in allowed or rel.startswith("echosearch/store/"):
+        if rel in allowed or (rel.startswith("echosearch/store/") and rel not in vector_files):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and statement.match(node.value) \

@@ -15,7 +15,7 @@ from echosearch.catalog import Catalog
 from echosearch.change import MIN_PROBABILITY, scan_changes, study_predictions
 from echosearch.change.model import ChangeModel, fit_logistic
 from echosearch.errors import QueryError
-from echosearch.eval_change import change_metrics
+from echosearch.evaluation.change import change_metrics
 
 try:
     from test_identity import Cohort, Study, build_catalog
@@ -143,7 +143,7 @@ def _truth(cat: Catalog, studies: list[Study]) -> pl.DataFrame:
 def test_eval_scores_every_baseline_on_the_scans_pairs(scanned: tuple[Path, pl.DataFrame, list[Study]]) -> None:
     """Since-previous and since-first disagree on P0: its transplant is a positive of one pair there and of every
     later pair since the first visit; each baseline's AUC is recomputed here on the task's own pairs."""
-    from echosearch import calibration as cal
+    from echosearch.identity import calibration as cal
     from echosearch.identity import load_studies
 
     index, df, studies = scanned
@@ -207,7 +207,7 @@ def test_logistic_fit_and_prior_shift() -> None:
 
 def test_study_predictions_from_videos_follow_the_pipeline_rule(tmp_path: Path) -> None:
     """A catalog with only video rows: EF is the mean over views, a finding the strongest view."""
-    from echosearch.zeroshot import study_predictions as pipeline_rule
+    from echosearch.model.zeroshot import study_predictions as pipeline_rule
 
     gen = Cohort(seed=3)
     studies = gen.patients(2, visits=(1, 1))

@@ -8,7 +8,7 @@ import pytest
 
 from echosearch.config import load_settings
 from echosearch.errors import ConfigError
-from echosearch.pseudonym import Pseudonymizer
+from echosearch.ingest.pseudonym import Pseudonymizer
 
 
 def test_production_requires_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:

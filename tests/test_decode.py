@@ -23,9 +23,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-import echosearch.decode as decode_mod
-from echosearch.decode import decode_video, read_meta
+import echosearch.ingest.decode as decode_mod
 from echosearch.errors import DecodeError, NotUltrasoundError, ReportObjectFound
+from echosearch.ingest.decode import decode_video, read_meta
 
 REAL = REAL_DICOM
 
@@ -119,8 +119,8 @@ def test_sampled_frames_equal_full_decode(name: str) -> None:
 def test_frames_picked_from_the_header_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """A pick function sees the header's metadata and gets what explicit indices get; ingesting a file reads
     its header once."""
-    from echosearch.discover import inspect_file
-    from echosearch.prepare import FramePolicy
+    from echosearch.ingest.discover import inspect_file
+    from echosearch.ingest.prepare import FramePolicy
     from echosearch.run.read import process_file
 
     path = real("SonoSite_echo_A4C_30f_JPEG_small.dcm")
@@ -401,8 +401,8 @@ def test_ybr_full_422_native_is_two_bytes_a_pixel(tmp_path: Path, rgb_clip: np.n
 def test_missing_attributes_give_reasons_a_person_can_act_on(
     tmp_path: Path, rgb_clip: np.ndarray, drop: str, pi: str, reason: str
 ) -> None:
-    from echosearch.discover import inspect_file
-    from echosearch.prepare import FramePolicy
+    from echosearch.ingest.discover import inspect_file
+    from echosearch.ingest.prepare import FramePolicy
     from echosearch.run.read import FailedFile, safe_process
 
     ds = us_dataset(rgb_clip if pi == "RGB" else rgb_clip[..., 0], pi)
@@ -423,8 +423,8 @@ def test_missing_attributes_give_reasons_a_person_can_act_on(
 
 def test_unforeseen_exceptions_keep_context_then_detail(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import echosearch.run.read as ingest
-    from echosearch.discover import FileRecord
-    from echosearch.prepare import FramePolicy
+    from echosearch.ingest.discover import FileRecord
+    from echosearch.ingest.prepare import FramePolicy
 
     rec = FileRecord(tmp_path / "x.dcm", 1, "0" * 64, "dicom")
     monkeypatch.setattr(ingest, "process_file", lambda *_: (_ for _ in ()).throw(

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not demo_model_available(), reason="shipped demo
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from echosearch.config import load_settings
-    from echosearch.evaluate import evaluate
+    from echosearch.evaluation.core import evaluate
     from echosearch.run.local import index_sources
     from echosearch.synth import generate_cohort
 
@@ -34,7 +34,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_demo_model_identity_and_predictions_are_sane(evaluated: dict) -> None:
-    from echosearch.models import resolve_model
+    from echosearch.model.models import resolve_model
 
     src = resolve_model("echosearch-demo")
     assert src.weights is not None and src.weights.stat().st_size < 40 * 2**20  # ships under 40 MB

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REAL_DICOM
 
-from echosearch.discover import DiscoverFailure, FileRecord, discover, sniff_kind
+from echosearch.ingest.discover import DiscoverFailure, FileRecord, discover, sniff_kind
 
 REAL = REAL_DICOM
 DICOM_NAME = "US-MONO2-8-8x-execho.dcm"

@@ -10,11 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echosearch.encode import encode_text_bucketed, load_encoder
 from echosearch.errors import ModelLoadError
-from echosearch.models import resolve_model, write_model_folder
-from echosearch.train import DEMO_MODEL_CFG
-from echosearch.zeroshot import regression, study_predictions
+from echosearch.model.encode import encode_text_bucketed, load_encoder
+from echosearch.model.models import resolve_model, write_model_folder
+from echosearch.model.train import DEMO_MODEL_CFG
+from echosearch.model.zeroshot import regression, study_predictions
 
 
 def _random_folder(folder: Path, cfg: dict, seed: int = 0, hints: dict | None = None) -> Path:

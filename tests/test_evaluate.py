@@ -16,7 +16,7 @@ from rich.console import Console
 
 from echosearch.catalog import Catalog
 from echosearch.errors import QueryError
-from echosearch.evaluate import _text_retrieval, evaluate, find_truth, format_table, join_truth
+from echosearch.evaluation.core import _text_retrieval, evaluate, find_truth, format_table, join_truth
 
 try:
     from test_identity import Cohort, Study, build_catalog, unit
@@ -104,11 +104,11 @@ def test_near_perfect_scores(evaluated: tuple[Path, dict[str, Any]]) -> None:
 def test_text_retrieval_skipped_without_encoder(evaluated: tuple[Path, dict[str, Any]],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     index, _ = evaluated
-    monkeypatch.setitem(sys.modules, "echosearch.encode", None)  # import fails as if the module were absent
+    monkeypatch.setitem(sys.modules, "echosearch.model.encode", None)  # import fails as if the module were absent
     with Catalog.open(index, read_only=True) as cat:
         vt = join_truth(cat, pl.read_parquet(find_truth(cat)))
         out = _text_retrieval(cat, vt, 10)
-    assert "skipped" in out and "echosearch.encode" in out["skipped"]
+    assert "skipped" in out and "echosearch.model.encode" in out["skipped"]
 
 
 def test_truth_by_sop_and_missing_truth(evaluated: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
@@ -128,7 +128,7 @@ def test_truth_by_sop_and_missing_truth(evaluated: tuple[Path, dict[str, Any]], 
 
 def _demo_model_present() -> bool:
     try:
-        from echosearch.models import DEMO_MODEL_DIR, WEIGHT_NAMES
+        from echosearch.model.models import DEMO_MODEL_DIR, WEIGHT_NAMES
     except ImportError:
         return False
     return any((DEMO_MODEL_DIR / n).is_file() for n in WEIGHT_NAMES)

@@ -17,13 +17,13 @@ import torch
 
 from echosearch.catalog import Catalog
 from echosearch.config import load_settings
-from echosearch.decode import decode_video
-from echosearch.discover import inspect_file
-from echosearch.encode import Encoder, encoder_for_index, load_encoder
 from echosearch.errors import ConfigError, ModelMismatchError
-from echosearch.frame_policy import resolve_frame_policy
-from echosearch.models import REGISTRY, ModelSpec, write_model_folder
-from echosearch.prepare import FramePolicy, policy_manifest, sample_indices
+from echosearch.ingest.decode import decode_video
+from echosearch.ingest.discover import inspect_file
+from echosearch.ingest.frame_policy import resolve_frame_policy
+from echosearch.ingest.prepare import FramePolicy, policy_manifest, sample_indices
+from echosearch.model.encode import Encoder, encoder_for_index, load_encoder
+from echosearch.model.models import REGISTRY, ModelSpec, write_model_folder
 from echosearch.run.local import index_sources
 from echosearch.run.read import process_file
 
@@ -280,7 +280,7 @@ def test_preview_cli_defaults_to_the_models_policy(real_dicom_dir: Path, echocli
 
 
 def test_previews_of_an_echoclip_index_show_true_colour(tmp_path: Path) -> None:
-    from echosearch.previews import PREVIEW_SIZE, preview_frames, preview_policy
+    from echosearch.ingest.previews import PREVIEW_SIZE, preview_frames, preview_policy
 
     rgb = echo_like_rgb()
     path = write_avi(tmp_path / "clip.avi", rgb, "FFV1")  # lossless: decoded frames are ``rgb`` exactly

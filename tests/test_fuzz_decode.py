@@ -22,9 +22,9 @@ from badinputs import JPEG, MONO, RGB, synthetic_frames, unreadable, write_video
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from echosearch.discover import inspect_file
 from echosearch.errors import EchosearchError
-from echosearch.prepare import FramePolicy
+from echosearch.ingest.discover import inspect_file
+from echosearch.ingest.prepare import FramePolicy
 from echosearch.run.read import PreparedVideo, process_file
 
 POLICY = FramePolicy("sector", 8, 112)

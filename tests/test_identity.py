@@ -18,10 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echosearch import calibration as cal
 from echosearch.catalog import Catalog, VideoRecord
 from echosearch.errors import QueryError
 from echosearch.identity import audit, match_patients, same_patient_probability
+from echosearch.identity import calibration as cal
 
 DIM = 32
 MODEL = {"name": "test", "weights_sha256": "x", "embed_dim": DIM, "preprocessing": {}}

@@ -1,4 +1,4 @@
-"""Identity evaluation (``echosearch/eval_identity.py``): cross-visit pairs only, identity vs content vectors vs
+"""Identity evaluation (``echosearch/evaluation/identity.py``): cross-visit pairs only, identity vs content vectors vs
 EchoCLIP's single clip pair on the same pairs with patient-bootstrap intervals, the audit on both levels, and
 its projection to a prevalence (shared with ``bench/identity_sensitivity.py``).
 
@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echosearch import calibration as cal
 from echosearch.catalog import Catalog
-from echosearch.eval_identity import (
+from echosearch.evaluation.core import evaluate, join_truth, study_truth
+from echosearch.evaluation.identity import (
     audit_metrics,
     bootstrap_aucs,
     cross_visit_pairs,
@@ -29,7 +29,7 @@ from echosearch.eval_identity import (
     project_audit,
     weighted_auc,
 )
-from echosearch.evaluate import evaluate, join_truth, study_truth
+from echosearch.identity import calibration as cal
 from echosearch.store.schema import identity_table_sql
 
 try:

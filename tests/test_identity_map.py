@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from echosearch.catalog import Catalog
 from echosearch.config import load_settings
-from echosearch.encode import l2_normalise, load_encoder
-from echosearch.identity_map import MAP_WEIGHTS, fit_projection
-from echosearch.identity_model import HEAD_CONFIG, backfill_identity, load_identity_encoder
-from echosearch.identity_train import IdentityTrainConfig, pair_auc, train_identity
+from echosearch.identity.map import MAP_WEIGHTS, fit_projection
+from echosearch.identity.model import HEAD_CONFIG, backfill_identity, load_identity_encoder
+from echosearch.identity.train import IdentityTrainConfig, pair_auc, train_identity
+from echosearch.model.encode import l2_normalise, load_encoder
 from echosearch.run.local import index_sources
 
 
@@ -102,7 +102,7 @@ def test_indexing_with_a_map_stores_what_decoding_again_computes(
     old = tmp_path / "old"
     _index(small_cohort, old, random_model_dir)
     with Catalog.open(old) as cat:
-        from echosearch.encode import encoder_for_index
+        from echosearch.model.encode import encoder_for_index
 
         enc = load_identity_encoder(str(folder), encoder_for_index(cat, device="cpu"))
         assert backfill_identity(cat, enc) == cat.counts()["videos"]

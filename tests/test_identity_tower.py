@@ -12,9 +12,9 @@ import torch
 
 from echosearch.catalog import Catalog
 from echosearch.config import load_settings
-from echosearch.encode import l2_normalise, load_encoder
-from echosearch.identity_model import HEAD_CONFIG, HEAD_WEIGHTS, IdentityHead, load_identity_encoder, save_head
-from echosearch.identity_tower import TAIL_WEIGHTS, TailRunner, TowerTail
+from echosearch.identity.model import HEAD_CONFIG, HEAD_WEIGHTS, IdentityHead, load_identity_encoder, save_head
+from echosearch.identity.tower import TAIL_WEIGHTS, TailRunner, TowerTail
+from echosearch.model.encode import l2_normalise, load_encoder
 from echosearch.run.local import index_sources
 
 
@@ -56,9 +56,9 @@ def test_a_fresh_tail_is_the_content_tower_and_reuses_its_early_stages(random_mo
 
 def test_tower_training_is_deterministic_and_round_trips(content_index: Path, random_model_dir: Path,
                                                          small_cohort: Path, tmp_path: Path) -> None:
-    from echosearch.identity_model import backfill_identity
-    from echosearch.identity_tower_train import _TowerData, tower_activations
-    from echosearch.identity_train import IdentityTrainConfig, train_identity
+    from echosearch.identity.model import backfill_identity
+    from echosearch.identity.tower_train import _TowerData, tower_activations
+    from echosearch.identity.train import IdentityTrainConfig, train_identity
 
     cfg = IdentityTrainConfig(epochs=2, steps_per_epoch=2, seed=5, hidden=32, batch_patients=4, train_stages=1,
                               aug_copies=2, frames_per_step=2, holdout=0.34)
@@ -104,8 +104,8 @@ def test_tower_training_is_deterministic_and_round_trips(content_index: Path, ra
     cos = [float(v @ by_uid[uid[int(k)]]) for k, v in zip(sids, svecs, strict=True)]
     assert len(cos) == len(by_uid) and min(cos) > 0.999  # float16 cache against float32 indexing
     # an index built without identity vectors gets the same ones by decoding its files again
-    from echosearch.encode import encoder_for_index
     from echosearch.errors import ConfigError
+    from echosearch.model.encode import encoder_for_index
 
     with Catalog.open(content_index) as cat:
         with pytest.raises(ConfigError, match="frame policy"):  # 16 frames a clip, the index has 4

@@ -16,12 +16,12 @@ import torch
 
 from echosearch.catalog import SCHEMA_VERSION, Catalog
 from echosearch.config import load_settings
-from echosearch.encode import l2_normalise, load_encoder
 from echosearch.errors import ConfigError, ModelMismatchError
 from echosearch.identity import audit, load_studies, match_patients
-from echosearch.identity_model import IdentityHead, load_identity_encoder, save_head
+from echosearch.identity.model import IdentityHead, load_identity_encoder, save_head
+from echosearch.model.encode import l2_normalise, load_encoder
 from echosearch.run.local import index_sources
-from echosearch.vectorindex import load_index
+from echosearch.store.vectorindex import load_index
 
 
 def _index(cohort: Path, index_dir: Path, model_dir: Path, **kw: object) -> object:
@@ -154,8 +154,8 @@ def test_change_scan_reads_identity_for_different_heart(identity_index: tuple[Pa
 
 def test_train_identity_is_deterministic_and_its_head_is_an_identity_model(
         small_cohort: Path, random_model_dir: Path, tmp_path: Path) -> None:
-    from echosearch.identity_model import HEAD_CONFIG, HEAD_WEIGHTS
-    from echosearch.identity_train import IdentityTrainConfig, train_identity
+    from echosearch.identity.model import HEAD_CONFIG, HEAD_WEIGHTS
+    from echosearch.identity.train import IdentityTrainConfig, train_identity
 
     idx = tmp_path / "idx"
     _index(small_cohort, idx, random_model_dir, keep_frame_embeddings=True)  # features read from the catalog
@@ -211,7 +211,7 @@ def test_trained_identity_models_beat_content_vectors_on_held_out_patients(tmp_p
     seeds 1 and 2: 0.788 vs 0.720, 0.810 vs 0.766)."""
     from conftest import demo_model_available
 
-    from echosearch.identity_train import IdentityTrainConfig, train_identity
+    from echosearch.identity.train import IdentityTrainConfig, train_identity
     from echosearch.synth import generate_cohort
 
     if not demo_model_available():
@@ -230,8 +230,8 @@ def test_trained_identity_models_beat_content_vectors_on_held_out_patients(tmp_p
 def test_training_pools_as_indexing_does(pool: str) -> None:
     """The study vectors a head is trained on are the ones indexing stores: frames pooled per video (before
     or after the head), videos per study, each level L2-normalised."""
-    from echosearch.identity_model import IdentityEncoder
-    from echosearch.identity_train import Features, _Data
+    from echosearch.identity.model import IdentityEncoder
+    from echosearch.identity.train import Features, _Data
 
     rng = np.random.default_rng(0)
     frames = [l2_normalise(rng.normal(size=(int(n), 8))).astype(np.float32) for n in rng.integers(2, 6, 7)]
@@ -253,7 +253,7 @@ def test_training_pools_as_indexing_does(pool: str) -> None:
 
 def test_backfill_gives_an_old_index_the_vectors_indexing_would_store(
         identity_index: tuple[Path, Path], small_cohort: Path, random_model_dir: Path, tmp_path: Path) -> None:
-    from echosearch.identity_model import backfill_identity
+    from echosearch.identity.model import backfill_identity
 
     built, head = identity_index
     idx = tmp_path / "old"
@@ -279,8 +279,8 @@ def test_backfill_gives_an_old_index_the_vectors_indexing_would_store(
 
 
 def test_shipped_demo_head_is_demo_modes_identity_model() -> None:
-    from echosearch.identity_model import HEAD_CONFIG, demo_identity_head
-    from echosearch.models import resolve_model, weights_sha256
+    from echosearch.identity.model import HEAD_CONFIG, demo_identity_head
+    from echosearch.model.models import resolve_model, weights_sha256
 
     head = demo_identity_head()
     if head is None:

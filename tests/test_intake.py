@@ -24,10 +24,10 @@ from orthanc import Orthanc, free_port, require_orthanc
 from echosearch.catalog import Catalog
 from echosearch.config import Settings, load_settings
 from echosearch.errors import CatalogError
+from echosearch.ingest.pseudonym import Pseudonymizer
 from echosearch.intake import IntakeBusy, IntakeError, IntakeStore, start_receiver
 from echosearch.intake.pull import pull
 from echosearch.intake.store import file_lock
-from echosearch.pseudonym import Pseudonymizer
 
 ROOT = Path(__file__).resolve().parents[1]
 VERIFICATION, CT_IMAGE, US_MULTIFRAME = "1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.3.1"

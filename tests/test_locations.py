@@ -13,7 +13,7 @@ from echosearch.catalog import Catalog
 from echosearch.cli import main
 from echosearch.config import load_settings
 from echosearch.errors import ConfigError
-from echosearch.pseudonym import Pseudonymizer
+from echosearch.ingest.pseudonym import Pseudonymizer
 from echosearch.run.local import scan
 
 SECRET = "test-secret-0123456789abcdef"
@@ -156,7 +156,7 @@ def test_a_file_gone_before_encoding_is_an_error_row_with_its_sealed_location(
     index = tmp_path / "idx"
     settings = load_settings(workers=0, model=f"local-dir:{random_model_dir}")
     with Catalog.open(index, create=True) as cat:
-        from echosearch.encode import load_encoder
+        from echosearch.model.encode import load_encoder
 
         enc = load_encoder(settings.model, device="cpu")
         cat.bind_model(enc.identity)

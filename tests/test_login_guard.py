@@ -1,4 +1,4 @@
-"""Sign-in throttling (``echosearch.login_guard``) with an injected clock."""
+"""Sign-in throttling (``echosearch.serve.login_guard``) with an injected clock."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from echosearch.login_guard import Limits, LoginGuard
+from echosearch.serve.login_guard import Limits, LoginGuard
 
 
 class Clock:

@@ -13,9 +13,9 @@ import pytest
 
 from echosearch.catalog import Catalog
 from echosearch.config import load_settings
-from echosearch.encode import load_encoder
 from echosearch.errors import ModelMismatchError
-from echosearch.models import write_model_folder
+from echosearch.model.encode import load_encoder
+from echosearch.model.models import write_model_folder
 from echosearch.run.local import index_sources
 
 
@@ -66,7 +66,7 @@ def test_index_with_another_model_is_refused(small_cohort: Path, random_model_di
     import open_clip
     import torch
 
-    from echosearch.train import DEMO_MODEL_CFG
+    from echosearch.model.train import DEMO_MODEL_CFG
 
     _index(small_cohort, tmp_path / "idx", random_model_dir)
     torch.manual_seed(99)

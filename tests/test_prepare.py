@@ -12,9 +12,9 @@ from conftest import REAL_DICOM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echosearch.decode import UltrasoundRegion, decode_video, read_meta
 from echosearch.errors import PrepareError
-from echosearch.prepare import (
+from echosearch.ingest.decode import UltrasoundRegion, decode_video, read_meta
+from echosearch.ingest.prepare import (
     WORK_MARGIN,
     FramePolicy,
     Sector,

@@ -18,7 +18,7 @@ from echosearch.cli import main
 from echosearch.errors import IndexMismatchError, QueryError
 from echosearch.filters import Filters, check_where, resolve_ids
 from echosearch.query import RESULT_COLUMNS, Searcher, reindex
-from echosearch.vectorindex import build_all, normalise
+from echosearch.store.vectorindex import build_all, normalise
 
 D = 32
 MODEL = {"name": "test", "weights_sha256": "x", "embed_dim": D, "preprocessing": {}}

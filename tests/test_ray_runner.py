@@ -21,7 +21,7 @@ from echosearch.run.compare import catalog_differences
 from echosearch.run.encode import FAULT_KILL_ONCE
 from echosearch.run.local import index_sources
 from echosearch.run.units import SHARD_DIR
-from echosearch.vectorindex import ArrayRows, build_from_rows, build_index, build_vectors
+from echosearch.store.vectorindex import ArrayRows, build_from_rows, build_index, build_vectors
 
 UNIT_FILES = 3
 
@@ -166,7 +166,7 @@ def test_the_ray_runners_stages_run_in_process_give_the_local_runners_catalog(
         cohort: Path, local_index: Path, random_model_dir: Path, tmp_path: Path) -> None:
     """What the Ray runner distributes (read_unit -> encode_unit -> write_shard per unit, then merge), run here
     without Ray: the local runner's catalog, because both runners only pass the same stages' records along."""
-    from echosearch.discover import load_sidecars
+    from echosearch.ingest.discover import load_sidecars
     from echosearch.run.encode import EncodeStage
     from echosearch.run.merge import merge_shards, write_sidecars
     from echosearch.run.read import read_unit

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from echosearch.cli import main
 from echosearch.errors import ModelLoadError
-from echosearch.report_tokenizer import (
+from echosearch.model.report_tokenizer import (
     TemplateTokenizer,
     check_vocab_size,
     clean_report,
@@ -145,7 +145,7 @@ def test_open_clip_argmax_pooling_lands_on_the_end_token(tok: TemplateTokenizer)
     """A CLIP text tower sized to this vocabulary pools the end token's position for template rows."""
     import open_clip
 
-    from echosearch.encode import encode_text_bucketed
+    from echosearch.model.encode import encode_text_bucketed
 
     torch.manual_seed(0)
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
@@ -232,8 +232,8 @@ def test_template_model_folder_loads_and_encodes_reports(tmp_path: Path, monkeyp
     reports through the template ids; a text tower too small for the vocabulary is refused."""
     import open_clip
 
-    from echosearch.encode import load_encoder
-    from echosearch.models import write_model_folder
+    from echosearch.model.encode import load_encoder
+    from echosearch.model.models import write_model_folder
 
     monkeypatch.delenv("ECHOSEARCH_TOKENIZER_DIR", raising=False)
     tok = _shared_tokenizer()

@@ -18,8 +18,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from echosearch.catalog import Catalog
 from echosearch.config import Settings, load_settings
-from echosearch.discover import FileRecord, discover, inspect_file
-from echosearch.prepare import FramePolicy
+from echosearch.ingest.discover import FileRecord, discover, inspect_file
+from echosearch.ingest.prepare import FramePolicy
 from echosearch.run.local import scan
 from echosearch.run.read import FailedFile, PreparedVideo, process_file
 from echosearch.run.workers import iter_processed

@@ -1,4 +1,4 @@
-"""Scope of clips (echosearch.scope): echo or not, B-mode or Doppler, view; stored, filterable, and left out
+"""Scope of clips (echosearch.model.scope): echo or not, B-mode or Doppler, view; stored, filterable, and left out
 of zero-shot values and study vectors. Real non-cardiac files come from ``shared/testdata/real-dicom``."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from conftest import REAL_DICOM, demo_model_available
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echosearch import scope
 from echosearch.catalog import Catalog
-from echosearch.discover import inspect_file
 from echosearch.filters import Filters, resolve_ids
-from echosearch.prepare import FramePolicy
+from echosearch.ingest.discover import inspect_file
+from echosearch.ingest.prepare import FramePolicy
+from echosearch.model import scope
 from echosearch.run.read import process_file
 
 NOT_ECHO = ("Acuson_thyroid_YBR_FULL_RLE.dcm", "Philips_iU22_abdomen_JPEGLS.dcm", "US1_J2KR.dcm")
@@ -154,7 +154,7 @@ def test_indexing_marks_out_of_scope_clips_and_keeps_them_out(mixed_index: Path)
 
 def test_model_views_when_labels_are_missing(mixed_index: Path) -> None:
     """Labels hidden: the archive's labelled centroids, fitted without the clip's own patient, name the view."""
-    from echosearch.eval_scope import view_accuracy
+    from echosearch.evaluation.scope import view_accuracy
 
     with Catalog.open(mixed_index, read_only=True) as cat:
         res = view_accuracy(cat)
@@ -189,8 +189,8 @@ def test_an_upload_is_scoped_against_the_index(mixed_index: Path) -> None:
 
 
 def test_eval_reports_scope_of_real_files_and_nonsense_queries(mixed_index: Path) -> None:
-    from echosearch.encode import encoder_for_index
-    from echosearch.eval_scope import no_close_match, real_file_scope
+    from echosearch.evaluation.scope import no_close_match, real_file_scope
+    from echosearch.model.encode import encoder_for_index
 
     with Catalog.open(mixed_index, read_only=True) as cat:
         real_res = real_file_scope(cat, REAL_DICOM)

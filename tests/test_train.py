@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echosearch.report_facts import (
+from echosearch.model.report_facts import (
     PromptSampler,
     ReportLabels,
     augment_report,
@@ -29,7 +29,7 @@ from echosearch.report_facts import (
     visible_in_view,
     visible_report,
 )
-from echosearch.train import (
+from echosearch.model.train import (
     _augment_frame,
     _resample,
     clip_frame_indices,
@@ -295,7 +295,7 @@ def test_clip_frames_cover_the_cycle_evenly(n: int, k: int, offset: int) -> None
 
 
 def test_pooled_clips_are_the_index_video_vectors() -> None:
-    from echosearch.encode import l2_normalise
+    from echosearch.model.encode import l2_normalise
 
     rng = np.random.default_rng(3)
     videos = [rng.standard_normal((3, 16)).astype(np.float32) for _ in range(4)]  # distinct frames per video
@@ -362,7 +362,7 @@ def train_index(small_cohort: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """The small cohort scanned (with its reports) into an index; training decodes its own frames."""
     from echosearch.catalog import Catalog
     from echosearch.config import load_settings
-    from echosearch.prepare import FramePolicy
+    from echosearch.ingest.prepare import FramePolicy
     from echosearch.run.local import scan
 
     idx = tmp_path_factory.mktemp("train") / "idx"
@@ -375,7 +375,7 @@ def train_index(small_cohort: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def test_train_command_runs_steps_and_writes_a_loadable_model(train_index: Path, tmp_path: Path) -> None:
     from echosearch.cli import main
-    from echosearch.encode import load_encoder
+    from echosearch.model.encode import load_encoder
 
     out = tmp_path / "model"
     rc = main(["train", "--index", str(train_index), "--out", str(out), "--epochs", "2", "--batch-size", "4",
@@ -392,7 +392,7 @@ def test_train_command_runs_steps_and_writes_a_loadable_model(train_index: Path,
 
 
 def test_train_command_passes_the_anchor_options_to_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import echosearch.train as train_mod
+    import echosearch.model.train as train_mod
     from echosearch.cli import main
 
     seen: list[train_mod.TrainConfig] = []
@@ -414,7 +414,7 @@ def test_only_the_last_epochs_train_pooled_clips(train_index: Path, tmp_path: Pa
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import open_clip
 
-    from echosearch.train import TrainConfig, train
+    from echosearch.model.train import TrainConfig, train
 
     seen: list[tuple[int, int]] = []  # (epoch, images in a training forward)
     epoch = [1]
@@ -439,7 +439,7 @@ def test_only_the_last_epochs_train_pooled_clips(train_index: Path, tmp_path: Pa
 @pytest.mark.parametrize("visibility", [True, False])
 def test_training_texts_hold_only_what_the_clip_view_shows(train_index: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch, visibility: bool) -> None:
-    import echosearch.train as train_mod
+    import echosearch.model.train as train_mod
     from echosearch.catalog import Catalog
 
     with Catalog.open(train_index, read_only=True) as cat:
@@ -469,7 +469,7 @@ def test_every_step_scores_each_fact_sentence_against_the_batch(train_index: Pat
     """With anchors on, each training step's text pass ends with every fact's sentence (views included)."""
     import open_clip
 
-    import echosearch.train as train_mod
+    import echosearch.model.train as train_mod
     from echosearch.catalog import Catalog
 
     with Catalog.open(train_index, read_only=True) as cat:
@@ -539,7 +539,7 @@ def test_quantity_anchors_score_value_sentences_against_each_clips_reported_valu
     training reports' range, and both anchor terms score them with the clip's value_target (soft, by distance)."""
     import open_clip
 
-    import echosearch.train as train_mod
+    import echosearch.model.train as train_mod
     from echosearch.catalog import Catalog
 
     with Catalog.open(train_index, read_only=True) as cat:
@@ -612,7 +612,7 @@ def test_ema_exports_the_moving_average_of_each_steps_weights(train_index: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``ema``, the exported weights are the warmed-up moving average of the weights after each step
     (recomputed here from snapshots), while the checkpoint keeps the last step's raw weights."""
-    import echosearch.train as train_mod
+    import echosearch.model.train as train_mod
 
     snapshots: list[list[torch.Tensor]] = []  # the model's parameters (group 0) before training, then per step
     real_adamw = torch.optim.AdamW
@@ -660,7 +660,7 @@ def test_ema_exports_the_moving_average_of_each_steps_weights(train_index: Path,
 
 
 def test_patient_partners_are_other_studies_of_the_same_patient_view_and_heart() -> None:
-    from echosearch.train import patient_partners
+    from echosearch.model.train import patient_partners
 
     patients = [1, 1, 1, 1, 2, 2, 1]
     studies = [10, 11, 11, 12, 20, 21, 13]
@@ -675,7 +675,7 @@ def test_patient_partners_are_other_studies_of_the_same_patient_view_and_heart()
 def test_batches_with_partners_hold_each_clip_once_and_pair_same_patients(seed: int, n_pairs: int) -> None:
     import random
 
-    from echosearch.train import patient_partners, with_partners
+    from echosearch.model.train import patient_partners, with_partners
 
     rng = random.Random(seed)
     n = 60
@@ -693,7 +693,7 @@ def test_batches_with_partners_hold_each_clip_once_and_pair_same_patients(seed: 
 
 
 def test_patient_loss_prefers_the_partner_over_other_patients() -> None:
-    from echosearch.train import patient_loss
+    from echosearch.model.train import patient_loss
 
     g = torch.Generator().manual_seed(0)
     base = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
@@ -710,7 +710,7 @@ def test_patient_loss_prefers_the_partner_over_other_patients() -> None:
 
 
 def test_patient_term_runs_in_training(train_index: Path, tmp_path: Path) -> None:
-    from echosearch.train import TrainConfig, train
+    from echosearch.model.train import TrainConfig, train
 
     cfg = TrainConfig(epochs=1, batch_size=8, workers=0, clip_epochs=0, patient_weight=1.0, patient_pairs=2,
                       max_steps=2)
@@ -719,8 +719,8 @@ def test_patient_term_runs_in_training(train_index: Path, tmp_path: Path) -> Non
 
 
 def test_stable_partners_state_the_same_findings() -> None:
-    from echosearch.report_facts import report_facts
-    from echosearch.train import patient_partners, stable_between
+    from echosearch.model.report_facts import report_facts
+    from echosearch.model.train import patient_partners, stable_between
 
     base = "LV EJECTION FRACTION IS 55%. NORMAL LEFT VENTRICULAR SYSTOLIC FUNCTION."
     texts = [base, base.replace("55", "58"), base.replace("55", "35"),

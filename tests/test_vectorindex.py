@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from echosearch import vectorindex as vx
 from echosearch.catalog import Catalog, VideoRecord
 from echosearch.errors import IndexMismatchError, QueryError
+from echosearch.store import vectorindex as vx
 
 D = 32
 MODEL = {"name": "test", "weights_sha256": "x", "embed_dim": D, "preprocessing": {}}

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="n
 SCRIPT = """
 import sys, time
 from pathlib import Path
-from echosearch.discover import FileRecord
+from echosearch.ingest.discover import FileRecord
 from echosearch.run.workers import iter_processed
-from echosearch.prepare import FramePolicy
+from echosearch.ingest.prepare import FramePolicy
 
 if __name__ == "__main__":
     recs = [FileRecord(Path(p), Path(p).stat().st_size, f"{i:064x}", "dicom") for i, p in enumerate(sys.argv[1:])]

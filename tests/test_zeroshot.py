@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from echosearch.catalog import Catalog
 from echosearch.change import scan_changes
 from echosearch.errors import ConfigError
-from echosearch.models import ModelSpec
-from echosearch.zeroshot import (
+from echosearch.model.models import ModelSpec
+from echosearch.model.zeroshot import (
     PromptBank,
     binary,
     decision_threshold,
@@ -296,7 +296,7 @@ def test_change_uses_the_recorded_presence_threshold(tmp_path: Path) -> None:
 
 
 def test_compare_methods_on_video_and_frame_vectors(tmp_path: Path) -> None:
-    from echosearch.evaluate import compare_methods, join_truth
+    from echosearch.evaluation.core import compare_methods, join_truth
 
     index, studies = _echoclip_scale_catalog(tmp_path)
     truth = pl.DataFrame([{"path": f"{s.true}/{s.uid}/A4C.dcm", "true_patient_id": s.true, "ef": s.preds["ef"],
@@ -321,7 +321,7 @@ def test_compare_methods_on_video_and_frame_vectors(tmp_path: Path) -> None:
 
 def test_study_pooling_follows_the_recorded_task_kinds() -> None:
     """A binary task from an EchoCLIP prompt file (no echosearch alias) pools by max, a categorical by mode."""
-    from echosearch.zeroshot import BINARY_TASKS, pooling_tasks, study_predictions
+    from echosearch.model.zeroshot import BINARY_TASKS, pooling_tasks, study_predictions
 
     entry = {"method": "echoclip", "thresholds": {"pacer_lead": 0.298, "impella": None}, "classes": {"la_size": ["1", "2", "3"]}}
     binary, categorical = pooling_tasks(entry)

@@ -13,7 +13,7 @@ import ui
 
 from echosearch.appcore.views import TASK_LABELS
 from echosearch.change import EF_MARGIN, MIN_PROBABILITY
-from echosearch.zeroshot import BINARY_TASKS, recorded_thresholds
+from echosearch.model.zeroshot import BINARY_TASKS, recorded_thresholds
 
 DATE_AXIS = alt.Axis(format="%b %Y", labelAngle=-30, title="study date")  # years on every label
 

@@ -21,8 +21,8 @@ import ui
 from echosearch.appcore.data import preview_html
 from echosearch.appcore.search import EF_BANDS, SearchRequest, make_filters, sentences
 from echosearch.errors import EchosearchError
-from echosearch.previews import preferred_extension, preview_policy, render_preview
-from echosearch.search_view import READING_LABEL, SearchOutcome, describe_filters, report_ef
+from echosearch.ingest.previews import preferred_extension, preview_policy, render_preview
+from echosearch.search.view import READING_LABEL, SearchOutcome, describe_filters, report_ef
 
 EXAMPLE = "SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION."
 DEVICE_LABELS = {"pacer_lead": "pacemaker/ICD lead", "tavr": "TAVR valve", "mitraclip": "MitraClip"}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from echosearch.errors import ConfigError
-from echosearch.login_guard import Limits, LoginGuard
+from echosearch.serve.login_guard import Limits, LoginGuard
 
 if TYPE_CHECKING:
     from echosearch.appcore.data import AppIndex

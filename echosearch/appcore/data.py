@@ -34,8 +34,8 @@ from echosearch.appcore import views
 from echosearch.appcore.search import SearchRequest
 from echosearch.catalog import Catalog
 from echosearch.errors import QueryError
-from echosearch.previews import Preview
-from echosearch.search_view import SearchOutcome
+from echosearch.ingest.previews import Preview
+from echosearch.search.view import SearchOutcome
 
 SERVER_ENV = "ECHOSEARCH_SERVER"  # set by `echosearch serve` for the app: the server to use
 ERRORS_SHOWN = 100_000  # ingest errors the status page reads
@@ -143,7 +143,7 @@ class AppIndex(ABC):
 
     @abstractmethod
     def search(self, req: SearchRequest) -> SearchOutcome:
-        """:func:`echosearch.search_view.trusted_search` of a request (scope, confidence, reading)."""
+        """:func:`echosearch.search.view.trusted_search` of a request (scope, confidence, reading)."""
 
     @abstractmethod
     def matched_sentences(self, text: str | None, query: np.ndarray | None) -> list[tuple[str, bool]]:
@@ -280,12 +280,12 @@ class LocalAppIndex(AppIndex):
             return views.clip_scopes(cat, video_keys)
 
     def search(self, req: SearchRequest) -> SearchOutcome:
-        from echosearch.search_view import trusted_search
+        from echosearch.search.view import trusted_search
 
         return trusted_search(self.searcher(), req)
 
     def matched_sentences(self, text: str | None, query: np.ndarray | None) -> list[tuple[str, bool]]:
-        from echosearch.search_view import matched_sentences
+        from echosearch.search.view import matched_sentences
 
         return matched_sentences(self.searcher(), text, query)
 

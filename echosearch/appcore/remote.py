@@ -18,7 +18,7 @@ import polars as pl
 
 from echosearch.appcore.data import AppIndex
 from echosearch.appcore.search import SearchRequest, outcome_from_doc
-from echosearch.search_view import SearchOutcome
+from echosearch.search.view import SearchOutcome
 from echosearch.serve.client import ServerClient
 from echosearch.serve.frames import ARROW, read_frame
 

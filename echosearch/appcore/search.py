@@ -1,8 +1,8 @@
 """A search as the app asks for it: the form's filters, one request type, and its outcome on the wire.
 
-The local index runs :func:`echosearch.search_view.trusted_search` itself; the remote one sends the request
+The local index runs :func:`echosearch.search.view.trusted_search` itself; the remote one sends the request
 to the server (``POST /v1/search/trusted``), which runs the same function and returns the outcome as a JSON
-document (:func:`outcome_doc`), turned back into a :class:`~echosearch.search_view.SearchOutcome` by
+document (:func:`outcome_doc`), turned back into a :class:`~echosearch.search.view.SearchOutcome` by
 :func:`outcome_from_doc`.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from echosearch.confidence import Assessment
 from echosearch.filters import Filters
-from echosearch.scope import ClipScope, Evidence
-from echosearch.search_view import SearchOutcome
+from echosearch.model.scope import ClipScope, Evidence
+from echosearch.search.confidence import Assessment
+from echosearch.search.view import SearchOutcome
 from echosearch.serve.frames import decode_frame, encode_frame
 
 EF_BANDS: dict[str, tuple[float, float]] = {"any": (0, 100), "severely reduced (<30%)": (0, 30),
@@ -50,7 +50,7 @@ class SearchRequest:
         if self.text is not None:
             detail["text"] = self.text[:500]
         if self.path is not None:
-            from echosearch.discover import hash_file
+            from echosearch.ingest.discover import hash_file
 
             detail["file_sha256"] = hash_file(self.path)[0]
         if self.video_key is not None:

@@ -14,7 +14,7 @@ import polars as pl
 
 from echosearch.catalog import Catalog
 from echosearch.errors import QueryError
-from echosearch.previews import Preview, ensure_preview
+from echosearch.ingest.previews import Preview, ensure_preview
 
 DECISIONS = ("confirmed", "dismissed")
 TASK_LABELS = {"ef": "EF (%)", "pacer_lead": "pacemaker lead", "tavr": "TAVR valve", "mitraclip": "MitraClip",
@@ -88,7 +88,7 @@ def clip_scopes(cat: Catalog, video_keys: list[int]) -> pl.DataFrame:
 def score_distributions(cat: Catalog, max_pairs: int = 5000, seed: int = 0) -> pl.DataFrame:
     """Cosines of same-patient and different-patient study pairs (recorded patients), sampled the way the
     identity calibration samples them: rows (score, group)."""
-    from echosearch import calibration as cal
+    from echosearch.identity import calibration as cal
     from echosearch.identity import load_studies
 
     S = load_studies(cat)

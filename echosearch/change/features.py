@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from echosearch import calibration as cal
 from echosearch.catalog import Catalog
-from echosearch.zeroshot import BINARY_TASKS, TASKS
+from echosearch.identity import calibration as cal
+from echosearch.model.zeroshot import BINARY_TASKS, TASKS
 
 DEVICES = ("pacer_lead", "tavr", "mitraclip")
 REPORT_ONLY = ("transplant",)  # findings tracked by report-trained probes only (no zero-shot task): a new heart

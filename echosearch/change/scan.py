@@ -31,8 +31,8 @@ from echosearch.change.features import (
 )
 from echosearch.change.model import ANY, FLAG_TYPES, ChangeModel, default_model
 from echosearch.errors import QueryError
-from echosearch.zeroshot import BINARY_TASKS as FINDING_TASKS
-from echosearch.zeroshot import TASKS, recorded_thresholds
+from echosearch.model.zeroshot import BINARY_TASKS as FINDING_TASKS
+from echosearch.model.zeroshot import TASKS, recorded_thresholds
 
 DEVICE_NAMES = {"pacer_lead": "pacer/ICD lead", "tavr": "TAVR valve", "mitraclip": "MitraClip"}
 CLAUSE_TYPES = (*FLAG_TYPES, "other_patient")

@@ -129,8 +129,8 @@ def train(
                                               "(no aortic-valve sentence for an A4C clip), or the whole report."),
 ) -> None:
     """Contrastive training (or fine-tuning) on the index's (video, report) pairs."""
-    from echosearch.train import TrainConfig
-    from echosearch.train import train as run_train
+    from echosearch.model.train import TrainConfig
+    from echosearch.model.train import train as run_train
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps, init=init,
                       workers=workers, soft_targets=soft_targets, aux_weight=aux_weight, extra_texts=extra_texts,
@@ -193,8 +193,8 @@ def train_identity(
 ) -> None:
     """Train an identity model on the index's own patient IDs (frozen image tower, cross-visit positives)."""
     from echosearch.cli.common import shown
-    from echosearch.identity_train import IdentityTrainConfig
-    from echosearch.identity_train import train_identity as run
+    from echosearch.identity.train import IdentityTrainConfig
+    from echosearch.identity.train import train_identity as run
 
     if pool not in ("video", "frame"):
         raise typer.BadParameter("--pool must be video or frame")
@@ -253,7 +253,7 @@ model_app = typer.Typer(help="Model registry: list and fetch weights.", no_args_
 def model_list(json_out: bool = typer.Option(False, "--json")) -> None:
     """List registry models and whether each is available offline."""
     from echosearch.errors import ModelLoadError
-    from echosearch.models import REGISTRY, resolve_model
+    from echosearch.model.models import REGISTRY, resolve_model
 
     rows = []
     for name, spec in REGISTRY.items():
@@ -279,7 +279,7 @@ def model_tokens(
     json_out: bool = typer.Option(False, "--json", help="Print JSON: ids, tokens, decoded text."),
 ) -> None:
     """Show the token ids a model's text tower receives for TEXT (the whole context row), and decode them."""
-    from echosearch.encode import load_tokenizer
+    from echosearch.model.encode import load_tokenizer
 
     tok = load_tokenizer(model, tokenizer_dir)
     ids = [int(i) for i in tok([text])[0].tolist()]
@@ -306,7 +306,7 @@ def model_tokens(
 def model_fetch(name: str = typer.Argument(..., help="echo-clip or echo-clip-r")) -> None:
     """Download published weights into the Hugging Face cache (needs network)."""
     from echosearch.cli.common import shown
-    from echosearch.models import fetch_model
+    from echosearch.model.models import fetch_model
 
     path = fetch_model(name)
     console.print(f"{shown(name)} is in {shown(path)}")

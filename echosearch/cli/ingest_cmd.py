@@ -100,8 +100,8 @@ def preview(
 ) -> None:
     """Write a PNG showing the original frame, the detected sector, and what the model is given."""
     from echosearch.config import load_settings
-    from echosearch.frame_policy import resolve_frame_policy
-    from echosearch.preview import render_preview
+    from echosearch.ingest.frame_policy import resolve_frame_policy
+    from echosearch.ingest.preview import render_preview
 
     fp = resolve_frame_policy(load_settings(model=model).model, setting=policy, size=size)
     info = render_preview(file, out, fp)

@@ -113,7 +113,7 @@ def match(
         return
     with Catalog.open(index, read_only=True) as cat:
         if video is not None:
-            from echosearch.encode import encoder_for_index
+            from echosearch.model.encode import encoder_for_index
             from echosearch.run.single import match_vector
 
             df = match_patients(cat, match_vector(cat, video, encoder_for_index(cat)), k_patients=k)
@@ -138,14 +138,14 @@ def eval_(
                                           "(default 1 in 1,000)."),
 ) -> None:
     """Evaluate identity, audit, change, zero-shot and retrieval against ground truth."""
-    from echosearch.evaluate import evaluate, format_table
+    from echosearch.evaluation.core import evaluate, format_table
 
     result = evaluate(index, truth, k=k, text=not no_text, prevalence=prevalence)
     if json_out:
         print_json(result)
         return
     console.print(format_table(result))
-    from echosearch.eval_change import format_change_table
+    from echosearch.evaluation.change import format_change_table
 
     console.print(format_change_table(result.get("change", {})))
     methods = result.get("zero_shot_methods", {})

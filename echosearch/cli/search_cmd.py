@@ -115,7 +115,7 @@ def search(
         info = s.last_info
         judged = None
         if confidence:
-            from echosearch.search_view import with_confidence
+            from echosearch.search.view import with_confidence
 
             df, judged = with_confidence(s, df, kind, value, level, info.context if info else 0.0)
     n_available = info.n_available if info else df.height

@@ -152,7 +152,7 @@ def pull(url: str, index_dir: Path | str, settings: Settings, *, since: date | N
     ``since`` overrides the stored watermark for this run (the watermark never moves back because of it).
     Safe to run from cron: a run that finds another one in progress raises :class:`IntakeBusy`.
     """
-    from echosearch.pseudonym import Pseudonymizer
+    from echosearch.ingest.pseudonym import Pseudonymizer
 
     t0 = time.perf_counter()
     index_dir = Path(index_dir)

@@ -34,7 +34,7 @@ from echosearch.intake.store import (
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
 
-    from echosearch.pseudonym import Pseudonymizer
+    from echosearch.ingest.pseudonym import Pseudonymizer
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def start_receiver(index_dir: Path | str, settings: Settings, *, ae_title: str =
     """
     from pynetdicom import evt
 
-    from echosearch.pseudonym import Pseudonymizer
+    from echosearch.ingest.pseudonym import Pseudonymizer
 
     pz = Pseudonymizer(settings.require_secret())  # before listening: refuse to accept what cannot be indexed
     store = IntakeStore(index_dir)

@@ -21,9 +21,9 @@ from echosearch.run.records import ClipRecord, EncodedClip, UnitResult
 
 if TYPE_CHECKING:
     from echosearch.config import Settings
-    from echosearch.encode import Encoder
-    from echosearch.identity_model import IdentityEncoder
-    from echosearch.zeroshot import PromptBank
+    from echosearch.identity.model import IdentityEncoder
+    from echosearch.model.encode import Encoder
+    from echosearch.model.zeroshot import PromptBank
 
 # fault injection (tests): a marker file path; the first encode worker to create it kills itself (SIGKILL) after
 # encoding a unit other than the first, before handing it on
@@ -53,7 +53,7 @@ class EncodeSpec:
                    identity_model)
 
     def load_encoder(self) -> Encoder:
-        from echosearch.encode import load_encoder
+        from echosearch.model.encode import load_encoder
 
         return load_encoder(self.model, device=self.device, frames_per_video=self.frames_per_video,
                             policy=self.frame_policy, sampling=self.frame_sampling)
@@ -89,7 +89,7 @@ class EncodeStage:
     @classmethod
     def from_spec(cls, spec: EncodeSpec) -> EncodeStage:
         """Load the models a spec names (an encode worker on another machine)."""
-        from echosearch.zeroshot import PromptBank, load_prompts, resolve_method
+        from echosearch.model.zeroshot import PromptBank, load_prompts, resolve_method
 
         encoder = spec.load_encoder()
         method = resolve_method(spec.zeroshot_method, encoder.source.spec)
@@ -97,15 +97,15 @@ class EncodeStage:
         bank = PromptBank.build(encoder, prompts, method=method)
         identity = None
         if spec.identity_model:
-            from echosearch.identity_model import load_identity_encoder
+            from echosearch.identity.model import load_identity_encoder
 
             identity = load_identity_encoder(spec.identity_model, encoder, device=spec.device)
         return cls(encoder, bank=bank, identity=identity, batch_size=spec.batch_size, keep_frames=spec.keep_frames)
 
     def encode(self, batch: Sequence[ClipRecord]) -> list[EncodedClip]:
         """One model batch: the frames of every clip of ``batch`` encoded together."""
-        from echosearch.encode import l2_normalise
-        from echosearch.zeroshot import predict
+        from echosearch.model.encode import l2_normalise
+        from echosearch.model.zeroshot import predict
 
         t0 = time.perf_counter()
         frames = [c.frames for c in batch]

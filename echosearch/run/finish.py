@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from echosearch.catalog import Catalog
-from echosearch.encode import Encoder, l2_normalise
+from echosearch.model.encode import Encoder, l2_normalise
+from echosearch.model.zeroshot import pooling_tasks, study_predictions
 from echosearch.run.write import store_predictions
-from echosearch.zeroshot import pooling_tasks, study_predictions
 
 
 def pool_studies(catalog: Catalog, model_name: str, study_keys: list[int] | None = None) -> int:
@@ -84,7 +84,7 @@ def finish_index(cat: Catalog, encoder: Callable[[], Encoder], *, build_vectors:
     """Scope model evidence and views (before pooling, which leaves out-of-scope clips out), stale study
     vectors, new report vectors, then the vector indexes. ``encoder`` is called only when a model is needed
     (a merge with nothing new loads none); ``build_vectors`` may be a test of whether they are stale."""
-    from echosearch import scope
+    from echosearch.model import scope
 
     out = FinishSummary()
     model = cat.get_manifest("model")
@@ -96,7 +96,7 @@ def finish_index(cat: Catalog, encoder: Callable[[], Encoder], *, build_vectors:
     if cat.reports_without_vectors():
         out.reports_embedded = embed_reports(cat, encoder())
     if build_vectors() if callable(build_vectors) else build_vectors:
-        from echosearch.vectorindex import build_all
+        from echosearch.store.vectorindex import build_all
 
         kwargs = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
         out.vector_indexes = {lvl: vi.manifest for lvl, vi in build_all(cat, **kwargs).items()}

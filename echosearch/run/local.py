@@ -27,9 +27,9 @@ from typing import Any
 
 from echosearch.catalog import Catalog
 from echosearch.config import Settings
-from echosearch.discover import DiscoverFailure, FileRecord, load_sidecars
-from echosearch.encode import Encoder
-from echosearch.prepare import FramePolicy, policy_manifest
+from echosearch.ingest.discover import DiscoverFailure, FileRecord, load_sidecars
+from echosearch.ingest.prepare import FramePolicy, policy_manifest
+from echosearch.model.encode import Encoder
 from echosearch.run.encode import EncodeStage, frame_batches
 from echosearch.run.finish import finish_index
 from echosearch.run.read import KnownFiles, ReadContext, find_inputs, read_numbered, stored_location
@@ -136,7 +136,7 @@ def run_chain(sources: Sequence[Path], cat: Catalog, setup: RunSetup, encode: En
     """Run the chain over ``sources`` into ``cat``: with ``encode``, read -> encode -> write (plus the videos an
     earlier scan recorded without vectors); without, read -> write rows. Returns the summary, the commits, and
     how many inputs recorded earlier failed to be read again."""
-    from echosearch.discover import count_candidates
+    from echosearch.ingest.discover import count_candidates
 
     settings, pz = setup.settings, setup.pz
     t0 = time.perf_counter()

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 
 from echosearch.catalog import Catalog
 from echosearch.config import Settings
-from echosearch.discover import Sidecars
 from echosearch.errors import ConfigError
-from echosearch.pseudonym import Pseudonymizer
+from echosearch.ingest.discover import Sidecars
+from echosearch.ingest.pseudonym import Pseudonymizer
 from echosearch.run.finish import finish_index
 from echosearch.run.records import EncodedClip, FailureRecord
 from echosearch.run.shards import read_shard, shard_meta, shard_rows
@@ -202,7 +202,7 @@ class _LazyEncoder:
 
     def get(self) -> Any:
         if self.encoder is None:
-            from echosearch.encode import encoder_for_index
+            from echosearch.model.encode import encoder_for_index
 
             self.encoder = encoder_for_index(self.cat, device=self.device)
         return self.encoder
@@ -211,7 +211,7 @@ class _LazyEncoder:
 def _vectors_current(cat: Catalog) -> bool:
     """Whether every level's vector index exists and matches the catalog (then a merge leaves it alone)."""
     from echosearch.errors import IndexMismatchError
-    from echosearch.vectorindex import IDENTITY_LEVELS, LEVELS, check_manifest, read_manifest
+    from echosearch.store.vectorindex import IDENTITY_LEVELS, LEVELS, check_manifest, read_manifest
 
     for level in LEVELS + (IDENTITY_LEVELS if cat.has_identity() else ()):
         manifest = read_manifest(cat.index_dir, level)

@@ -24,8 +24,8 @@ import numpy as np
 
 from echosearch.catalog import Catalog
 from echosearch.config import Settings
-from echosearch.encode import Encoder
 from echosearch.errors import ConfigError
+from echosearch.model.encode import Encoder
 from echosearch.run.encode import EncodeSpec, EncodeStage
 from echosearch.run.merge import merge_shards, write_sidecars
 from echosearch.run.read import ReadContext, read_unit
@@ -161,7 +161,7 @@ def index_with_ray(sources: Sequence[Path], index_dir: Path, settings: Settings,
     ``num_cpus``: CPUs of a local instance (default: all). ``actors``: encode actors (default: one per GPU,
     else half the CPUs). ``merge``: load the shards into the catalog at the end (else run ``merge`` later)."""
     ray = require_ray()
-    from echosearch.discover import load_sidecars
+    from echosearch.ingest.discover import load_sidecars
 
     t0 = time.perf_counter()
     summary = RayIndexSummary()

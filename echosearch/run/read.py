@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from echosearch.decode import VideoMeta, _date, _s, decode_video, explain, read_dicom_header
-from echosearch.discover import DiscoverFailure, FileRecord, Sidecars, discover, pick
 from echosearch.errors import IngestError, ReportObjectFound
-from echosearch.prepare import FramePolicy, sample_indices, sector_and_input
-from echosearch.pseudonym import Pseudonymizer
+from echosearch.ingest.decode import VideoMeta, _date, _s, decode_video, explain, read_dicom_header
+from echosearch.ingest.discover import DiscoverFailure, FileRecord, Sidecars, discover, pick
+from echosearch.ingest.prepare import FramePolicy, sample_indices, sector_and_input
+from echosearch.ingest.pseudonym import Pseudonymizer
 from echosearch.run.records import REPORT_STAGE, ClipRecord, FailureRecord, UnitResult
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class ReadContext:
 
 # ---- discover --------------------------------------------------------------------------------------------
 class KnownFiles:
-    """Finished hashes (a ``known_hashes`` container for :func:`echosearch.discover.discover`) that counts how
+    """Finished hashes (a ``known_hashes`` container for :func:`echosearch.ingest.discover.discover`) that counts how
     many discovered files were skipped because of them."""
 
     def __init__(self, known: Container[str]) -> None:
@@ -225,7 +225,7 @@ def _path_str(path: Path) -> str:
 
 def clip_scope(path: Path, frames: np.ndarray, n_frames: int | None, kind: str) -> dict[str, Any]:
     """The clip's scope from cheap signals (header, frames): a ``clip_scope`` row without its key."""
-    from echosearch import scope
+    from echosearch.model import scope
 
     row = scope.cheap_scope(path, frames, n_frames, kind=kind).row(0)
     row.pop("video_key")
@@ -234,7 +234,7 @@ def clip_scope(path: Path, frames: np.ndarray, n_frames: int | None, kind: str) 
 
 def default_policy(settings: Settings, size: int | None = None) -> FramePolicy:
     """The frame policy of the settings for their model; ``size`` comes from the encoder (else the model's)."""
-    from echosearch.frame_policy import resolve_frame_policy
+    from echosearch.ingest.frame_policy import resolve_frame_policy
 
     return resolve_frame_policy(settings.model, setting=settings.frame_policy, n_frames=settings.frames_per_video,
                                 size=size, sampling=settings.frame_sampling)

@@ -14,16 +14,16 @@ from typing import Any
 
 from echosearch.catalog import Catalog
 from echosearch.config import Settings
-from echosearch.discover import Sidecars
-from echosearch.encode import Encoder, load_encoder
 from echosearch.errors import ConfigError
-from echosearch.identity_model import IdentityEncoder, load_identity_encoder
-from echosearch.prepare import FramePolicy
-from echosearch.pseudonym import Pseudonymizer
+from echosearch.identity.model import IdentityEncoder, load_identity_encoder
+from echosearch.ingest.discover import Sidecars
+from echosearch.ingest.prepare import FramePolicy
+from echosearch.ingest.pseudonym import Pseudonymizer
+from echosearch.model.encode import Encoder, load_encoder
+from echosearch.model.zeroshot import PromptBank, load_prompts, resolve_method
 from echosearch.run.encode import EncodeSpec, EncodeStage
 from echosearch.run.read import ReadContext, default_policy
 from echosearch.run.units import config_digest
-from echosearch.zeroshot import PromptBank, load_prompts, resolve_method
 
 
 def load_run_encoder(settings: Settings) -> Encoder:

@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from echosearch.catalog import Catalog
-from echosearch.discover import Sidecars
 from echosearch.errors import ConfigError, IngestError
+from echosearch.ingest.discover import Sidecars
 from echosearch.run.encode import EncodeStage
 from echosearch.run.read import ReadContext, find_inputs, read_file
 from echosearch.run.records import ClipRecord, EncodedClip
 
 if TYPE_CHECKING:
-    from echosearch.encode import Encoder
-    from echosearch.identity_model import IdentityEncoder
+    from echosearch.identity.model import IdentityEncoder
+    from echosearch.model.encode import Encoder
 
 
 def read_clip(path: Path, encoder: Encoder) -> ClipRecord:
@@ -49,7 +49,7 @@ def match_vector(catalog: Catalog, path: Path, encoder: Encoder) -> np.ndarray:
     identity encoder the index recorded), else its content video vector."""
     if not catalog.has_identity():
         return encode_clip(path, encoder).vector
-    from echosearch.identity_model import load_identity_encoder
+    from echosearch.identity.model import load_identity_encoder
 
     stored = catalog.get_manifest("identity_model")
     ident = load_identity_encoder(str(stored["source"]), encoder)

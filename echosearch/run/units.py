@@ -1,13 +1,13 @@
 """Units of work: fixed groups of input files, named by their content, so that a retried unit replaces its own shard.
 
 A unit is up to ``unit_files`` consecutive candidate files of **one folder**, in the discovery order of
-:func:`echosearch.discover.discover` (sorted walk; a manifest's rows in order). Grouping by folder keeps the
+:func:`echosearch.ingest.discover.discover` (sorted walk; a manifest's rows in order). Grouping by folder keeps the
 units of a PACS export (a folder per study) stable when new studies arrive: only the new folders make new
 units. A unit's name is the SHA-256 of the run's configuration digest (model, frame policy, identity model,
 zero-shot prompts, whether frame vectors are kept) and of each file's path, size and modification time, so
 the same files under the same configuration always give the same shard name, and a changed file a new one.
 Paths that cannot be listed or followed (a broken link, a missing source) travel in a unit as
-:class:`~echosearch.discover.DiscoverFailure` and become ``ingest_errors`` rows, as in the local runner.
+:class:`~echosearch.ingest.discover.DiscoverFailure` and become ``ingest_errors`` rows, as in the local runner.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from echosearch.discover import DiscoverFailure, _candidates
+from echosearch.ingest.discover import DiscoverFailure, _candidates
 
 DEFAULT_UNIT_FILES = 32
 SHARD_DIR = "shards"

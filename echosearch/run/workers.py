@@ -21,8 +21,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:  # imported where used: a worker arms its parent watch before heavy imports
-    from echosearch.discover import DiscoverFailure, FileRecord
-    from echosearch.prepare import FramePolicy
+    from echosearch.ingest.discover import DiscoverFailure, FileRecord
+    from echosearch.ingest.prepare import FramePolicy
     from echosearch.run.read import FailedFile, PreparedVideo
 
 T = TypeVar("T")
@@ -120,7 +120,7 @@ def ordered_map(fn: Callable[[T, Any], R], items: Iterable[T], workers: int, *, 
 
 
 def _prepare(rec: FileRecord | DiscoverFailure, policy: FramePolicy) -> PreparedVideo | FailedFile:
-    from echosearch.discover import DiscoverFailure
+    from echosearch.ingest.discover import DiscoverFailure
     from echosearch.run.read import FailedFile, safe_process
 
     if isinstance(rec, DiscoverFailure):

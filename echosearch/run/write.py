@@ -19,8 +19,8 @@ import numpy as np
 import polars as pl
 
 from echosearch.catalog import Catalog, VideoRecord
-from echosearch.discover import Sidecars
-from echosearch.pseudonym import Pseudonymizer
+from echosearch.ingest.discover import Sidecars
+from echosearch.ingest.pseudonym import Pseudonymizer
 from echosearch.run.records import ClipRecord, EncodedClip, FailureRecord
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def write_encoded(cat: Catalog, clips: Sequence[EncodedClip], model_name: str) -
         keys = [keys_of[r.sha256] for r in recs]
         scopes = [{"video_key": k, **c.scope} for k, c in zip(keys, todo, strict=True) if c.scope is not None]
         if scopes and cat.has_scope():
-            from echosearch.scope import SCOPE_COLUMNS
+            from echosearch.model.scope import SCOPE_COLUMNS
 
             cat.store_scope(pl.DataFrame(scopes, schema=SCOPE_COLUMNS))
         counts = [c.n_frames for c in todo]

@@ -225,7 +225,7 @@ def create_app(state: ServerState) -> FastAPI:
         body = SearchBody.model_validate_json(params)
         with saved_upload(file) as path:
             vector = _embed(path)
-            from echosearch.discover import hash_file
+            from echosearch.ingest.discover import hash_file
 
             sha = hash_file(path)[0]
         return _search(who, "video", file.filename or "upload", body, vector) | {"file_sha256": sha}

@@ -144,7 +144,7 @@ def app_router(state: ServerState, log: Callable[[Caller, str, dict[str, Any]], 
 
     def _trusted(who: Caller, body: TrustedBody, accept: str | None, path: Any = None) -> dict[str, Any]:
         from echosearch.appcore.search import SearchRequest, outcome_doc
-        from echosearch.search_view import trusted_search
+        from echosearch.search.view import trusted_search
 
         f = body.filters.filters() if body.filters is not None else None
         if f is not None and f.where is not None:
@@ -179,7 +179,7 @@ def app_router(state: ServerState, log: Callable[[Caller, str, dict[str, Any]], 
     @r.post("/search/sentences")
     def sentences(body: SentencesBody, who: Actor) -> dict[str, Any]:
         """A report's sentences, each with whether it is among the ``n`` closest to the query vector."""
-        from echosearch.search_view import matched_sentences
+        from echosearch.search.view import matched_sentences
 
         vec = None if body.vector is None else np.asarray(body.vector, np.float32)
         return {"sentences": matched_sentences(state.live.current().searcher, body.text, vec, body.n)}

@@ -5,7 +5,7 @@
   (``ECHOSEARCH_API_TOKEN``) and/or the app's password (``ECHOSEARCH_APP_PASSWORD``, HTTP basic auth with
   any user name, which becomes the actor in the access log).
 * Once configured, credentials are required on every route but the health check, also on loopback.
-* Every check goes through the app's sign-in throttle (:class:`~echosearch.login_guard.LoginGuard`, replayed
+* Every check goes through the app's sign-in throttle (:class:`~echosearch.serve.login_guard.LoginGuard`, replayed
   from the access log on start); failures and lock-outs are logged like the app's sign-ins.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 from echosearch.appcore.auth import PASSWORD_ENV, REPLAY_S, check_password, is_loopback, local_actor
 from echosearch.catalog import Catalog
 from echosearch.errors import ConfigError
-from echosearch.login_guard import Limits, LoginGuard
+from echosearch.serve.login_guard import Limits, LoginGuard
 
 TOKEN_ENV = "ECHOSEARCH_API_TOKEN"
 MIN_TOKEN_CHARS = 16

@@ -131,7 +131,7 @@ class JobRunner:
             self._execute(job)
 
     def _execute(self, job: Job) -> None:
-        from echosearch.discover import count_candidates
+        from echosearch.ingest.discover import count_candidates
         from echosearch.run.local import index_sources
 
         job.state, job.started_at = "running", _now()

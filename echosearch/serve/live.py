@@ -1,7 +1,7 @@
 """Vector indexes that follow a catalog being written: what the server searches while ingest jobs commit.
 
 The FAISS files on disk are rebuilt at the end of an ingest job; between its batches the catalog's
-generation moves on and :func:`echosearch.vectorindex.load_index` would refuse them as stale. A
+generation moves on and :func:`echosearch.store.vectorindex.load_index` would refuse them as stale. A
 :class:`LiveIndexes` therefore keeps a *snapshot* per catalog generation: each level's index loaded from
 disk when it is current, else an exact index built in memory from the catalog's vectors. A query that
 finds the generation moved rebuilds the snapshot (unless another thread is rebuilding it, then it uses the
@@ -23,7 +23,7 @@ import numpy as np
 from echosearch.catalog import Catalog
 from echosearch.errors import EchosearchError, QueryError
 from echosearch.query import Searcher
-from echosearch.vectorindex import (
+from echosearch.store.vectorindex import (
     LEVELS,
     VectorIndex,
     catalog_count,

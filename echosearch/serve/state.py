@@ -47,7 +47,7 @@ class ServerState:
         """The index's encoder (loaded once, shared by searches and jobs)."""
         with self._enc_lock:
             if self._encoder is None:
-                from echosearch.encode import encoder_for_index
+                from echosearch.model.encode import encoder_for_index
 
                 with self.reader() as cat:
                     self._encoder = encoder_for_index(cat, device=self.settings.device)

@@ -11,11 +11,11 @@ import numpy as np
 import polars as pl
 
 from echosearch.errors import ConfigError
-from echosearch.pseudonym import LABEL_PREFIX
+from echosearch.ingest.pseudonym import LABEL_PREFIX
 from echosearch.store.base import QueryBase, storable_path, stored_path
 
 if TYPE_CHECKING:
-    from echosearch.pseudonym import Pseudonymizer
+    from echosearch.ingest.pseudonym import Pseudonymizer
 
 
 class LocationQueries(QueryBase):
@@ -45,7 +45,7 @@ class LocationQueries(QueryBase):
     def pseudonymizer(self) -> Pseudonymizer:
         """The configured secret's pseudonymizer, refused when it is not the secret this index was built with."""
         from echosearch.config import load_settings
-        from echosearch.pseudonym import Pseudonymizer
+        from echosearch.ingest.pseudonym import Pseudonymizer
 
         pz = Pseudonymizer(load_settings().require_secret())
         stored = self.get_manifest("secret_fingerprint")

@@ -165,7 +165,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     # v4 (scope of each clip) and v5 (PACS intake) are appended below this line by their issues
     (
         4,
-        "scope of each clip: echo or not, B-mode or colour Doppler, view, each with a confidence (echosearch.scope)",
+        "scope of each clip: echo or not, B-mode or colour Doppler, view, each with a confidence (echosearch.model.scope)",
         """
         CREATE TABLE IF NOT EXISTS clip_scope (
             video_key BIGINT PRIMARY KEY,

@@ -1,4 +1,4 @@
-"""The scope of clips (``clip_scope``, schema 4; :mod:`echosearch.scope`): stored, read, and what it excludes."""
+"""The scope of clips (``clip_scope``, schema 4; :mod:`echosearch.model.scope`): stored, read, and what it excludes."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class ScopeQueries(QueryBase):
         return self.has_table("clip_scope")
 
     def store_scope(self, rows: pl.DataFrame) -> None:
-        """Insert or replace ``clip_scope`` rows (columns of :data:`echosearch.scope.SCOPE_COLUMNS`)."""
+        """Insert or replace ``clip_scope`` rows (columns of :data:`echosearch.model.scope.SCOPE_COLUMNS`)."""
         if rows.height:
             self.insert_frame("clip_scope", rows, replace=True)
 

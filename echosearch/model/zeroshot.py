@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from echosearch.errors import ConfigError
-from echosearch.models import REGISTRY, ModelSpec
+from echosearch.model.models import REGISTRY, ModelSpec
 
 if TYPE_CHECKING:
-    from echosearch.encode import Encoder
+    from echosearch.model.encode import Encoder
 
-PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.json"
+PROMPTS_FILE = Path(__file__).resolve().parents[1] / "data" / "prompts.json"
 BINARY_TASKS = ("pacer_lead", "tavr", "mitraclip", "lv_dilated")
 TASKS = ("ef", *BINARY_TASKS)
 METHODS = ("echoclip", "contrast")

@@ -6,7 +6,7 @@ versions of the clip: the plain frames and copies under augmentations that keep 
 rotated and at another depth by a few pixels / degrees / percent; other gain and gamma), drawn by seed per
 video. The copies share the clip's frames (copy ``c`` holds frames ``c, c + A, c + 2A, ...``), so caching costs
 one pass of the frozen stages over the clip whatever the number of copies. A step takes a batch of patients, for each of their videos one cached version and a random subset of
-its frames, runs the copied stages (:class:`~echosearch.identity_tower.TowerTail`), pools each video's frame
+its frames, runs the copied stages (:class:`~echosearch.identity.tower.TowerTail`), pools each video's frame
 vectors, applies the head, pools each study's videos as the index pools them and applies the same supervised
 contrastive loss over studies as the head-only training (positives: the recorded patient's studies from
 other visits). Mislabels: a first pass, the identity audit on the training studies' vectors, the suspects
@@ -30,12 +30,12 @@ import torch
 
 from echosearch.catalog import Catalog
 from echosearch.errors import EchosearchError
-from echosearch.identity_model import IdentityHead
-from echosearch.identity_tower import TowerTail, frozen_forward, save_tower, split_point
+from echosearch.identity.model import IdentityHead
+from echosearch.identity.tower import TowerTail, frozen_forward, save_tower, split_point
 
 if TYPE_CHECKING:
-    from echosearch.encode import Encoder
-    from echosearch.identity_train import IdentityTrainConfig, IdentityTrainResult, Progress
+    from echosearch.identity.train import IdentityTrainConfig, IdentityTrainResult, Progress
+    from echosearch.model.encode import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ def tower_activations(index_dir: Path, cfg: IdentityTrainConfig, progress: Progr
     """Decode every encoded video of the index once and cache its split activations before the last ``stages``
     stages (default ``cfg.train_stages``), plain + augmented; ``reduce`` (e.g. a frame mean, then no augmented
     copies) maps each video's plain activations (frames, C, H, W) before they are kept."""
-    from echosearch.discover import FileRecord
-    from echosearch.encode import encoder_for_index, load_encoder
+    from echosearch.ingest.discover import FileRecord
+    from echosearch.model.encode import encoder_for_index, load_encoder
     from echosearch.run.read import FailedFile
     from echosearch.run.workers import iter_processed
 
@@ -173,7 +173,7 @@ def _fit(data: _TowerData, tail0: TowerTail, head0: IdentityHead, train_rows: np
          cfg: IdentityTrainConfig, phase: int, content_auc: float | None, progress: Progress | None,
          history: list[dict[str, float]]) -> tuple[TowerTail, IdentityHead]:
     """One pass from the initial weights (``tail0``, ``head0``) on the studies ``train_rows``."""
-    from echosearch.identity_train import pair_auc, supcon_loss
+    from echosearch.identity.train import pair_auc, supcon_loss
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -230,9 +230,9 @@ def train_tower(index_dir: Path, out_dir: Path, cfg: IdentityTrainConfig, result
                 provenance: dict[str, Any] | None = None) -> IdentityTrainResult:
     """Fine-tune the last ``cfg.train_stages`` stages and a head on the index's recorded patients; save an identity
     tower folder to ``out_dir``. ``features``: cached activations (:func:`tower_activations`) to reuse."""
-    from echosearch.encode import load_encoder
-    from echosearch.identity import StudySet, score_studies
-    from echosearch.identity_train import heldout_content_auc, split_patients, training_record
+    from echosearch.identity.matching import StudySet, score_studies
+    from echosearch.identity.train import heldout_content_auc, split_patients, training_record
+    from echosearch.model.encode import load_encoder
 
     if cfg.pool != "video":
         raise EchosearchError("an identity tower pools its frame vectors per video before its head (--pool video)")

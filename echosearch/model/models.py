@@ -19,7 +19,7 @@ from typing import Any
 
 from echosearch.errors import ModelLoadError
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DEMO_MODEL_DIR = DATA_DIR / "echosearch-demo"
 WEIGHT_NAMES = (
     "open_clip_model.safetensors",

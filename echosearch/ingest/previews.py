@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from echosearch.errors import EchosearchError, IngestError, QueryError
-from echosearch.prepare import FramePolicy
+from echosearch.ingest.prepare import FramePolicy
 
 if TYPE_CHECKING:
     from echosearch.catalog import Catalog
@@ -76,7 +76,7 @@ def preview_policy(index_policy: dict[str, Any] | None = None, frames: int = PRE
                    size: int = PREVIEW_SIZE) -> FramePolicy:
     """The index's frame policy (sector masking or EchoCLIP crop) with more frames at a display size
     (the demo model's own policy when there is no index policy)."""
-    from echosearch.frame_policy import resolve_frame_policy
+    from echosearch.ingest.frame_policy import resolve_frame_policy
 
     name = str((index_policy or {}).get("name", "auto"))
     setting = name if name in ("sector", "echoclip") else "auto"
@@ -85,7 +85,7 @@ def preview_policy(index_policy: dict[str, Any] | None = None, frames: int = PRE
 
 def preview_frames(source: Path, policy: FramePolicy) -> tuple[np.ndarray, float]:
     """Prepared frames (T,S,S,3) uint8 of ``source`` (duplicates of short clips dropped) and a playback rate."""
-    from echosearch.discover import inspect_file
+    from echosearch.ingest.discover import inspect_file
     from echosearch.run.read import process_file
 
     prepared = process_file(inspect_file(Path(source)), policy)

@@ -14,7 +14,7 @@ Two frame policies:
 
 Frames are sampled ``uniform`` (N spread over the clip) or ``all`` (every frame, as EchoCLIP's embedding
 example averages). Output is uint8 (N,S,S,3) in the policy's ``channel_order``; the encoder normalises.
-Which policy applies is decided in one place, :func:`echosearch.frame_policy.resolve_frame_policy`.
+Which policy applies is decided in one place, :func:`echosearch.ingest.frame_policy.resolve_frame_policy`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from echosearch.decode import UltrasoundRegion
 from echosearch.errors import PrepareError
+from echosearch.ingest.decode import UltrasoundRegion
 
 SectorSource = Literal["regions", "estimated", "full"]
 PolicyName = Literal["sector", "echoclip"]

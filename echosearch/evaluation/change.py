@@ -24,11 +24,11 @@ import numpy as np
 import polars as pl
 from rich.table import Table
 
-from echosearch import calibration as cal
 from echosearch.catalog import Catalog
 from echosearch.change import CLAUSE_TYPES, EF_MARGIN, LABELS, scan_changes
 from echosearch.change.features import DEVICES, load_timeline, raw_pair_features
 from echosearch.change.scan import study_predictions
+from echosearch.identity import calibration as cal
 
 EVENTS = ("ef_decline", "ef_recovery", "pacer_implant", "tavr_implant", "mitraclip_implant", "transplant")
 TASKS = ("since_previous", "since_first")

@@ -2,7 +2,7 @@
 
 :func:`trusted_search` wraps the query API for the app (and any other front end): an uploaded file is
 scoped first (an out-of-scope upload gets a plain warning instead of a cardiac reading, and no matches),
-every result is placed against the archive (:mod:`echosearch.confidence`), a search whose best result is
+every result is placed against the archive (:mod:`echosearch.search.confidence`), a search whose best result is
 below the calibrated floor is "no close match", and the preliminary reading (nearest archive reports) is
 labelled as unvalidated model output. :func:`matched_sentences` says which report sentences are closest to
 the query; :func:`report_ef` reads the EF a report states, to show beside the predicted one.
@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from echosearch.confidence import Assessment, Judge
 from echosearch.errors import QueryError
 from echosearch.filters import Filters
-from echosearch.report_facts import split_sentences
-from echosearch.scope import ClipScope, assess_file
+from echosearch.model.report_facts import split_sentences
+from echosearch.model.scope import ClipScope, assess_file
+from echosearch.search.confidence import Assessment, Judge
 
 READING_LABEL = ("Preliminary reading: the nearest reports in this archive, chosen by the model. Unvalidated "
                  "model output, not a diagnosis.")
@@ -49,7 +49,7 @@ class SearchOutcome:
 
 
 def judge_of(searcher: Any) -> Judge:
-    """The searcher's :class:`~echosearch.confidence.Judge` (made once; calibrations are cached in it)."""
+    """The searcher's :class:`~echosearch.search.confidence.Judge` (made once; calibrations are cached in it)."""
     with _LOCK:
         judge = getattr(searcher, "_judge", None)
         if judge is None:

@@ -1,6 +1,6 @@
 """Rebuild the shipped ``echosearch-demo`` model: documented cohort, seed and training run.
 
-``python -m echosearch.demo_model --out echosearch/data/echosearch-demo`` (``make demo-model``):
+``python -m echosearch.model.demo_model --out echosearch/data/echosearch-demo`` (``make demo-model``):
 1. generates the training cohort (``TRAIN_COHORT``; seeds disjoint from the demo and test cohorts),
 2. scans it into a temporary index (reports attached from the cohort's ``reports.csv``),
 3. trains the demo architecture from scratch with ``TRAIN_CONFIG`` and writes fp16 weights.
@@ -26,11 +26,11 @@ def build(out: Path, workdir: Path | None = None, epochs: int = TRAIN_EPOCHS, pa
     """Generate, scan and train; returns the model folder."""
     from echosearch.catalog import Catalog
     from echosearch.config import load_settings
-    from echosearch.frame_policy import resolve_frame_policy
-    from echosearch.models import REGISTRY
+    from echosearch.ingest.frame_policy import resolve_frame_policy
+    from echosearch.model.models import REGISTRY
+    from echosearch.model.train import TrainConfig, train
     from echosearch.run.local import scan
     from echosearch.synth import generate_cohort
-    from echosearch.train import TrainConfig, train
 
     tmp = Path(workdir or tempfile.mkdtemp(prefix="echosearch-demo-model-"))
     cohort = tmp / "cohort"

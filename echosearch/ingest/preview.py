@@ -11,11 +11,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from echosearch.decode import decode_video
-from echosearch.discover import inspect_file
 from echosearch.errors import DecodeError
-from echosearch.frame_policy import resolve_frame_policy
-from echosearch.prepare import FramePolicy, sample_indices, sector_and_input
+from echosearch.ingest.decode import decode_video
+from echosearch.ingest.discover import inspect_file
+from echosearch.ingest.frame_policy import resolve_frame_policy
+from echosearch.ingest.prepare import FramePolicy, sample_indices, sector_and_input
 
 PANEL_HEIGHT = 360
 

@@ -26,9 +26,9 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from echosearch import calibration as cal
 from echosearch.catalog import Catalog
 from echosearch.identity import StudySet, audit, load_studies, own_scores, patient_scores
+from echosearch.identity import calibration as cal
 
 DEFAULT_PREVALENCE = 1 / 1000
 TARGET_PRECISION = 0.9

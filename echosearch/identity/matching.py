@@ -18,9 +18,9 @@ import faiss
 import numpy as np
 import polars as pl
 
-from echosearch import calibration as cal
 from echosearch.catalog import Catalog
 from echosearch.errors import EchosearchError, QueryError
+from echosearch.identity import calibration as cal
 
 TOP_M = 2
 EXACT_KNN_MAX = 50_000
@@ -149,11 +149,11 @@ def study_neighbours(catalog: Catalog, S: StudySet, k: int) -> np.ndarray:
     """Rows of the ``k`` nearest studies of every study (-1 where none).
 
     Exact FAISS search up to ``EXACT_KNN_MAX`` studies; above, the index's own study-level vector index
-    (``echosearch.vectorindex``, tuned to a recall target, on the GPU when there is one) when it is
+    (``echosearch.store.vectorindex``, tuned to a recall target, on the GPU when there is one) when it is
     current, else exact search. Candidates are re-scored exactly against all their studies anyway."""
     if len(S) > EXACT_KNN_MAX:
         try:
-            from echosearch.vectorindex import load_index
+            from echosearch.store.vectorindex import load_index
 
             level = "study_identity" if S.source == "identity" else "study"
             _, ids = load_index(catalog.index_dir, level, catalog).search(S.vecs, k)

@@ -22,12 +22,12 @@ import faiss as _faiss
 import numpy as np
 
 from echosearch.errors import IndexMismatchError, QueryError
-from echosearch.vectorrows import LEVEL_TABLES as _TABLES
-from echosearch.vectorrows import ArrayRows as ArrayRows
-from echosearch.vectorrows import CatalogRows as CatalogRows
-from echosearch.vectorrows import VectorRows as VectorRows
-from echosearch.vectorrows import exact_neighbours as exact_neighbours
-from echosearch.vectorrows import normalise as normalise
+from echosearch.store.vectorrows import LEVEL_TABLES as _TABLES
+from echosearch.store.vectorrows import ArrayRows as ArrayRows
+from echosearch.store.vectorrows import CatalogRows as CatalogRows
+from echosearch.store.vectorrows import VectorRows as VectorRows
+from echosearch.store.vectorrows import exact_neighbours as exact_neighbours
+from echosearch.store.vectorrows import normalise as normalise
 
 faiss: Any = _faiss  # the SWIG wrappers take keyword arguments and attributes its type stubs do not know
 

@@ -11,9 +11,9 @@ Two kinds, both loadable offline:
   identity vector. It sees the frames the content encoder prepared (resized to its own input size).
 - **tower-tail**: a folder written by ``echosearch train-identity --method tower --train-stages K``: the base
   tower's early stages (shared with the content encoder when it is the same model), a fine-tuned copy of its
-  last K stages and a head (:mod:`echosearch.identity_tower`).
+  last K stages and a head (:mod:`echosearch.identity.tower`).
 - **map**: a folder written by ``echosearch train-identity --method map`` (the default): a closed-form
-  projection of the frame-mean activation maps of the base tower's early stages (:mod:`echosearch.identity_map`).
+  projection of the frame-mean activation maps of the base tower's early stages (:mod:`echosearch.identity.map`).
 
 A study's identity vector is the mean of its videos', re-normalised, as for the content vectors.
 """
@@ -32,13 +32,13 @@ import torch.nn.functional as F
 
 from echosearch.catalog import Catalog
 from echosearch.errors import ModelLoadError, ModelMismatchError
-from echosearch.models import weights_sha256
+from echosearch.model.models import weights_sha256
 
 if TYPE_CHECKING:
-    from echosearch.encode import Encoder
-    from echosearch.identity_map import MapRunner
-    from echosearch.identity_tower import TailRunner
-    from echosearch.prepare import FramePolicy
+    from echosearch.identity.map import MapRunner
+    from echosearch.identity.tower import TailRunner
+    from echosearch.ingest.prepare import FramePolicy
+    from echosearch.model.encode import Encoder
 
 HEAD_CONFIG = "identity_head.json"
 HEAD_WEIGHTS = "identity_head.safetensors"
@@ -88,7 +88,7 @@ def head_folder(spec: str) -> Path | None:
 
 def demo_identity_head() -> Path | None:
     """The identity head shipped with the demo model (``identity/`` in its folder), if it is there."""
-    from echosearch.models import REGISTRY
+    from echosearch.model.models import REGISTRY
 
     spec = REGISTRY.get("echosearch-demo")
     folder = spec.local_dir / "identity" if spec is not None and spec.local_dir is not None else None
@@ -122,7 +122,7 @@ def load_head(folder: Path) -> tuple[IdentityHead, dict[str, Any]]:
     """(head in eval mode, its config) from a head folder (or the head of an identity tower folder)."""
     from safetensors.torch import load_file
 
-    from echosearch.identity_tower import TOWER_FORMAT
+    from echosearch.identity.tower import TOWER_FORMAT
 
     try:
         cfg = json.loads((folder / HEAD_CONFIG).read_text())
@@ -167,7 +167,7 @@ class IdentityEncoder:
     def tower_video_vectors(self, frames: Sequence[np.ndarray], content_frame_vecs: Sequence[np.ndarray]
                             ) -> np.ndarray:
         """(n_videos, tower dim) video vectors of the tower: mean of frame vectors, L2-normalised."""
-        from echosearch.encode import l2_normalise
+        from echosearch.model.encode import l2_normalise
 
         if self.tail is not None:
             per_video = self.tail.frame_vectors(frames)
@@ -206,26 +206,26 @@ class IdentityEncoder:
 
     def apply_frames(self, frame_vecs: np.ndarray) -> np.ndarray:
         """A frame-pooling head on one video's frame vectors: mean of the mapped frames, re-normalised."""
-        from echosearch.encode import l2_normalise
+        from echosearch.model.encode import l2_normalise
 
         return l2_normalise(self.apply_head(frame_vecs).mean(axis=0)).astype(np.float32)
 
 
 def load_identity_encoder(spec: str, content: Encoder, device: str = "auto") -> IdentityEncoder:
     """The identity encoder a setting names, sharing the content encoder's tower when the weights are the same."""
-    from echosearch.encode import load_encoder
+    from echosearch.model.encode import load_encoder
 
     content_sha = content.identity["weights_sha256"]
     folder = head_folder(spec)
     if folder is not None:
-        from echosearch.identity_map import MAP_FORMAT, load_map_encoder
+        from echosearch.identity.map import MAP_FORMAT, load_map_encoder
 
         raw = _read_config(folder)
         if raw.get("format") == MAP_FORMAT:
             return load_map_encoder(folder, raw, content, device)
         head, cfg = load_head(folder)
         if "tail" in cfg:
-            from echosearch.identity_tower import load_tower_encoder
+            from echosearch.identity.tower import load_tower_encoder
 
             return load_tower_encoder(folder, cfg, head, content, device)
         tower_info = dict(cfg.get("tower") or {})
@@ -257,10 +257,10 @@ def backfill_identity(catalog: Catalog, enc: IdentityEncoder, workers: int = 1) 
     vectors, ``keep_frame_embeddings``); any other identity encoder (an identity tower, another model) decodes
     the videos again with the index's frame policy (``workers`` processes). Binds the identity model, stores
     video and study identity vectors and builds their vector indexes. Returns the number of videos."""
-    from echosearch.encode import l2_normalise
     from echosearch.errors import ConfigError
+    from echosearch.model.encode import l2_normalise
     from echosearch.run.finish import pool_identity
-    from echosearch.vectorindex import IDENTITY_LEVELS, build_index
+    from echosearch.store.vectorindex import IDENTITY_LEVELS, build_index
 
     stored = catalog.get_manifest("identity_model")
     if stored is not None:
@@ -270,8 +270,8 @@ def backfill_identity(catalog: Catalog, enc: IdentityEncoder, workers: int = 1) 
         raise ConfigError(f"{enc.name} is the content model itself: identity already uses the content vectors")
     ids, vecs = catalog.embeddings("video")
     if enc.head is None or not enc.shares_content_tower:
-        from echosearch.frame_policy import preprocessing_mismatch
-        from echosearch.prepare import policy_manifest
+        from echosearch.ingest.frame_policy import preprocessing_mismatch
+        from echosearch.ingest.prepare import policy_manifest
 
         stored_pp = {k: v for k, v in ((catalog.get_manifest("model") or {}).get("preprocessing") or {}).items()
                      if k not in ("mean", "std")}
@@ -305,7 +305,7 @@ def _decoded_identity(catalog: Catalog, enc: IdentityEncoder, keys: list[int], w
     are left out, with a warning), a few videos per forward pass as indexing batches them."""
     import logging
 
-    from echosearch.discover import FileRecord
+    from echosearch.ingest.discover import FileRecord
     from echosearch.run.read import FailedFile
     from echosearch.run.workers import iter_processed
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from echosearch.report_facts import split_sentences
+from echosearch.model.report_facts import split_sentences
 
 SAMPLE_ITEMS = 4000
 """Archive items a query's score profile is measured on (a fixed seeded sample)."""
@@ -188,7 +188,7 @@ class Judge:
             texts = self.searcher.catalog.report_texts()
             refs = reference_queries(texts, seed=self.seed)
             if not refs:  # no reports: the standard view phrases stand in
-                from echosearch.report_facts import VIEW_PHRASES
+                from echosearch.model.report_facts import VIEW_PHRASES
 
                 refs = list(VIEW_PHRASES.values())
             vecs = np.asarray(enc.encode_text(refs + null_queries()), np.float32)

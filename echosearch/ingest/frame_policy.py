@@ -1,6 +1,6 @@
 """The frame policy, decided in one place: the model's own (``auto``) or an explicit setting.
 
-Everything that needs a :class:`~echosearch.prepare.FramePolicy` by name (encoder, scan, preview, previews,
+Everything that needs a :class:`~echosearch.ingest.prepare.FramePolicy` by name (encoder, scan, preview, previews,
 training, demo model) asks :func:`resolve_frame_policy`, so a model's policy cannot be silently replaced in
 one caller and kept in another. :func:`preprocessing_mismatch` compares an index's stored preprocessing with
 the current one and says what to do when a policy's version changed under an index.
@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from echosearch.errors import ConfigError, ModelLoadError
-from echosearch.models import REGISTRY, ModelSpec, resolve_model
-from echosearch.prepare import CHANNEL_ORDER, FramePolicy, PolicyName, Sampling
+from echosearch.ingest.prepare import CHANNEL_ORDER, FramePolicy, PolicyName, Sampling
+from echosearch.model.models import REGISTRY, ModelSpec, resolve_model
 
 POLICY_SETTINGS = ("auto", "sector", "echoclip")
 SAMPLINGS = ("uniform", "all")

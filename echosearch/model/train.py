@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from echosearch.catalog import Catalog
-from echosearch.encode import OPENAI_MEAN, OPENAI_STD, encode_text_bucketed, load_encoder
 from echosearch.errors import EchosearchError
-from echosearch.models import write_model_folder
-from echosearch.report_facts import (
+from echosearch.model.encode import OPENAI_MEAN, OPENAI_STD, encode_text_bucketed, load_encoder
+from echosearch.model.models import write_model_folder
+from echosearch.model.report_facts import (
     Facts,
     PromptSampler,
     ReportLabels,
@@ -110,8 +110,8 @@ class TrainResult:
 def _load_pairs(cat: Catalog, frames_per_video: int, size: int, workers: int,
                 progress: Callable[[int, int], None] | None
                 ) -> tuple[list[np.ndarray], list[str], list[int], list[str | None], list[int]]:
-    from echosearch.discover import FileRecord
-    from echosearch.frame_policy import resolve_frame_policy
+    from echosearch.ingest.discover import FileRecord
+    from echosearch.ingest.frame_policy import resolve_frame_policy
     from echosearch.run.read import FailedFile
     from echosearch.run.workers import iter_processed
 
@@ -286,7 +286,7 @@ def fact_anchor_loss(img: torch.Tensor, fact_txt: torch.Tensor, present: torch.T
     against every clip at every step, and with ``pos_weight`` (:func:`fact_pos_weight`) a device present
     in 5 % of clips weighs as much as its absence. Unlike the free linear fact heads, the classifier *is*
     the text vector, so what this trains is the retrieval score itself. ``present`` may be soft (a value
-    sentence's :func:`~echosearch.report_facts.value_target`); with ``known`` (clips, facts), pairs whose
+    sentence's :func:`~echosearch.model.report_facts.value_target`); with ``known`` (clips, facts), pairs whose
     report does not state the fact are left out of the mean.
     """
     logits = scale * img @ fact_txt.T + bias
@@ -305,7 +305,7 @@ def fact_listwise_loss(img: torch.Tensor, fact_txt: torch.Tensor, present: torch
     :func:`fact_anchor_loss` scores each (sentence, clip) pair on its own, so a pacer clip just below the
     margin costs little even when it outranks every MitraClip video; this term is the contrastive loss's
     text->image direction for the fact sentences, where the hardest negatives dominate the gradient.
-    ``present`` may be soft (a value sentence's :func:`~echosearch.report_facts.value_target`); with
+    ``present`` may be soft (a value sentence's :func:`~echosearch.model.report_facts.value_target`); with
     ``known``, clips whose report does not state the fact are left out of its ranking.
     """
     has = present.sum(0) > 0

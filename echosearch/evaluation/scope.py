@@ -89,7 +89,7 @@ def view_accuracy(catalog: Catalog, truth: pl.DataFrame | None = None, encoder: 
                            "ci95": _boot(correct, groups, seed=seed), "method": "archive labels, leave one patient out",
                            "chance": round(float(max(np.mean(y == v) for v in names)), 4)}
     if encoder is not None:
-        from echosearch.report_facts import VIEW_PHRASES
+        from echosearch.model.report_facts import VIEW_PHRASES
 
         known = [v for v in names if v in VIEW_PHRASES]
         if known:
@@ -103,8 +103,8 @@ def view_accuracy(catalog: Catalog, truth: pl.DataFrame | None = None, encoder: 
 
 def real_file_scope(catalog: Catalog, folder: Path | None = None) -> dict[str, Any]:
     """Scope of each real corpus file against this index (cheap signals + the index's model) vs the truth."""
+    from echosearch.model.scope import assess_file
     from echosearch.query import Searcher
-    from echosearch.scope import assess_file
 
     folder = folder or real_corpus()
     if folder is None:
@@ -135,8 +135,8 @@ def real_file_scope(catalog: Catalog, folder: Path | None = None) -> dict[str, A
 
 def no_close_match(catalog: Catalog, encoder: Any, n: int = 60, seed: int = EVAL_NULL_SEED) -> dict[str, Any]:
     """Share of held-out nonsense queries answered "no close match" (and of archive sentences answered)."""
-    from echosearch.confidence import Judge, null_queries, reference_queries
     from echosearch.query import TEXT_CONTEXT, Searcher
+    from echosearch.search.confidence import Judge, null_queries, reference_queries
 
     s = Searcher(catalog.index_dir, catalog=catalog, encoder=encoder)
     judge = Judge(s)

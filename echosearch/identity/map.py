@@ -35,9 +35,9 @@ import torch
 from echosearch.errors import EchosearchError, ModelLoadError, ModelMismatchError
 
 if TYPE_CHECKING:
-    from echosearch.encode import Encoder
-    from echosearch.identity_model import IdentityEncoder
-    from echosearch.identity_train import IdentityTrainConfig, IdentityTrainResult, Progress
+    from echosearch.identity.model import IdentityEncoder
+    from echosearch.identity.train import IdentityTrainConfig, IdentityTrainResult, Progress
+    from echosearch.model.encode import Encoder
 
 MAP_FORMAT = "echosearch-identity-map"
 MAP_WEIGHTS = "identity_map.safetensors"
@@ -99,7 +99,7 @@ class MapRunner:
     tap, when the base is the content model)."""
 
     def __init__(self, base: Encoder, split: int, projection: MapProjection, shared: bool) -> None:
-        from echosearch.identity_tower import SplitActivations
+        from echosearch.identity.tower import SplitActivations
 
         self.acts = SplitActivations(base, split, shared)
         self.projection = projection
@@ -116,7 +116,7 @@ def save_map(folder: Path, projection: MapProjection, tower: dict[str, Any], spl
     """Write an identity map folder (``identity_head.json`` + ``identity_map.safetensors``), swapped in whole."""
     from safetensors.numpy import save_file
 
-    from echosearch.identity_model import HEAD_CONFIG
+    from echosearch.identity.model import HEAD_CONFIG
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp-identity")
@@ -150,9 +150,9 @@ def load_projection(folder: Path) -> MapProjection:
 def load_map_encoder(folder: Path, cfg: dict[str, Any], content: Encoder, device: str = "auto") -> IdentityEncoder:
     """The identity encoder of a map folder on its base tower (the content encoder itself when the weights are
     the same, so that the tower runs once per frame)."""
-    from echosearch.encode import load_encoder
-    from echosearch.identity_model import IdentityEncoder
-    from echosearch.models import weights_sha256
+    from echosearch.identity.model import IdentityEncoder
+    from echosearch.model.encode import load_encoder
+    from echosearch.model.models import weights_sha256
 
     tower_info = dict(cfg.get("tower") or {})
     shared = tower_info.get("weights_sha256") == content.identity["weights_sha256"]
@@ -195,9 +195,9 @@ def train_map(index_dir: Path, out_dir: Path, cfg: IdentityTrainConfig, result: 
     without the studies the audit suspects) and save it to ``out_dir``."""
     import polars as pl
 
-    from echosearch.identity import StudySet, score_studies
-    from echosearch.identity_tower_train import tower_activations
-    from echosearch.identity_train import heldout_content_auc, pair_auc, split_patients, training_record
+    from echosearch.identity.matching import StudySet, score_studies
+    from echosearch.identity.tower_train import tower_activations
+    from echosearch.identity.train import heldout_content_auc, pair_auc, split_patients, training_record
 
     t0 = time.perf_counter()
     feats = tower_activations(index_dir, cfg, progress, stages=cfg.map_stages, reduce=frame_mean_map)

@@ -30,10 +30,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from echosearch import calibration as cal
 from echosearch.catalog import Catalog
 from echosearch.errors import EchosearchError
-from echosearch.identity_model import IdentityHead, save_head
+from echosearch.identity import calibration as cal
+from echosearch.identity.model import IdentityHead, save_head
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ Progress = Callable[[str, int, int, dict[str, float]], None]
 
 @dataclass
 class IdentityTrainConfig:
-    method: str = "map"  # map (closed form, echosearch.identity_map) | head; train_stages > 0: a tower
+    method: str = "map"  # map (closed form, echosearch.identity.map) | head; train_stages > 0: a tower
     components: int = 256  # map: PCA dimensions kept (the identity vector's width)
     reg: float = 0.01  # map: ridge on the within-patient scatter (in whitened units)
     map_stages: int = 1  # map: the map is taken before the tower's last K stages
@@ -62,7 +62,7 @@ class IdentityTrainConfig:
     holdout: float = 0.25  # share of patients (with 2+ studies) held out
     clean: bool = True  # second pass without the studies the audit suspects
     clean_fpr: float = 0.02
-    train_stages: int = 0  # > 0: fine-tune a copy of the tower's last K stages too (echosearch.identity_tower_train)
+    train_stages: int = 0  # > 0: fine-tune a copy of the tower's last K stages too (echosearch.identity.tower_train)
     tail_lr: float = 3e-4  # learning rate of the copied stages
     aug_copies: int = 2  # cached versions of each clip: plain + augmented copies (tower training)
     frames_per_step: int = 4  # frames of each video per training step (tower training)
@@ -98,8 +98,8 @@ def tower_features(index_dir: Path, init: str | None = None, *, device: str = "c
                    progress: Progress | None = None) -> Features:
     """Decode and prepare every encoded video of the index (its own frame policy) and compute the tower's
     L2-normalised frame vectors once."""
-    from echosearch.discover import FileRecord
-    from echosearch.encode import encoder_for_index, load_encoder
+    from echosearch.ingest.discover import FileRecord
+    from echosearch.model.encode import encoder_for_index, load_encoder
     from echosearch.run.read import FailedFile
     from echosearch.run.workers import iter_processed
 
@@ -291,20 +291,20 @@ def train_identity(index_dir: Path, out_dir: Path, config: IdentityTrainConfig |
     """Train an identity head on the index's recorded patients and save it to ``out_dir`` (a folder the
     ``identity_model`` setting accepts). ``features`` skips the decoding (e.g. a second run on the same index);
     ``provenance`` (e.g. the command and the data it was trained on) is recorded in the head's metadata."""
-    from echosearch.identity import StudySet, score_studies
+    from echosearch.identity.matching import StudySet, score_studies
 
     cfg = config or IdentityTrainConfig()
     if cfg.method not in ("map", "head"):
         raise EchosearchError(f"unknown identity training method {cfg.method!r} (map or head)")
     if cfg.method == "map" and cfg.train_stages == 0:
-        from echosearch.identity_map import train_map
+        from echosearch.identity.map import train_map
 
         if features is not None:
             raise EchosearchError("an identity map computes its own activation maps (no cached features)")
         return train_map(index_dir, Path(out_dir), cfg, IdentityTrainResult(out_dir=Path(out_dir)), progress,
                          provenance)
     if cfg.train_stages > 0:
-        from echosearch.identity_tower_train import TowerFeatures, train_tower
+        from echosearch.identity.tower_train import TowerFeatures, train_tower
 
         if features is not None and not isinstance(features, TowerFeatures):
             raise EchosearchError("tower training needs cached split activations (tower_activations)")

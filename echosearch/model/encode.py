@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from echosearch.errors import ModelLoadError, ModelMismatchError
-from echosearch.models import ModelSource, resolve_model, weights_sha256
+from echosearch.model.models import ModelSource, resolve_model, weights_sha256
 
 if TYPE_CHECKING:
     from echosearch.catalog import Catalog
-    from echosearch.prepare import FramePolicy
+    from echosearch.ingest.prepare import FramePolicy
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Encoder:
 
     def __init__(self, model: Any, tokenizer: Any, source: ModelSource, device: torch.device,
                  frames_per_video: int = 16, policy: str = "auto", sampling: str = "uniform") -> None:
-        from echosearch.frame_policy import resolve_frame_policy
+        from echosearch.ingest.frame_policy import resolve_frame_policy
 
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -115,7 +115,7 @@ class Encoder:
     @property
     def identity(self) -> dict[str, Any]:
         """What an index records and checks: model name, weights hash, dimension, preprocessing."""
-        from echosearch.prepare import policy_manifest
+        from echosearch.ingest.prepare import policy_manifest
 
         return {
             "name": self.source.name,
@@ -175,7 +175,7 @@ def _load_tokenizer(source: ModelSource, tokenizer_dir: Path | None = None) -> A
     import open_clip
 
     if source.spec.tokenizer == "template":
-        from echosearch.report_tokenizer import check_vocab_size, load_template_tokenizer
+        from echosearch.model.report_tokenizer import check_vocab_size, load_template_tokenizer
 
         tok = load_template_tokenizer(source.folder, tokenizer_dir)
         cfg = source.folder / "open_clip_config.json" if source.folder else None
@@ -191,7 +191,7 @@ def load_tokenizer(name: str, tokenizer_dir: Path | None = None) -> Any:
     """A model's tokenizer alone (no weights read): open_clip's BPE, or EchoCLIP-R's template tokenizer from
     ``tokenizer_dir``, the ``tokenizer_dir`` setting or the model's folder. A registry model whose weights are
     not downloaded still tokenizes when its tokenizer files are given."""
-    from echosearch.models import REGISTRY
+    from echosearch.model.models import REGISTRY
 
     try:
         source = resolve_model(name)
@@ -207,7 +207,7 @@ def load_encoder(name: str = "echosearch-demo", device: str = "auto", frames_per
                  policy: str | None = "auto", sampling: str = "uniform") -> Encoder:
     """Load a model by registry name, ``local-dir:DIR`` or ``ARCH@WEIGHTS``; never downloads.
 
-    ``policy`` is a frame-policy setting (``auto`` = the model's own; see :mod:`echosearch.frame_policy`)."""
+    ``policy`` is a frame-policy setting (``auto`` = the model's own; see :mod:`echosearch.ingest.frame_policy`)."""
     import open_clip
 
     source = resolve_model(name)
@@ -246,7 +246,7 @@ def encoder_for_index(catalog: Catalog, device: str = "auto", model: str | None 
             f"index {catalog.index_dir} was built with {stored['name']} (weights {str(stored.get('weights_sha256'))[:12]}); "
             f"the available {source_name} has weights {str(ident['weights_sha256'])[:12]}"
         )
-    from echosearch.frame_policy import preprocessing_mismatch
+    from echosearch.ingest.frame_policy import preprocessing_mismatch
 
     why = preprocessing_mismatch(pp, ident["preprocessing"])  # e.g. an echoclip index from before BGR
     if why:

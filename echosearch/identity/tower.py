@@ -5,7 +5,7 @@ on its output vector cannot put it back. An identity *tower* keeps the content m
 the first ``split`` stages of its timm trunk: computed once per frame, and when the identity tower is built on
 the index's own content model, taken from the content encoder's own forward pass) and fine-tunes a copy of
 the remaining ``K`` stages, the pooling head and the projection patient-contrastively
-(:mod:`echosearch.identity_tower_train`). Indexing then pays only for the copied stages.
+(:mod:`echosearch.identity.tower_train`). Indexing then pays only for the copied stages.
 
 Folder format (``identity_head.json`` with ``format = echosearch-identity-tower``): the base tower (model name
 and weights hash), the split, the head's shape, ``identity_tail.safetensors`` (the copied stages) and
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from echosearch.errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from echosearch.encode import Encoder
+    from echosearch.model.encode import Encoder
 
 TOWER_FORMAT = "echosearch-identity-tower"
 TAIL_WEIGHTS = "identity_tail.safetensors"
@@ -222,12 +222,12 @@ def load_tail(folder: Path, base: Encoder, split: int) -> TowerTail:
 
 
 def load_tower_encoder(folder: Path, cfg: dict[str, Any], head: Any, content: Encoder, device: str = "auto") -> Any:
-    """The :class:`~echosearch.identity_model.IdentityEncoder` of a tower folder: its base tower (the content
+    """The :class:`~echosearch.identity.model.IdentityEncoder` of a tower folder: its base tower (the content
     encoder itself when the weights are the same, so that the early stages run once), tail and head."""
-    from echosearch.encode import load_encoder
     from echosearch.errors import ModelMismatchError
-    from echosearch.identity_model import HEAD_WEIGHTS, IdentityEncoder
-    from echosearch.models import weights_sha256
+    from echosearch.identity.model import HEAD_WEIGHTS, IdentityEncoder
+    from echosearch.model.encode import load_encoder
+    from echosearch.model.models import weights_sha256
 
     tower_info = dict(cfg.get("tower") or {})
     shared = tower_info.get("weights_sha256") == content.identity["weights_sha256"]
@@ -260,7 +260,7 @@ def save_tower(folder: Path, tail: TowerTail, head: Any, tower: dict[str, Any], 
 
     from safetensors.torch import save_file
 
-    from echosearch.identity_model import HEAD_CONFIG, HEAD_WEIGHTS
+    from echosearch.identity.model import HEAD_CONFIG, HEAD_WEIGHTS
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp-identity")

@@ -17,19 +17,25 @@ import numpy as np
 import polars as pl
 from rich.table import Table
 
-from echosearch import calibration as cal
 from echosearch.catalog import Catalog
 from echosearch.change import study_predictions
 from echosearch.errors import ConfigError, QueryError
-from echosearch.eval_change import change_metrics, change_rows, legacy_views
-from echosearch.eval_identity import DEFAULT_PREVALENCE, audit_metrics, identity_metrics, identity_rows, video_pairs
+from echosearch.evaluation.change import change_metrics, change_rows, legacy_views
+from echosearch.evaluation.identity import (
+    DEFAULT_PREVALENCE,
+    audit_metrics,
+    identity_metrics,
+    identity_rows,
+    video_pairs,
+)
 from echosearch.identity import StudySet, load_studies
-from echosearch.report_facts import visible_in_view
-from echosearch.zeroshot import BINARY_TASKS, METHODS, PromptBank, load_prompts, predict
-from echosearch.zeroshot import study_predictions as pool_video_predictions
+from echosearch.identity import calibration as cal
+from echosearch.model.report_facts import visible_in_view
+from echosearch.model.zeroshot import BINARY_TASKS, METHODS, PromptBank, load_prompts, predict
+from echosearch.model.zeroshot import study_predictions as pool_video_predictions
 
 if TYPE_CHECKING:
-    from echosearch.encode import Encoder
+    from echosearch.model.encode import Encoder
 
 TRUTH_FILE = "ground_truth.parquet"
 EVENTS = ("ef_decline", "ef_recovery", "pacer_implant", "tavr_implant", "mitraclip_implant", "transplant")
@@ -173,7 +179,7 @@ def compare_methods(catalog: Catalog, encoder: Encoder, vt: pl.DataFrame,
 
 def _load_encoder(catalog: Catalog) -> tuple[Encoder | None, str]:
     try:
-        from echosearch.encode import encoder_for_index
+        from echosearch.model.encode import encoder_for_index
 
         return encoder_for_index(catalog), ""
     except Exception as exc:  # no model here is a note in the report, not a failure
@@ -214,7 +220,7 @@ def _text_retrieval(catalog: Catalog, vt: pl.DataFrame, k: int, context: float |
     context = TEXT_CONTEXT if context is None else context
     findings = dict(DEFAULT_FINDINGS)
     try:
-        from echosearch.zeroshot import load_prompts
+        from echosearch.model.zeroshot import load_prompts
 
         spec = load_prompts().get("findings", {})
         findings = {n: (f["text"], f["truth"]) for n, f in spec.items() if isinstance(f, dict)} or findings
@@ -279,8 +285,8 @@ def _report_rank(catalog: Catalog, S: StudySet, max_queries: int = 2000, seed: i
 
 
 def _scope(catalog: Catalog, vt: pl.DataFrame, encoder: Encoder | None, seed: int) -> dict[str, Any]:
-    """Scope and search-confidence figures (:mod:`echosearch.eval_scope`)."""
-    from echosearch.eval_scope import scope_metrics
+    """Scope and search-confidence figures (:mod:`echosearch.evaluation.scope`)."""
+    from echosearch.evaluation.scope import scope_metrics
 
     return scope_metrics(catalog, vt, encoder, seed)
 

@@ -32,7 +32,7 @@ import numpy as np
 import polars as pl
 
 from echosearch.catalog import Catalog
-from echosearch.report_facts import VIEW_PHRASES
+from echosearch.model.report_facts import VIEW_PHRASES
 
 PRIOR_LOG_ODDS = 1.5
 """An echo archive's prior that a clip is echo (p = 0.82) before any evidence."""
@@ -115,7 +115,7 @@ class ClipScope:
 # ---- cheap signals ---------------------------------------------------------------------------------------
 def header_signals(path: Path) -> dict[str, Any]:
     """What a DICOM header says about anatomy, probe, depth, ECG and mode (``{}`` for AVI/MP4 or unreadable)."""
-    from echosearch.decode import read_dicom_header
+    from echosearch.ingest.decode import read_dicom_header
 
     try:
         ds = read_dicom_header(Path(path), check=False)
@@ -423,8 +423,8 @@ def archive_model(catalog: Catalog, encoder: Any) -> ArchiveModel | None:
 def assess_file(path: Path, searcher: Any) -> tuple[ClipScope, np.ndarray | None]:
     """(scope, video vector) of an uploaded file against a searcher's index; a file decode refuses is out of
     scope, with why, and has no vector."""
-    from echosearch.discover import inspect_file
     from echosearch.errors import IngestError
+    from echosearch.ingest.discover import inspect_file
     from echosearch.run.read import process_file
 
     enc = searcher.encoder()

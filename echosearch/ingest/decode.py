@@ -38,8 +38,8 @@ from pydicom.uid import (
     JPEGTransferSyntaxes,
 )
 
-from echosearch.discover import open_regular
 from echosearch.errors import DecodeError, NotUltrasoundError, ReportObjectFound
+from echosearch.ingest.discover import open_regular
 
 VideoKind = Literal["dicom", "avi", "mp4"]
 

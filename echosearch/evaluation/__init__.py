@@ -1,0 +1,1 @@
+"""Evaluation against a truth table: retrieval, identity, change and scope (``core.evaluate``)."""

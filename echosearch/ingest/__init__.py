@@ -1,0 +1,1 @@
+"""Ingest: find files, decode, choose frames, prepare model input, pseudonymise, previews."""

@@ -1,0 +1,1 @@
+"""Models: registry and loading, the encode stage, training, report text, zero-shot predictions and scope."""
