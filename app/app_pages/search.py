@@ -22,7 +22,8 @@ from echosearch.appcore.data import preview_html
 from echosearch.appcore.search import EF_BANDS, SearchRequest, make_filters, sentences
 from echosearch.errors import EchosearchError
 from echosearch.ingest.previews import preferred_extension, preview_policy, render_preview
-from echosearch.search.view import READING_LABEL, SearchOutcome, describe_filters, report_ef
+from echosearch.model.report_facts import report_ef
+from echosearch.search.view import READING_LABEL, SearchOutcome, describe_filters
 
 EXAMPLE = "SEVERELY REDUCED LEFT VENTRICULAR SYSTOLIC FUNCTION."
 DEVICE_LABELS = {"pacer_lead": "pacemaker/ICD lead", "tavr": "TAVR valve", "mitraclip": "MitraClip"}

@@ -166,7 +166,7 @@ def _probes(catalog: Catalog, meta: pl.DataFrame, skeys: np.ndarray, by_key: np.
     also gets ``<device>_present``: the probability it is present (zero-shot score and probe, calibrated on the
     reports)."""
     from echosearch.change.probes import cross_fitted, presence, report_targets
-    from echosearch.zeroshot import load_prompts
+    from echosearch.model.zeroshot import load_prompts
 
     n = meta.height
     rep = catalog.study_reports(meta["study_key"].to_list())

@@ -40,7 +40,7 @@ def report_targets(texts: Mapping[int, str | None], positives: Mapping[str, Sequ
     """Per study key, what its report states: ``ef`` (the stated EF) and, per device task, 1.0 when the report
     contains one of the task's positive sentences and 0.0 when it does not. A device no report names gives no
     labels at all (its absence from every report says nothing about the images)."""
-    from echosearch.search_view import report_ef
+    from echosearch.model.report_facts import report_ef
 
     out: dict[str, dict[int, float]] = {"ef": {}}
     for k, t in texts.items():
@@ -97,7 +97,7 @@ def presence(scores: np.ndarray, patients: np.ndarray, stated: np.ndarray, folds
     from echosearch.change.model import fit_logistic
 
     X = np.asarray(scores, dtype=np.float64).reshape(len(stated), -1)
-    have = np.isfinite(X).all(axis=1)
+    have = np.asarray(np.isfinite(X).all(axis=1), dtype=bool)
     lab = have & np.isfinite(stated)
     out = np.full(len(stated), np.nan)
     if np.unique(patients[lab]).size < MIN_PATIENTS or np.unique(stated[lab]).size < 2:

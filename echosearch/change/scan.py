@@ -50,7 +50,7 @@ def study_predictions(catalog: Catalog) -> pl.DataFrame:
     """Study-level predictions, one column per task.
 
     Studies without study rows are filled from their videos by the pipeline's rule
-    (:func:`echosearch.zeroshot.study_predictions`): the mean for regressions, the maximum over views for
+    (:func:`echosearch.model.zeroshot.study_predictions`): the mean for regressions, the maximum over views for
     findings (a device is seen only in the views that show it).
     """
     rows = catalog.study_prediction_rows(FINDING_TASKS)

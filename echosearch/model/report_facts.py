@@ -28,8 +28,15 @@ VIEW_PHRASES = {"A4C": "APICAL FOUR CHAMBER VIEW.", "A2C": "APICAL TWO CHAMBER V
 _VIEW_OF_PHRASE = {p: v for v, p in VIEW_PHRASES.items()}
 # numeric sentences that name one of these are the same quantity however they are phrased
 QUANTITY_ALIASES = ("EJECTION FRACTION",)
+_EF = re.compile(r"EJECTION FRACTION[^.\d]*?(\d{1,2}(?:\.\d)?)\s*%?", re.IGNORECASE)
 
 Facts = dict[str, float | None]
+
+
+def report_ef(text: str | None) -> float | None:
+    """The ejection fraction a report states (``LV EJECTION FRACTION IS 35%``), or None."""
+    m = _EF.search(text or "")
+    return float(m.group(1)) if m else None
 
 
 def split_sentences(report: str) -> list[str]:

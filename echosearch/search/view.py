@@ -5,12 +5,12 @@ scoped first (an out-of-scope upload gets a plain warning instead of a cardiac r
 every result is placed against the archive (:mod:`echosearch.search.confidence`), a search whose best result is
 below the calibrated floor is "no close match", and the preliminary reading (nearest archive reports) is
 labelled as unvalidated model output. :func:`matched_sentences` says which report sentences are closest to
-the query; :func:`report_ef` reads the EF a report states, to show beside the predicted one.
+the query; the EF a report states (shown beside the predicted one) is read by
+:func:`echosearch.model.report_facts.report_ef`.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +26,6 @@ from echosearch.search.confidence import Assessment, Judge
 
 READING_LABEL = ("Preliminary reading: the nearest reports in this archive, chosen by the model. Unvalidated "
                  "model output, not a diagnosis.")
-_EF = re.compile(r"EJECTION FRACTION[^.\d]*?(\d{1,2}(?:\.\d)?)\s*%?", re.IGNORECASE)
 _LOCK = threading.Lock()
 
 
@@ -141,12 +140,6 @@ def matched_sentences(searcher: Any, text: str | None, query: np.ndarray | None,
     sims = np.array([float(cache[s] @ q) for s in sents])
     best = set(np.argsort(-sims)[:n].tolist())
     return [(s, i in best) for i, s in enumerate(sents)]
-
-
-def report_ef(text: str | None) -> float | None:
-    """The ejection fraction a report states (``LV EJECTION FRACTION IS 35%``), or None."""
-    m = _EF.search(text or "")
-    return float(m.group(1)) if m else None
 
 
 def describe_filters(f: Filters | None) -> str:
