@@ -4,6 +4,8 @@ without probes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -93,3 +95,17 @@ def test_missing_probes_use_the_fallback_weights() -> None:
     X[:, idx["tavr_probe_rise"]] = [1.0, 1.0, 1.0]
     np.testing.assert_allclose(model.logits(X)["new_tavr"], [-1.0, -1.0, -1.0])
     np.testing.assert_allclose(model.logits(X, frozenset(PROBE_FEATURES))["new_tavr"], [-2.0, -1.0, 0.0])
+
+
+def test_logistic_fit_stays_finite_on_separable_labels() -> None:
+    """A full Newton step overshoots when features separate the labels: on these pairs (the standardised
+    evidence of "pacer lead removed" on tuning seed 301, probe features included) the undamped fit ran to
+    weights of 1e10 and made every change probability 1.0. The fit must end at the penalised optimum."""
+    from echosearch.change.model import fit_logistic
+
+    data = np.load(Path(__file__).parent / "data" / "separable_logistic.npz")
+    X, y = data["X"].astype(np.float64), data["y"].astype(np.float64)
+    w = fit_logistic(X, y, l2=1.0)
+    assert np.isfinite(w).all() and np.abs(w).max() < 50
+    z = np.c_[X, np.ones(len(X))] @ w
+    assert (z[y == 1] > 0).mean() > 0.9 and (z[y == 0] < 0).mean() > 0.95
