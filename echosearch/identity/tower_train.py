@@ -173,7 +173,7 @@ def _fit(data: _TowerData, tail0: TowerTail, head0: IdentityHead, train_rows: np
          cfg: IdentityTrainConfig, phase: int, content_auc: float | None, progress: Progress | None,
          history: list[dict[str, float]]) -> tuple[TowerTail, IdentityHead]:
     """One pass from the initial weights (``tail0``, ``head0``) on the studies ``train_rows``."""
-    from echosearch.identity.train import pair_auc, supcon_loss
+    from echosearch.identity.train import epoch_metrics, supcon_loss
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -209,16 +209,9 @@ def _fit(data: _TowerData, tail0: TowerTail, head0: IdentityHead, train_rows: np
                 progress(f"pass {phase}", step, total, {"loss": losses[-1]})
         tail.eval()
         head.eval()
-        metrics: dict[str, float] = {"pass": float(phase), "epoch": float(epoch + 1), "loss": float(np.mean(losses)),
-                                     "seconds": round(time.perf_counter() - t0, 2)}
-        if len(hold_rows):
-            with torch.no_grad():
-                zh = data.study_vectors(tail, head, torch.from_numpy(hold_rows)).numpy()
-            auc = pair_auc(zh, feats.study_patient[hold_rows])
-            if auc is not None:
-                metrics["heldout_auc"] = auc
-            if content_auc is not None:
-                metrics["content_auc"] = content_auc
+        with torch.no_grad():
+            zh = data.study_vectors(tail, head, torch.from_numpy(hold_rows)).numpy() if len(hold_rows) else None
+        metrics = epoch_metrics(phase, epoch, losses, t0, zh, feats.study_patient[hold_rows], content_auc)
         history.append(metrics)
         if progress:
             progress("epoch", epoch + 1, cfg.epochs, metrics)

@@ -257,20 +257,28 @@ def _fit(data: _Data, feats: Features, train_rows: np.ndarray, hold_rows: np.nda
             if progress:
                 progress(f"pass {phase}", step, total, {"loss": losses[-1]})
         head.eval()
-        metrics: dict[str, float] = {"pass": float(phase), "epoch": float(epoch + 1), "loss": float(np.mean(losses)),
-                                     "seconds": round(time.perf_counter() - t0, 2)}
-        if len(hold_rows):
-            with torch.no_grad():
-                zh = data.study_vectors(head, hold_t).numpy()
-            auc = pair_auc(zh, feats.study_patient[hold_rows])
-            if auc is not None:
-                metrics["heldout_auc"] = auc
-            if content_auc is not None:
-                metrics["content_auc"] = content_auc
+        with torch.no_grad():
+            zh = data.study_vectors(head, hold_t).numpy() if len(hold_rows) else None
+        metrics = epoch_metrics(phase, epoch, losses, t0, zh, feats.study_patient[hold_rows], content_auc)
         history.append(metrics)
         if progress:
             progress("epoch", epoch + 1, cfg.epochs, metrics)
     return head
+
+
+def epoch_metrics(phase: int, epoch: int, losses: list[float], t0: float, held: np.ndarray | None,
+                  held_patients: np.ndarray, content_auc: float | None) -> dict[str, float]:
+    """One epoch's line of the training history: loss, time and, with held-out study vectors, their
+    cross-visit AUC beside the content vectors' on the same studies."""
+    metrics: dict[str, float] = {"pass": float(phase), "epoch": float(epoch + 1), "loss": float(np.mean(losses)),
+                                 "seconds": round(time.perf_counter() - t0, 2)}
+    if held is not None:
+        auc = pair_auc(held, held_patients)
+        if auc is not None:
+            metrics["heldout_auc"] = auc
+        if content_auc is not None:
+            metrics["content_auc"] = content_auc
+    return metrics
 
 
 def heldout_content_auc(index_dir: Path, study_keys: np.ndarray, study_patient: np.ndarray, hold_rows: np.ndarray
