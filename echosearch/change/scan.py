@@ -185,6 +185,14 @@ def _fmt(x: float, nd: int = 2) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
 
 
+def _before_after(T: Timeline, key: str, a: int, b: int) -> tuple[float, float] | None:
+    """A study value of the earlier (``b``) and later (``a``) visit; None unless both are known."""
+    v = T.pred.get(key)
+    if v is None or not (np.isfinite(v[a]) and np.isfinite(v[b])):
+        return None
+    return float(v[b]), float(v[a])
+
+
 def _ef_clause(T: Timeline, a: int, b: int, kind: str, p: float, margin: float) -> dict[str, Any]:
     ef0, ef1 = T.pred["ef"][b], T.pred["ef"][a]
     per_view = {v: (round(float(arr[b]), 1), round(float(arr[a]), 1)) for v, arr in T.view_pred["ef"].items()
@@ -193,11 +201,10 @@ def _ef_clause(T: Timeline, a: int, b: int, kind: str, p: float, margin: float) 
     word = "fall" if kind == "ef_fall" else "rise"
     values: dict[str, Any] = {"ef_before": round(float(ef0), 1), "ef_after": round(float(ef1), 1),
                               "per_view": {v: list(x) for v, x in per_view.items()}}
-    probe = T.pred.get("ef_probe")
     learnt = ""
-    if probe is not None and np.isfinite(probe[a]) and np.isfinite(probe[b]):  # the report-trained estimate
-        values["ef_probe_before"], values["ef_probe_after"] = round(float(probe[b]), 1), round(float(probe[a]), 1)
-        learnt = f"; EF learnt from this archive's reports {probe[b]:.0f}% -> {probe[a]:.0f}%"
+    if probe := _before_after(T, "ef_probe", a, b):  # the report-trained estimate
+        values["ef_probe_before"], values["ef_probe_after"] = round(probe[0], 1), round(probe[1], 1)
+        learnt = f"; EF learnt from this archive's reports {probe[0]:.0f}% -> {probe[1]:.0f}%"
     text = (f"EF {word} of more than {margin:g} points: predicted EF {ef0:.0f}% -> {ef1:.0f}% ({ef1 - ef0:+.0f}; "
             f"{views or 'study means'}{learnt}), probability {p:.2f}")
     return {"type": kind, "label": LABELS[kind], "probability": round(p, 3), "text": text,
@@ -219,10 +226,9 @@ def _device_clause(T: Timeline, a: int, b: int, kind: str, dev: str, p: float, c
     values: dict[str, Any] = {"score_before": round(float(T.pred[dev][b]), 4),
                               "score_after": round(float(T.pred[dev][a]), 4),
                               "per_view": {v: list(x) for v, x in per_view.items()}}
-    seen = T.pred.get(f"{dev}_present")
-    if seen is not None and np.isfinite(seen[a]) and np.isfinite(seen[b]):  # calibrated on the archive's reports
-        values["present_before"], values["present_after"] = round(float(seen[b]), 3), round(float(seen[a]), 3)
-        where += f"; present {seen[b]:.0%} -> {seen[a]:.0%} by this archive's reports"
+    if seen := _before_after(T, f"{dev}_present", a, b):  # calibrated on the archive's reports
+        values["present_before"], values["present_after"] = round(seen[0], 3), round(seen[1], 3)
+        where += f"; present {seen[0]:.0%} -> {seen[1]:.0%} by this archive's reports"
     text = f"{head} ({where}{confirmed}), probability {p:.2f}"
     views = [best] if best else None
     return {"type": kind, "label": LABELS[kind], "probability": round(p, 3), "text": text,
@@ -236,12 +242,10 @@ def _heart_clause(T: Timeline, a: int, b: int, nxt: int, kind: str, p: float, ty
     if nxt >= 0:
         values["next_visit_similarity_to_this"] = round(_id_cos(T, nxt, a), 3)
         values["next_visit_similarity_to_previous"] = round(_id_cos(T, nxt, b), 3)
-    status = T.pred.get("transplant_present")
     seen = ""
-    if status is not None and np.isfinite(status[a]) and np.isfinite(status[b]):  # calibrated on the reports
-        values["post_transplant_before"], values["post_transplant_after"] = round(float(status[b]), 3), \
-            round(float(status[a]), 3)
-        seen = f"; post-transplant appearance {status[b]:.0%} -> {status[a]:.0%} by this archive's reports"
+    if status := _before_after(T, "transplant_present", a, b):  # calibrated on the archive's reports
+        values["post_transplant_before"], values["post_transplant_after"] = round(status[0], 3), round(status[1], 3)
+        seen = f"; post-transplant appearance {status[0]:.0%} -> {status[1]:.0%} by this archive's reports"
     if kind == "new_heart":
         tail = (f"; the next visit continues it ({values['next_visit_similarity_to_this']:.2f}): a new heart of "
                 f"this patient (transplant)") if nxt >= 0 else "; no later visit yet to confirm it (transplant, or "\

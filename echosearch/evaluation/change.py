@@ -26,7 +26,7 @@ from rich.table import Table
 
 from echosearch.catalog import Catalog
 from echosearch.change import CLAUSE_TYPES, EF_MARGIN, LABELS, scan_changes
-from echosearch.change.features import DEVICES, load_timeline, raw_pair_features
+from echosearch.change.features import DEVICES, Timeline, load_timeline, raw_pair_features
 from echosearch.change.scan import study_predictions
 from echosearch.identity import calibration as cal
 
@@ -112,9 +112,8 @@ def _auc_boot(s: np.ndarray, pos: np.ndarray, neg: np.ndarray, n_boot: int, rng:
     return out
 
 
-def _baselines(catalog: Catalog, d: pl.DataFrame) -> dict[str, np.ndarray]:
-    """Every baseline score of the pairs, computed here from the catalog's own vectors."""
-    T = load_timeline(catalog, study_predictions(catalog))
+def _baselines(T: Timeline, d: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Every baseline score of the pairs, computed here from the catalog's own vectors (``T``)."""
     row = {int(k): r for r, k in enumerate(T.keys)}
     i = np.asarray([row[int(k)] for k in d["study_key"]], dtype=np.int64)
     j = np.asarray([row[int(k)] for k in d["other_key"]], dtype=np.int64)
@@ -151,6 +150,7 @@ def change_metrics(catalog: Catalog, vt: pl.DataFrame, *, n_boot: int = 500, see
     scan = scan_changes(catalog, store=False) if scan is None else scan
     visits = _events_between(vt)
     rng = np.random.default_rng(seed)
+    T = load_timeline(catalog, study_predictions(catalog))  # the vectors every baseline is computed from
     res: dict[str, Any] = {"pairs": "each task: one set of (study, earlier study) pairs from the scan's timeline, "
                                     "mislabelled studies left out; every score on exactly these pairs",
                            "scores": SCORES}
@@ -158,7 +158,7 @@ def change_metrics(catalog: Catalog, vt: pl.DataFrame, *, n_boot: int = 500, see
         d = change_pairs(scan, st, visits, task)
         ev = [set(e) for e in d["events"].to_list()]
         none = np.asarray([not e for e in ev], dtype=bool)
-        scores = {"echosearch": d["echosearch"].fill_null(np.nan).to_numpy(), **_baselines(catalog, d)}
+        scores = {"echosearch": d["echosearch"].fill_null(np.nan).to_numpy(), **_baselines(T, d)}
         out: dict[str, Any] = {"n_pairs": d.height, "n_negatives": int(none.sum()),
                                "pairs": [[int(a), int(b)] for a, b in d.select("study_key", "other_key").iter_rows()]}
         for e in EVENTS:

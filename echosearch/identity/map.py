@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from echosearch.errors import EchosearchError, ModelLoadError, ModelMismatchError
+from echosearch.errors import EchosearchError, ModelLoadError
 
 if TYPE_CHECKING:
     from echosearch.identity.model import IdentityEncoder
@@ -150,21 +150,11 @@ def load_projection(folder: Path) -> MapProjection:
 def load_map_encoder(folder: Path, cfg: dict[str, Any], content: Encoder, device: str = "auto") -> IdentityEncoder:
     """The identity encoder of a map folder on its base tower (the content encoder itself when the weights are
     the same, so that the tower runs once per frame)."""
-    from echosearch.identity.model import IdentityEncoder
-    from echosearch.model.encode import load_encoder
+    from echosearch.identity.model import IdentityEncoder, base_tower
     from echosearch.model.models import weights_sha256
 
     tower_info = dict(cfg.get("tower") or {})
-    shared = tower_info.get("weights_sha256") == content.identity["weights_sha256"]
-    base = content
-    if not shared:
-        base = load_encoder(str(tower_info.get("model")), device=device, frames_per_video=content.policy.n_frames,
-                            policy="auto")
-        if base.identity["weights_sha256"] != tower_info.get("weights_sha256"):
-            raise ModelMismatchError(
-                f"the identity map {folder} was fitted on {tower_info.get('name')} (weights "
-                f"{str(tower_info.get('weights_sha256'))[:12]}); {tower_info.get('model')} has weights "
-                f"{str(base.identity['weights_sha256'])[:12]}")
+    base, shared = base_tower(tower_info, content, device, f"the identity map {folder} was fitted on")
     try:
         spec = cfg["map"]
         split, shape = int(spec["split"]), [int(v) for v in spec["shape"]]
@@ -197,7 +187,7 @@ def train_map(index_dir: Path, out_dir: Path, cfg: IdentityTrainConfig, result: 
 
     from echosearch.identity.matching import StudySet, score_studies
     from echosearch.identity.tower_train import tower_activations
-    from echosearch.identity.train import heldout_content_auc, pair_auc, split_patients, training_record
+    from echosearch.identity.train import holdout_split, pair_auc, training_record
 
     t0 = time.perf_counter()
     feats = tower_activations(index_dir, cfg, progress, stages=cfg.map_stages, reduce=frame_mean_map)
@@ -205,12 +195,8 @@ def train_map(index_dir: Path, out_dir: Path, cfg: IdentityTrainConfig, result: 
     shape = tuple(feats.acts[0].shape[2:])
     video_patient = feats.study_patient[feats.video_study]
     classes = _video_classes(index_dir, feats.video_keys, video_patient)
-    held = split_patients(feats.study_patient, cfg.holdout, cfg.seed)
-    is_held = np.isin(feats.study_patient, held)
-    train_rows, hold_rows = np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
-    if train_rows.size == 0 or np.unique(feats.study_patient[train_rows], return_counts=True)[1].max() < 2:
-        raise EchosearchError("no patient with two or more studies to train on")
-    content_auc = heldout_content_auc(index_dir, feats.study_keys, feats.study_patient, hold_rows)
+    held, train_rows, hold_rows, content_auc = holdout_split(index_dir, feats.study_keys, feats.study_patient,
+                                                             cfg.holdout, cfg.seed)
     result.content_auc = content_auc
     result.n_holdout_studies, result.n_holdout_patients = int(hold_rows.size), int(held.size)
 

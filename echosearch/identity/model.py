@@ -211,6 +211,23 @@ class IdentityEncoder:
         return l2_normalise(self.apply_head(frame_vecs).mean(axis=0)).astype(np.float32)
 
 
+def base_tower(tower_info: dict[str, Any], content: Encoder, device: str, made: str) -> tuple[Encoder, bool]:
+    """(the image tower an identity model was made on, whether it is the content encoder itself): the content
+    encoder when the weights are the same, so that the tower runs once per frame; else the recorded model, which
+    must have the recorded weights (``made``: "the identity ... was trained on", for the error)."""
+    from echosearch.model.encode import load_encoder
+
+    if tower_info.get("weights_sha256") == content.identity["weights_sha256"]:
+        return content, True
+    base = load_encoder(str(tower_info.get("model")), device=device, frames_per_video=content.policy.n_frames,
+                        policy="auto")
+    if base.identity["weights_sha256"] != tower_info.get("weights_sha256"):
+        raise ModelMismatchError(
+            f"{made} {tower_info.get('name')} (weights {str(tower_info.get('weights_sha256'))[:12]}); "
+            f"{tower_info.get('model')} has weights {str(base.identity['weights_sha256'])[:12]}")
+    return base, False
+
+
 def load_identity_encoder(spec: str, content: Encoder, device: str = "auto") -> IdentityEncoder:
     """The identity encoder a setting names, sharing the content encoder's tower when the weights are the same."""
     from echosearch.model.encode import load_encoder
@@ -229,15 +246,8 @@ def load_identity_encoder(spec: str, content: Encoder, device: str = "auto") -> 
 
             return load_tower_encoder(folder, cfg, head, content, device)
         tower_info = dict(cfg.get("tower") or {})
-        tower: Encoder | None = None
-        if tower_info.get("weights_sha256") != content_sha:
-            tower = load_encoder(str(tower_info.get("model")), device=device,
-                                 frames_per_video=content.policy.n_frames, policy="auto")
-            if tower.identity["weights_sha256"] != tower_info.get("weights_sha256"):
-                raise ModelMismatchError(
-                    f"the identity head {folder} was trained on {tower_info.get('name')} (weights "
-                    f"{str(tower_info.get('weights_sha256'))[:12]}); {tower_info.get('model')} has weights "
-                    f"{str(tower.identity['weights_sha256'])[:12]}")
+        base, shared = base_tower(tower_info, content, device, f"the identity head {folder} was trained on")
+        tower = None if shared else base
         if head.in_dim != int(tower_info.get("embed_dim", head.in_dim)):
             raise ModelLoadError(f"the identity head {folder} expects {head.in_dim}-d tower vectors")
         return IdentityEncoder(str(cfg.get("name") or folder.name), str(folder.resolve()), "head", head, tower,

@@ -224,22 +224,11 @@ def load_tail(folder: Path, base: Encoder, split: int) -> TowerTail:
 def load_tower_encoder(folder: Path, cfg: dict[str, Any], head: Any, content: Encoder, device: str = "auto") -> Any:
     """The :class:`~echosearch.identity.model.IdentityEncoder` of a tower folder: its base tower (the content
     encoder itself when the weights are the same, so that the early stages run once), tail and head."""
-    from echosearch.errors import ModelMismatchError
-    from echosearch.identity.model import HEAD_WEIGHTS, IdentityEncoder
-    from echosearch.model.encode import load_encoder
+    from echosearch.identity.model import HEAD_WEIGHTS, IdentityEncoder, base_tower
     from echosearch.model.models import weights_sha256
 
     tower_info = dict(cfg.get("tower") or {})
-    shared = tower_info.get("weights_sha256") == content.identity["weights_sha256"]
-    base = content
-    if not shared:
-        base = load_encoder(str(tower_info.get("model")), device=device, frames_per_video=content.policy.n_frames,
-                            policy="auto")
-        if base.identity["weights_sha256"] != tower_info.get("weights_sha256"):
-            raise ModelMismatchError(
-                f"the identity tower {folder} was trained on {tower_info.get('name')} (weights "
-                f"{str(tower_info.get('weights_sha256'))[:12]}); {tower_info.get('model')} has weights "
-                f"{str(base.identity['weights_sha256'])[:12]}")
+    base, shared = base_tower(tower_info, content, device, f"the identity tower {folder} was trained on")
     tail_cfg = cfg["tail"]
     tail = load_tail(folder, base, int(tail_cfg["split"]))
     if head.in_dim != tail.out_dim:

@@ -224,19 +224,15 @@ def train_tower(index_dir: Path, out_dir: Path, cfg: IdentityTrainConfig, result
     """Fine-tune the last ``cfg.train_stages`` stages and a head on the index's recorded patients; save an identity
     tower folder to ``out_dir``. ``features``: cached activations (:func:`tower_activations`) to reuse."""
     from echosearch.identity.matching import StudySet, score_studies
-    from echosearch.identity.train import heldout_content_auc, split_patients, training_record
+    from echosearch.identity.train import holdout_split, training_record
     from echosearch.model.encode import load_encoder
 
     if cfg.pool != "video":
         raise EchosearchError("an identity tower pools its frame vectors per video before its head (--pool video)")
     t0 = time.perf_counter()
     feats = features or tower_activations(index_dir, cfg, progress)
-    held = split_patients(feats.study_patient, cfg.holdout, cfg.seed)
-    is_held = np.isin(feats.study_patient, held)
-    train_rows, hold_rows = np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
-    if train_rows.size == 0 or np.unique(feats.study_patient[train_rows], return_counts=True)[1].max() < 2:
-        raise EchosearchError("no patient with two or more studies to train on")
-    content_auc = heldout_content_auc(index_dir, feats.study_keys, feats.study_patient, hold_rows)
+    held, train_rows, hold_rows, content_auc = holdout_split(index_dir, feats.study_keys, feats.study_patient,
+                                                             cfg.holdout, cfg.seed)
     base = load_encoder(str(feats.tower["model"]), device="cpu")
     if base.identity["weights_sha256"] != feats.tower["weights_sha256"]:
         raise EchosearchError(f"the cached activations were computed with other weights than {feats.tower['model']}")

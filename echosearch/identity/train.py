@@ -281,6 +281,18 @@ def epoch_metrics(phase: int, epoch: int, losses: list[float], t0: float, held: 
     return metrics
 
 
+def holdout_split(index_dir: Path, study_keys: np.ndarray, study_patient: np.ndarray, holdout: float, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float | None]:
+    """(held-out patients, training study rows, held-out study rows, the content vectors' AUC on the held-out
+    studies): the split every identity trainer uses; fails when no training patient has two studies."""
+    held = split_patients(study_patient, holdout, seed)
+    is_held = np.isin(study_patient, held)
+    train_rows, hold_rows = np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
+    if train_rows.size == 0 or np.unique(study_patient[train_rows], return_counts=True)[1].max() < 2:
+        raise EchosearchError("no patient with two or more studies to train on")
+    return held, train_rows, hold_rows, heldout_content_auc(index_dir, study_keys, study_patient, hold_rows)
+
+
 def heldout_content_auc(index_dir: Path, study_keys: np.ndarray, study_patient: np.ndarray, hold_rows: np.ndarray
                         ) -> float | None:
     """Study-pair AUC of the index's content vectors on the held-out studies (the baseline on the same pairs)."""
@@ -321,12 +333,8 @@ def train_identity(index_dir: Path, out_dir: Path, config: IdentityTrainConfig |
     t0 = time.perf_counter()
     feats = features or tower_features(index_dir, cfg.init, device=cfg.device, workers=cfg.workers,
                                        progress=progress)
-    held = split_patients(feats.study_patient, cfg.holdout, cfg.seed)
-    is_held = np.isin(feats.study_patient, held)
-    train_rows, hold_rows = np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
-    if train_rows.size == 0 or np.unique(feats.study_patient[train_rows], return_counts=True)[1].max() < 2:
-        raise EchosearchError("no patient with two or more studies to train on")
-    content_auc = heldout_content_auc(index_dir, feats.study_keys, feats.study_patient, hold_rows)
+    held, train_rows, hold_rows, content_auc = holdout_split(index_dir, feats.study_keys, feats.study_patient,
+                                                             cfg.holdout, cfg.seed)
     data = _Data(feats)
     result = IdentityTrainResult(out_dir=Path(out_dir), content_auc=content_auc,
                                  n_holdout_studies=int(hold_rows.size), n_holdout_patients=int(held.size))
