@@ -109,3 +109,55 @@ def test_logistic_fit_stays_finite_on_separable_labels() -> None:
     assert np.isfinite(w).all() and np.abs(w).max() < 50
     z = np.c_[X, np.ones(len(X))] @ w
     assert (z[y == 1] > 0).mean() > 0.9 and (z[y == 0] < 0).mean() > 0.95
+
+
+def test_reports_set_device_presence_along_the_timeline(tmp_path: Path) -> None:
+    """A zero-shot score above the recorded threshold on every study (as MitraClip's was with the demo model)
+    makes a device "present" from baseline, so its implant is never new; the archive's reports set presence
+    instead, and the implant is flagged on the visit it appears."""
+    import polars as pl
+
+    from echosearch.catalog import Catalog
+    from echosearch.change import scan_changes
+    from echosearch.change.features import load_timeline
+    from echosearch.change.scan import study_predictions
+
+    try:
+        from test_identity import Cohort, build_catalog
+    except ImportError:  # pragma: no cover - when tests are imported as a package
+        from tests.test_identity import Cohort, build_catalog
+
+    gen = Cohort(seed=21)
+    studies = gen.patients(40, visits=(5, 5))
+    rng = np.random.default_rng(2)
+    clip_dir = rng.normal(size=studies[0].vec.size)
+    clip_dir /= np.linalg.norm(clip_dir)
+    implanted = {f"P{k}" for k in range(12)}
+    clip_in: dict[str, bool] = {}
+    for s in studies:
+        visit = sum(o.true == s.true and o.day < s.day for o in studies) + 1
+        has = clip_in[s.uid] = s.true in implanted and visit >= 3
+        s.preds = {t: -0.05 + float(rng.normal(0, 0.004)) for t in ("pacer_lead", "tavr", "lv_dilated")}
+        s.preds["mitraclip"] = (0.10 if has else 0.02) + float(rng.normal(0, 0.004))  # above 0 on every study
+        s.preds["ef"] = 55.0 + float(rng.normal(0, 2))
+        s.vec = s.vec + (0.3 * clip_dir if has else 0.0)
+        s.events = ["mitraclip_implant"] if has and visit == 3 else []
+    index = build_catalog(tmp_path, studies, videos_per_study=3)
+    with Catalog.open(index) as cat:
+        for s in studies:
+            said = " MITRACLIP IN PLACE." if clip_in[s.uid] else ""
+            cat.record_report(s.uid, f"LV EJECTION FRACTION IS {s.preds['ef']:.0f}%.{said}", "test")
+        T = load_timeline(cat, study_predictions(cat))
+        truth = np.asarray([clip_in[u] for u in T.meta["study_uid"].to_list()])
+        assert np.mean((T.pred["mitraclip_present"] > 0.5) == truth) > 0.95
+        # a low display threshold: what is asserted is the device state along the timeline, not calibration
+        with_reports = scan_changes(cat, store=False, min_probability=0.01)
+        cat.study_reports = lambda keys: pl.DataFrame(schema={"study_key": pl.Int64, "text": pl.String})  # type: ignore[method-assign]
+        without = scan_changes(cat, store=False, min_probability=0.01)
+
+    def new_clip_on_implant_visits(df: pl.DataFrame) -> float:
+        visits = df.filter(pl.col("patient_pseudonym").is_in(sorted(implanted)) & (pl.col("visit") == 3))
+        return float(np.mean(["new_mitraclip" in (t or []) for t in visits["flag_types"].to_list()]))
+
+    assert new_clip_on_implant_visits(with_reports) >= 0.9
+    assert new_clip_on_implant_visits(without) <= 0.1  # "present" from baseline by the zero-shot threshold
