@@ -198,3 +198,42 @@ def test_sensitivity_bench_runs_the_real_audit() -> None:
     strong = bench.run_cell(0.99, bench.noise_for_auc(0.99, 16), 0.1, 150, 1, 16, 0.01, 0)
     assert abs(weak["measured_auc"] - 0.80) < 0.04 and abs(strong["measured_auc"] - 0.99) < 0.02
     assert strong["recall"] > weak["recall"] and strong["recall_at_precision_0.9"] >= 0.7
+
+
+def test_pairs_across_a_transplant_are_reported_apart(tmp_path: Path) -> None:
+    """A donor heart carries none of the recipient's identity: pairs across a transplant sit near chance and
+    are reported on their own, and the same-heart AUC (same negatives) is the all-pairs AUC without them."""
+    gen = Cohort(seed=11, noise=1.6)
+    studies = gen.patients(30, visits=(3, 5))
+    src = tmp_path / "source"
+    src.mkdir()
+    index = build_catalog(tmp_path, studies, videos_per_study=2, source=src)
+    ident = Cohort(seed=12, noise=0.5)
+    transplanted = {f"P{p}" for p in range(0, 30, 3)}  # from their second visit on, another heart
+    hearts = {(p, h): ident.centre() for p in {s.true for s in studies} for h in "ab"}
+    order = {s.uid: k for k, s in enumerate(sorted(studies, key=lambda s: (s.true, s.day)))}
+    first = {}
+    for s in sorted(studies, key=lambda s: (s.true, s.day)):
+        first.setdefault(s.true, order[s.uid])
+    heart = {s.uid: "b" if s.true in transplanted and order[s.uid] > first[s.true] else "a" for s in studies}
+    truth = _truth_rows(studies, src, 2).with_columns(
+        pl.concat_str(pl.col("true_patient_id"), pl.col("study_uid").replace_strict(heart)).alias("heart_id"))
+    with Catalog.open(index) as cat:
+        cat.con.execute(identity_table_sql(DIM))
+        cat.con.execute("INSERT OR REPLACE INTO manifest VALUES ('identity_model', ?)",
+                        [json.dumps({"name": "t", "weights_sha256": "y", "embed_dim": DIM, "kind": "head",
+                                     "source": "test"})])
+        keys = [int(cat.study_key(s.uid)) for s in studies]
+        vecs = np.stack([ident.visit(hearts[(s.true, heart[s.uid])]) for s in studies])
+        cat.store_identity_embeddings("study_identity", keys, vecs, [2] * len(keys))
+    st_ = _st(index, truth)
+    with Catalog.open(index, read_only=True) as cat:
+        cv = identity_metrics(cat, st_, n_boot=50)["cross_visit"]
+    n_after = st_.filter(pl.col("heart_id").str.ends_with("b")).group_by("true_patient_id").len()["len"]
+    assert cv["n_pairs_across_transplant"] == int(n_after.sum())  # each post-transplant study x the one before
+    same, across = (cv[k]["identity_vectors"]["auc"] for k in ("same_heart", "across_transplant"))
+    every = cv["identity_vectors"]["auc"]
+    assert across < 0.7 and same > 0.97 and same > every, (same, across, every)
+    assert cv["same_heart"]["content_vectors"]["auc"] < 0.9  # every scoring is split, on the same pairs
+    with Catalog.open(index, read_only=True) as cat:  # no heart column: no split
+        assert "same_heart" not in identity_metrics(cat, _st(index, truth.drop("heart_id")), n_boot=10)["cross_visit"]

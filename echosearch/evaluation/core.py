@@ -118,7 +118,7 @@ def study_truth(vt: pl.DataFrame) -> pl.DataFrame:
     aggs: list[pl.Expr] = [pl.col("true_patient_id").first()]
     for c, how in (("mislabelled", "any"), ("ef", "mean"), ("pacer_lead", "any"), ("tavr", "any"),
                    ("mitraclip", "any"), ("lv_dilated", "any"), ("transplanted", "any"), ("visit_index", "first"),
-                   ("events", "first"), ("study_date", "first"), ("report", "first")):
+                   ("events", "first"), ("study_date", "first"), ("report", "first"), ("heart_id", "first")):
         if c in vt.columns:
             aggs.append(getattr(pl.col(c), how)().alias(c))
     return vt.group_by("study_key").agg(aggs).sort("study_key")

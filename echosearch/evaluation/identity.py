@@ -9,6 +9,12 @@ On one fixed set of study pairs three scorings are compared:
 - ``echoclip_single_pair``: EchoCLIP's protocol, the cosine of one clip of each study (content vectors;
   one clip per study drawn by seed; the paper's AUC 0.86 also counted same-study pairs).
 
+Where the truth knows which heart each study shows (``heart_id``: a transplant gives a patient a second one),
+the same scorings are also reported on the same-heart pairs only (``same_heart``: the pairs across a transplant
+left out, every other pair kept) and on the pairs across a transplant alone (``across_transplant``): the
+images of a donor heart carry none of the recipient's identity, so those pairs sit near chance for any image
+encoder, and the all-pairs figure mixes that fact with how well the encoder tells hearts apart.
+
 Intervals are 95 % percentile bootstraps over patients (patients drawn with replacement; a pair counts as
 often as its patients were drawn), paired across the three scorings, so the difference has one too.
 
@@ -146,7 +152,9 @@ def identity_metrics(catalog: Catalog, st: pl.DataFrame, max_pairs: int = 20000,
         scores[name] = cal.pair_cosines(T.vecs, i, j)
     if has_clip.all():
         scores["echoclip_single_pair"] = cal.pair_cosines(clip, i, j)
-    pairs = bootstrap_aucs(scores, y, patient[i], patient[j], int(patient.max(initial=-1)) + 1, n_boot, seed)
+    n_pat = int(patient.max(initial=-1)) + 1
+    pairs = bootstrap_aucs(scores, y, patient[i], patient[j], n_pat, n_boot, seed)
+    by_heart = _by_heart(common, scores, i, j, y, patient, n_pat, n_boot, seed)
     audited = "identity_vectors" if "identity_vectors" in levels else "content_vectors"
     return {
         "vectors": audited.removesuffix("_vectors"),
@@ -155,8 +163,25 @@ def identity_metrics(catalog: Catalog, st: pl.DataFrame, max_pairs: int = 20000,
         "content_study_patient_auc": _patient_auc(studies["content_vectors"], seed),
         "cross_visit": {"n_same_patient_pairs": int(y.sum()), "n_other_patient_pairs": int((~y).sum()),
                         "n_studies": int(keys.size), "n_patients": int(np.unique(patient).size),
-                        "bootstrap": f"{n_boot} patient resamples", **pairs},
+                        "bootstrap": f"{n_boot} patient resamples", **pairs, **by_heart},
     }
+
+
+def _by_heart(common: pl.DataFrame, scores: dict[str, np.ndarray], i: np.ndarray, j: np.ndarray, y: np.ndarray,
+              patient: np.ndarray, n_pat: int, n_boot: int, seed: int) -> dict[str, Any]:
+    """The cross-visit AUCs on same-heart pairs (pairs across a transplant left out) and across a transplant
+    alone, same negatives, when the truth has ``heart_id``; nothing when no pair crosses a transplant."""
+    if "heart_id" not in common.columns or common["heart_id"].null_count() == common.height:
+        return {}
+    heart = _codes(common["heart_id"].fill_null("?"))
+    across = y & (heart[i] != heart[j])
+    if not across.any():
+        return {}
+    out: dict[str, Any] = {"n_pairs_across_transplant": int(across.sum())}
+    for name, keep in (("same_heart", ~across), ("across_transplant", ~y | across)):
+        out[name] = bootstrap_aucs({k: v[keep] for k, v in scores.items()}, y[keep], patient[i][keep],
+                                   patient[j][keep], n_pat, n_boot, seed)
+    return out
 
 
 def video_pairs(catalog: Catalog, vt: pl.DataFrame, max_pairs: int, seed: int) -> dict[str, Any]:
@@ -288,6 +313,11 @@ def identity_rows(es: dict[str, Any], ec: dict[str, Any]) -> list[tuple[str, str
             rows.append((f"cross-visit study-pair AUC, {text} [95% CI]", _auc_ci(cv[name]),
                          f"{single} (one clip each)" if single else "", "0.86 (incl. same-study pairs)"))
             single = ""
+            for part, what in (("same_heart", "same heart"), ("across_transplant", "across a transplant")):
+                if name in cv.get(part, {}):
+                    note = (f"{cv['n_pairs_across_transplant']} same-patient pairs (donor heart)"
+                            if part == "across_transplant" else "")
+                    rows.append((f"  {what} only, {text}", _auc_ci(cv[part][name]), note, ""))
     rows.append(("same patient AUC (study vs patient's other studies)", _fmt(ident.get("study_patient_auc")),
                  f"{_fmt(ec.get('video_pair_identity_auc'))} (all clip pairs)", ""))
     au = es["audit"]
@@ -315,8 +345,10 @@ def levels_frame(ident: dict[str, Any], aud: dict[str, Any]) -> pl.DataFrame:
         if pair is None and a is None:
             continue
         lo, hi = (pair or {}).get("ci95") or [None, None]
+        same = (cv.get("same_heart") or {}).get(f"{kind}_vectors") or {}
         rows.append({"vectors": kind, "pair AUC": (pair or {}).get("auc"),
                      "95% CI": f"{_fmt(lo)}-{_fmt(hi)}" if lo is not None else "",
+                     **({"same-heart AUC": same.get("auc")} if "same_heart" in cv else {}),
                      "precision": (a or {}).get("precision"), "recall": (a or {}).get("recall"),
                      "recall@P0.9": (a or {}).get("recall_at_precision_0.9"),
                      "flagged": (a or {}).get("n_flagged"), "mislabelled": (a or {}).get("n_mislabelled")})
