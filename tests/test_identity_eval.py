@@ -237,3 +237,31 @@ def test_pairs_across_a_transplant_are_reported_apart(tmp_path: Path) -> None:
     assert cv["same_heart"]["content_vectors"]["auc"] < 0.9  # every scoring is split, on the same pairs
     with Catalog.open(index, read_only=True) as cat:  # no heart column: no split
         assert "same_heart" not in identity_metrics(cat, _st(index, truth.drop("heart_id")), n_boot=10)["cross_visit"]
+
+
+def test_feature_bench_scores_hearts_and_view_slots() -> None:
+    """bench/identity_features.py: study vectors pooled by UID (mean or view slots) and its three figures."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import identity_features as bench
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    rows, vecs = [], []
+    for p in range(12):
+        hearts = {h: rng.normal(size=16) for h in "ab"}
+        for v in range(4):
+            heart = "b" if p < 3 and v >= 2 else "a"  # three patients get a donor heart at their third visit
+            for view in ("A4C", "PLAX"):
+                rows.append({"study_uid": f"{p:02d}.{v}", "true_patient_id": f"P{p}", "heart_id": f"P{p}{heart}",
+                             "view": view})
+                vecs.append(hearts[heart] + 0.3 * rng.normal(size=16) + (5.0 if view == "PLAX" else 0.0))
+    meta, z = pl.DataFrame(rows), np.stack(vecs)
+    S, st_ = bench.study_vectors(z, meta, None)
+    assert S.shape == (48, 16) and st_["study_uid"].to_list() == sorted(set(meta["study_uid"]))
+    every, same, top1 = bench.scores(S, st_)
+    assert same > every and same > 0.95 and top1 > 0.5
+    centre = {v: z[(meta["view"] == v).to_numpy()].mean(0) for v in ("A4C", "PLAX")}
+    slots, _ = bench.study_vectors(z, meta, centre)
+    assert slots.shape == (48, 32) and np.allclose(np.linalg.norm(slots, axis=1), 1)
+    assert bench.scores(slots, st_)[1] >= same - 0.02  # view offsets removed: no worse on the same pairs
