@@ -161,3 +161,32 @@ def test_reports_set_device_presence_along_the_timeline(tmp_path: Path) -> None:
 
     assert new_clip_on_implant_visits(with_reports) >= 0.9
     assert new_clip_on_implant_visits(without) <= 0.1  # "present" from baseline by the zero-shot threshold
+
+
+def test_ef_dynamics_bench_features_and_probe(tmp_path: Path) -> None:
+    """bench/ef_dynamics.py: one decoding pass gives every input per clip (the dynamics carry the frames'
+    spread, which a frame mean cannot), and its ridge recovers a linear target from standardised features."""
+    import sys
+
+    from echosearch.synth import generate_cohort
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import ef_dynamics as bench
+    finally:
+        sys.path.pop(0)
+    cohort = tmp_path / "c"
+    generate_cohort(cohort, patients=3, seed=5, visits=(2, 2), views=("A4C",), workers=1)
+    feats, meta = bench.cache_features(cohort, tmp_path / "cache", workers=1)
+    assert meta.height == 6 and set(meta["view"]) == {"A4C"} and meta["ef"].null_count() == 0
+    chan, grid = feats["dynamics, channels"], feats["dynamics, 3 x 3"]
+    assert chan.shape[0] == grid.shape[0] == feats["content"].shape[0] == 6 and grid.shape[1] == 9 * chan.shape[1]
+    half = chan.shape[1] // 2
+    assert (chan[:, half:] > 0).all(), "the frame standard deviation of a beating heart is never zero"
+    again, _ = bench.cache_features(cohort, tmp_path / "cache", workers=1)  # read back from the cache
+    assert np.array_equal(again["dynamics, 3 x 3"], grid)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 30)) * rng.uniform(0.1, 10, 30)
+    y = 50 + x[:, 0] / x[:, 0].std() * 8 - x[:, 3] / x[:, 3].std() * 4
+    fit = bench.ridge(x[:150], y[:150], components=30, lam=0.01)
+    assert np.abs(fit(x[150:]) - y[150:]).mean() < 0.5
