@@ -20,6 +20,7 @@ reports label its own studies.)
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,10 @@ import torch
 
 from echosearch.model.report_facts import report_ef
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or imported by a test
+    sys.path.append(str(Path(__file__).resolve().parent))
+from identity_features import decode_plan  # noqa: E402  (the same cohort decoding as the identity bench)
+
 KINDS = ("content", "dynamics, channels", "dynamics, 3 x 3")
 
 
@@ -37,21 +42,11 @@ def cache_features(cohort: Path, cache: Path, workers: int) -> tuple[dict[str, n
     out = cache / cohort.name
     if (out / "meta.parquet").exists():
         return {k: np.load(out / f"{i}.npy") for i, k in enumerate(KINDS)}, pl.read_parquet(out / "meta.parquet")
-    from echosearch.identity.tower import frozen_forward, split_point
-    from echosearch.ingest.discover import FileRecord, sniff_kind
-    from echosearch.model.encode import load_encoder
+    from echosearch.identity.tower import frozen_forward
     from echosearch.run.read import FailedFile
     from echosearch.run.workers import iter_processed
 
-    gt = pl.read_parquet(cohort / "ground_truth.parquet").filter(pl.col("format") == "dicom")
-    enc = load_encoder("echosearch-demo", device="cpu")
-    split = split_point(enc.model.visual, 1)
-    records = []
-    for p in gt["path"]:
-        f = cohort / p
-        with f.open("rb") as fh:
-            records.append(FileRecord(path=f, size=f.stat().st_size, sha256=str(f), kind=sniff_kind(fh.read(200))))
-    row_of = {str(cohort / p): i for i, p in enumerate(gt["path"])}
+    gt, records, row_of, enc, split = decode_plan(cohort)
     feats: dict[str, list[np.ndarray]] = {k: [] for k in KINDS}
     rows = []
     for item in iter_processed(records, enc.policy, workers):

@@ -33,27 +33,35 @@ from echosearch.identity import calibration as cal
 from echosearch.identity.map import fit_projection
 
 
-def cache_features(cohort: Path, cache: Path, workers: int) -> dict[str, Any]:
-    """Frame-mean maps, centred Gram features and truth of every DICOM video of ``cohort`` (cached)."""
-    out = cache / cohort.name
-    if (out / "meta.parquet").exists():
-        return {"map": np.load(out / "map.npy"), "gram": np.load(out / "gram.npy"),
-                "meta": pl.read_parquet(out / "meta.parquet")}
-    from echosearch.identity.tower import frozen_forward, split_point
+def decode_plan(cohort: Path) -> tuple[pl.DataFrame, list[Any], dict[str, int], Any, int]:
+    """(truth rows of the cohort's DICOM videos, their file records, truth row by path, the demo encoder, the
+    split before its last stage): what a bench needs to decode a synthetic cohort without an index."""
+    from echosearch.identity.tower import split_point
     from echosearch.ingest.discover import FileRecord, sniff_kind
     from echosearch.model.encode import load_encoder
-    from echosearch.run.read import FailedFile
-    from echosearch.run.workers import iter_processed
 
     gt = pl.read_parquet(cohort / "ground_truth.parquet").filter(pl.col("format") == "dicom")
     enc = load_encoder("echosearch-demo", device="cpu")
-    split = split_point(enc.model.visual, 1)
     records = []
     for p in gt["path"]:
         f = cohort / p
         with f.open("rb") as fh:
             records.append(FileRecord(path=f, size=f.stat().st_size, sha256=str(f), kind=sniff_kind(fh.read(200))))
     row_of = {str(cohort / p): i for i, p in enumerate(gt["path"])}
+    return gt, records, row_of, enc, split_point(enc.model.visual, 1)
+
+
+def cache_features(cohort: Path, cache: Path, workers: int) -> dict[str, Any]:
+    """Frame-mean maps, centred Gram features and truth of every DICOM video of ``cohort`` (cached)."""
+    out = cache / cohort.name
+    if (out / "meta.parquet").exists():
+        return {"map": np.load(out / "map.npy"), "gram": np.load(out / "gram.npy"),
+                "meta": pl.read_parquet(out / "meta.parquet")}
+    from echosearch.identity.tower import frozen_forward
+    from echosearch.run.read import FailedFile
+    from echosearch.run.workers import iter_processed
+
+    gt, records, row_of, enc, split = decode_plan(cohort)
     maps, grams, rows = [], [], []
     iu = None
     t0 = time.perf_counter()
