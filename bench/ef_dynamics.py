@@ -11,7 +11,7 @@ measures the study-level error against the true EF on others, for three inputs c
   then their mean and standard deviation over the clip's frames (2 x 160 values on the demo tower);
 - ``dynamics, 3 x 3``: the same on a 3 x 3 grid of the map (2 x 160 x 9 values).
 
-    python bench/ef_dynamics.py --train c60 --test d5201 d6201 --cache /tmp/efdyn
+    python bench/ef_dynamics.py --train c60 --test d5201 d6201 --cache CACHE_DIR
 
 (cohorts: ``echosearch synth`` folders with ``ground_truth.parquet``; the train cohort plays an archive whose
 reports label its own studies.)
@@ -62,10 +62,12 @@ def cache_features(cohort: Path, cache: Path, workers: int) -> tuple[dict[str, n
         feats["dynamics, 3 x 3"].append(torch.cat([grid.mean(0), grid.std(0)]).numpy())
         rows.append(row_of[str(item.record.path)])
     out.mkdir(parents=True, exist_ok=True)
+    arrays = {k: np.stack(v) for k, v in feats.items()}
     for i, k in enumerate(KINDS):
-        np.save(out / f"{i}.npy", np.stack(feats[k]))
-    gt[rows].select("study_uid", "true_patient_id", "view", "ef", "report").write_parquet(out / "meta.parquet")
-    return cache_features(cohort, cache, workers)
+        np.save(out / f"{i}.npy", arrays[k])
+    meta = gt[rows].select("study_uid", "true_patient_id", "view", "ef", "report")
+    meta.write_parquet(out / "meta.parquet")  # last: its presence marks a complete cache
+    return arrays, meta
 
 
 def ridge(x: np.ndarray, y: np.ndarray, components: int = 256, lam: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:

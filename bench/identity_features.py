@@ -15,7 +15,7 @@ classes = recorded patient x view) on the training cohort and scored on each tes
 - study vectors as the index pools them (mean of the videos' vectors) and view-slotted (each view centred on
   its training mean, one slot per view, so that only like views are compared).
 
-    python bench/identity_features.py --train c600 --test d5201 d6201 --cache /tmp/idfeat [--components 256 512]
+    python bench/identity_features.py --train c600 --test d5201 d6201 --cache CACHE_DIR [--components 256 512]
 """
 
 from __future__ import annotations
@@ -81,11 +81,12 @@ def cache_features(cohort: Path, cache: Path, workers: int) -> dict[str, Any]:
         if n % 500 == 0:
             print(f"  {cohort.name}: {n}/{len(records)} videos, {time.perf_counter() - t0:.0f} s", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "map.npy", np.stack(maps))
-    np.save(out / "gram.npy", np.stack(grams))
-    gt[rows].select("study_uid", "true_patient_id", "recorded_patient_id", "heart_id", "view").write_parquet(
-        out / "meta.parquet")
-    return cache_features(cohort, cache, workers)
+    got = {"map": np.stack(maps), "gram": np.stack(grams),
+           "meta": gt[rows].select("study_uid", "true_patient_id", "recorded_patient_id", "heart_id", "view")}
+    np.save(out / "map.npy", got["map"])
+    np.save(out / "gram.npy", got["gram"])
+    got["meta"].write_parquet(out / "meta.parquet")  # last: its presence marks a complete cache
+    return got
 
 
 def study_vectors(z: np.ndarray, meta: pl.DataFrame, view_mean: dict[str, np.ndarray] | None) -> tuple[np.ndarray, pl.DataFrame]:

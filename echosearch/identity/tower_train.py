@@ -17,7 +17,6 @@ epoch, beside the content vectors' on the same pairs.
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
     from echosearch.identity.train import IdentityTrainConfig, IdentityTrainResult, Progress
     from echosearch.model.encode import Encoder
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,10 +83,8 @@ def tower_activations(index_dir: Path, cfg: IdentityTrainConfig, progress: Progr
     """Decode every encoded video of the index once and cache its split activations before the last ``stages``
     stages (default ``cfg.train_stages``), plain + augmented; ``reduce`` (e.g. a frame mean, then no augmented
     copies) maps each video's plain activations (frames, C, H, W) before they are kept."""
-    from echosearch.ingest.discover import FileRecord
+    from echosearch.identity.train import by_video, decoded_videos, tower_info
     from echosearch.model.encode import encoder_for_index, load_encoder
-    from echosearch.run.read import FailedFile
-    from echosearch.run.workers import iter_processed
 
     with Catalog.open(index_dir, read_only=True) as cat:
         content = encoder_for_index(cat, device=cfg.device)
@@ -99,23 +95,10 @@ def tower_activations(index_dir: Path, cfg: IdentityTrainConfig, progress: Progr
         raise EchosearchError(f"index {index_dir} has no encoded videos: nothing to train on")
     base = content if cfg.init is None else load_encoder(cfg.init, device=cfg.device,
                                                          frames_per_video=content.policy.n_frames)
-    spec = source if cfg.init is None else cfg.init
-    if spec.startswith("local-dir:"):
-        spec = f"local-dir:{Path(spec[len('local-dir:'):]).expanduser().resolve()}"
-    ident = base.identity
-    info = {"model": spec, "name": ident["name"], "weights_sha256": ident["weights_sha256"],
-            "embed_dim": int(ident["embed_dim"])}
+    info = tower_info(source, cfg.init, base)
     split = split_point(base.model.visual, cfg.train_stages if stages is None else stages)
-    by_sha = {r[1]: r for r in rows}
-    records = [FileRecord(path=where[int(r[0])], size=int(r[3]), sha256=r[1], kind=r[2]) for r in rows]
     got: dict[int, tuple[torch.Tensor, int, int]] = {}
-    for i, item in enumerate(iter_processed(records, content.policy, cfg.workers)):
-        if progress:
-            progress("features", i + 1, len(records), {})
-        if isinstance(item, FailedFile):
-            log.warning("skipping a video that no longer decodes: %s", item.reason)
-            continue
-        r = by_sha[item.record.sha256]
+    for item, r in decoded_videos(rows, where, content.policy, cfg.workers, progress):
         key = int(r[0])
         a = 1 if reduce is not None else max(1, min(cfg.aug_copies, len(item.frames)))
         n = len(item.frames) // a
@@ -124,14 +107,9 @@ def tower_activations(index_dir: Path, cfg: IdentityTrainConfig, progress: Progr
         acts = _split_acts(base, np.concatenate(versions), split)
         kept = reduce(acts) if reduce is not None else acts.reshape(a, n, *acts.shape[1:])
         got[key] = (kept, int(r[4]), int(r[5]))
-    keys = sorted(got)
-    study_keys = np.unique([got[k][1] for k in keys]).astype(np.int64)
-    patient_of = {got[k][1]: got[k][2] for k in keys}
-    return TowerFeatures(acts=[got[k][0] for k in keys],
-                         video_study=np.searchsorted(study_keys, [got[k][1] for k in keys]).astype(np.int64),
-                         study_keys=study_keys,
-                         study_patient=np.array([patient_of[int(s)] for s in study_keys], dtype=np.int64),
-                         tower=info, split=split, video_keys=np.array(keys, np.int64))
+    video_keys, kept_acts, video_study, study_keys, study_patient = by_video(got)
+    return TowerFeatures(acts=kept_acts, video_study=video_study, study_keys=study_keys, study_patient=study_patient,
+                         tower=info, split=split, video_keys=video_keys)
 
 
 class _TowerData:
@@ -173,7 +151,7 @@ def _fit(data: _TowerData, tail0: TowerTail, head0: IdentityHead, train_rows: np
          cfg: IdentityTrainConfig, phase: int, content_auc: float | None, progress: Progress | None,
          history: list[dict[str, float]]) -> tuple[TowerTail, IdentityHead]:
     """One pass from the initial weights (``tail0``, ``head0``) on the studies ``train_rows``."""
-    from echosearch.identity.train import epoch_metrics, supcon_loss
+    from echosearch.identity.train import contrastive_epoch, epoch_metrics
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -190,23 +168,12 @@ def _fit(data: _TowerData, tail0: TowerTail, head0: IdentityHead, train_rows: np
     labels = torch.from_numpy(feats.study_patient)
     step, t0 = 0, time.perf_counter()
     for epoch in range(cfg.epochs):
-        losses = []
         tail.train()
         head.train()
-        for _ in range(cfg.steps_per_epoch):
-            chosen = torch.randperm(len(uniq), generator=gen)[:cfg.batch_patients].tolist()
-            studies = torch.cat([rows_of[int(uniq[i])] for i in chosen])
-            z = data.study_vectors(tail, head, studies, cfg.frames_per_step, gen)
-            loss = supcon_loss(z, labels[studies], cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([*tail.parameters(), *head.parameters()], 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.item()))
-            step += 1
-            if progress:
-                progress(f"pass {phase}", step, total, {"loss": losses[-1]})
+        losses, step = contrastive_epoch(
+            cfg, uniq, rows_of, gen, labels, opt, sched,
+            lambda studies: data.study_vectors(tail, head, studies, cfg.frames_per_step, gen),
+            [*tail.parameters(), *head.parameters()], progress, phase, step, total)
         tail.eval()
         head.eval()
         with torch.no_grad():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,14 +94,51 @@ class IdentityTrainResult:
     seconds: float = 0.0
 
 
+def tower_info(source: str, init: str | None, tower: Any) -> dict[str, Any]:
+    """What a trained identity model records about the tower it starts from (``init`` or the index's model
+    ``source``, a local folder made absolute)."""
+    spec = source if init is None else init
+    if spec.startswith("local-dir:"):
+        spec = f"local-dir:{Path(spec[len('local-dir:'):]).expanduser().resolve()}"
+    ident = tower.identity
+    return {"model": spec, "name": ident["name"], "weights_sha256": ident["weights_sha256"],
+            "embed_dim": int(ident["embed_dim"])}
+
+
+def decoded_videos(rows: list[tuple[Any, ...]], where: dict[int, Any], policy: Any, workers: int,
+                   progress: Progress | None) -> Iterator[tuple[Any, tuple[Any, ...]]]:
+    """(prepared video, its catalog row) for every row that still decodes (the others are logged, skipped)."""
+    from echosearch.ingest.discover import FileRecord
+    from echosearch.run.read import FailedFile
+    from echosearch.run.workers import iter_processed
+
+    by_sha = {r[1]: r for r in rows}
+    records = [FileRecord(path=where[int(r[0])], size=int(r[3]), sha256=r[1], kind=r[2]) for r in rows]
+    for i, item in enumerate(iter_processed(records, policy, workers)):
+        if progress:
+            progress("features", i + 1, len(records), {})
+        if isinstance(item, FailedFile):
+            log.warning("skipping a video that no longer decodes: %s", item.reason)
+            continue
+        yield item, by_sha[item.record.sha256]
+
+
+def by_video(got: dict[int, tuple[Any, int, int]]) -> tuple[np.ndarray, list[Any], np.ndarray, np.ndarray, np.ndarray]:
+    """From {video key: (kept value, study key, recorded patient)}: (video keys sorted, their values, each
+    video's study row, the study keys sorted, each study's recorded patient)."""
+    keys = sorted(got)
+    study_keys = np.unique([got[k][1] for k in keys]).astype(np.int64)
+    patient_of = {got[k][1]: got[k][2] for k in keys}
+    return (np.array(keys, np.int64), [got[k][0] for k in keys],
+            np.searchsorted(study_keys, [got[k][1] for k in keys]).astype(np.int64), study_keys,
+            np.array([patient_of[int(s)] for s in study_keys], dtype=np.int64))
+
+
 def tower_features(index_dir: Path, init: str | None = None, *, device: str = "cpu", workers: int = 1,
                    progress: Progress | None = None) -> Features:
     """Decode and prepare every encoded video of the index (its own frame policy) and compute the tower's
     L2-normalised frame vectors once."""
-    from echosearch.ingest.discover import FileRecord
     from echosearch.model.encode import encoder_for_index, load_encoder
-    from echosearch.run.read import FailedFile
-    from echosearch.run.workers import iter_processed
 
     with Catalog.open(index_dir, read_only=True) as cat:
         content = encoder_for_index(cat, device=device)
@@ -112,18 +149,11 @@ def tower_features(index_dir: Path, init: str | None = None, *, device: str = "c
     if not rows:
         raise EchosearchError(f"index {index_dir} has no encoded videos: nothing to train on")
     tower = content if init is None else load_encoder(init, device=device, frames_per_video=content.policy.n_frames)
-    spec = source if init is None else init
-    if spec.startswith("local-dir:"):
-        spec = f"local-dir:{Path(spec[len('local-dir:'):]).expanduser().resolve()}"
-    ident = tower.identity
-    info = {"model": spec, "name": ident["name"], "weights_sha256": ident["weights_sha256"],
-            "embed_dim": int(ident["embed_dim"])}
+    info = tower_info(source, init, tower)
     got: dict[int, tuple[np.ndarray, int, int]] = {}
     if stored is not None and len(stored) == len(rows):  # the index kept the content tower's frame vectors
         got = {int(r[0]): (stored[int(r[0])], int(r[4]), int(r[5])) for r in rows}
     else:
-        by_sha = {r[1]: r for r in rows}
-        records = [FileRecord(path=where[int(r[0])], size=int(r[3]), sha256=r[1], kind=r[2]) for r in rows]
         pending: list[tuple[np.ndarray, tuple[Any, ...]]] = []
 
         def flush() -> None:  # frames of several videos per forward pass
@@ -134,23 +164,14 @@ def tower_features(index_dir: Path, init: str | None = None, *, device: str = "c
                     got[int(r[0])] = (v, int(r[4]), int(r[5]))
                 pending.clear()
 
-        for i, item in enumerate(iter_processed(records, content.policy, workers)):
-            if progress:
-                progress("features", i + 1, len(records), {})
-            if isinstance(item, FailedFile):
-                log.warning("skipping a video that no longer decodes: %s", item.reason)
-                continue
-            pending.append((item.frames, by_sha[item.record.sha256]))
+        for item, row in decoded_videos(rows, where, content.policy, workers, progress):
+            pending.append((item.frames, row))
             if sum(len(f) for f, _ in pending) >= 64:
                 flush()
         flush()
-    keys = sorted(got)
-    study_keys = np.unique([got[k][1] for k in keys]).astype(np.int64)
-    patient_of = {got[k][1]: got[k][2] for k in keys}
-    return Features(frames=[got[k][0] for k in keys],
-                    video_study=np.searchsorted(study_keys, [got[k][1] for k in keys]).astype(np.int64),
-                    study_keys=study_keys,
-                    study_patient=np.array([patient_of[int(s)] for s in study_keys], dtype=np.int64), tower=info)
+    _keys, frames, video_study, study_keys, study_patient = by_video(got)
+    return Features(frames=frames, video_study=video_study, study_keys=study_keys, study_patient=study_patient,
+                    tower=info)
 
 
 def split_patients(study_patient: np.ndarray, holdout: float, seed: int) -> np.ndarray:
@@ -224,6 +245,31 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> to
     return -(torch.where(pos, logp, 0.0).sum(1)[has] / pos.sum(1)[has]).mean()
 
 
+def contrastive_epoch(cfg: IdentityTrainConfig, uniq: np.ndarray, rows_of: dict[int, torch.Tensor],
+                      gen: torch.Generator, labels: torch.Tensor, opt: torch.optim.Optimizer, sched: Any,
+                      study_vectors: Callable[[torch.Tensor], torch.Tensor], clip: list[torch.nn.Parameter] | None,
+                      progress: Progress | None, phase: int, step: int, total: int) -> tuple[list[float], int]:
+    """One epoch of supervised-contrastive steps (``cfg.batch_patients`` patients drawn by ``gen``, all their
+    training studies ``rows_of``, embedded by ``study_vectors``), shared by the head and tower trainers;
+    gradients clipped to norm 1 over ``clip`` when given. Returns (the step losses, the running step count)."""
+    losses: list[float] = []
+    for _ in range(cfg.steps_per_epoch):
+        chosen = torch.randperm(len(uniq), generator=gen)[:cfg.batch_patients].tolist()
+        studies = torch.cat([rows_of[int(uniq[i])] for i in chosen])
+        loss = supcon_loss(study_vectors(studies), labels[studies], cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(clip, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.item()))
+        step += 1
+        if progress:
+            progress(f"pass {phase}", step, total, {"loss": losses[-1]})
+    return losses, step
+
+
 def _fit(data: _Data, feats: Features, train_rows: np.ndarray, hold_rows: np.ndarray, cfg: IdentityTrainConfig,
          phase: int, content_auc: float | None, progress: Progress | None,
          history: list[dict[str, float]]) -> IdentityHead:
@@ -240,22 +286,12 @@ def _fit(data: _Data, feats: Features, train_rows: np.ndarray, hold_rows: np.nda
     hold_t = torch.from_numpy(hold_rows)
     step = 0
     t0 = time.perf_counter()
+    labels = torch.from_numpy(feats.study_patient)
     for epoch in range(cfg.epochs):
-        losses = []
         head.train()
-        for _ in range(cfg.steps_per_epoch):
-            chosen = torch.randperm(len(uniq), generator=gen)[:cfg.batch_patients].tolist()
-            studies = torch.cat([rows_of[int(uniq[i])] for i in chosen])
-            z = data.study_vectors(head, studies, cfg.frame_keep, gen)
-            loss = supcon_loss(z, torch.from_numpy(feats.study_patient)[studies], cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.item()))
-            step += 1
-            if progress:
-                progress(f"pass {phase}", step, total, {"loss": losses[-1]})
+        losses, step = contrastive_epoch(cfg, uniq, rows_of, gen, labels, opt, sched,
+                                         lambda studies: data.study_vectors(head, studies, cfg.frame_keep, gen),
+                                         None, progress, phase, step, total)
         head.eval()
         with torch.no_grad():
             zh = data.study_vectors(head, hold_t).numpy() if len(hold_rows) else None
