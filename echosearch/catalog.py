@@ -336,6 +336,9 @@ class Catalog(EmbeddingQueries, LocationQueries, ScopeQueries, AppQueries, RunQu
         if level in IDENTITY_LEVELS:
             ident = self.get_manifest("identity_model")
             return int(ident["embed_dim"]) if ident else None
+        if level == "video_cycle":
+            cycle = self.get_manifest("cycle")
+            return int(cycle["dim"]) if cycle else None
         return self.embed_dim()
 
     def embed_dim(self) -> int | None:
@@ -483,7 +486,7 @@ class Catalog(EmbeddingQueries, LocationQueries, ScopeQueries, AppQueries, RunQu
     def counts(self) -> dict[str, int]:
         """Row counts of the main tables (embedding tables count 0 before a model is bound)."""
         tables = ["patients", "studies", "videos", "reports", "labels", "predictions", "ingest_errors",
-                  "identity_audit", "changes"] + [f"{lvl}_embeddings" for lvl in EMBEDDING_LEVELS] + list(IDENTITY_LEVELS)
+                  "identity_audit", "changes"] + [f"{lvl}_embeddings" for lvl in EMBEDDING_LEVELS] + list(IDENTITY_LEVELS) + ["video_cycle"]
         out: dict[str, int] = {}
         for t in tables:
             if self.has_table(t):

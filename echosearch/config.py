@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     mode: Literal["production", "demo"] = Field("production", description="demo allows a generated secret.")
     store_raw_identifiers: bool = Field(False, description="Opt in to storing raw IDs, names, birth dates.")
     keep_frame_embeddings: bool = Field(False, description="Store per-frame vectors in the catalog.")
+    cycle_vectors: bool = Field(
+        True, description="Store each clip's cycle vector (how its features move over the frames: EF evidence "
+        "for the change scan; 2 x C x 9 floats per clip, C = the tower's channels before its last stage).")
     zeroshot_method: Literal["auto", "echoclip", "contrast"] = Field(
         "auto", description="Zero-shot rule: echoclip (EchoCLIP's) or contrast (echosearch's); auto: by model.")
     zeroshot_prompts: Path | None = Field(None, description="Prompt file, echosearch's or EchoCLIP's format.")

@@ -50,6 +50,7 @@ class Timeline:
     clips: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # study_key -> [(video_key, view)]
     same_heart: Any = None  # the index's calibration of "same patient" on identity cosines (identity.study_pair)
     probe_error: dict[str, float] = field(default_factory=dict)  # "<task>_probe" -> out-of-fold mean abs. error
+    ef_probe_input: str = "content"  # what the EF probe reads: "cycle" vectors when the index stores them
 
     def __len__(self) -> int:
         return self.meta.height
@@ -144,7 +145,8 @@ def load_timeline(catalog: Catalog, study_preds: pl.DataFrame) -> Timeline:
     sp = pl.DataFrame({"study_key": keys}).join(study_preds, on="study_key", how="left")
     pred = {t: sp[t].cast(pl.Float64).fill_null(np.nan).to_numpy() if t in sp.columns else np.full(keys.size, np.nan)
             for t in TASKS}
-    probe_view, probe, probe_mae = _probes(catalog, meta, skeys, by_key, vids, vv[vrow], views, pred)
+    cycle = _cycle_vectors(catalog, vids["video_key"].to_numpy())
+    probe_view, probe, probe_mae = _probes(catalog, meta, skeys, by_key, vids, vv[vrow], views, pred, cycle)
     view_pred.update(probe_view)
     pred.update(probe)
     clips: dict[int, list[tuple[int, str]]] = {}
@@ -154,15 +156,27 @@ def load_timeline(catalog: Catalog, study_preds: pl.DataFrame) -> Timeline:
 
     pair_cal = fit_identity_calibrations(catalog, S_id)[0] if len(S_id) > 1 else None
     return Timeline(meta, content, ident, S_id.source, views, view_vec, view_id, view_pred, pred, pred_sd, clips,
-                    pair_cal, probe_mae)
+                    pair_cal, probe_mae, "cycle" if cycle is not None else "content")
+
+
+def _cycle_vectors(catalog: Catalog, video_keys: np.ndarray) -> np.ndarray | None:
+    """The cycle vectors of ``video_keys`` in that order, or None unless the index stores one for each."""
+    if not catalog.has_cycle():
+        return None
+    ck, cv = catalog.embeddings("video_cycle")
+    at = np.clip(np.searchsorted(ck, video_keys), 0, max(ck.size - 1, 0))
+    if not ck.size or not (ck[at] == video_keys).all():
+        return None
+    return cv[at]
 
 
 def _probes(catalog: Catalog, meta: pl.DataFrame, skeys: np.ndarray, by_key: np.ndarray, vids: pl.DataFrame,
-            vecs: np.ndarray, views: list[str], zero_shot: dict[str, np.ndarray]
+            vecs: np.ndarray, views: list[str], zero_shot: dict[str, np.ndarray], cycle: np.ndarray | None = None
             ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, float]]:
     """Report-trained estimates (``probes.py``) in timeline order: task -> view -> (n,) mean over the study's clips
     of that view, task -> (n,) study value (EF: mean over clips; a device: the strongest view), and each task's
-    out-of-fold error. Tasks are named ``<task>_probe``; a task without labels is left out. A device with labels
+    out-of-fold error. Tasks are named ``<task>_probe``; a task without labels is left out. EF is read from the
+    clips' cycle vectors (``cycle``, aligned with ``vids``) when the index stores them. A device with labels
     also gets ``<device>_present``: the probability it is present (zero-shot score and probe, calibrated on the
     reports)."""
     from echosearch.change.probes import cross_fitted, presence, report_targets
@@ -185,7 +199,8 @@ def _probes(catalog: Catalog, meta: pl.DataFrame, skeys: np.ndarray, by_key: np.
     errors: dict[str, float] = {}
     for task, said in targets.items():
         y = np.asarray([said.get(int(s), np.nan) for s in vstudy[ok]], np.float64)
-        fit = cross_fitted(vecs[ok], view, patients, y)
+        fit = cross_fitted(cycle[ok], view, patients, y, kind="cycle") if task == "ef" and cycle is not None \
+            else cross_fitted(vecs[ok], view, patients, y)
         if not np.isfinite(fit.values).any():
             continue
         name = f"{task}_probe"

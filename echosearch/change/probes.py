@@ -5,7 +5,10 @@ zero-shot EF is ~9 points off per study, and a device's zero-shot score ranks st
 threshold does not carry over between encoders (MitraClip "seen" on 4 in 5 studies of a cohort where 1 in 4
 has one). Most of an archive's studies carry a report, and what a report states is a free label: the EF it
 gives, and whether it contains a device's own sentence (the task's positive prompts). Per view, a ridge
-regression maps each clip's content vector to its study's stated value.
+regression maps each clip's content vector to its study's stated value. EF, where the index stores cycle vectors
+(:mod:`echosearch.model.cycle`: how the clip's features move over its frames), is read from those instead
+(``kind="cycle"``: standardised, principal components, ridge): a content vector is a frame mean, and EF is a
+ratio over the cycle that a mean hides (~3x smaller error, ``bench/ef_dynamics.py``).
 
 **Cross-fitted by patient**: a labelled patient's clips are estimated by a probe fitted on the other patients'
 studies only (patients in ``FOLDS`` groups by key), so no report informs the estimate of its own study or of
@@ -16,7 +19,7 @@ device no report ever names): no estimate, and the change model has no such evid
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +27,8 @@ import numpy as np
 FOLDS = 5
 MIN_PATIENTS = 20  # labelled patients a view needs before its probe is fitted
 RIDGE = 3.0  # L2 penalty on unit-length clip vectors (chosen on the tuning cohort, seed 301)
+CYCLE_COMPONENTS = 256  # most principal components of a cycle probe (at most half its training clips)
+CYCLE_RIDGE = 0.01  # L2 penalty per training clip on the components (bench/ef_dynamics.py, fitted on seed 7201)
 
 
 @dataclass(frozen=True)
@@ -56,17 +61,32 @@ def report_targets(texts: Mapping[int, str | None], positives: Mapping[str, Sequ
     return out
 
 
-def _ridge(X: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _ridge(X: np.ndarray, y: np.ndarray, lam: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Ridge on the raw (unit-length) vectors."""
     mu, ym = X.mean(axis=0), float(y.mean())
     A = X - mu
     w = np.linalg.solve(A.T @ A + lam * np.eye(A.shape[1]), A.T @ (y - ym))
-    return w, mu, ym
+    return lambda q: (q - mu) @ w + ym
+
+
+def _pca_ridge(X: np.ndarray, y: np.ndarray, lam: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Ridge on the leading principal components of the standardised features (cycle vectors: thousands of
+    features of very different scales, a few hundred clips)."""
+    mu, sd, ym = X.mean(axis=0), X.std(axis=0) + 1e-3, float(y.mean())
+    _u, _s, vt = np.linalg.svd((X - mu) / sd, full_matrices=False)
+    w = vt[: max(1, min(CYCLE_COMPONENTS, len(X) // 2))].T
+    z = (X - mu) / sd @ w
+    b = np.linalg.solve(z.T @ z + lam * len(z) * np.eye(w.shape[1]), z.T @ (y - ym))
+    return lambda q: (q - mu) / sd @ (w @ b) + ym
 
 
 def cross_fitted(vecs: np.ndarray, views: np.ndarray, patients: np.ndarray, target: np.ndarray,
-                 lam: float = RIDGE, folds: int = FOLDS) -> ProbeFit:
+                 lam: float | None = None, folds: int = FOLDS, kind: str = "content") -> ProbeFit:
     """The probe's estimate per clip (see the module doc). ``target``: the clip's study's stated value (NaN:
-    none stated); ``patients``: the recorded patient key of each clip (the fold it falls in)."""
+    none stated); ``patients``: the recorded patient key of each clip (the fold it falls in); ``kind``:
+    ``content`` (unit-length vectors, plain ridge) or ``cycle`` (cycle vectors, ridge on principal components)."""
+    fit = {"content": _ridge, "cycle": _pca_ridge}[kind]
+    lam = lam if lam is not None else (RIDGE if kind == "content" else CYCLE_RIDGE)
     vecs = np.asarray(vecs, dtype=np.float64)
     out = np.full(len(vecs), np.nan)
     labelled = np.isfinite(target)
@@ -78,12 +98,10 @@ def cross_fitted(vecs: np.ndarray, views: np.ndarray, patients: np.ndarray, targ
         for q in range(folds):
             tr, te = m & labelled & (fold != q), m & labelled & (fold == q)
             if te.any() and tr.sum() > 1:
-                w, mu, ym = _ridge(vecs[tr], target[tr], lam)
-                out[te] = (vecs[te] - mu) @ w + ym
+                out[te] = fit(vecs[tr], target[tr], lam)(vecs[te])
         rest = m & ~labelled
         if rest.any():
-            w, mu, ym = _ridge(vecs[m & labelled], target[m & labelled], lam)
-            out[rest] = (vecs[rest] - mu) @ w + ym
+            out[rest] = fit(vecs[m & labelled], target[m & labelled], lam)(vecs[rest])
     err = np.abs(out - target)[labelled & np.isfinite(out)]
     return ProbeFit(out, float(err.mean()) if err.size else float("nan"),
                     int(np.unique(patients[labelled]).size))
@@ -114,4 +132,4 @@ def presence(scores: np.ndarray, patients: np.ndarray, stated: np.ndarray, folds
     return out
 
 
-__all__ = ["FOLDS", "MIN_PATIENTS", "RIDGE", "ProbeFit", "cross_fitted", "presence", "report_targets"]
+__all__ = ["CYCLE_COMPONENTS", "CYCLE_RIDGE", "FOLDS", "MIN_PATIENTS", "RIDGE", "ProbeFit", "cross_fitted", "presence", "report_targets"]

@@ -400,7 +400,8 @@ def scan_changes(catalog: Catalog, *, patient: str | int | None = None, min_prob
                                              "event_rates": ctx.rates, "model": ctx.model.info,
                                              "identity": T.identity_source,
                                              "probes_mean_abs_error": {k: round(v, 4) for k, v in
-                                                                       T.probe_error.items()}})
+                                                                       T.probe_error.items()},
+                                             "ef_probe_input": T.ef_probe_input})
         cols_db = ["run_id", "patient_key", "study_key", "prev_study_key", "baseline_study_key", "score_prev",
                    "score_baseline", "z_prev", "z_baseline", "flagged", "explanation"]
         with_run = out.with_columns(pl.lit(run_id, pl.Int64).alias("run_id"))

@@ -47,8 +47,10 @@ def catalog_differences(a: Path, b: Path, atol: float = 1e-6) -> list[str]:
             out.append(f"predictions: {pa_.height} vs {pb.height} rows or keys differ")
         elif (gap := _gap(pa_, pb, ["value"])) > atol:
             out.append(f"predictions: values differ by up to {gap:.3g}")
-        for level in EMBEDDING_LEVELS + IDENTITY_LEVELS:
+        for level in (*EMBEDDING_LEVELS, *IDENTITY_LEVELS, "video_cycle"):
             if level in IDENTITY_LEVELS and not (ca.has_identity() or cb.has_identity()):
+                continue
+            if level == "video_cycle" and not (ca.has_cycle() or cb.has_cycle()):
                 continue
             (ia, va), (ib, vb) = ca.embeddings(level), cb.embeddings(level)
             if not np.array_equal(ia, ib):

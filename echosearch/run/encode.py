@@ -1,4 +1,4 @@
-"""Encode stage: batches of prepared clips -> content video vectors, zero-shot values, identity vectors.
+"""Encode stage: batches of prepared clips -> content video vectors, zero-shot values, identity and cycle vectors.
 
 Frames of consecutive clips are concatenated until ``batch_size`` frames are reached (:func:`frame_batches`)
 and encoded together; a clip's video vector is the re-normalised mean of its frame vectors. Out-of-scope
@@ -22,6 +22,7 @@ from echosearch.run.records import ClipRecord, EncodedClip, UnitResult
 if TYPE_CHECKING:
     from echosearch.config import Settings
     from echosearch.identity.model import IdentityEncoder
+    from echosearch.model.cycle import CycleRunner
     from echosearch.model.encode import Encoder
     from echosearch.model.zeroshot import PromptBank
 
@@ -44,13 +45,15 @@ class EncodeSpec:
     zeroshot_method: str
     zeroshot_prompts: str | None
     identity_model: str | None  # resolved spec (setting, else the one the index recorded); None: no identity
+    cycle: bool = False  # cycle vectors (the index stores them)
 
     @classmethod
-    def from_settings(cls, settings: Settings, identity_model: str | None, device: str | None = None) -> EncodeSpec:
+    def from_settings(cls, settings: Settings, identity_model: str | None, device: str | None = None,
+                      cycle: bool = False) -> EncodeSpec:
         return cls(settings.model, device or settings.device, settings.frames_per_video, settings.frame_policy,
                    settings.frame_sampling, settings.batch_size, settings.keep_frame_embeddings,
                    settings.zeroshot_method, str(settings.zeroshot_prompts) if settings.zeroshot_prompts else None,
-                   identity_model)
+                   identity_model, cycle)
 
     def load_encoder(self) -> Encoder:
         from echosearch.model.encode import load_encoder
@@ -77,11 +80,11 @@ class EncodeStage:
     """Prepared clips -> :class:`EncodedClip` (one model batch per :meth:`encode` call).
 
     ``bank``: zero-shot prompts (None: no zero-shot values, e.g. a query clip); ``identity``: the identity
-    encoder (None: identity uses the content vectors)."""
+    encoder (None: identity uses the content vectors); ``cycle``: cycle vectors (None: none stored)."""
 
     def __init__(self, encoder: Encoder, *, bank: PromptBank | None = None, identity: IdentityEncoder | None = None,
-                 batch_size: int = 64, keep_frames: bool = False) -> None:
-        self.encoder, self.bank, self.identity = encoder, bank, identity
+                 batch_size: int = 64, keep_frames: bool = False, cycle: CycleRunner | None = None) -> None:
+        self.encoder, self.bank, self.identity, self.cycle = encoder, bank, identity, cycle
         self.batch_size, self.keep_frames = batch_size, keep_frames
         self.model_seconds = 0.0  # time in the models (content and identity)
         self.identity_seconds = 0.0  # part of model_seconds: the identity encoder (head only when it shares the tower)
@@ -100,7 +103,14 @@ class EncodeStage:
             from echosearch.identity.model import load_identity_encoder
 
             identity = load_identity_encoder(spec.identity_model, encoder, device=spec.device)
-        return cls(encoder, bank=bank, identity=identity, batch_size=spec.batch_size, keep_frames=spec.keep_frames)
+        cycle = None
+        if spec.cycle:
+            from echosearch.model.cycle import CycleRunner, cycle_info
+
+            info = cycle_info(encoder)
+            cycle = CycleRunner(encoder, info) if info is not None else None
+        return cls(encoder, bank=bank, identity=identity, batch_size=spec.batch_size, keep_frames=spec.keep_frames,
+                   cycle=cycle)
 
     def encode(self, batch: Sequence[ClipRecord]) -> list[EncodedClip]:
         """One model batch: the frames of every clip of ``batch`` encoded together."""
@@ -114,11 +124,13 @@ class EncodeStage:
         t1 = time.perf_counter()
         ident = self.identity.video_vectors(frames, per_clip) if self.identity is not None else None
         self.identity_seconds += time.perf_counter() - t1
+        cyc = self.cycle.video_vectors(frames) if self.cycle is not None else None  # the same tap as the identity map
         self.model_seconds += time.perf_counter() - t0
         return [EncodedClip(c.seq, c.record, l2_normalise(fv.mean(axis=0)), len(fv),
                             predict(self.bank, fv) if self.bank is not None and (c.scope is None or c.scope["in_scope"])
                             else {},
-                            fv if self.keep_frames else None, None if ident is None else ident[i], c.scope)
+                            fv if self.keep_frames else None, None if ident is None else ident[i], c.scope,
+                            None if cyc is None else cyc[i])
                 for i, (c, fv) in enumerate(zip(batch, per_clip, strict=True))]
 
     def __call__(self, clips: Sequence[ClipRecord]) -> list[EncodedClip]:

@@ -70,6 +70,13 @@ def bind_from_shard(cat: Catalog, meta: dict[str, Any]) -> None:
     elif cat.get_manifest("identity_model") is not None:
         raise ConfigError(f"{cat.index_dir} has identity vectors; shard {meta.get('unit')} has none: index its "
                           "files with the same identity model")
+    if meta.get("cycle"):
+        if cat.bind_cycle(meta["cycle"], True) is None:  # refuses other cycle vectors too
+            raise ConfigError(f"{cat.index_dir} holds videos without cycle vectors; shard {meta.get('unit')} has "
+                              "them: index its files with the same cycle_vectors setting")
+    elif cat.has_cycle():
+        raise ConfigError(f"{cat.index_dir} stores cycle vectors; shard {meta.get('unit')} has none: index its "
+                          "files with the same cycle_vectors setting")
     zs, done = meta["zeroshot"], cat.get_manifest("zeroshot")
     if done is None:
         cat.set_manifest("zeroshot", zs)
@@ -178,11 +185,12 @@ def _merge_one(cat: Catalog, meta: dict[str, Any], path: Path, summary: MergeSum
         return False
     dim = int(meta["model"]["embed_dim"])
     idim = int(meta["identity_model"]["embed_dim"]) if meta.get("identity_model") else None
-    data = shard_rows(read_shard(path), dim, idim)
+    data = shard_rows(read_shard(path), dim, idim, int(meta["cycle"]["dim"]) if meta.get("cycle") else None)
     fails: list[FailureRecord] = [f for f in data.failures if (f.path, f.sha256 or "", f.stage) in new_fail]
     clips = [EncodedClip(i, rec, data.vectors[i], data.n_frames[i], data.predictions[i],
                          data.frame_vectors[i] if data.frame_vectors is not None else None,
-                         data.identity[i] if data.identity is not None else None, data.scopes[i])
+                         data.identity[i] if data.identity is not None else None, data.scopes[i],
+                         data.cycle[i] if data.cycle is not None else None)
              for i, rec in enumerate(data.records) if rec.sha256 not in done]
     with cat.transaction():
         for f in fails:

@@ -51,7 +51,8 @@ class FailureRecord:
 @dataclass
 class EncodedClip:
     """A clip's catalog row and its vectors: content video vector, frame vectors (kept only when the index
-    keeps them), zero-shot values, identity vector (when an identity model is configured)."""
+    keeps them), zero-shot values, identity vector (when an identity model is configured), cycle vector (when
+    the index stores them, :mod:`echosearch.model.cycle`)."""
 
     seq: int
     record: VideoRecord | None
@@ -61,6 +62,7 @@ class EncodedClip:
     frame_vectors: np.ndarray | None = None
     identity: np.ndarray | None = None
     scope: dict[str, Any] | None = None
+    cycle: np.ndarray | None = None
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Setting up an indexing run: the one place that turns settings into the models and bindings both runners use.
 
 :func:`load_run_encoder` loads the content encoder the settings name; :func:`prepare_run` checks the
-pseudonym key, binds the model, the identity model and the zero-shot method to the catalog (refusing a
+pseudonym key, binds the model, the identity model, the cycle vectors and the zero-shot method to the catalog (refusing a
 mismatch), and returns a :class:`RunSetup` from which each runner takes its read context, its encode stage (or
 the spec an encode worker loads it from) and what every shard records.
 """
@@ -19,6 +19,7 @@ from echosearch.identity.model import IdentityEncoder, load_identity_encoder
 from echosearch.ingest.discover import Sidecars
 from echosearch.ingest.prepare import FramePolicy
 from echosearch.ingest.pseudonym import Pseudonymizer
+from echosearch.model.cycle import CycleRunner, cycle_info
 from echosearch.model.encode import Encoder, load_encoder
 from echosearch.model.zeroshot import PromptBank, load_prompts, resolve_method
 from echosearch.run.encode import EncodeSpec, EncodeStage
@@ -54,6 +55,7 @@ class RunSetup:
     encoder: Encoder | None = None
     identity: IdentityEncoder | None = None
     bank: PromptBank | None = None
+    cycle: CycleRunner | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # what every shard records (model, identity, zero-shot...)
 
     def read_context(self, sidecars: Sidecars, known: Container[str] = frozenset()) -> ReadContext:
@@ -64,12 +66,13 @@ class RunSetup:
         """The encode stage on this process's models."""
         assert self.encoder is not None, "a scan has no encode stage"
         return EncodeStage(self.encoder, bank=self.bank, identity=self.identity, batch_size=self.settings.batch_size,
-                           keep_frames=self.settings.keep_frame_embeddings)
+                           keep_frames=self.settings.keep_frame_embeddings, cycle=self.cycle)
 
     def encode_spec(self) -> EncodeSpec:
         """What an encode worker elsewhere loads the same models from."""
         identity = self.meta.get("identity_model")
-        return EncodeSpec.from_settings(self.settings, identity["source"] if identity else None)
+        return EncodeSpec.from_settings(self.settings, identity["source"] if identity else None,
+                                        cycle=bool(self.meta.get("cycle")))
 
 
 def prepare_run(cat: Catalog, settings: Settings, encoder: Encoder | None = None, *,
@@ -86,6 +89,7 @@ def prepare_run(cat: Catalog, settings: Settings, encoder: Encoder | None = None
     if cat.get_manifest("model_source") is None:
         cat.set_manifest("model_source", settings.model)
     ident = identity_encoder(cat, encoder, settings)
+    cycle = cat.bind_cycle(cycle_info(encoder), settings.cycle_vectors)
     method = resolve_method(settings.zeroshot_method, encoder.source.spec)
     prompts = load_prompts(str(settings.zeroshot_prompts)) if settings.zeroshot_prompts else None
     bank = PromptBank.build(encoder, prompts, method=method)
@@ -97,9 +101,10 @@ def prepare_run(cat: Catalog, settings: Settings, encoder: Encoder | None = None
                           "zeroshot_method/zeroshot_prompts to match, or index into a new folder")
     cat.set_manifest("zeroshot", bank.manifest())
     meta: dict[str, Any] = {"model": encoder.identity, "model_source": cat.get_manifest("model_source"),
-                            "identity_model": ident.manifest if ident is not None else None,
+                            "identity_model": ident.manifest if ident is not None else None, "cycle": cycle,
                             "zeroshot": bank.manifest(), "secret_fingerprint": pz.fingerprint(),
                             "keep_frames": settings.keep_frame_embeddings,
                             "store_raw": settings.store_raw_identifiers}
     meta["config"] = config_digest(meta)
-    return RunSetup(settings, pz, policy or encoder.policy, encoder, ident, bank, meta)
+    return RunSetup(settings, pz, policy or encoder.policy, encoder, ident, bank,
+                    CycleRunner(encoder, cycle) if cycle else None, meta)

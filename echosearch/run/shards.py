@@ -89,6 +89,8 @@ def shard_table(unit: UnitResult, meta: dict[str, Any], dim: int, identity_dim: 
     cols["vector"] = _vectors([c.vector if c is not None else None for c in clips], dim)
     if identity_dim:
         cols["identity"] = _vectors([c.identity if c is not None else None for c in clips], identity_dim)
+    if meta.get("cycle"):
+        cols["cycle"] = _vectors([c.cycle if c is not None else None for c in clips], int(meta["cycle"]["dim"]))
     if meta.get("keep_frames"):
         per = [c.frame_vectors if c is not None else None for c in clips]
         flat = np.concatenate([p.reshape(-1) for p in per if p is not None] or [np.zeros(0, np.float32)])
@@ -152,6 +154,7 @@ class ShardRows:
     frame_vectors: list[np.ndarray] | None
     failures: list[FailureRecord]
     scopes: list[dict[str, Any] | None]
+    cycle: np.ndarray | None = None
 
 
 def _fixed(col: pa.ChunkedArray, dim: int) -> np.ndarray:
@@ -163,7 +166,7 @@ def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
 
 
-def shard_rows(table: pa.Table, dim: int, identity_dim: int | None) -> ShardRows:
+def shard_rows(table: pa.Table, dim: int, identity_dim: int | None, cycle_dim: int | None = None) -> ShardRows:
     """Decode a shard table (all columns) into catalog records and vectors."""
     kinds = table.column("row_kind").to_pylist()
     clip_idx = [i for i, k in enumerate(kinds) if k == "clip"]
@@ -181,6 +184,7 @@ def shard_rows(table: pa.Table, dim: int, identity_dim: int | None) -> ShardRows
                 for r in fails.select(["seq", "path", "location", "sha256", *_FAILURE_TYPES]).to_pylist()]
     identity = _fixed(clips.column("identity"), identity_dim) if identity_dim and "identity" in clips.column_names \
         else None
+    cycle = _fixed(clips.column("cycle"), cycle_dim) if cycle_dim and "cycle" in clips.column_names else None
     frame_vectors = None
     if "frame_vectors" in clips.column_names:
         lists = clips.column("frame_vectors").combine_chunks()
@@ -189,4 +193,4 @@ def shard_rows(table: pa.Table, dim: int, identity_dim: int | None) -> ShardRows
         frame_vectors = [flat[offsets[i] - offsets[0]:offsets[i + 1] - offsets[0]] for i in range(len(lists))]
     return ShardRows(records, _fixed(clips.column("vector"), dim), clips.column("n_frames_used").to_pylist(),
                      [json.loads(p) for p in clips.column("predictions").to_pylist()], identity, frame_vectors,
-                     failures, [json.loads(v) if v else None for v in clips.column("scope").to_pylist()])
+                     failures, [json.loads(v) if v else None for v in clips.column("scope").to_pylist()], cycle)

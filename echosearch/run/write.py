@@ -64,7 +64,7 @@ def write_rows(cat: Catalog, clips: Sequence[ClipRecord]) -> list[int]:
 
 
 def write_encoded(cat: Catalog, clips: Sequence[EncodedClip], model_name: str) -> list[int]:
-    """Rows, scope, content vectors (+ frame vectors), identity vectors and zero-shot values of encoded clips,
+    """Rows, scope, content vectors (+ frame vectors), identity and cycle vectors and zero-shot values of encoded clips,
     in one transaction; returns their video keys (a file already in the catalog keeps its key)."""
     first: dict[str, EncodedClip] = {}
     for c in clips:
@@ -89,6 +89,9 @@ def write_encoded(cat: Catalog, clips: Sequence[EncodedClip], model_name: str) -
         idents = [c.identity for c in todo]
         if all(v is not None for v in idents):
             cat.store_identity_embeddings("video_identity", keys, np.stack(idents), counts)  # type: ignore[arg-type]
+        cycles = [c.cycle for c in todo]
+        if cat.has_cycle() and all(v is not None for v in cycles):
+            cat.store_cycle_vectors(keys, np.stack(cycles))  # type: ignore[arg-type]
         store_predictions(cat, "video", keys, [c.predictions for c in todo], model_name)
     return keys
 

@@ -66,6 +66,43 @@ class EmbeddingQueries(QueryBase):
             self.insert_frame(level, frame, replace=True)
             self.bump_generation()
 
+    def bind_cycle(self, info: dict[str, Any] | None, wanted: bool) -> dict[str, Any] | None:
+        """Whether this index stores cycle vectors (``echosearch.model.cycle``), as the manifest recorded them:
+        an index that has them keeps them (another encoder's are refused); one whose videos were encoded without
+        them stays without (they would be missing for those); a new index stores them when ``wanted`` and the
+        tower has them (``info``). Returns what is stored (the manifest entry) or None."""
+        from echosearch.errors import ModelMismatchError
+        from echosearch.store.schema import cycle_table_sql
+
+        stored = self.get_manifest("cycle")
+        if stored is not None:
+            if info is None or any(stored.get(k) != info.get(k) for k in ("format", "split", "grid", "dim")):
+                raise ModelMismatchError(f"index {self.index_dir} stores cycle vectors {stored}; this encoder's are "
+                                         f"{info}: use a new index folder")
+            return dict(stored)
+        row = self.one("SELECT count(*) FROM videos WHERE encoded_at IS NOT NULL")
+        if info is None or not wanted or (row and row[0]):
+            return None
+        with self.transaction():
+            self.con.execute(cycle_table_sql(int(info["dim"])))
+            self.set_manifest("cycle", info)
+        return dict(info)
+
+    def has_cycle(self) -> bool:
+        """Whether this index stores cycle vectors."""
+        return self.get_manifest("cycle") is not None and self.has_table("video_cycle")
+
+    def store_cycle_vectors(self, keys: list[int], vectors: np.ndarray) -> None:
+        """Insert or replace cycle vectors of videos (call in the transaction that stores their content vectors)."""
+        dim = self.level_dim("video_cycle")
+        if dim is None or not self.has_table("video_cycle"):
+            raise CatalogError(f"index {self.index_dir} stores no cycle vectors")
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(keys), dim)
+        frame = pl.DataFrame({"video_key": keys, "embedding": vecs},
+                             schema={"video_key": pl.Int64, "embedding": pl.Array(pl.Float32, dim)})
+        with self.transaction():
+            self.insert_frame("video_cycle", frame, replace=True)
+
     def store_level_embeddings(self, level: str, keys: list[int], vectors: np.ndarray, counts: list[int] | None = None) -> None:
         """Replace study or report vectors for ``keys`` (study keys)."""
         if level not in ("study", "report"):
@@ -85,7 +122,7 @@ class EmbeddingQueries(QueryBase):
         """(ids int64, vectors float32) of a level (``video``, ``study``, ``report`` or an identity level),
         ordered by id; optionally only ``keys``."""
         dim = self._require_embeddings()
-        if level in IDENTITY_LEVELS:
+        if level in IDENTITY_LEVELS or level == "video_cycle":
             dim = self.level_dim(level) or dim
             if not self.has_table(level):
                 return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)

@@ -10,7 +10,7 @@ IDENTITY_LEVELS = ("video_identity", "study_identity")
 READ_COMPATIBLE = {3, 4}  # 4: without clip_scope every clip counts as in scope
 LEVEL_TABLES = {"video": ("video_embeddings", "video_key"), "study": ("study_embeddings", "study_key"),
                  "report": ("report_embeddings", "study_key"), "video_identity": ("video_identity", "video_key"),
-                 "study_identity": ("study_identity", "study_key")}
+                 "study_identity": ("study_identity", "study_key"), "video_cycle": ("video_cycle", "video_key")}
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
@@ -203,6 +203,14 @@ def embedding_table_sql(dim: int) -> str:
         video_key BIGINT NOT NULL, frame_index INTEGER NOT NULL, embedding FLOAT[{dim}] NOT NULL,
         PRIMARY KEY (video_key, frame_index)
     );
+    """
+
+
+def cycle_table_sql(dim: int) -> str:
+    """DDL of the cycle vector table (``echosearch.model.cycle``; created when an index first stores them,
+    ``dim`` = the encoder's cycle width)."""
+    return f"""
+    CREATE TABLE IF NOT EXISTS video_cycle (video_key BIGINT PRIMARY KEY, embedding FLOAT[{dim}] NOT NULL);
     """
 
 
