@@ -4,6 +4,7 @@ without probes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,59 @@ def test_ef_dynamics_bench_features_and_probe(tmp_path: Path) -> None:
     y = 50 + x[:, 0] / x[:, 0].std() * 8 - x[:, 3] / x[:, 3].std() * 4
     fit = bench.ridge(x[:150], y[:150], components=30, lam=0.01)
     assert np.abs(fit(x[150:]) - y[150:]).mean() < 0.5
+
+
+def test_ef_is_read_from_the_cycle_vectors_when_the_index_stores_them(tmp_path: Path) -> None:
+    """An archive whose content vectors carry no EF and whose zero-shot EF is ~9 points off, but whose cycle vectors
+    carry it (small in scale among large features, as the tower's spread over the frames does): the EF probe reads
+    the cycle vectors, its estimate is a few points off, and an EF fall's clause leads with it."""
+    import polars as pl
+
+    from echosearch.catalog import Catalog
+    from echosearch.change import scan_changes
+    from echosearch.change.features import load_timeline
+    from echosearch.change.scan import study_predictions
+    from echosearch.store.schema import cycle_table_sql
+
+    try:
+        from test_identity import Cohort, build_catalog
+    except ImportError:  # pragma: no cover - when tests are imported as a package
+        from tests.test_identity import Cohort, build_catalog
+
+    studies = Cohort(seed=5).patients(40, visits=(5, 5))
+    rng = np.random.default_rng(6)
+    true_ef: dict[str, float] = {}
+    for p in {s.true for s in studies}:
+        mine = sorted((s for s in studies if s.true == p), key=lambda s: s.day)
+        ef = float(rng.uniform(45, 65))
+        for v, s in enumerate(mine):
+            if v and rng.random() < 0.3:
+                ef = float(np.clip(ef - rng.uniform(15, 25), 15, 70))  # a decline beyond the 10-point margin
+                s.events = ["ef_decline"]
+            true_ef[s.uid] = ef
+            s.preds["ef"] = ef + float(rng.normal(0, 11))  # zero-shot: ~9 points off
+    index = build_catalog(tmp_path, studies, videos_per_study=3)
+    dim = 48
+    with Catalog.open(index) as cat:
+        rows = cat.con.sql("SELECT v.video_key, s.study_uid FROM videos v JOIN studies s USING (study_key) "
+                           "ORDER BY v.video_key").fetchall()
+        ef_of = np.asarray([true_ef[u] for _, u in rows])
+        cyc = np.c_[rng.normal(size=(len(rows), dim - 4)) * 3.0,
+                    0.002 * (ef_of[:, None] - 50) + rng.normal(0, 0.004, (len(rows), 4))]
+        cat.con.execute(cycle_table_sql(dim))  # as an index whose encoder stores cycle vectors
+        cat.set_manifest("cycle", {"format": "echosearch-cycle-v1", "split": 3, "grid": 3, "channels": 1, "dim": dim})
+        cat.store_cycle_vectors([int(k) for k, _ in rows], cyc)
+        for s in studies:
+            cat.record_report(s.uid, f"LV EJECTION FRACTION IS {true_ef[s.uid] + rng.normal(0, 2):.0f}%.", "test")
+        T = load_timeline(cat, study_predictions(cat))
+        truth = np.asarray([true_ef[u] for u in T.meta["study_uid"].to_list()])
+        assert T.ef_probe_input == "cycle"
+        assert np.abs(T.pred["ef_probe"] - truth).mean() < 3.0 < 7.0 < np.abs(T.pred["ef"] - truth).mean()
+        out = scan_changes(cat, store=False, min_probability=0.01)
+    falls = [f for fl in out["flags"].to_list() for f in json.loads(fl or "[]") if f["type"] == "ef_fall"]
+    assert falls and all(f["evidence"]["values"]["source"] == "ef_probe" for f in falls)
+    assert all("EF learnt from this archive's reports" in f["text"] for f in falls)
+    declined = out.filter(pl.col("study_uid").is_in([s.uid for s in studies if s.events]))
+    stable = out.filter(pl.col("prev_study_key").is_not_null() & ~pl.col("study_uid").is_in(declined["study_uid"].to_list()))
+    assert declined["p_ef_fall"].mean() > stable["p_ef_fall"].mean() + 0.3  # type: ignore[operator]
+    assert declined["ef_learnt"].is_not_null().all()

@@ -1,5 +1,6 @@
-"""Patient timeline: change probability over time, zero-shot EF and device states, flags with their probability
-and evidence clips side by side, and two visits compared with their report text."""
+"""Patient timeline: change probability over time, EF (learnt from the archive's reports where it can be, and
+zero-shot) and device states, flags with their probability and evidence clips side by side, and two visits
+compared with their report text."""
 
 from __future__ import annotations
 
@@ -104,14 +105,21 @@ if "change_prob" in tl.columns and dated.filter(pl.col("change_prob").is_not_nul
 else:
     st.info("No change scores: this patient has a single study or no study vectors.")
 
-# ---- zero-shot EF and device states -------------------------------------------------------------------------
+# ---- EF (learnt and zero-shot) and device states -----------------------------------------------------------
 left, right = st.columns(2)
 with left:
     st.subheader("Predicted ejection fraction")
-    if "ef" in tl.columns and dated.filter(pl.col("ef").is_not_null()).height:
-        ef = alt.Chart(dated.select("visit", "study_date", "ef").to_pandas()).mark_line(point=True).encode(
-            x=date_x, y=alt.Y("ef:Q", title="EF (%), zero-shot", scale=alt.Scale(domain=[0, 80])),
-            tooltip=["visit", alt.Tooltip("study_date:T", format="%d %b %Y"), alt.Tooltip("ef:Q", format=".0f")])
+    series = {c: name for c, name in (("ef_learnt", "learnt from this archive's reports"), ("ef", "zero-shot"))
+              if c in tl.columns and dated.filter(pl.col(c).is_not_null()).height}
+    if series:
+        long = dated.select("visit", "study_date", *series).unpivot(index=["visit", "study_date"], on=list(series),
+                                                                    variable_name="estimate", value_name="EF")
+        long = long.with_columns(pl.col("estimate").replace_strict(series)).drop_nulls("EF")
+        ef = alt.Chart(long.to_pandas()).mark_line(point=True).encode(
+            x=date_x, y=alt.Y("EF:Q", title="EF (%)", scale=alt.Scale(domain=[0, 80])),
+            color=alt.Color("estimate:N", legend=alt.Legend(orient="bottom", title=None)),
+            tooltip=["visit", alt.Tooltip("study_date:T", format="%d %b %Y"), "estimate",
+                     alt.Tooltip("EF:Q", format=".0f")])
         bands = alt.Chart(pl.DataFrame({"y": [50.0, 40.0, 30.0], "label": ["normal >= 50", "40", "severe < 30"]})
                           .to_pandas()).mark_rule(strokeDash=[2, 3], color="#999").encode(y="y:Q", tooltip=["label"])
         st.altair_chart(alt.layer(bands, ef).properties(height=240), width="stretch")
@@ -168,10 +176,12 @@ else:
     st.success(f"No flag reached probability {MIN_PROBABILITY:g} between this patient's visits.")
 if "ef" in tl.columns and "ef_prev" in tl.columns:  # EF steps beyond the margin that did not make a flag
     for r in tl.iter_rows(named=True):
-        ef1, ef0 = r.get("ef"), r.get("ef_prev")
+        learnt = r.get("ef_learnt") is not None and r.get("ef_learnt_prev") is not None  # the better estimate
+        ef1, ef0 = (r.get("ef_learnt"), r.get("ef_learnt_prev")) if learnt else (r.get("ef"), r.get("ef_prev"))
         kinds = {f["type"] for f in flags_of(r)}
         if ef1 is not None and ef0 is not None and abs(ef1 - ef0) >= EF_MARGIN and not kinds & {"ef_fall", "ef_rise"}:
-            st.info(f"Visit {r['visit']} · {ui.fmt_date(r['study_date'])}: predicted EF {ef0:.0f}% -> {ef1:.0f}% "
+            st.info(f"Visit {r['visit']} · {ui.fmt_date(r['study_date'])}: "
+                    f"{'EF learnt from the reports' if learnt else 'predicted EF'} {ef0:.0f}% -> {ef1:.0f}% "
                     f"({ef1 - ef0:+.0f} points) is beyond the {EF_MARGIN:g}-point margin, but the views disagree "
                     f"or the step is within the prediction's noise, so it is not flagged (probability "
                     f"{float(r.get('p_ef_fall' if ef1 < ef0 else 'p_ef_rise') or 0):.2f}).")
@@ -203,7 +213,9 @@ for col, visit, key in ((ca, va, key_a), (cb, vb, key_b)):
     with col:
         st.markdown(f"**{vlabel[visit]}**")
         ui.clip(ui.first_video_of(vids, key, view_or_none))
-        st.caption(f"EF ≈ {r['ef']:.0f}% (zero-shot)" if r.get("ef") is not None else "EF not predicted")
+        est = [f"{r[c]:.0f}% ({how})" for c, how in (("ef_learnt", "learnt from this archive's reports"),
+                                                      ("ef", "zero-shot")) if r.get(c) is not None]
+        st.caption(f"EF ≈ {'; '.join(est)}" if est else "EF not predicted")
         report = texts.get(key)
         st.text_area("Report", report or "no report text for this study", height=160, disabled=True,
                      key=f"report_{visit}_{col is ca}")
