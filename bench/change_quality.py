@@ -7,7 +7,8 @@ measurement (every score on the same pairs, bootstrap intervals) on each report 
 folder with room for the cohorts, e.g. indexes/change):
 
     .venv/bin/python bench/change_quality.py --work WORKDIR --fit   # tune on 301-303, report on 401 402
-    .venv/bin/python bench/change_quality.py --work WORKDIR --report 401 402 403 404   # the shipped figures
+    .venv/bin/python bench/change_quality.py --work WORKDIR --report 401 402 403 404 --without-reports \
+        --json out.json   # the shipped figures, with and without the reports
 
 Each cohort takes about 1-2 min to generate and 3-30 min to index, depending on the machine's load.
 """
@@ -97,7 +98,11 @@ def fit(work: Path, seeds: list[int], l2: float) -> None:
           f"{ {k: int(v.sum()) for k, v in labels.items()} } -> {MODEL_FILE}")
 
 
-def report(work: Path, seeds: list[int], n_boot: int) -> list[dict[str, Any]]:
+def report(work: Path, seeds: list[int], n_boot: int, without_reports: bool = False) -> list[dict[str, Any]]:
+    """``eval``'s change measurement on each seed; ``without_reports``: the same index with its reports hidden from
+    the change scan (no probe has labels: every flag uses its fallback weights, what an archive without reports
+    gets)."""
+    import polars as pl
     from rich.console import Console
 
     from echosearch.catalog import Catalog
@@ -109,9 +114,12 @@ def report(work: Path, seeds: list[int], n_boot: int) -> list[dict[str, Any]]:
         root = work / f"c{s}"
         with Catalog.open(root / "index", read_only=True) as cat:
             vt = join_truth(cat, load_truth(root / "cohort" / "ground_truth.parquet"))
+            if without_reports:
+                cat.study_reports = lambda keys: pl.DataFrame(  # type: ignore[method-assign]
+                    schema={"study_key": pl.Int64, "text": pl.String})
             res = change_metrics(cat, vt, n_boot=n_boot, seed=s)
         Console(width=220).print(format_change_table(res))
-        out.append({"seed": s, **res})
+        out.append({"seed": s, "reports": not without_reports, **res})
     return out
 
 
@@ -124,6 +132,8 @@ def main() -> None:
     ap.add_argument("--l2", type=float, default=1.0)
     ap.add_argument("--boot", type=int, default=500)
     ap.add_argument("--json", type=Path, help="Write the report cohorts' figures here.")
+    ap.add_argument("--without-reports", action="store_true",
+                    help="Also measure with the reports hidden (every flag on its fallback weights).")
     a = ap.parse_args()
     os.environ.setdefault("ECHOSEARCH_SECRET", "synthetic-change-measurement-secret-0123456789")
     for s in (*(a.tune if a.fit else []), *a.report):
@@ -131,6 +141,8 @@ def main() -> None:
     if a.fit:
         fit(a.work, a.tune, a.l2)
     res = report(a.work, a.report, a.boot)
+    if a.without_reports:
+        res += report(a.work, a.report, a.boot, without_reports=True)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1, default=str))
 
