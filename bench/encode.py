@@ -12,6 +12,7 @@ two cohorts: ``small`` (192x256-320x240, ~21 frames a clip: the test cohorts) an
     python bench/encode.py [--patients 12] [--frames 16] [--sizes small,realistic] [--skip-convnext]
     python bench/encode.py --identity   # (b) without and with the demo model's identity head (target <= 1.25x)
     python bench/encode.py --identity --identity-model DIR   # ... with another identity model (e.g. a tower)
+    python bench/encode.py --cycle   # (b) without and with cycle vectors (and with identity + cycle vectors)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def model_only(enc, n_frames_total: int, batch: int) -> float:  # type: ignore[n
 
 
 def full_pipeline(enc, cohort: Path, frames: int, batch: int, workers: int,  # type: ignore[no-untyped-def]
-                  identity_model: str | None = None) -> tuple[float, int, Any]:
+                  identity_model: str | None = None, cycle_vectors: bool = False) -> tuple[float, int, Any]:
     """(b) frames/s of the whole index run (decode + prepare + encode + catalog + vector index), end to end;
     the summary also carries the steady rate (first to last committed batch) and the fixed stage costs."""
     from echosearch.config import load_settings
@@ -49,7 +50,7 @@ def full_pipeline(enc, cohort: Path, frames: int, batch: int, workers: int,  # t
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(mode="demo", frames_per_video=frames, batch_size=batch, workers=workers,
-                                 identity_model=identity_model)
+                                 identity_model=identity_model, cycle_vectors=cycle_vectors)
         t0 = time.perf_counter()
         s = index_sources([cohort], Path(tmp) / "idx", settings, encoder=enc, progress=False)
         return s.frames_encoded / (time.perf_counter() - t0), s.videos_encoded, s
@@ -136,6 +137,34 @@ def identity_overhead(a: argparse.Namespace, repeats: int = 3) -> float:
     return ratio
 
 
+def cycle_overhead(a: argparse.Namespace, repeats: int = 3) -> None:
+    """(b) for the demo model without extras, with cycle vectors, and with its identity map + cycle vectors
+    (both read the content encoder's split activations from its tap): time ratios against without (median of
+    ``repeats`` alternating runs)."""
+    from echosearch.identity.model import demo_identity_head
+    from echosearch.model.encode import load_encoder
+    from echosearch.synth import generate_cohort
+
+    head = demo_identity_head()
+    enc = load_encoder("echosearch-demo", device="auto", frames_per_video=a.frames)
+    runs = {"neither": ("none", False), "cycle vectors": ("none", True)}
+    if head is not None:
+        runs["identity map"] = (str(head), False)
+        runs["identity map + cycle vectors"] = (str(head), True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cohort = Path(tmp) / "cohort"
+        generate_cohort(cohort, patients=a.patients, seed=77, visits=(1, 2), views=("A4C", "PLAX"))
+        full_pipeline(enc, cohort, a.frames, a.batch, a.workers, "none")  # warm-up (caches, lazy imports)
+        rates: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(repeats):
+            for name, (ident, cyc) in runs.items():
+                rates[name].append(full_pipeline(enc, cohort, a.frames, a.batch, a.workers, ident, cyc)[0])
+    base = float(np.median(rates["neither"]))
+    for name in runs:
+        rate = float(np.median(rates[name]))
+        print(f"(b) demo model, {name}: {rate:.1f} frames/s, indexing time x{base / rate:.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--patients", type=int, default=12)
@@ -148,6 +177,7 @@ def main() -> None:
     ap.add_argument("--identity", action="store_true",
                     help="only (b) for the demo model without and with its shipped identity head (target: <= 1.25x)")
     ap.add_argument("--identity-model", help="with --identity: this identity model folder instead of the shipped one")
+    ap.add_argument("--cycle", action="store_true", help="only (b) for the demo model without and with cycle vectors")
     a = ap.parse_args()
     os.environ.setdefault("ECHOSEARCH_SECRET", "bench-secret-0123456789")
     from echosearch.model.encode import load_encoder
@@ -157,6 +187,9 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     if a.identity:
         identity_overhead(a)
+        return
+    if a.cycle:
+        cycle_overhead(a)
         return
     with tempfile.TemporaryDirectory() as tmp:
         models = {"echosearch-demo": "echosearch-demo"}
