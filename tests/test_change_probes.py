@@ -257,6 +257,12 @@ def test_ef_is_read_from_the_cycle_vectors_when_the_index_stores_them(tmp_path: 
         truth = np.asarray([true_ef[u] for u in T.meta["study_uid"].to_list()])
         assert T.ef_probe_input == "cycle"
         assert np.abs(T.pred["ef_probe"] - truth).mean() < 3.0 < 7.0 < np.abs(T.pred["ef"] - truth).mean()
+        from echosearch.evaluation.change import _ef_learnt
+
+        st = pl.DataFrame({"study_key": T.keys, "ef": truth, "mislabelled": False})
+        measured = _ef_learnt(T, st)  # what `eval` reports: both estimates on the same studies
+        assert measured["input"] == "cycle" and measured["n_studies"] == len(T)
+        assert measured["mae"] < 3.0 < 7.0 < measured["zero_shot_mae"]
         out = scan_changes(cat, store=False, min_probability=0.01)
     falls = [f for fl in out["flags"].to_list() for f in json.loads(fl or "[]") if f["type"] == "ef_fall"]
     assert falls and all(f["evidence"]["values"]["source"] == "ef_probe" for f in falls)

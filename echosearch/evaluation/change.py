@@ -56,6 +56,23 @@ def change_truth(vt: pl.DataFrame) -> pl.DataFrame:
     return st
 
 
+def _ef_learnt(T: Timeline, st: pl.DataFrame) -> dict[str, Any]:
+    """Study EF error against the truth of the EF learnt from the archive's reports (the change scan's EF probe,
+    cross-fitted by patient: no study's own report informs its estimate) and of the zero-shot EF, on the same
+    studies (those that have both); ``input``: what the probe read (``cycle`` or ``content`` vectors)."""
+    learnt = T.pred.get("ef_probe")
+    if learnt is None or "ef" not in st.columns:
+        return {"skipped": "no EF probe (no report states an EF) or no true EF"}
+    d = (pl.DataFrame({"study_key": T.keys, "learnt": learnt, "zero_shot": T.pred["ef"]})
+         .join(st.select("study_key", "ef", "mislabelled"), on="study_key")
+         .filter(~pl.col("mislabelled")).drop_nulls().drop_nans())
+    if not d.height:
+        return {"skipped": "no study with both estimates and a true EF"}
+    return {"input": T.ef_probe_input, "n_studies": d.height,
+            "mae": _f(float((d["learnt"] - d["ef"]).abs().mean())),  # type: ignore[arg-type]
+            "zero_shot_mae": _f(float((d["zero_shot"] - d["ef"]).abs().mean()))}  # type: ignore[arg-type]
+
+
 def _events_between(truth_all: pl.DataFrame) -> dict[str, list[tuple[int, set[str]]]]:
     """Per true patient, (visit index, events) of every true visit, in order (studies missing from the index
     included: their events still happened)."""
@@ -171,6 +188,7 @@ def change_metrics(catalog: Catalog, vt: pl.DataFrame, *, n_boot: int = 500, see
             out["stable_flag_rate"] = _f(float(flagged[none].mean())) if none.any() else None
             res["clauses"] = _clauses(scan, st, d, ev)
         res[task] = out
+    res["ef_learnt"] = _ef_learnt(T, st)
     return res
 
 

@@ -346,6 +346,10 @@ def format_table(result: dict[str, Any]) -> Table:
         t.add_row(*row)
     zs = result["zero_shot"]
     t.add_row("EF MAE (points)", fmt(zs.get("ef_mae")), "", "")
+    learnt = (result.get("change") or {}).get("ef_learnt") or {}
+    if "mae" in learnt:
+        t.add_row(f"EF MAE learnt from the reports ({learnt['input']} vectors, cross-fitted; n={learnt['n_studies']})",
+                  fmt(learnt["mae"]), f"zero-shot {fmt(learnt['zero_shot_mae'])} on the same studies", "")
     for d in DEVICE_TASKS:
         if f"{d}_auc" in zs:
             t.add_row(f"{d} AUC", fmt(zs[f"{d}_auc"]), "", "")
