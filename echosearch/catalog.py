@@ -486,7 +486,8 @@ class Catalog(EmbeddingQueries, LocationQueries, ScopeQueries, AppQueries, RunQu
     def counts(self) -> dict[str, int]:
         """Row counts of the main tables (embedding tables count 0 before a model is bound)."""
         tables = ["patients", "studies", "videos", "reports", "labels", "predictions", "ingest_errors",
-                  "identity_audit", "changes"] + [f"{lvl}_embeddings" for lvl in EMBEDDING_LEVELS] + list(IDENTITY_LEVELS) + ["video_cycle"]
+                  "identity_audit", "changes", *(f"{lvl}_embeddings" for lvl in EMBEDDING_LEVELS), *IDENTITY_LEVELS,
+                  "video_cycle"]
         out: dict[str, int] = {}
         for t in tables:
             if self.has_table(t):

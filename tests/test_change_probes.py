@@ -268,6 +268,7 @@ def test_ef_is_read_from_the_cycle_vectors_when_the_index_stores_them(tmp_path: 
     assert falls and all(f["evidence"]["values"]["source"] == "ef_probe" for f in falls)
     assert all("EF learnt from this archive's reports" in f["text"] for f in falls)
     declined = out.filter(pl.col("study_uid").is_in([s.uid for s in studies if s.events]))
-    stable = out.filter(pl.col("prev_study_key").is_not_null() & ~pl.col("study_uid").is_in(declined["study_uid"].to_list()))
+    stable = out.filter(pl.col("prev_study_key").is_not_null()
+                        & ~pl.col("study_uid").is_in(declined["study_uid"].to_list()))
     assert declined["p_ef_fall"].mean() > stable["p_ef_fall"].mean() + 0.3  # type: ignore[operator]
     assert declined["ef_learnt"].is_not_null().all()

@@ -97,11 +97,14 @@ def test_indexing_stores_the_cycle_vectors_decoding_again_computes(
 
 
 def test_an_index_keeps_its_choice_of_cycle_vectors(small_cohort: Path, random_model_dir: Path,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Off: no table. Videos encoded without them: a later run does not start storing them (they would be
-    missing for the earlier videos)."""
+    missing for the earlier videos), and says so."""
     idx = tmp_path / "idx"
     assert _index(small_cohort, idx, random_model_dir, cycle_vectors=False).failed == 0  # type: ignore[attr-defined]
+    with caplog.at_level("WARNING", logger="echosearch.run.setup"):
+        _index(small_cohort, idx, random_model_dir)  # cycle_vectors on (the default)
+    assert "without cycle vectors" in caplog.text
     with Catalog.open(idx) as cat:
         assert not cat.has_cycle() and cat.get_manifest("cycle") is None
         enc = load_encoder(f"local-dir:{random_model_dir}", device="cpu")

@@ -132,4 +132,5 @@ def presence(scores: np.ndarray, patients: np.ndarray, stated: np.ndarray, folds
     return out
 
 
-__all__ = ["CYCLE_COMPONENTS", "CYCLE_RIDGE", "FOLDS", "MIN_PATIENTS", "RIDGE", "ProbeFit", "cross_fitted", "presence", "report_targets"]
+__all__ = ["CYCLE_COMPONENTS", "CYCLE_RIDGE", "FOLDS", "MIN_PATIENTS", "RIDGE", "ProbeFit", "cross_fitted", "presence",
+           "report_targets"]

@@ -207,7 +207,8 @@ def _ef_clause(T: Timeline, a: int, b: int, kind: str, p: float, margin: float) 
     ef0, ef1 = probe if probe else (float(T.pred["ef"][b]), float(T.pred["ef"][a]))
     views = ", ".join(f"{v} {x:.0f}->{y:.0f}" for v, (x, y) in lead.items())
     word = "fall" if kind == "ef_fall" else "rise"
-    values: dict[str, Any] = {"ef_before": round(float(T.pred["ef"][b]), 1), "ef_after": round(float(T.pred["ef"][a]), 1),
+    values: dict[str, Any] = {"ef_before": round(float(T.pred["ef"][b]), 1),
+                              "ef_after": round(float(T.pred["ef"][a]), 1),
                               "per_view": {v: list(x) for v, x in zero.items()}, "source": source}
     if probe:
         values["ef_probe_before"], values["ef_probe_after"] = round(probe[0], 1), round(probe[1], 1)

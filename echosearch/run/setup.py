@@ -1,13 +1,14 @@
 """Setting up an indexing run: the one place that turns settings into the models and bindings both runners use.
 
 :func:`load_run_encoder` loads the content encoder the settings name; :func:`prepare_run` checks the
-pseudonym key, binds the model, the identity model, the cycle vectors and the zero-shot method to the catalog (refusing a
-mismatch), and returns a :class:`RunSetup` from which each runner takes its read context, its encode stage (or
-the spec an encode worker loads it from) and what every shard records.
+pseudonym key, binds the model, the identity model, the cycle vectors and the zero-shot method to the catalog
+(refusing a mismatch), and returns a :class:`RunSetup` from which each runner takes its read context, its encode
+stage (or the spec an encode worker loads it from) and what every shard records.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from echosearch.model.zeroshot import PromptBank, load_prompts, resolve_method
 from echosearch.run.encode import EncodeSpec, EncodeStage
 from echosearch.run.read import ReadContext, default_policy
 from echosearch.run.units import config_digest
+
+log = logging.getLogger(__name__)
 
 
 def load_run_encoder(settings: Settings) -> Encoder:
@@ -89,7 +92,11 @@ def prepare_run(cat: Catalog, settings: Settings, encoder: Encoder | None = None
     if cat.get_manifest("model_source") is None:
         cat.set_manifest("model_source", settings.model)
     ident = identity_encoder(cat, encoder, settings)
-    cycle = cat.bind_cycle(cycle_info(encoder), settings.cycle_vectors)
+    info = cycle_info(encoder)
+    cycle = cat.bind_cycle(info, settings.cycle_vectors)
+    if settings.cycle_vectors and info is not None and cycle is None:
+        log.warning("%s holds videos encoded without cycle vectors, so this run stores none either (the change "
+                    "scan's EF probe reads the content vectors); index into a new folder to have them", cat.index_dir)
     method = resolve_method(settings.zeroshot_method, encoder.source.spec)
     prompts = load_prompts(str(settings.zeroshot_prompts)) if settings.zeroshot_prompts else None
     bank = PromptBank.build(encoder, prompts, method=method)

@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 
 from echosearch.catalog import Catalog, VideoRecord
+from echosearch.errors import CatalogError
 from echosearch.ingest.discover import Sidecars
 from echosearch.ingest.pseudonym import Pseudonymizer
 from echosearch.run.records import ClipRecord, EncodedClip, FailureRecord
@@ -89,9 +90,12 @@ def write_encoded(cat: Catalog, clips: Sequence[EncodedClip], model_name: str) -
         idents = [c.identity for c in todo]
         if all(v is not None for v in idents):
             cat.store_identity_embeddings("video_identity", keys, np.stack(idents), counts)  # type: ignore[arg-type]
-        cycles = [c.cycle for c in todo]
-        if cat.has_cycle() and all(v is not None for v in cycles):
-            cat.store_cycle_vectors(keys, np.stack(cycles))  # type: ignore[arg-type]
+        if cat.has_cycle():  # every clip of such an index has one (a missing one would hide the rest from the probe)
+            cycles = [c.cycle for c in todo if c.cycle is not None]
+            if len(cycles) != len(todo):
+                raise CatalogError(f"{len(todo) - len(cycles)} of {len(todo)} clips have no cycle vector; this index "
+                                   "stores them")
+            cat.store_cycle_vectors(keys, np.stack(cycles))
         store_predictions(cat, "video", keys, [c.predictions for c in todo], model_name)
     return keys
 
