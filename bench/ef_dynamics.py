@@ -28,6 +28,8 @@ import numpy as np
 import polars as pl
 import torch
 
+from echosearch.change.probes import CYCLE_COMPONENTS, CYCLE_RIDGE, pca_ridge
+from echosearch.model.cycle import cycle_vector
 from echosearch.model.report_facts import report_ef
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or imported by a test
@@ -56,10 +58,9 @@ def cache_features(cohort: Path, cache: Path, workers: int) -> tuple[dict[str, n
         with torch.no_grad():
             h = frozen_forward(enc.model.visual, enc.frames_to_tensor(item.frames), split).float()
         chan = h.mean((2, 3))
-        grid = torch.nn.functional.adaptive_avg_pool2d(h, 3).flatten(1)
         feats["content"].append(v / np.linalg.norm(v))
         feats["dynamics, channels"].append(torch.cat([chan.mean(0), chan.std(0)]).numpy())
-        feats["dynamics, 3 x 3"].append(torch.cat([grid.mean(0), grid.std(0)]).numpy())
+        feats["dynamics, 3 x 3"].append(cycle_vector(h))  # what indexing stores (video_cycle)
         rows.append(row_of[str(item.record.path)])
     out.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.stack(v) for k, v in feats.items()}
@@ -70,14 +71,10 @@ def cache_features(cohort: Path, cache: Path, workers: int) -> tuple[dict[str, n
     return arrays, meta
 
 
-def ridge(x: np.ndarray, y: np.ndarray, components: int = 256, lam: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
-    """Ridge on the leading principal components of the standardised features."""
-    mu, sd = x.mean(0), x.std(0) + 1e-3
-    _u, _s, vt = np.linalg.svd((x - mu) / sd, full_matrices=False)
-    w = vt[: min(components, len(x) // 2)].T
-    z = (x - mu) / sd @ w
-    b = np.linalg.solve(z.T @ z + lam * len(z) / 100 * np.eye(w.shape[1]), z.T @ (y - y.mean()))
-    return lambda q: (q - mu) / sd @ w @ b + y.mean()
+def ridge(x: np.ndarray, y: np.ndarray, components: int = CYCLE_COMPONENTS, lam: float = CYCLE_RIDGE
+          ) -> Callable[[np.ndarray], np.ndarray]:
+    """The change scan's cycle probe: ridge on the leading principal components of the standardised features."""
+    return pca_ridge(x, y, lam, components)
 
 
 def main() -> None:

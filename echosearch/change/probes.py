@@ -69,12 +69,13 @@ def _ridge(X: np.ndarray, y: np.ndarray, lam: float) -> Callable[[np.ndarray], n
     return lambda q: (q - mu) @ w + ym
 
 
-def _pca_ridge(X: np.ndarray, y: np.ndarray, lam: float) -> Callable[[np.ndarray], np.ndarray]:
-    """Ridge on the leading principal components of the standardised features (cycle vectors: thousands of
-    features of very different scales, a few hundred clips)."""
+def pca_ridge(X: np.ndarray, y: np.ndarray, lam: float = CYCLE_RIDGE, components: int = CYCLE_COMPONENTS
+              ) -> Callable[[np.ndarray], np.ndarray]:
+    """Ridge on the leading principal components (at most half the rows) of the standardised features, penalty
+    ``lam`` per row (cycle vectors: thousands of features of very different scales, a few hundred clips)."""
     mu, sd, ym = X.mean(axis=0), X.std(axis=0) + 1e-3, float(y.mean())
     _u, _s, vt = np.linalg.svd((X - mu) / sd, full_matrices=False)
-    w = vt[: max(1, min(CYCLE_COMPONENTS, len(X) // 2))].T
+    w = vt[: max(1, min(components, len(X) // 2))].T
     z = (X - mu) / sd @ w
     b = np.linalg.solve(z.T @ z + lam * len(z) * np.eye(w.shape[1]), z.T @ (y - ym))
     return lambda q: (q - mu) / sd @ (w @ b) + ym
@@ -85,7 +86,7 @@ def cross_fitted(vecs: np.ndarray, views: np.ndarray, patients: np.ndarray, targ
     """The probe's estimate per clip (see the module doc). ``target``: the clip's study's stated value (NaN:
     none stated); ``patients``: the recorded patient key of each clip (the fold it falls in); ``kind``:
     ``content`` (unit-length vectors, plain ridge) or ``cycle`` (cycle vectors, ridge on principal components)."""
-    fit = {"content": _ridge, "cycle": _pca_ridge}[kind]
+    fit = {"content": _ridge, "cycle": pca_ridge}[kind]
     lam = lam if lam is not None else (RIDGE if kind == "content" else CYCLE_RIDGE)
     vecs = np.asarray(vecs, dtype=np.float64)
     out = np.full(len(vecs), np.nan)
@@ -133,4 +134,4 @@ def presence(scores: np.ndarray, patients: np.ndarray, stated: np.ndarray, folds
 
 
 __all__ = ["CYCLE_COMPONENTS", "CYCLE_RIDGE", "FOLDS", "MIN_PATIENTS", "RIDGE", "ProbeFit", "cross_fitted", "presence",
-           "report_targets"]
+           "pca_ridge", "report_targets"]
