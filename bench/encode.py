@@ -110,59 +110,53 @@ def run_model(enc, label: str, paths: list[Path], cohort: Path, tmp: Path, a: ar
             "videos": nv, "stage_seconds": summ.stage_seconds}
 
 
-def identity_overhead(a: argparse.Namespace, repeats: int = 3) -> float:
-    """(b) for the demo model with identity vectors from its shipped identity model (or ``--identity-model``)
-    against without: time ratio (median of ``repeats`` alternating runs; a head runs on the content frame
-    vectors, an identity tower on the content encoder's early-stage activations plus its own last stages)."""
-    from echosearch.identity.model import demo_identity_head
+def demo_rates(a: argparse.Namespace, runs: dict[str, tuple[str, bool]], repeats: int = 3) -> dict[str, float]:
+    """(b) frames/s of the demo model per run (name -> (identity model spec or "none", cycle vectors)) on one
+    cohort: the median of ``repeats`` alternating runs, after a warm-up (caches, lazy imports)."""
     from echosearch.model.encode import load_encoder
     from echosearch.synth import generate_cohort
 
-    head = Path(a.identity_model) if a.identity_model else demo_identity_head()
-    if head is None:
-        raise SystemExit("the demo model has no shipped identity model")
     enc = load_encoder("echosearch-demo", device="auto", frames_per_video=a.frames)
     with tempfile.TemporaryDirectory() as tmp:
         cohort = Path(tmp) / "cohort"
         generate_cohort(cohort, patients=a.patients, seed=77, visits=(1, 2), views=("A4C", "PLAX"))
-        full_pipeline(enc, cohort, a.frames, a.batch, a.workers, "none")  # warm-up (caches, lazy imports)
-        rates: dict[str, list[float]] = {"none": [], str(head): []}
+        full_pipeline(enc, cohort, a.frames, a.batch, a.workers, "none")
+        rates: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(repeats):
-            for spec in rates:
-                rates[spec].append(full_pipeline(enc, cohort, a.frames, a.batch, a.workers, spec)[0])
-    without, with_ = float(np.median(rates["none"])), float(np.median(rates[str(head)]))
-    ratio = without / with_
-    print(f"(b) demo model: {without:.1f} frames/s without identity vectors, {with_:.1f} with {head.name}: "
-          f"indexing time x{ratio:.3f} (target <= 1.25)", flush=True)
+            for name, (ident, cyc) in runs.items():
+                rates[name].append(full_pipeline(enc, cohort, a.frames, a.batch, a.workers, ident, cyc)[0])
+    return {k: float(np.median(v)) for k, v in rates.items()}
+
+
+def identity_overhead(a: argparse.Namespace, repeats: int = 3) -> float:
+    """(b) for the demo model with identity vectors from its shipped identity model (or ``--identity-model``)
+    against without: time ratio (a head runs on the content frame vectors, an identity tower on the content
+    encoder's early-stage activations plus its own last stages)."""
+    from echosearch.identity.model import demo_identity_head
+
+    head = Path(a.identity_model) if a.identity_model else demo_identity_head()
+    if head is None:
+        raise SystemExit("the demo model has no shipped identity model")
+    rates = demo_rates(a, {"none": ("none", False), "with": (str(head), False)}, repeats)
+    ratio = rates["none"] / rates["with"]
+    print(f"(b) demo model: {rates['none']:.1f} frames/s without identity vectors, {rates['with']:.1f} with "
+          f"{head.name}: indexing time x{ratio:.3f} (target <= 1.25)", flush=True)
     return ratio
 
 
 def cycle_overhead(a: argparse.Namespace, repeats: int = 3) -> None:
     """(b) for the demo model without extras, with cycle vectors, and with its identity map + cycle vectors
-    (both read the content encoder's split activations from its tap): time ratios against without (median of
-    ``repeats`` alternating runs)."""
+    (both read the content encoder's split activations from its tap): time ratios against without."""
     from echosearch.identity.model import demo_identity_head
-    from echosearch.model.encode import load_encoder
-    from echosearch.synth import generate_cohort
 
     head = demo_identity_head()
-    enc = load_encoder("echosearch-demo", device="auto", frames_per_video=a.frames)
     runs = {"neither": ("none", False), "cycle vectors": ("none", True)}
     if head is not None:
         runs["identity map"] = (str(head), False)
         runs["identity map + cycle vectors"] = (str(head), True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cohort = Path(tmp) / "cohort"
-        generate_cohort(cohort, patients=a.patients, seed=77, visits=(1, 2), views=("A4C", "PLAX"))
-        full_pipeline(enc, cohort, a.frames, a.batch, a.workers, "none")  # warm-up (caches, lazy imports)
-        rates: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(repeats):
-            for name, (ident, cyc) in runs.items():
-                rates[name].append(full_pipeline(enc, cohort, a.frames, a.batch, a.workers, ident, cyc)[0])
-    base = float(np.median(rates["neither"]))
-    for name in runs:
-        rate = float(np.median(rates[name]))
-        print(f"(b) demo model, {name}: {rate:.1f} frames/s, indexing time x{base / rate:.3f}", flush=True)
+    rates = demo_rates(a, runs, repeats)
+    for name, rate in rates.items():
+        print(f"(b) demo model, {name}: {rate:.1f} frames/s, indexing time x{rates['neither'] / rate:.3f}", flush=True)
 
 
 def main() -> None:

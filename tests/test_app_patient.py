@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from echosearch.appcore import auth
@@ -128,3 +129,35 @@ def test_transplant_patient_shows_a_new_heart(app_env: Path) -> None:
     at = open_patient("P0")
     text = " ".join(m.value for m in at.markdown)
     assert "**new heart** · probability" in text and "a new heart of this patient" in text
+
+
+def test_ef_learnt_from_the_reports_is_shown_beside_the_zero_shot_ef(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An archive whose reports teach the EF probe (cycle vectors): the EF chart draws the learnt and the zero-shot
+    estimate of every visit, and each compared visit's caption gives both."""
+    try:
+        from test_change_probes import cycle_archive
+    except ImportError:  # pragma: no cover - when tests are imported as a package
+        from tests.test_change_probes import cycle_archive
+    from streamlit import config
+
+    index, true_ef, _ = cycle_archive(tmp_path)
+    old = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    monkeypatch.setenv(INDEX_ENV, str(index))
+    monkeypatch.delenv(auth.PASSWORD_ENV, raising=False)
+    monkeypatch.delenv(SERVER_ENV, raising=False)
+    monkeypatch.setenv(auth.USER_ENV, "tester")
+    try:
+        at = open_patient("P3")
+    finally:
+        config.set_option("server.address", old)
+    rows = [r for c in specs(at) for r in c["_rows"] if "estimate" in r]
+    by = {e: sorted((r["visit"], r["EF"]) for r in rows if r["estimate"] == e) for e in {r["estimate"] for r in rows}}
+    assert set(by) == {"learnt from this archive's reports", "zero-shot"}
+    assert [v for v, _ in by["zero-shot"]] == [v for v, _ in by["learnt from this archive's reports"]] == [1, 2, 3, 4, 5]
+    truth = [ef for uid, ef in sorted(true_ef.items()) if uid.startswith("P3.")]
+    learnt = [ef for _, ef in by["learnt from this archive's reports"]]
+    assert np.abs(np.asarray(learnt) - truth).mean() < 5, "the learnt curve follows the patient's true EF"
+    captions = [c.value for c in at.caption if c.value.startswith("EF ≈")]
+    assert len(captions) == 2 and all("learnt from this archive's reports" in c and "zero-shot" in c for c in captions)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from echosearch.change.features import FEATURES, PROBE_FEATURES
 from echosearch.change.model import ChangeModel
@@ -69,6 +71,26 @@ def test_cycle_probe_reads_a_small_scale_signal_among_large_features(seed: int) 
     raw = cross_fitted(x, views, pk, ef)
     assert np.corrcoef(cyc.values, ef)[0, 1] > 0.9 and cyc.mae < 2.0
     assert np.corrcoef(raw.values, ef)[0, 1] < 0.5 and raw.mae > cyc.mae + 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(4, 120), d=st.integers(2, 300), seed=st.integers(0, 10_000))
+def test_cycle_probe_components_are_the_svds(n: int, d: int, seed: int) -> None:
+    """The cycle probe takes its principal components from the smaller Gram matrix (fast on a few hundred clips x
+    thousands of features): its predictions are those of a ridge on the SVD's leading components."""
+    from echosearch.change.probes import CYCLE_RIDGE, pca_ridge
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)) * rng.uniform(0.01, 5, d)
+    y = X[:, 0] + rng.normal(size=n)
+    Q = rng.normal(size=(7, d))
+    mu, sd = X.mean(axis=0), X.std(axis=0) + 1e-3
+    vt = np.linalg.svd((X - mu) / sd, full_matrices=False)[2]
+    w = vt[: max(1, min(256, n // 2))].T
+    z = (X - mu) / sd @ w
+    b = np.linalg.solve(z.T @ z + CYCLE_RIDGE * n * np.eye(w.shape[1]), z.T @ (y - y.mean()))
+    want = (Q - mu) / sd @ w @ b + y.mean()
+    np.testing.assert_allclose(pca_ridge(X, y)(Q), want, rtol=1e-6, atol=1e-6 * (1 + np.abs(want).max()))
 
 
 def test_too_few_labelled_patients_give_no_estimate() -> None:
@@ -211,16 +233,11 @@ def test_ef_dynamics_bench_features_and_probe(tmp_path: Path) -> None:
     assert np.abs(fit(x[150:]) - y[150:]).mean() < 0.5
 
 
-def test_ef_is_read_from_the_cycle_vectors_when_the_index_stores_them(tmp_path: Path) -> None:
-    """An archive whose content vectors carry no EF and whose zero-shot EF is ~9 points off, but whose cycle vectors
-    carry it (small in scale among large features, as the tower's spread over the frames does): the EF probe reads
-    the cycle vectors, its estimate is a few points off, and an EF fall's clause leads with it."""
-    import polars as pl
-
+def cycle_archive(root: Path) -> tuple[Path, dict[str, float], set[str]]:
+    """An index whose content vectors carry no EF and whose zero-shot EF is ~9 points off, but whose cycle vectors
+    carry it (small in scale among large features, as the tower's spread over the frames does), with a report
+    stating each study's EF: (index, true EF per study UID, UIDs of the studies after an EF decline)."""
     from echosearch.catalog import Catalog
-    from echosearch.change import scan_changes
-    from echosearch.change.features import load_timeline
-    from echosearch.change.scan import study_predictions
     from echosearch.store.schema import cycle_table_sql
 
     try:
@@ -240,7 +257,7 @@ def test_ef_is_read_from_the_cycle_vectors_when_the_index_stores_them(tmp_path: 
                 s.events = ["ef_decline"]
             true_ef[s.uid] = ef
             s.preds["ef"] = ef + float(rng.normal(0, 11))  # zero-shot: ~9 points off
-    index = build_catalog(tmp_path, studies, videos_per_study=3)
+    index = build_catalog(root, studies, videos_per_study=3)
     dim = 48
     with Catalog.open(index) as cat:
         rows = cat.con.sql("SELECT v.video_key, s.study_uid FROM videos v JOIN studies s USING (study_key) "
@@ -253,6 +270,21 @@ def test_ef_is_read_from_the_cycle_vectors_when_the_index_stores_them(tmp_path: 
         cat.store_cycle_vectors([int(k) for k, _ in rows], cyc)
         for s in studies:
             cat.record_report(s.uid, f"LV EJECTION FRACTION IS {true_ef[s.uid] + rng.normal(0, 2):.0f}%.", "test")
+    return index, true_ef, {s.uid for s in studies if s.events}
+
+
+def test_ef_is_read_from_the_cycle_vectors_when_the_index_stores_them(tmp_path: Path) -> None:
+    """On :func:`cycle_archive`: the EF probe reads the cycle vectors, its estimate is a few points off, and an EF
+    fall's clause leads with it."""
+    import polars as pl
+
+    from echosearch.catalog import Catalog
+    from echosearch.change import scan_changes
+    from echosearch.change.features import load_timeline
+    from echosearch.change.scan import study_predictions
+
+    index, true_ef, declines = cycle_archive(tmp_path)
+    with Catalog.open(index) as cat:
         T = load_timeline(cat, study_predictions(cat))
         truth = np.asarray([true_ef[u] for u in T.meta["study_uid"].to_list()])
         assert T.ef_probe_input == "cycle"
@@ -267,7 +299,7 @@ def test_ef_is_read_from_the_cycle_vectors_when_the_index_stores_them(tmp_path: 
     falls = [f for fl in out["flags"].to_list() for f in json.loads(fl or "[]") if f["type"] == "ef_fall"]
     assert falls and all(f["evidence"]["values"]["source"] == "ef_probe" for f in falls)
     assert all("EF learnt from this archive's reports" in f["text"] for f in falls)
-    declined = out.filter(pl.col("study_uid").is_in([s.uid for s in studies if s.events]))
+    declined = out.filter(pl.col("study_uid").is_in(sorted(declines)))
     stable = out.filter(pl.col("prev_study_key").is_not_null()
                         & ~pl.col("study_uid").is_in(declined["study_uid"].to_list()))
     assert declined["p_ef_fall"].mean() > stable["p_ef_fall"].mean() + 0.3  # type: ignore[operator]

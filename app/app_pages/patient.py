@@ -16,6 +16,7 @@ from echosearch.appcore.views import TASK_LABELS
 from echosearch.change import EF_MARGIN, MIN_PROBABILITY
 from echosearch.model.zeroshot import BINARY_TASKS, recorded_thresholds
 
+EF_ESTIMATES = (("ef_learnt", "learnt from this archive's reports"), ("ef", "zero-shot"))  # column, what it is
 DATE_AXIS = alt.Axis(format="%b %Y", labelAngle=-30, title="study date")  # years on every label
 
 st.title("Patient timeline")
@@ -109,8 +110,7 @@ else:
 left, right = st.columns(2)
 with left:
     st.subheader("Predicted ejection fraction")
-    series = {c: name for c, name in (("ef_learnt", "learnt from this archive's reports"), ("ef", "zero-shot"))
-              if c in tl.columns and dated.filter(pl.col(c).is_not_null()).height}
+    series = {c: name for c, name in EF_ESTIMATES if c in tl.columns and dated.filter(pl.col(c).is_not_null()).height}
     if series:
         long = dated.select("visit", "study_date", *series).unpivot(index=["visit", "study_date"], on=list(series),
                                                                     variable_name="estimate", value_name="EF")
@@ -213,8 +213,7 @@ for col, visit, key in ((ca, va, key_a), (cb, vb, key_b)):
     with col:
         st.markdown(f"**{vlabel[visit]}**")
         ui.clip(ui.first_video_of(vids, key, view_or_none))
-        est = [f"{r[c]:.0f}% ({how})" for c, how in (("ef_learnt", "learnt from this archive's reports"),
-                                                      ("ef", "zero-shot")) if r.get(c) is not None]
+        est = [f"{r[c]:.0f}% ({how})" for c, how in EF_ESTIMATES if r.get(c) is not None]
         st.caption(f"EF ≈ {'; '.join(est)}" if est else "EF not predicted")
         report = texts.get(key)
         st.text_area("Report", report or "no report text for this study", height=160, disabled=True,

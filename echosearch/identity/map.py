@@ -105,10 +105,7 @@ class MapRunner:
         self.projection = projection
 
     def video_vectors(self, frames: Sequence[np.ndarray]) -> np.ndarray:
-        h = self.acts.split_activations(np.concatenate(list(frames)))
-        bounds = np.cumsum([0, *[len(f) for f in frames]])
-        maps = np.stack([h[a:b].mean(0).flatten().numpy() for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
-        return self.projection(maps)
+        return self.projection(np.stack([h.mean(0).flatten().numpy() for h in self.acts.per_clip(frames)]))
 
 
 def save_map(folder: Path, projection: MapProjection, tower: dict[str, Any], split: int, map_stages: int,

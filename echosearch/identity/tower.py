@@ -186,6 +186,10 @@ class SplitActivations:
                 self.tap.last = (sums, acts)  # but the batch's next reader may share it
             return acts
 
+    def per_clip(self, frames: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Each clip's split activations (its frames, C, H, W), from one pass over the frames of all of them."""
+        return list(torch.split(self.split_activations(np.concatenate(list(frames))), [len(f) for f in frames]))
+
 
 class TailRunner(SplitActivations):
     """Frame vectors of the identity tower: the base encoder's early stages (reused from its forward pass when

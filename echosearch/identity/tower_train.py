@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from echosearch.model.encode import Encoder
 
 
-
 @dataclass
 class TowerFeatures:
     """Cached split activations per video, (copies, frames / copies, C, H, W) float16, copy 0 plain (or what

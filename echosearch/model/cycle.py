@@ -70,9 +70,7 @@ class CycleRunner:
         """(clips, dim) float32: one cycle vector per clip of ``frames`` (each (n, S, S, 3) uint8)."""
         if not len(frames):
             return np.zeros((0, self.dim), np.float32)
-        h = self.acts.split_activations(np.concatenate(list(frames)))
-        bounds = np.cumsum([0, *[len(f) for f in frames]])
-        return np.stack([cycle_vector(h[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        return np.stack([cycle_vector(h) for h in self.acts.per_clip(frames)])
 
 
 __all__ = ["CYCLE_FORMAT", "GRID", "CycleRunner", "cycle_info", "cycle_vector"]

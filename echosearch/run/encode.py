@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,11 +45,11 @@ class EncodeSpec:
     zeroshot_method: str
     zeroshot_prompts: str | None
     identity_model: str | None  # resolved spec (setting, else the one the index recorded); None: no identity
-    cycle: bool = False  # cycle vectors (the index stores them)
+    cycle: dict[str, Any] | None = None  # the cycle vectors the index stores (its manifest entry); None: none
 
     @classmethod
     def from_settings(cls, settings: Settings, identity_model: str | None, device: str | None = None,
-                      cycle: bool = False) -> EncodeSpec:
+                      cycle: dict[str, Any] | None = None) -> EncodeSpec:
         return cls(settings.model, device or settings.device, settings.frames_per_video, settings.frame_policy,
                    settings.frame_sampling, settings.batch_size, settings.keep_frame_embeddings,
                    settings.zeroshot_method, str(settings.zeroshot_prompts) if settings.zeroshot_prompts else None,
@@ -105,10 +105,9 @@ class EncodeStage:
             identity = load_identity_encoder(spec.identity_model, encoder, device=spec.device)
         cycle = None
         if spec.cycle:
-            from echosearch.model.cycle import CycleRunner, cycle_info
+            from echosearch.model.cycle import CycleRunner
 
-            info = cycle_info(encoder)
-            cycle = CycleRunner(encoder, info) if info is not None else None
+            cycle = CycleRunner(encoder, spec.cycle)
         return cls(encoder, bank=bank, identity=identity, batch_size=spec.batch_size, keep_frames=spec.keep_frames,
                    cycle=cycle)
 

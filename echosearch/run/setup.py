@@ -75,7 +75,7 @@ class RunSetup:
         """What an encode worker elsewhere loads the same models from."""
         identity = self.meta.get("identity_model")
         return EncodeSpec.from_settings(self.settings, identity["source"] if identity else None,
-                                        cycle=bool(self.meta.get("cycle")))
+                                        cycle=self.meta.get("cycle"))
 
 
 def prepare_run(cat: Catalog, settings: Settings, encoder: Encoder | None = None, *,

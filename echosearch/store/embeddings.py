@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from echosearch.errors import CatalogError
+from echosearch.errors import CatalogError, ModelMismatchError
 from echosearch.store.base import QueryBase, utc_now
-from echosearch.store.schema import IDENTITY_LEVELS, LEVEL_TABLES
+from echosearch.store.schema import IDENTITY_LEVELS, LEVEL_TABLES, cycle_table_sql
 
 
 class EmbeddingQueries(QueryBase):
@@ -71,9 +71,6 @@ class EmbeddingQueries(QueryBase):
         an index that has them keeps them (another encoder's are refused); one whose videos were encoded without
         them stays without (they would be missing for those); a new index stores them when ``wanted`` and the
         tower has them (``info``). Returns what is stored (the manifest entry) or None."""
-        from echosearch.errors import ModelMismatchError
-        from echosearch.store.schema import cycle_table_sql
-
         stored = self.get_manifest("cycle")
         if stored is not None:
             if info is None or any(stored.get(k) != info.get(k) for k in ("format", "split", "grid", "dim")):
