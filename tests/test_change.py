@@ -226,3 +226,24 @@ def test_study_predictions_from_videos_follow_the_pipeline_rule(tmp_path: Path) 
     for row in got.iter_rows(named=True):
         assert row["ef"] == pytest.approx(expected["ef"]) and row["pacer_lead"] == pytest.approx(0.3)
         assert row["tavr"] is None
+
+
+def test_audit_takes_a_confirmed_new_heart_for_the_same_patient(
+        scanned: tuple[Path, pl.DataFrame, list[Study]]) -> None:
+    """P0's two hearts are audited apart (heart 0, then 1 from its transplant), so neither is the other's
+    mislabel; P3's foreign study is still the audit's first suspect."""
+    from echosearch.identity import audit
+
+    index, _, _ = scanned
+    with Catalog.open(index, read_only=True) as cat:
+        split = audit(cat, store=False).sort("study_date")
+        plain = audit(cat, store=False, hearts=False)
+    p0 = split.filter(pl.col("recorded_patient") == "P0")
+    assert p0["heart"].to_list() == [0, 0] + [1] * (p0.height - 2)
+    assert not p0["suspect"].any() and (p0["status"] == "ok").all()
+    assert plain["heart"].max() == 0
+    top = split.sort("rank").row(0, named=True)
+    assert top["recorded_patient"] == "P3" and top["suspect"] and top["study_uid"].endswith("S1")
+    # on the whole patient, P0's studies of one heart drag each other's own score down
+    own = {h: dict(zip(f["study_key"], f["own_score"], strict=True)) for h, f in (("split", split), ("plain", plain))}
+    assert all(own["split"][k] > own["plain"][k] for k in p0["study_key"].to_list()[:2])

@@ -11,10 +11,11 @@ from echosearch.change.scan import (
     DEVICE_NAMES,
     LABELS,
     MIN_PROBABILITY,
+    heart_segments,
     scan_changes,
     score_cohort,
     study_predictions,
 )
 
 __all__ = ["CLAUSE_TYPES", "DEVICE_NAMES", "EF_MARGIN", "FLAG_TYPES", "LABELS", "MIN_PROBABILITY", "ChangeModel",
-           "default_model", "scan_changes", "score_cohort", "study_predictions"]
+           "default_model", "heart_segments", "scan_changes", "score_cohort", "study_predictions"]

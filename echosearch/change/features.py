@@ -28,8 +28,10 @@ FINDINGS = (*DEVICES, "lv_dilated")  # zero-shot findings compared between visit
 FEATURES = ("study_dist", "view_dist", "view_dist_max", "id_dist", "view_id_dist", "id_other", "next_gap", "has_next",
             "ef_fall", "ef_rise", "ef_probe_fall", "ef_probe_rise",
             *(f"{d}_rise" for d in FINDINGS), *(f"{d}_fall" for d in FINDINGS),
-            *(f"{d}_probe_rise" for d in DEVICES), *(f"{d}_probe_fall" for d in DEVICES), "transplant_probe_rise")
-PROBE_FEATURES = frozenset(f for f in FEATURES if "_probe_" in f)  # missing where the reports give no labels
+            *(f"{d}_probe_rise" for d in DEVICES), *(f"{d}_probe_fall" for d in DEVICES), "transplant_probe_rise",
+            "transplant_present_rise")
+# missing where the reports give no labels: the probes and the presence calibrated on them
+PROBE_FEATURES = frozenset(f for f in FEATURES if "_probe_" in f or "_present_" in f)
 
 
 @dataclass
@@ -273,6 +275,15 @@ def raw_pair_features(T: Timeline, i: np.ndarray, j: np.ndarray) -> dict[str, np
         d = np.where(np.isfinite(d), d, study)
         out[f"{task}_rise"] = d
         out[f"{task}_fall"] = -(np.where(np.isfinite(dn), dn, study) if task not in ("ef", "ef_probe") else d)
+    # the post-transplant state calibrated on the reports (a step from "not transplanted" to "transplanted" is a
+    # new heart, whatever the identity vectors say), as a change in log-odds: the probe's raw estimate is noisy
+    pres = T.pred.get("transplant_present")
+    if pres is None:
+        out["transplant_present_rise"] = np.full(i.size, np.nan)
+    else:
+        p = np.clip(pres, 1e-3, 1 - 1e-3)
+        lo = np.log(p / (1 - p))
+        out["transplant_present_rise"] = lo[i] - lo[j]
     return out
 
 

@@ -1,4 +1,4 @@
-"""Patient identity: same-patient matching and the identity audit (``matching``), score calibration
+"""Patient identity: same-patient matching (``matching``), the identity audit (``audit``), score calibration
 (``calibration``), and the identity models the index can carry (``map``, ``model``, ``tower``; trained by
 ``train`` and ``tower_train``).
 
@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
+from echosearch.identity.audit import audit, score_studies
 from echosearch.identity.matching import (
     PATIENT_CAL,
     StudySet,
-    audit,
     fit_identity_calibrations,
     fit_patient_calibration,
     load_studies,
@@ -18,7 +18,6 @@ from echosearch.identity.matching import (
     own_scores,
     patient_scores,
     same_patient_probability,
-    score_studies,
 )
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""Patient identity from study vectors: same-patient matching, calibrated probabilities, and the identity audit.
+"""Patient identity from study vectors: same-patient matching, calibrated probabilities, and the scoring kernels
+the identity audit (``audit.py``) is built on.
 
 A study vector (mean of its video vectors, L2-normalised) carries who the patient is. The score of a
 study against a patient is the mean of its top-2 cosines to that patient's *other* studies (robust to one
@@ -10,7 +11,6 @@ FAISS kNN, normalised robustly against the whole catalog. See ``docs/longitudina
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -93,11 +93,13 @@ def expand_to_patients(queries: np.ndarray, patients: np.ndarray, patient_of: np
     return pair, study
 
 
-def own_scores(S: StudySet, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Leave-one-out score of every study against its recorded patient's eligible other studies.
+def own_scores(S: StudySet, eligible: np.ndarray, group: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Leave-one-out score of every study against its recorded patient's eligible other studies (``group``: the
+    reference sets instead of the recorded patients, e.g. one per heart of a transplanted patient).
 
     Returns (own score, top partner rows (N, 2), their cosines, number of reference studies)."""
-    i, j = cal.within_group_pairs(S.patient, ordered=True)
+    i, j = cal.within_group_pairs(S.patient if group is None else group, ordered=True)
     keep = eligible[j]
     i, j = i[keep], j[keep]
     c = cal.pair_cosines(S.vecs, i, j)
@@ -106,11 +108,12 @@ def own_scores(S: StudySet, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return own, top_p, top_v, n_ref
 
 
-def typical_scores(S: StudySet, eligible: np.ndarray, full_above: int = 40) -> np.ndarray:
-    """Per study s: the median, over the other reference studies o of its patient, of o's own score
-    computed without s (the patient's typical within-patient similarity, leave-s-out); NaN if < 2 refs."""
+def typical_scores(S: StudySet, eligible: np.ndarray, full_above: int = 40,
+                   group: np.ndarray | None = None) -> np.ndarray:
+    """Per study s: the median, over the other reference studies o of its patient (or ``group``), of o's own
+    score computed without s (the patient's typical within-patient similarity, leave-s-out); NaN if < 2 refs."""
     out = np.full(len(S), np.nan)
-    order, _, starts, counts = cal.group_offsets(S.patient)
+    order, _, starts, counts = cal.group_offsets(S.patient if group is None else group)
     for n in np.unique(counts):
         if n < 3:
             continue
@@ -325,182 +328,9 @@ def evidence_json(keys: np.ndarray, rows: np.ndarray, cos: np.ndarray) -> list[l
     return [[int(keys[r]), round(float(c), 4)] for r, c in zip(rows, cos, strict=True) if r >= 0 and np.isfinite(c)]
 
 
-def _f4(x: float | None) -> float | None:
+def round4(x: float | None) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 4)
 
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), default=float)
-
-
-# ---- the audit -------------------------------------------------------------------------------------
-K0_TYPICAL = 2.0
-MAX_CANDIDATES = 3
-
-
-def _score_pass(S: StudySet, eligible: np.ndarray, nbr_rows: np.ndarray, pad: float) -> dict[str, np.ndarray]:
-    """Own, typical, best-other and robust z-scores of every study given the eligible reference studies."""
-    n = len(S)
-    own, own_p, own_v, n_ref = own_scores(S, eligible)
-    typ = typical_scores(S, eligible)
-    q, pk = candidate_patients(nbr_rows, S.patient, S.patient, eligible, MAX_CANDIDATES)
-    sc, tp, tv = patient_scores(S, q, pk, eligible, pad=pad)
-    best = np.full(n, np.nan)
-    best_pk = np.full(n, -1, dtype=np.int64)
-    best_p = np.full((n, TOP_M), -1, dtype=np.int64)
-    best_v = np.full((n, TOP_M), np.nan)
-    ok = np.isfinite(sc)
-    if ok.any():
-        q2, sc2, pk2, tp2, tv2 = q[ok], sc[ok], pk[ok], tp[ok], tv[ok]
-        order = np.lexsort((-sc2, q2))
-        first = order[np.r_[True, q2[order][1:] != q2[order][:-1]]]
-        r = q2[first]
-        best[r], best_pk[r], best_p[r], best_v[r] = sc2[first], pk2[first], tp2[first], tv2[first]
-    margin = own - best
-    ref = eligible & np.isfinite(own)
-    strata = np.minimum(n_ref, 4)
-    # Fisher transform: cosines are bounded by 1, which skews same-patient scores; atanh makes them
-    # close to normal so that robust z-scores have near-nominal tails.
-    f_own, f_typ, f_best = cal.fisher(own), cal.fisher(typ), cal.fisher(best)
-    c0 = cal.stratified_center_scale(f_own, strata, ref)[0]
-    m = np.maximum(n_ref - 1, 0).astype(np.float64)
-    w = np.where(np.isfinite(typ), m / (m + K0_TYPICAL), 0.0)
-    resid = f_own - (w * np.nan_to_num(f_typ) + (1 - w) * c0)
-    _, s_own = cal.stratified_center_scale(resid, strata, ref)
-    own_z = resid / s_own
-    f_margin = f_own - f_best
-    mc, ms = cal.stratified_center_scale(f_margin, strata, ref & np.isfinite(f_margin))
-    margin_z = (f_margin - mc) / ms
-    both = own_z + margin_z
-    bc, bs = cal.stratified_center_scale(both, strata, ref & np.isfinite(both))
-    suspicion = np.where(np.isfinite(both), -(both - bc) / bs, -own_z)
-    return {"own": own, "own_p": own_p, "own_v": own_v, "n_ref": n_ref, "typical": typ, "best": best,
-            "best_pk": best_pk, "best_p": best_p, "best_v": best_v, "margin": margin, "own_z": own_z,
-            "margin_z": margin_z, "suspicion": suspicion}
-
-
-def score_studies(S: StudySet, *, fpr: float = 0.01, k: int = 50, max_iter: int = 3,
-                  p_same: Callable[[np.ndarray], np.ndarray] | None = None, max_p_same: float = 0.5,
-                  neighbours: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Audit scores of every study (arrays by row), with iterative explain-away of suspects.
-
-    A study is a suspect when its suspicion exceeds the normal quantile of ``fpr``, unless (given a
-    calibration ``p_same``) the recorded patient is still plausible: calibrated probability at least
-    ``max_p_same``, and not (suspicion 2 above the threshold and another patient more probable).
-
-    Each round takes, per patient, the most suspicious suspect out of the reference sets (its scores
-    are frozen as they were) and re-scores the rest, so that a mislabelled study stops dragging down its
-    recorded patient's other studies or lending its look to the wrong patient."""
-    n = len(S)
-    z_thr = cal.z_for_fpr(fpr)
-    nbr_rows = neighbours if neighbours is not None else knn(S.vecs, S.vecs, k + 1)[1]
-    ni, nj = cal.between_group_pairs(S.patient, 5000, seed=1)
-    pad = float(np.median(cal.pair_cosines(S.vecs, ni, nj))) if ni.size else 0.0
-
-    def run(eligible: np.ndarray) -> dict[str, np.ndarray]:
-        res = _score_pass(S, eligible, nbr_rows, pad)
-        res["p_same"] = p_same(res["own"]) if p_same else np.full(n, np.nan)
-        res["p_best_other"] = p_same(res["best"]) if p_same else np.full(n, np.nan)
-        with np.errstate(invalid="ignore"):
-            flag = np.nan_to_num(res["suspicion"], nan=-np.inf) > z_thr
-            strong = np.nan_to_num(res["suspicion"], nan=-np.inf) > z_thr + 2
-            plausible = (res["p_same"] >= max_p_same) & ~(strong & (res["p_best_other"] > res["p_same"]))
-            res["suspect"] = flag & ~plausible
-        return res
-
-    eligible = np.ones(n, dtype=bool)
-    res = run(eligible)
-    final = {key: val.copy() for key, val in res.items()}
-    frozen = np.zeros(n, dtype=bool)
-    for _ in range(max_iter):
-        rows = np.nonzero(eligible & res["suspect"])[0]
-        if rows.size == 0:
-            break
-        order = np.lexsort((-res["suspicion"][rows], S.patient[rows]))
-        pick = rows[order[np.r_[True, S.patient[rows][order][1:] != S.patient[rows][order][:-1]]]]
-        for key, val in res.items():
-            final[key][pick] = val[pick]
-        frozen[pick] = True
-        eligible[pick] = False
-        res = run(eligible)
-        for key, val in res.items():
-            final[key][~frozen] = val[~frozen]
-    final["z_threshold"] = np.array(z_thr)
-    return final
-
-
-def _reasons(r: dict[str, Any]) -> list[str]:
-    """Why a study is a suspect, in words a reviewer reads (similarities as the page shows them)."""
-    out = []
-    own = "n/a" if r["own_score"] is None else f"{r['own_score']:.3f}"
-    if r["margin_z"] is not None and r["margin_z"] < -2 and r["best_other_score"] is not None:
-        word = "more closely than" if (r["margin"] or 0) < 0 else "almost as closely as"
-        out.append(f"patient {r['best_other_patient']} resembles this study {word} the recorded patient "
-                   f"(similarity {r['best_other_score']:.3f} against {own})")
-    if r["own_z"] is not None and r["own_z"] < -2:
-        out.append(f"its similarity to the recorded patient's other studies ({own}) is unusually low for "
-                   "this archive")
-    if r["p_same"] is not None:
-        out.append(f"probability that the recorded patient is right: {r['p_same']:.2f}")
-    return out
-
-
-def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiable: bool = False,
-          store: bool = True, max_iter: int = 3,
-          vectors: Literal["auto", "identity", "content"] = "auto") -> pl.DataFrame:
-    """Rank every study by how likely its recorded patient is wrong; store the result under a new run.
-
-    ``fpr`` is the nominal share of correctly labelled studies flagged (robust normal model of the
-    catalog's own scores). Patients with a single study carry no own-patient evidence: their studies are
-    left out unless ``report_unverifiable`` (then listed, last, with status ``unverifiable``). ``vectors``:
-    which study vectors (``auto``: identity vectors when the index has them; ``eval`` compares both)."""
-    S = load_studies(catalog, vectors)
-    if len(S) == 0:
-        raise QueryError("this index has no study vectors: run `echosearch index` first")
-    _, patient_cal = fit_identity_calibrations(catalog, S, fpr=fpr)
-    res = score_studies(S, fpr=fpr, k=k, max_iter=max_iter, p_same=patient_cal.predict,
-                        neighbours=study_neighbours(catalog, S, k + 1))
-    z_thr = float(res["z_threshold"])
-    names = dict(zip(S.meta["patient_key"].to_list(), S.meta["patient_pseudonym"].to_list(), strict=True))
-    verifiable = np.isfinite(res["own"])
-    status = np.where(res["suspect"], "suspect", np.where(verifiable, "ok", "unverifiable"))
-
-    def col(x: np.ndarray) -> pl.Series:
-        return pl.Series(np.asarray(x, dtype=np.float64)).fill_nan(None)
-
-    df = pl.DataFrame({
-        "study_key": S.keys, "study_uid": S.meta["study_uid"], "study_date": S.meta["study_date"],
-        "recorded_patient_key": S.patient, "recorded_patient": S.meta["patient_pseudonym"],
-        "n_refs": res["n_ref"].astype(np.int64), "own_score": col(res["own"]), "typical_score": col(res["typical"]),
-        "own_z": col(res["own_z"]),
-        "best_other_patient_key": pl.Series([int(p) if p >= 0 else None for p in res["best_pk"]], dtype=pl.Int64),
-        "best_other_patient": [names.get(int(p)) if p >= 0 else None for p in res["best_pk"]],
-        "best_other_score": col(res["best"]), "margin": col(res["margin"]), "margin_z": col(res["margin_z"]),
-        "p_same": col(res["p_same"]), "p_best_other": col(res["p_best_other"]),
-        "suspicion": col(res["suspicion"]), "suspect": res["suspect"], "status": status,
-    })
-    evidence = []
-    for i, r in enumerate(df.select("margin", "margin_z", "own_z", "best_other_patient", "p_same", "own_score",
-                                          "best_other_score").iter_rows(named=True)):
-        evidence.append(dumps({
-            "own_patient_studies": evidence_json(S.keys, res["own_p"][i], res["own_v"][i]),
-            "best_other_studies": evidence_json(S.keys, res["best_p"][i], res["best_v"][i]),
-            "typical": None if not np.isfinite(res["typical"][i]) else round(float(res["typical"][i]), 4),
-            "reasons": _reasons(r) if res["suspect"][i] else [],
-        }))
-    group = np.where(res["suspect"], 0, np.where(verifiable, 1, 2))
-    key2 = np.where(group == 2, -np.nan_to_num(res["best"], nan=-9.0), -np.nan_to_num(res["suspicion"], nan=-9e9))
-    order = np.lexsort((S.keys, key2, group))
-    df = df.with_columns(pl.Series("evidence", evidence))[order]
-    if not report_unverifiable:
-        df = df.filter(pl.col("status") != "unverifiable")
-    df = df.with_row_index("rank", offset=1).with_columns(pl.col("rank").cast(pl.Int32))
-    run_id = None
-    if store and not catalog.read_only:
-        run_id = catalog.new_run("audit", {"fpr": fpr, "k": k, "report_unverifiable": report_unverifiable,
-                                           "z_threshold": z_thr, "max_iter": max_iter, "vectors": S.source,
-                                           "calibration_auc": _f4(patient_cal.auc)})
-        cols = ["run_id", "study_key", "recorded_patient_key", "own_score", "best_other_patient_key",
-                "best_other_score", "margin", "p_same", "suspect", "rank", "evidence"]
-        catalog.insert_frame("identity_audit", df.with_columns(pl.lit(run_id, pl.Int64).alias("run_id")), cols)
-    return df.with_columns(pl.lit(run_id, pl.Int64).alias("run_id"))
