@@ -27,8 +27,10 @@ from echosearch.evaluation.identity import (
     cross_visit_pairs,
     identity_metrics,
     project_audit,
+    reidentification,
     weighted_auc,
 )
+from echosearch.identity import StudySet
 from echosearch.identity import calibration as cal
 from echosearch.store.schema import identity_table_sql
 
@@ -100,6 +102,9 @@ def test_identity_vectors_score_other_visits_above_other_patients(archive: tuple
     lo, hi = content["minus_identity_vectors"]["ci95"]
     assert hi < 0, "content vectors are worse than identity vectors on the same pairs"
     assert single["auc"] <= content["auc"] + 0.05  # one clip of each study carries no more than the study
+    reid = res["reidentification"]
+    assert reid["identity_vectors"]["n_queries"] == reid["content_vectors"]["n_queries"] > 50
+    assert reid["identity_vectors"]["top1"] >= 0.95 > reid["content_vectors"]["top1"], reid
 
 
 def test_injected_mislabels_found_on_identity_missed_more_on_content(archive: tuple[Path, pl.DataFrame]) -> None:
@@ -235,6 +240,10 @@ def test_pairs_across_a_transplant_are_reported_apart(tmp_path: Path) -> None:
     every = cv["identity_vectors"]["auc"]
     assert across < 0.7 and same > 0.97 and same > every, (same, across, every)
     assert cv["same_heart"]["content_vectors"]["auc"] < 0.9  # every scoring is split, on the same pairs
+    with Catalog.open(index, read_only=True) as cat:
+        reid = identity_metrics(cat, st_, n_boot=10)["reidentification"]["identity_vectors"]
+    assert reid["n_same_heart_queries"] < reid["n_queries"]  # a first post-transplant study has no heart to match
+    assert reid["same_heart_top1"] > reid["top1"], reid
     with Catalog.open(index, read_only=True) as cat:  # no heart column: no split
         assert "same_heart" not in identity_metrics(cat, _st(index, truth.drop("heart_id")), n_boot=10)["cross_visit"]
 
@@ -265,3 +274,30 @@ def test_feature_bench_scores_hearts_and_view_slots() -> None:
     slots, _ = bench.study_vectors(z, meta, centre)
     assert slots.shape == (48, 32) and np.allclose(np.linalg.norm(slots, axis=1), 1)
     assert bench.scores(slots, st_)[1] >= same - 0.02  # view offsets removed: no worse on the same pairs
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 6), st.integers(4, 30))
+def test_reidentification_top1_matches_a_plain_loop(seed: int, n_pat: int, n: int) -> None:
+    """Each query against every patient by the top-2 mean of its cosines (itself left out; one cosine for a
+    one-study patient), counted as a plain double loop would."""
+    rng = np.random.default_rng(seed)
+    patient = rng.integers(0, n_pat, n)
+    vecs = rng.normal(size=(n, 5))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    S = StudySet(np.arange(n), vecs.astype(np.float32), patient, pl.DataFrame({"k": np.arange(n)}))
+    got = reidentification(S)
+    hits, asked = 0, 0
+    for q in range(n):
+        if (patient == patient[q]).sum() < 3:
+            continue
+        asked += 1
+        best, who = -np.inf, -1
+        for p in sorted(set(patient.tolist())):
+            c = sorted((float(S.vecs[q] @ S.vecs[o]) for o in range(n) if o != q and patient[o] == p), reverse=True)
+            score = float(np.mean(c[:2])) if c else -np.inf
+            if score > best:
+                best, who = score, p
+        hits += who == patient[q]
+    assert got["n_queries"] == asked
+    assert got["top1"] == (pytest.approx(hits / asked, abs=1e-4) if asked else None)

@@ -128,6 +128,44 @@ def _patient_auc(T: StudySet, seed: int) -> float | None:
     return _f(cal.auc(own[q], neg))
 
 
+def _top1(T: StudySet, q_all: np.ndarray, chunk: int = 512) -> float | None:
+    """Share of query rows whose best patient is their own: every patient scored by the top-2 mean of the query's
+    cosines to that patient's studies (the query itself left out; a one-study patient by its one cosine)."""
+    if q_all.size == 0:
+        return None
+    order, uniq, starts, counts = cal.group_offsets(T.patient)
+    hits = 0
+    for s in range(0, q_all.size, chunk):
+        q = q_all[s:s + chunk]
+        C = (T.vecs[q] @ T.vecs.T).astype(np.float64)
+        C[np.arange(q.size), q] = -np.inf
+        best = np.full((q.size, uniq.size), -np.inf)
+        for g in range(uniq.size):
+            sub = C[:, order[starts[g]:starts[g] + counts[g]]]
+            if sub.shape[1] == 1:
+                best[:, g] = sub[:, 0]
+                continue
+            top = -np.partition(-sub, 1, axis=1)[:, :2]
+            best[:, g] = np.where(np.isfinite(top).all(axis=1), top.mean(axis=1), top.max(axis=1))
+        hits += int((uniq[np.argmax(best, axis=1)] == T.patient[q]).sum())
+    return _f(hits / q_all.size)
+
+
+def reidentification(T: StudySet, heart: np.ndarray | None = None) -> dict[str, Any]:
+    """Re-identification as ``echosearch match`` does it, against the truth: each study whose true patient has two
+    or more other studies, ranked against every true patient (``T.patient``: truth codes) by the top-2 mean; top-1
+    is the share ranked first. ``heart`` (truth codes per row): also on the studies whose patient has two or more
+    other studies of the same heart (a first post-transplant study has none: no image can re-identify it)."""
+    cnt = np.bincount(T.patient)
+    q = np.nonzero(cnt[T.patient] >= 3)[0]
+    out: dict[str, Any] = {"top1": _top1(T, q), "n_queries": int(q.size)}
+    if heart is not None:
+        same = np.unique(np.c_[T.patient, heart], axis=0, return_inverse=True)[1].ravel()
+        qh = np.nonzero(np.bincount(same)[same] >= 3)[0]
+        out.update({"same_heart_top1": _top1(T, qh), "n_same_heart_queries": int(qh.size)})
+    return out
+
+
 def identity_metrics(catalog: Catalog, st: pl.DataFrame, max_pairs: int = 20000, seed: int = 0,
                      n_boot: int = N_BOOT) -> dict[str, Any]:
     """Cross-visit study-pair AUCs of identity vectors, content vectors and EchoCLIP's single clip pair on
@@ -155,12 +193,14 @@ def identity_metrics(catalog: Catalog, st: pl.DataFrame, max_pairs: int = 20000,
     n_pat = int(patient.max(initial=-1)) + 1
     pairs = bootstrap_aucs(scores, y, patient[i], patient[j], n_pat, n_boot, seed)
     by_heart = _by_heart(common, scores, i, j, y, patient, n_pat, n_boot, seed)
+    heart = _codes(common["heart_id"].fill_null("?")) if "heart_id" in common.columns else None
     audited = "identity_vectors" if "identity_vectors" in levels else "content_vectors"
     return {
         "vectors": audited.removesuffix("_vectors"),
         "study_pair_auc": pairs[audited]["auc"],
         "study_patient_auc": _patient_auc(studies[audited], seed),
         "content_study_patient_auc": _patient_auc(studies["content_vectors"], seed),
+        "reidentification": {name: reidentification(T, heart) for name, T in studies.items()},
         "cross_visit": {"n_same_patient_pairs": int(y.sum()), "n_other_patient_pairs": int((~y).sum()),
                         "n_studies": int(keys.size), "n_patients": int(np.unique(patient).size),
                         "bootstrap": f"{n_boot} patient resamples", **pairs, **by_heart},
@@ -318,6 +358,11 @@ def identity_rows(es: dict[str, Any], ec: dict[str, Any]) -> list[tuple[str, str
                     note = (f"{cv['n_pairs_across_transplant']} same-patient pairs (donor heart)"
                             if part == "across_transplant" else "")
                     rows.append((f"  {what} only, {text}", _auc_ci(cv[part][name]), note, ""))
+    for name, r in (ident.get("reidentification") or {}).items():
+        same = f"{_fmt(r.get('same_heart_top1'))} on {r['n_same_heart_queries']} same-heart" \
+            if "same_heart_top1" in r else ""
+        rows.append((f"re-identification top-1, {label.get(name, name)}", _fmt(r["top1"]),
+                     f"{r['n_queries']} studies; {same}".rstrip("; "), ""))
     rows.append(("same patient AUC (study vs patient's other studies)", _fmt(ident.get("study_patient_auc")),
                  f"{_fmt(ec.get('video_pair_identity_auc'))} (all clip pairs)", ""))
     au = es["audit"]
@@ -349,6 +394,7 @@ def levels_frame(ident: dict[str, Any], aud: dict[str, Any]) -> pl.DataFrame:
         rows.append({"vectors": kind, "pair AUC": (pair or {}).get("auc"),
                      "95% CI": f"{_fmt(lo)}-{_fmt(hi)}" if lo is not None else "",
                      **({"same-heart AUC": same.get("auc")} if "same_heart" in cv else {}),
+                     "re-id top-1": ((ident.get("reidentification") or {}).get(f"{kind}_vectors") or {}).get("top1"),
                      "precision": (a or {}).get("precision"), "recall": (a or {}).get("recall"),
                      "recall@P0.9": (a or {}).get("recall_at_precision_0.9"),
                      "flagged": (a or {}).get("n_flagged"), "mislabelled": (a or {}).get("n_mislabelled")})

@@ -1,4 +1,4 @@
-"""Patient identity: same-patient matching (``matching``), the identity audit (``audit``), score calibration
+"""Patient identity: same-patient matching (``matching``), the identity audit (``mislabels``), score calibration
 (``calibration``), and the identity models the index can carry (``map``, ``model``, ``tower``; trained by
 ``train`` and ``tower_train``).
 
@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-from echosearch.identity.audit import audit, score_studies
 from echosearch.identity.matching import (
     PATIENT_CAL,
     StudySet,
@@ -19,6 +18,7 @@ from echosearch.identity.matching import (
     patient_scores,
     same_patient_probability,
 )
+from echosearch.identity.mislabels import audit, score_studies
 
 __all__ = [
     "PATIENT_CAL",

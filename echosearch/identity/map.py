@@ -182,8 +182,8 @@ def train_map(index_dir: Path, out_dir: Path, cfg: IdentityTrainConfig, result: 
     without the studies the audit suspects) and save it to ``out_dir``."""
     import polars as pl
 
-    from echosearch.identity.audit import score_studies
     from echosearch.identity.matching import StudySet
+    from echosearch.identity.mislabels import score_studies
     from echosearch.identity.tower_train import tower_activations
     from echosearch.identity.train import holdout_split, pair_auc, training_record
 

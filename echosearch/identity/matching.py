@@ -1,5 +1,5 @@
 """Patient identity from study vectors: same-patient matching, calibrated probabilities, and the scoring kernels
-the identity audit (``audit.py``) is built on.
+the identity audit (``mislabels.py``) is built on.
 
 A study vector (mean of its video vectors, L2-normalised) carries who the patient is. The score of a
 study against a patient is the mean of its top-2 cosines to that patient's *other* studies (robust to one

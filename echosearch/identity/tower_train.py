@@ -189,8 +189,8 @@ def train_tower(index_dir: Path, out_dir: Path, cfg: IdentityTrainConfig, result
                 provenance: dict[str, Any] | None = None) -> IdentityTrainResult:
     """Fine-tune the last ``cfg.train_stages`` stages and a head on the index's recorded patients; save an identity
     tower folder to ``out_dir``. ``features``: cached activations (:func:`tower_activations`) to reuse."""
-    from echosearch.identity.audit import score_studies
     from echosearch.identity.matching import StudySet
+    from echosearch.identity.mislabels import score_studies
     from echosearch.identity.train import holdout_split, training_record
     from echosearch.model.encode import load_encoder
 

@@ -347,8 +347,8 @@ def train_identity(index_dir: Path, out_dir: Path, config: IdentityTrainConfig |
     """Train an identity head on the index's recorded patients and save it to ``out_dir`` (a folder the
     ``identity_model`` setting accepts). ``features`` skips the decoding (e.g. a second run on the same index);
     ``provenance`` (e.g. the command and the data it was trained on) is recorded in the head's metadata."""
-    from echosearch.identity.audit import score_studies
     from echosearch.identity.matching import StudySet
+    from echosearch.identity.mislabels import score_studies
 
     cfg = config or IdentityTrainConfig()
     if cfg.method not in ("map", "head"):
