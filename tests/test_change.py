@@ -247,3 +247,31 @@ def test_audit_takes_a_confirmed_new_heart_for_the_same_patient(
     # on the whole patient, P0's studies of one heart drag each other's own score down
     own = {h: dict(zip(f["study_key"], f["own_score"], strict=True)) for h, f in (("split", split), ("plain", plain))}
     assert all(own["split"][k] > own["plain"][k] for k in p0["study_key"].to_list()[:2])
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_kept_step_into_the_post_transplant_state_is_a_new_heart(
+        scanned: tuple[Path, pl.DataFrame, list[Study]], monkeypatch: pytest.MonkeyPatch, kept: bool) -> None:
+    """P3's second study is unlike the visits around it. Where the reports' post-transplant state steps up there and
+    the next visit keeps it, it is a transplant (the identity vectors may carry a donor heart poorly), not another
+    patient's study; a state that falls back on the next visit leaves it another patient's study."""
+    import echosearch.change.scan as scan
+
+    real = scan.load_timeline
+
+    def with_state(catalog: Catalog, preds: pl.DataFrame) -> scan.Timeline:
+        T = real(catalog, preds)
+        rows = np.nonzero(T.meta["patient_pseudonym"].to_numpy() == "P3")[0]  # timeline order: by date
+        state = np.full(len(T), 0.02)
+        state[rows[1]] = 0.97
+        state[rows[2:]] = 0.95 if kept else 0.03
+        T.pred["transplant_present"] = state
+        return T
+
+    monkeypatch.setattr(scan, "load_timeline", with_state)
+    index, _, _ = scanned
+    with Catalog.open(index, read_only=True) as cat:
+        p3 = scan_changes(cat, store=False, patient="P3").sort("visit").to_dicts()
+    assert ("other_patient" in p3[1]["flag_types"]) is not kept, p3[1]["explanation"]
+    if kept:  # the new heart is the previous visit of the next one
+        assert p3[2]["prev_study_key"] == p3[1]["study_key"]

@@ -107,6 +107,9 @@ ui.log_once(f"audit_view:{study_key}", "view_audit_suspect", {"study_key": study
 evidence = json.loads(s["evidence"] or "{}")
 for reason in evidence.get("reasons") or []:
     st.warning(reason)
+if heart := evidence.get("heart"):
+    st.info(f"Compared with this patient's studies of the same heart only: heart {heart + 1} of "
+            f"{s['recorded_patient']}, after a new heart (transplant) the change scan confirmed.")
 m1, m2, m3 = st.columns(3)
 m1.metric("P(recorded patient is right)", num(s["p_same"], 2))
 m2.metric(f"Similarity to recorded patient {s['recorded_patient']}", num(s["own_score"]))

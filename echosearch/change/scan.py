@@ -5,8 +5,9 @@ A study is compared with the patient's previous study (and, for the drift score,
 views with like views. Device and valve states are tracked along the timeline: a new device is said once,
 a device missed on one visit between two that show it is not "removed", and a removal needs the next visit
 to agree. A heart unlike the previous visit's is a new heart of the same patient when the next visit
-continues it, and a possible study of another patient when the next visit returns to the old heart; such a
-study is then skipped as the "previous visit" of the next one. See ``docs/longitudinal.md``.
+continues it, and a possible study of another patient when the next visit returns to the old heart (unless the
+post-transplant state calibrated on the reports steps up there and the next visit keeps it); such a study is then
+skipped as the "previous visit" of the next one. See ``docs/longitudinal.md``.
 """
 
 from __future__ import annotations
@@ -155,11 +156,15 @@ def score_cohort(catalog: Catalog, model: ChangeModel | None = None) -> ScanCont
     p_heart = np.zeros(pk.size)
     p_heart[sp.i] = sp.prob["new_heart"]
     suspect = np.zeros(pk.size, bool)
+    state = T.pred.get("transplant_present")  # post-transplant appearance calibrated on the reports (None: no labels)
     for r in np.nonzero(p_heart >= SUSPECT_PROBABILITY)[0]:
         nxt = r + 1
         if nxt < pk.size and pk[nxt] == pk[r] and prev[r] >= 0 and \
                 _id_cos(T, int(nxt), int(prev[r])) > _id_cos(T, int(nxt), int(r)):
-            suspect[r] = True
+            # a step into the post-transplant state that the next visit keeps is a transplant, however weakly the
+            # identity vectors carry the new heart on; another patient's study is followed by a return to the old state
+            kept = state is not None and bool(state[prev[r]] < 0.5 <= min(state[r], state[nxt]))
+            suspect[r] = not kept
     if suspect.any():
         prev, first = _pairs(pk, suspect)
         have = prev >= 0
