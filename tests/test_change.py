@@ -275,3 +275,23 @@ def test_a_kept_step_into_the_post_transplant_state_is_a_new_heart(
     assert ("other_patient" in p3[1]["flag_types"]) is not kept, p3[1]["explanation"]
     if kept:  # the new heart is the previous visit of the next one
         assert p3[2]["prev_study_key"] == p3[1]["study_key"]
+
+
+def test_a_new_heart_at_the_last_visit_stays_the_audits_question(tmp_path: Path) -> None:
+    """Nothing confirms a new heart at a patient's last visit (no later visit, no report): the audit keeps the
+    study with its patient and says that a transplant is possible."""
+    from echosearch.identity import audit
+
+    gen = Cohort(seed=21)
+    studies = gen.patients(30, visits=(4, 5))
+    _noisy_preds(studies, 2)
+    last = [s for s in studies if s.true == "P0"][-1]
+    last.vec = gen.visit(gen.centre() - gen.shared * gen.g)  # a donor heart, or someone else's study
+    index = build_catalog(tmp_path, studies, videos_per_study=2)
+    with Catalog.open(index, read_only=True) as cat:
+        df = audit(cat, store=False)
+    ev = {r["study_uid"]: (r["heart"], r["suspect"], json.loads(r["evidence"])) for r in df.iter_rows(named=True)}
+    heart, suspect, evidence = ev[last.uid]
+    assert heart == 0 and evidence["new_heart_unconfirmed"]
+    assert suspect == any("a transplant is possible" in r for r in evidence["reasons"])
+    assert sum(e["new_heart_unconfirmed"] for _, _, e in ev.values()) == 1

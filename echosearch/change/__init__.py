@@ -11,6 +11,7 @@ from echosearch.change.scan import (
     DEVICE_NAMES,
     LABELS,
     MIN_PROBABILITY,
+    HeartSplit,
     heart_segments,
     scan_changes,
     score_cohort,
@@ -18,4 +19,4 @@ from echosearch.change.scan import (
 )
 
 __all__ = ["CLAUSE_TYPES", "DEVICE_NAMES", "EF_MARGIN", "FLAG_TYPES", "LABELS", "MIN_PROBABILITY", "ChangeModel",
-           "default_model", "heart_segments", "scan_changes", "score_cohort", "study_predictions"]
+           "HeartSplit", "default_model", "heart_segments", "scan_changes", "score_cohort", "study_predictions"]

@@ -441,8 +441,17 @@ def _new_heart_support(clause: dict[str, Any]) -> str | None:
     return "next" if nxt is not None and back is not None and nxt > back else None
 
 
+@dataclass(frozen=True)
+class HeartSplit:
+    """Which heart of its recorded patient each study shows (study key -> 0, 1, ...), and the studies where the
+    scan sees a new heart that nothing confirms yet (a transplant at the last visit, or another patient's study)."""
+
+    segment: dict[int, int]
+    unconfirmed: frozenset[int]
+
+
 def heart_segments(catalog: Catalog, model: ChangeModel | None = None,
-                   min_probability: float = MIN_PROBABILITY) -> dict[int, int]:
+                   min_probability: float = MIN_PROBABILITY) -> HeartSplit:
     """Per study key, which heart of its recorded patient the study shows: 0 up to the first confirmed new heart,
     then 1, and so on. A shown ``new_heart`` flag splits the timeline when the post-transplant state confirms it,
     or when the next visit continues it and each side keeps two studies or more: a first study unlike all later
@@ -452,10 +461,14 @@ def heart_segments(catalog: Catalog, model: ChangeModel | None = None,
     found = clauses(ctx, min_probability)
     pk = ctx.T.meta["patient_key"].to_numpy()
     support: dict[int, str] = {}
+    lone: set[int] = set()
     for r, got in found.items():
         for c in got:
-            if c["type"] == "new_heart" and (how := _new_heart_support(c)):
-                support[r] = how
+            if c["type"] == "new_heart":
+                if how := _new_heart_support(c):
+                    support[r] = how
+                else:
+                    lone.add(r)
     seg = np.zeros(pk.size, np.int64)
     start = 0
     for r in range(1, pk.size + 1):
@@ -468,4 +481,5 @@ def heart_segments(catalog: Catalog, model: ChangeModel | None = None,
         for b in keep:
             seg[b:r] += 1
         start = r
-    return dict(zip(ctx.T.keys.tolist(), seg.tolist(), strict=True))
+    keys = ctx.T.keys.tolist()
+    return HeartSplit(dict(zip(keys, seg.tolist(), strict=True)), frozenset(int(keys[r]) for r in lone))

@@ -134,6 +134,10 @@ def score_studies(S: StudySet, *, fpr: float = 0.01, k: int = 50, max_iter: int 
     return final
 
 
+UNCONFIRMED_HEART = ("the change scan sees a different heart from this visit on, and no later visit or report "
+                     "confirms it yet: a transplant is possible as well as another patient's study")
+
+
 def _reasons(r: dict[str, Any]) -> list[str]:
     """Why a study is a suspect, in words a reviewer reads (similarities as the page shows them)."""
     out = []
@@ -166,11 +170,13 @@ def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiab
         raise QueryError("this index has no study vectors: run `echosearch index` first")
     _, patient_cal = fit_identity_calibrations(catalog, S, fpr=fpr)
     heart = np.zeros(len(S), np.int64)
+    lone = np.zeros(len(S), bool)  # a new heart the change scan sees here that no later visit confirms yet
     if hearts:
         from echosearch.change import heart_segments  # the change scan reads identity; imported here, not above
 
-        seg = heart_segments(catalog)
-        heart = np.asarray([seg.get(int(k), 0) for k in S.keys], np.int64)
+        split = heart_segments(catalog)
+        heart = np.asarray([split.segment.get(int(k), 0) for k in S.keys], np.int64)
+        lone = np.isin(S.keys, np.fromiter(split.unconfirmed, np.int64, len(split.unconfirmed)))
     res = score_studies(S, fpr=fpr, k=k, max_iter=max_iter, p_same=patient_cal.predict,
                         neighbours=study_neighbours(catalog, S, k + 1), heart=heart if heart.any() else None)
     z_thr = float(res["z_threshold"])
@@ -200,7 +206,8 @@ def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiab
             "best_other_studies": evidence_json(S.keys, res["best_p"][i], res["best_v"][i]),
             "typical": None if not np.isfinite(res["typical"][i]) else round(float(res["typical"][i]), 4),
             "heart": int(heart[i]),  # 0: the patient's first heart; 1, 2: after a confirmed new heart (transplant)
-            "reasons": _reasons(r) if res["suspect"][i] else [],
+            "reasons": (_reasons(r) + ([UNCONFIRMED_HEART] if lone[i] else [])) if res["suspect"][i] else [],
+            "new_heart_unconfirmed": bool(lone[i]),
         }))
     group = np.where(res["suspect"], 0, np.where(verifiable, 1, 2))
     key2 = np.where(group == 2, -np.nan_to_num(res["best"], nan=-9.0), -np.nan_to_num(res["suspicion"], nan=-9e9))
