@@ -29,7 +29,7 @@ FEATURES = ("study_dist", "view_dist", "view_dist_max", "id_dist", "view_id_dist
             "ef_fall", "ef_rise", "ef_probe_fall", "ef_probe_rise",
             *(f"{d}_rise" for d in FINDINGS), *(f"{d}_fall" for d in FINDINGS),
             *(f"{d}_probe_rise" for d in DEVICES), *(f"{d}_probe_fall" for d in DEVICES), "transplant_probe_rise",
-            "transplant_present_rise")
+            "transplant_present_rise", *(f"{d}_present_rise" for d in DEVICES), *(f"{d}_present_fall" for d in DEVICES))
 # missing where the reports give no labels: the probes and the presence calibrated on them
 PROBE_FEATURES = frozenset(f for f in FEATURES if "_probe_" in f or "_present_" in f)
 
@@ -275,15 +275,20 @@ def raw_pair_features(T: Timeline, i: np.ndarray, j: np.ndarray) -> dict[str, np
         d = np.where(np.isfinite(d), d, study)
         out[f"{task}_rise"] = d
         out[f"{task}_fall"] = -(np.where(np.isfinite(dn), dn, study) if task not in ("ef", "ef_probe") else d)
-    # the post-transplant state calibrated on the reports (a step from "not transplanted" to "transplanted" is a
-    # new heart, whatever the identity vectors say), as a change in log-odds: the probe's raw estimate is noisy
-    pres = T.pred.get("transplant_present")
-    if pres is None:
-        out["transplant_present_rise"] = np.full(i.size, np.nan)
-    else:
-        p = np.clip(pres, 1e-3, 1 - 1e-3)
-        lo = np.log(p / (1 - p))
-        out["transplant_present_rise"] = lo[i] - lo[j]
+    # the post-transplant state and each device's presence calibrated on the reports (a step from "not transplanted"
+    # to "transplanted" is a new heart, whatever the identity vectors say; from "no clip" to "clip" a new clip), as a
+    # change in log-odds: the probe's raw estimate is noisy
+    for task in ("transplant", *DEVICES):
+        pres = T.pred.get(f"{task}_present")
+        if pres is None:
+            step = np.full(i.size, np.nan)
+        else:
+            p = np.clip(pres, 1e-3, 1 - 1e-3)
+            lo = np.log(p / (1 - p))
+            step = lo[i] - lo[j]
+        out[f"{task}_present_rise"] = step
+        if task != "transplant":
+            out[f"{task}_present_fall"] = -step
     return out
 
 

@@ -29,7 +29,8 @@ _GENERAL = ("study_dist", "view_dist", "view_dist_max", "next_gap", "has_next")
 
 def evidence(flag: str) -> tuple[str, ...]:
     """The features a flag type is judged on: how much changed and whether it lasts, plus its own evidence
-    (EF and dilation for EF, the device's own zero-shot score, for a new heart identity, the post-transplant state,
+    (EF and dilation for EF, the device's own zero-shot score, probe and report-calibrated presence, for a new heart
+    identity, the post-transplant state,
     and the normal function and lost devices of a heart that replaced a failing one). Keeping each flag to
     its own evidence keeps it from being inferred from the absence of other changes, which does not carry over
     between archives."""
@@ -37,7 +38,8 @@ def evidence(flag: str) -> tuple[str, ...]:
         return (*_GENERAL, "ef_fall", "ef_rise", "ef_probe_fall", "ef_probe_rise", "lv_dilated_rise", "lv_dilated_fall")
     for d in DEVICES:
         if flag in (f"new_{d}", f"removed_{d}"):
-            return (*_GENERAL, f"{d}_rise", f"{d}_fall", f"{d}_probe_rise", f"{d}_probe_fall")
+            return (*_GENERAL, f"{d}_rise", f"{d}_fall", f"{d}_probe_rise", f"{d}_probe_fall", f"{d}_present_rise",
+                    f"{d}_present_fall")
     if flag == "new_heart":  # a transplant replaces a failing heart: its function is normal, the old devices go with it
         return (*_GENERAL, "id_dist", "view_id_dist", "id_other", "transplant_probe_rise", "transplant_present_rise",
                 "ef_probe_rise", *(f"{d}_probe_fall" for d in DEVICES))
