@@ -12,7 +12,7 @@ import numpy as np
 
 from echosearch.catalog import Catalog
 from echosearch.change.model import ChangeModel
-from echosearch.change.scan import MIN_PROBABILITY, clauses, score_cohort
+from echosearch.change.scan import MIN_PROBABILITY, clauses, score_cohort, steps_up
 
 
 def _new_heart_support(clause: dict[str, Any]) -> str | None:
@@ -20,8 +20,7 @@ def _new_heart_support(clause: dict[str, Any]) -> str | None:
     state), ``next`` (the next visit continues the new heart), or None (a lone unlike study: a transplant not yet
     confirmed, or another patient's study - the audit's question)."""
     v = clause["evidence"]["values"]
-    before, after = v.get("post_transplant_before"), v.get("post_transplant_after")
-    if before is not None and after is not None and before < 0.5 <= after:
+    if steps_up(v.get("post_transplant_before"), v.get("post_transplant_after")):
         return "state"
     nxt, back = v.get("next_visit_similarity_to_this"), v.get("next_visit_similarity_to_previous")
     return "next" if nxt is not None and back is not None and nxt > back else None
@@ -55,17 +54,16 @@ def heart_segments(catalog: Catalog, model: ChangeModel | None = None,
                     support[r] = how
                 else:
                     lone.add(r)
+    starts = np.r_[0, np.nonzero(pk[1:] != pk[:-1])[0] + 1]  # each patient's first timeline row
+    ends = np.r_[starts[1:], pk.size]
+    cuts: dict[int, list[int]] = {}  # patient (index into starts) -> rows of its confirmed new hearts, in order
+    for b in sorted(support):
+        cuts.setdefault(int(np.searchsorted(starts, b, side="right")) - 1, []).append(b)
     seg = np.zeros(pk.size, np.int64)
-    start = 0
-    for r in range(1, pk.size + 1):
-        if r < pk.size and pk[r] == pk[r - 1]:
-            continue
-        cuts = sorted(b for b in support if start < b < r)  # this patient's rows are start..r-1
-        edges = [start, *cuts, r]
-        keep = [b for k, b in enumerate(cuts)
-                if support[b] == "state" or min(b - edges[k], edges[k + 2] - b) >= 2]
-        for b in keep:
-            seg[b:r] += 1
-        start = r
+    for p, rows in cuts.items():
+        edges = [int(starts[p]), *rows, int(ends[p])]
+        for k, b in enumerate(rows):
+            if support[b] == "state" or min(b - edges[k], edges[k + 2] - b) >= 2:
+                seg[b:edges[-1]] += 1
     keys = ctx.T.keys.tolist()
     return HeartSplit(dict(zip(keys, seg.tolist(), strict=True)), frozenset(int(keys[r]) for r in lone))

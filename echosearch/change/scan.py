@@ -41,6 +41,7 @@ MIN_PROBABILITY = 0.8  # a flag is shown from this calibrated probability: about
 # "another patient's study" needs two things: a heart unlike the previous visit's (this probability) and a next
 # visit that returns to the previous heart; it points to the identity audit rather than asserting a mislabel
 SUSPECT_PROBABILITY = MIN_PROBABILITY
+PRESENT_AT = 0.5  # a state calibrated on the reports (a device, the post-transplant appearance) is present above this
 LABELS = {"ef_fall": "EF fall", "ef_rise": "EF rise", "new_heart": "new heart",
           "other_patient": "possibly another patient's study",
           **{f"new_{d}": f"new {n}" for d, n in DEVICE_NAMES.items()},
@@ -98,6 +99,12 @@ class ScanContext:
     since_first: PairScores
     suspect: np.ndarray  # rows that look like another patient's study (skipped as a previous visit)
     present: dict[str, float | None] = field(default_factory=dict)  # presence threshold per finding (None: unknown)
+
+
+def steps_up(before: float | None, after: float | None) -> bool:
+    """A step into a state calibrated on the reports: absent on the earlier study, present on the later one
+    (False when either is unknown)."""
+    return before is not None and after is not None and bool(before <= PRESENT_AT < after)
 
 
 def _pairs(pk: np.ndarray, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +170,7 @@ def score_cohort(catalog: Catalog, model: ChangeModel | None = None) -> ScanCont
                 _id_cos(T, int(nxt), int(prev[r])) > _id_cos(T, int(nxt), int(r)):
             # a step into the post-transplant state that the next visit keeps is a transplant, however weakly the
             # identity vectors carry the new heart on; another patient's study is followed by a return to the old state
-            kept = state is not None and bool(state[prev[r]] < 0.5 <= min(state[r], state[nxt]))
+            kept = state is not None and steps_up(state[prev[r]], min(state[r], state[nxt]))
             suspect[r] = not kept
     if suspect.any():
         prev, first = _pairs(pk, suspect)
@@ -333,7 +340,7 @@ def _seen(T: Timeline, row: int, dev: str, thr: float | None) -> bool | None:
     there is one (``probes.presence``), else its zero-shot score against the recorded threshold (None: neither)."""
     p = T.pred.get(f"{dev}_present")
     if p is not None and np.isfinite(p[row]):
-        return bool(p[row] > 0.5)
+        return bool(p[row] > PRESENT_AT)
     v = T.pred[dev][row]
     if thr is None or not np.isfinite(v):
         return None

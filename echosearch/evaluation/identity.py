@@ -192,8 +192,9 @@ def identity_metrics(catalog: Catalog, st: pl.DataFrame, max_pairs: int = 20000,
         scores["echoclip_single_pair"] = cal.pair_cosines(clip, i, j)
     n_pat = int(patient.max(initial=-1)) + 1
     pairs = bootstrap_aucs(scores, y, patient[i], patient[j], n_pat, n_boot, seed)
-    by_heart = _by_heart(common, scores, i, j, y, patient, n_pat, n_boot, seed)
-    heart = _codes(common["heart_id"].fill_null("?")) if "heart_id" in common.columns else None
+    has_heart = "heart_id" in common.columns and common["heart_id"].null_count() < common.height
+    heart = _codes(common["heart_id"].fill_null("?")) if has_heart else None
+    by_heart = _by_heart(heart, scores, i, j, y, patient, n_pat, n_boot, seed) if heart is not None else {}
     audited = "identity_vectors" if "identity_vectors" in levels else "content_vectors"
     return {
         "vectors": audited.removesuffix("_vectors"),
@@ -207,13 +208,11 @@ def identity_metrics(catalog: Catalog, st: pl.DataFrame, max_pairs: int = 20000,
     }
 
 
-def _by_heart(common: pl.DataFrame, scores: dict[str, np.ndarray], i: np.ndarray, j: np.ndarray, y: np.ndarray,
+def _by_heart(heart: np.ndarray, scores: dict[str, np.ndarray], i: np.ndarray, j: np.ndarray, y: np.ndarray,
               patient: np.ndarray, n_pat: int, n_boot: int, seed: int) -> dict[str, Any]:
     """The cross-visit AUCs on same-heart pairs (pairs across a transplant left out) and across a transplant
-    alone, same negatives, when the truth has ``heart_id``; nothing when no pair crosses a transplant."""
-    if "heart_id" not in common.columns or common["heart_id"].null_count() == common.height:
-        return {}
-    heart = _codes(common["heart_id"].fill_null("?"))
+    alone, same negatives (``heart``: the truth's heart of each study, as codes); nothing when no pair crosses a
+    transplant."""
     across = y & (heart[i] != heart[j])
     if not across.any():
         return {}
@@ -318,10 +317,13 @@ def audit_metrics(catalog: Catalog, st: pl.DataFrame, prevalence: float = DEFAUL
     keys) and on each level separately (``by_vectors``), each with its projection to ``prevalence``."""
     if "mislabelled" not in st.columns:
         return {"skipped": "truth has no mislabelled column"}
+    from echosearch.change import heart_segments
+
     kinds: list[Literal["identity", "content"]] = ["identity", "content"] if catalog.has_identity() else ["content"]
+    hearts = heart_segments(catalog)  # one change scan for both levels
     by: dict[str, Any] = {}
     for kind in kinds:
-        a = audit(catalog, store=False, report_unverifiable=True, vectors=kind, fpr=fpr).join(
+        a = audit(catalog, store=False, report_unverifiable=True, vectors=kind, fpr=fpr, hearts=hearts).join(
             st.select("study_key", "mislabelled"), on="study_key", how="inner")
         y = a["mislabelled"].fill_null(False).to_numpy().astype(bool)
         s = a["suspicion"].fill_null(np.nan).to_numpy()

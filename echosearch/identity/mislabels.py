@@ -8,7 +8,7 @@ against the whole catalog; suspects are explained away round by round. See ``doc
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
@@ -31,6 +31,9 @@ from echosearch.identity.matching import (
     study_neighbours,
     typical_scores,
 )
+
+if TYPE_CHECKING:
+    from echosearch.change import HeartSplit
 
 K0_TYPICAL = 2.0
 MAX_CANDIDATES = 3
@@ -156,7 +159,7 @@ def _reasons(r: dict[str, Any]) -> list[str]:
 
 def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiable: bool = False,
           store: bool = True, max_iter: int = 3,
-          vectors: Literal["auto", "identity", "content"] = "auto", hearts: bool = True) -> pl.DataFrame:
+          vectors: Literal["auto", "identity", "content"] = "auto", hearts: bool | HeartSplit = True) -> pl.DataFrame:
     """Rank every study by how likely its recorded patient is wrong; store the result under a new run.
 
     ``fpr`` is the nominal share of correctly labelled studies flagged (robust normal model of the
@@ -164,7 +167,8 @@ def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiab
     left out unless ``report_unverifiable`` (then listed, last, with status ``unverifiable``). ``vectors``:
     which study vectors (``auto``: identity vectors when the index has them; ``eval`` compares both). ``hearts``:
     a transplanted patient's hearts are audited apart (the change scan's confirmed new hearts, column ``heart``),
-    so the studies of a new heart are not taken for another patient's."""
+    so the studies of a new heart are not taken for another patient's; a :class:`~echosearch.change.HeartSplit`
+    already computed (``change.heart_segments``, the same for every ``vectors``) is used as it is."""
     S = load_studies(catalog, vectors)
     if len(S) == 0:
         raise QueryError("this index has no study vectors: run `echosearch index` first")
@@ -174,7 +178,7 @@ def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiab
     if hearts:
         from echosearch.change import heart_segments  # the change scan reads identity; imported here, not above
 
-        split = heart_segments(catalog)
+        split = heart_segments(catalog) if hearts is True else hearts
         heart = np.asarray([split.segment.get(int(k), 0) for k in S.keys], np.int64)
         lone = np.isin(S.keys, np.fromiter(split.unconfirmed, np.int64, len(split.unconfirmed)))
     res = score_studies(S, fpr=fpr, k=k, max_iter=max_iter, p_same=patient_cal.predict,
@@ -220,7 +224,7 @@ def audit(catalog: Catalog, *, fpr: float = 0.01, k: int = 50, report_unverifiab
     if store and not catalog.read_only:
         run_id = catalog.new_run("audit", {"fpr": fpr, "k": k, "report_unverifiable": report_unverifiable,
                                            "z_threshold": z_thr, "max_iter": max_iter, "vectors": S.source,
-                                           "hearts": hearts, "studies_after_a_new_heart": int((heart > 0).sum()),
+                                           "hearts": bool(hearts), "studies_after_a_new_heart": int((heart > 0).sum()),
                                            "calibration_auc": round4(patient_cal.auc)})
         cols = ["run_id", "study_key", "recorded_patient_key", "own_score", "best_other_patient_key",
                 "best_other_score", "margin", "p_same", "suspect", "rank", "evidence"]

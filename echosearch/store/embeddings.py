@@ -56,15 +56,22 @@ class EmbeddingQueries(QueryBase):
         """Insert or replace identity vectors of videos (``video_identity``) or studies (``study_identity``)."""
         if level not in IDENTITY_LEVELS or not self.has_table(level):
             raise CatalogError(f"index {self.index_dir} has no {level} table: no identity model is bound")
-        dim = self.level_dim(level)
-        assert dim is not None
         key, count = ("video_key", "n_frames_used") if level == "video_identity" else ("study_key", "n_videos")
-        vecs = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(keys), dim)
-        frame = pl.DataFrame({key: keys, "embedding": vecs, count: counts},
-                             schema={key: pl.Int64, "embedding": pl.Array(pl.Float32, dim), count: pl.Int32})
-        with self.transaction():
-            self.insert_frame(level, frame, replace=True)
+        with self.transaction():  # the vectors and the new generation together
+            self._replace_vectors(level, key, keys, vectors, {count: (counts, pl.Int32)})
             self.bump_generation()
+
+    def _replace_vectors(self, table: str, key: str, keys: list[int], vectors: np.ndarray,
+                         extra: dict[str, tuple[Any, Any]] | None = None) -> None:
+        """Insert or replace the rows of ``keys`` in a vector table of this level's width (``extra``: further
+        columns, name -> (values, polars type))."""
+        dim = self.level_dim(table)
+        assert dim is not None
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(keys), dim)
+        cols = {key: keys, "embedding": vecs, **{c: v for c, (v, _) in (extra or {}).items()}}
+        schema = {key: pl.Int64, "embedding": pl.Array(pl.Float32, dim), **{c: t for c, (_, t) in (extra or {}).items()}}
+        with self.transaction():
+            self.insert_frame(table, pl.DataFrame(cols, schema=schema), replace=True)
 
     def bind_cycle(self, info: dict[str, Any] | None, wanted: bool) -> dict[str, Any] | None:
         """Whether this index stores cycle vectors (``echosearch.model.cycle``), as the manifest recorded them:
@@ -91,14 +98,9 @@ class EmbeddingQueries(QueryBase):
 
     def store_cycle_vectors(self, keys: list[int], vectors: np.ndarray) -> None:
         """Insert or replace cycle vectors of videos (call in the transaction that stores their content vectors)."""
-        dim = self.level_dim("video_cycle")
-        if dim is None or not self.has_table("video_cycle"):
+        if not self.has_cycle():
             raise CatalogError(f"index {self.index_dir} stores no cycle vectors")
-        vecs = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(keys), dim)
-        frame = pl.DataFrame({"video_key": keys, "embedding": vecs},
-                             schema={"video_key": pl.Int64, "embedding": pl.Array(pl.Float32, dim)})
-        with self.transaction():
-            self.insert_frame("video_cycle", frame, replace=True)
+        self._replace_vectors("video_cycle", "video_key", keys, vectors)
 
     def store_level_embeddings(self, level: str, keys: list[int], vectors: np.ndarray, counts: list[int] | None = None) -> None:
         """Replace study or report vectors for ``keys`` (study keys)."""
